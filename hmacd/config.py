@@ -1,0 +1,683 @@
+"""hmacfs configuration: a TOML file read into a frozen :class:`Config`.
+
+The key names are the Go HMAC File Server's, so its config files work unchanged, and they match
+case-insensitively because prosody-filer configs spell the same keys ``listenport`` or
+``storeDir``.  Everything a user can get wrong becomes a :class:`ConfigError` whose text is one
+line naming the file and the key, so the service can print it and exit before anything listens.
+
+Nothing here imports Twisted: the endpoint strings are only built here and are checked against
+``serverFromString`` in the tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from fractions import Fraction
+
+__all__ = [
+    "KEYS",
+    "Config",
+    "ConfigError",
+    "listen_endpoint",
+    "load_config",
+    "parse_config",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """A configuration the user has to fix; ``str(e)`` is one line meant for them.
+
+    The line names the file and, when there is one, the key, e.g.
+    ``etc/config.toml: UploadMaxSize: must be a size >= 0 (bytes, or a string like "10GB"),
+    got -5``;
+    a TOML syntax error carries TOML's own message with line and column, an unreadable file the
+    OS reason.  ``source`` and ``key`` are kept apart too, for callers that want them.
+    """
+
+    def __init__(
+        self, message: str, *, source: str | None = None, key: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.key = key
+
+
+# Fields whose values must never reach a log line, a traceback or an error message.
+_SECRET_FIELDS = frozenset({"secret", "redis_password", "fallback_db_password"})
+
+
+@dataclass(frozen=True, repr=False)
+class Config:
+    """Every setting hmacfs reads, already validated and normalised by :func:`parse_config`.
+
+    Frozen so that one object can be handed to every service without anyone changing it under
+    the others; the defaults are what an empty file means.
+    """
+
+    listen_port: str = "127.0.0.1:8080"
+    unix_socket: bool = False
+    secret: str | None = None
+    store_dir: str = "./uploads"
+    upload_subdir: str = "upload"
+    log_level: str = "info"
+    log_file: str = ""
+    redis_addr: str = ""
+    redis_password: str = ""
+    redis_db: int = 0
+    fallback_enabled: bool = False
+    fallback_db_type: str = "postgres"
+    fallback_db_host: str = "localhost"
+    fallback_db_user: str = ""
+    fallback_db_password: str = ""
+    fallback_db_name: str = ""
+    metrics_enabled: bool = False
+    metrics_port: str = "127.0.0.1:9090"
+    chunk_size: int = 1048576
+    upload_max_size: int = 0
+    max_bytes_per_second: int = 0
+    source: str | None = None
+
+    @property
+    def listen_endpoint(self) -> str:
+        """The upload listener as a ``serverFromString`` description, so tap.py need not know
+        the Go server's address syntax."""
+        return listen_endpoint(self.listen_port, self.unix_socket)
+
+    @property
+    def metrics_endpoint(self) -> str:
+        """The Prometheus listener; ``UnixSocket`` only ever applies to the upload listener."""
+        return listen_endpoint(self.metrics_port)
+
+    @property
+    def secret_bytes(self) -> bytes | None:
+        """The HMAC key: Prosody and ejabberd key their MACs with the UTF-8 bytes of the secret."""
+        return None if self.secret is None else self.secret.encode("utf-8")
+
+    def __repr__(self) -> str:
+        # A Config gets logged at startup: show that a secret is set, never what it is.
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = "'***'" if f.name in _SECRET_FIELDS and value else repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+KEYS: dict[str, str] = {
+    "ListenPort": "listen_port",
+    "UnixSocket": "unix_socket",
+    "Secret": "secret",
+    "StoreDir": "store_dir",
+    "UploadSubDir": "upload_subdir",
+    "LogLevel": "log_level",
+    "LogFile": "log_file",
+    "RedisAddr": "redis_addr",
+    "RedisPassword": "redis_password",
+    "RedisDB": "redis_db",
+    "FallbackEnabled": "fallback_enabled",
+    "FallbackDBType": "fallback_db_type",
+    "FallbackDBHost": "fallback_db_host",
+    "FallbackDBUser": "fallback_db_user",
+    "FallbackDBPassword": "fallback_db_password",
+    "FallbackDBName": "fallback_db_name",
+    "MetricsEnabled": "metrics_enabled",
+    "MetricsPort": "metrics_port",
+    "ChunkSize": "chunk_size",
+    "UploadMaxSize": "upload_max_size",
+    "MaxBytesPerSecond": "max_bytes_per_second",
+}
+
+_CANONICAL = {key.lower(): key for key in KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+_BINARY_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)[ \t]*([A-Za-z]*)")
+
+
+def parse_size(value: int | str) -> int:
+    """A byte count from an int or a string like ``"10MB"``, ``"1.5GB"``, ``"2TiB"``.
+
+    Every multiple is binary (KB = KiB = 1024) because that is what the Go HMAC File Server
+    means by them, and the seed config's 10737418240 is its "10GB".  A fraction needs a unit
+    and is rounded down to whole bytes.  ``bool`` is refused although it is an ``int``:
+    ``UploadMaxSize = true`` is a mistake, not one byte.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        # ValueError, not TypeError: callers catch one exception for any bad user value.
+        raise ValueError(
+            f'a size must be an integer or a string like "10MB", got {value!r}'
+        )
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative, got {value}")
+        return value
+    match = _SIZE_RE.fullmatch(value.strip())
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BINARY_UNITS:
+        raise ValueError(
+            f"not a size: {value!r} (use bytes, or a number with K, KB, KiB, M, MB, MiB, G, GB,"
+            " GiB, T, TB or TiB)"
+        )
+    number = match.group(1)
+    if "." in number and _BINARY_UNITS[unit] == 1:
+        raise ValueError(
+            f'not a size: {value!r} (a fraction of a byte needs a unit, e.g. "1.5GB")'
+        )
+    return int(Fraction(number) * _BINARY_UNITS[unit])
+
+
+# ---------------------------------------------------------------------------------------------
+# Listen addresses
+
+_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix", "systemd"})
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_LISTEN_FORMS = (
+    '":8080" (all interfaces), "127.0.0.1:8080", "[::]:8080", "localhost:8080",'
+    ' or a Twisted endpoint like "tcp:8080"'
+)
+
+
+def _escape_endpoint(text: str) -> str:
+    """Quote a value for ``serverFromString``, which splits on ``:`` and ``=`` unless escaped."""
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def _port(text: str, original: object, *, allow_zero: bool = False) -> int:
+    lowest = 0 if allow_zero else 1
+    if not _PORT_RE.fullmatch(text) or not lowest <= int(text) <= 65535:
+        raise ValueError(
+            f"port must be a number from {lowest} to 65535, got {_show(original)}"
+        )
+    return int(text)
+
+
+def _endpoint_arguments(description: str) -> tuple[list[str], dict[str, str]]:
+    """Split an endpoint description the way ``serverFromString`` does: ``:`` separates
+    arguments, the first ``=`` in one makes it a keyword, a backslash escapes either."""
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    key: str | None = None
+    current = ""
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current += next(chars, "")
+        elif char == "=" and key is None:
+            key, current = current, ""
+        elif char == ":":
+            if key is None:
+                args.append(current)
+            else:
+                kwargs[key] = current
+            key, current = None, ""
+        else:
+            current += char
+    if key is None:
+        args.append(current)
+    else:
+        kwargs[key] = current
+    return args[1:], kwargs
+
+
+def _check_endpoint(kind: str, description: str) -> None:
+    args, kwargs = _endpoint_arguments(description)
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = kwargs.get("port", args[0] if args else None)
+        if port is None:
+            raise ValueError(f"endpoint {_show(description)} has no port")
+        _port(port, description, allow_zero=True)
+    elif kind == "unix" and not kwargs.get("address", args[0] if args else ""):
+        raise ValueError(f"endpoint {_show(description)} has no socket path")
+
+
+def listen_endpoint(value: str | int, unix_socket: bool = False) -> str:
+    """A ``serverFromString`` description for a Go-style listen address.
+
+    Listening resolves no names: a hostname may stand for several addresses or change later,
+    so only IP literals are taken, plus ``localhost`` as 127.0.0.1.  A value that already is a
+    Twisted endpoint (tcp, tcp6, ssl, unix, systemd) passes through, which gives TLS and socket
+    activation without new keys; port 0 is allowed only there, for tests.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(
+            f"a listen address must be a string or a port number, got {value!r}"
+        )
+    text = str(value)
+    if unix_socket:
+        if not text or "\0" in text:
+            raise ValueError(
+                f"must be a socket path when UnixSocket is true, got {_show(value)}"
+            )
+        return "unix:" + _escape_endpoint(text)
+
+    kind, sep, _ = text.partition(":")
+    if sep and kind.lower() in _ENDPOINT_TYPES:
+        _check_endpoint(kind.lower(), text)
+        # serverFromString only knows lower-case endpoint types.
+        return kind.lower() + text[len(kind) :]
+
+    if text.startswith("["):
+        match = re.fullmatch(r"\[([^\]]*)\]:(.*)", text, re.DOTALL)
+        if match is None:
+            raise ValueError(
+                f'a bracketed IPv6 address needs a port, like "[::1]:8080", got {_show(value)}'
+            )
+        try:
+            address = ipaddress.IPv6Address(match.group(1))
+        except ValueError:
+            raise ValueError(
+                f"not an IPv6 address in brackets: {_show(value)}; use one of {_LISTEN_FORMS}"
+            ) from None
+        port = _port(match.group(2), value)
+        return f"tcp6:{port}:interface={_escape_endpoint(str(address))}"
+
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        if not _PORT_RE.fullmatch(text):
+            raise ValueError(
+                f"not a port or listen address, got {_show(value)}; use one of {_LISTEN_FORMS}"
+            )
+        return f"tcp:{_port(text, value)}"
+    if ":" in host:
+        raise ValueError(
+            f'an IPv6 address must be in brackets, like "[::1]:8080", got {_show(value)}'
+        )
+    port = _port(port_text, value)
+    if host == "":
+        return f"tcp:{port}"
+    if host.lower() == "localhost":
+        return f"tcp:{port}:interface=127.0.0.1"
+    try:
+        ipv4 = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(
+            f"cannot listen on a hostname, got {_show(value)}; use one of {_LISTEN_FORMS}"
+        ) from None
+    return f"tcp:{port}:interface={ipv4}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+_NOTHING = object()
+
+
+class _Invalid(Exception):
+    """A value its key cannot take: the reason, and the value to quote back (if any)."""
+
+    def __init__(
+        self, reason: str, got: object = _NOTHING, *, wrong_type: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.got = got
+        self.wrong_type = wrong_type
+
+
+def _toml_type(value: object) -> str:
+    """The TOML name of a parsed value's type: the user wrote TOML, not Python."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, datetime.datetime):
+        return "datetime"
+    if isinstance(value, datetime.date):
+        return "date"
+    if isinstance(value, datetime.time):
+        return "time"
+    return type(value).__name__
+
+
+def _show(value: object) -> str:
+    """A value as TOML would spell it, on one short line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if len(value) > 80:
+            return json.dumps(value[:77], ensure_ascii=False)[:-1] + '..."'
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return _toml_type(value)
+
+
+def _show_key(key: str) -> str:
+    return (
+        key
+        if re.fullmatch(r"[A-Za-z0-9_-]+", key)
+        else json.dumps(key, ensure_ascii=False)
+    )
+
+
+def _wrong_type(expected: str, value: object) -> _Invalid:
+    return _Invalid(f"must be {expected}", value, wrong_type=True)
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type("a string", value)
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _wrong_type("a boolean (true or false)", value)
+    return value
+
+
+def _nonnegative_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type("an integer >= 0", value)
+    if value < 0:
+        raise _Invalid("must be an integer >= 0", value)
+    return value
+
+
+def _size(minimum: int) -> Callable[[object], int]:
+    expected = f'a size >= {minimum} (bytes, or a string like "10GB")'
+
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise _wrong_type(expected, value)
+        try:
+            size = parse_size(value)
+        except ValueError:
+            raise _Invalid(f"must be {expected}", value) from None
+        if size < minimum:
+            raise _Invalid(f"must be {expected}", value)
+        return size
+
+    return convert
+
+
+def _address(value: object) -> str:
+    # An int is a port: "ListenPort = 8080" is as natural as ":8080".
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _wrong_type('a string like ":8080" (or a port number)', value)
+    return str(value)
+
+
+def _secret(value: object) -> str:
+    text = _string(value)
+    if not text:
+        raise _Invalid("must not be empty; leave it out to have one generated")
+    return text
+
+
+def _store_dir(value: object) -> str:
+    text = _string(value)
+    if not text or "\0" in text:
+        raise _Invalid("must be a directory path", value)
+    return text
+
+
+def _upload_subdir(value: object) -> str:
+    # The prefix is compared against URL paths segment by segment; "upload/" and "/upload"
+    # mean the same prefix, and "." or ".." would let it point outside StoreDir.
+    text = _string(value).strip("/")
+    if text:
+        for segment in text.split("/"):
+            if segment in ("", ".", "..") or "\\" in segment or "\0" in segment:
+                raise _Invalid(
+                    'must be a relative path like "upload" without empty, ".", ".." segments,'
+                    " backslashes or NUL",
+                    value,
+                )
+    return text
+
+
+_LOG_LEVELS = {
+    "debug": "debug",
+    "info": "info",
+    "warn": "warn",
+    "warning": "warn",
+    "error": "error",
+}
+
+
+def _log_level(value: object) -> str:
+    text = _string(value)
+    try:
+        return _LOG_LEVELS[text.lower()]
+    except KeyError:
+        raise _Invalid("must be one of debug, info, warn, error", value) from None
+
+
+_DB_TYPES = {
+    "postgres": "postgres",
+    "postgresql": "postgres",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+}
+
+
+def _db_type(value: object) -> str:
+    text = _string(value)
+    try:
+        return _DB_TYPES[text.lower()]
+    except KeyError:
+        raise _Invalid(
+            'must be "postgres" or "mysql" (also "postgresql", "mariadb")', value
+        ) from None
+
+
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def _host_port(text: str, *, port_required: bool) -> None:
+    """Accept ``host:port`` (and ``host`` when the port may be left out); raise ValueError."""
+    if text.startswith("["):
+        match = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text, re.DOTALL)
+        if match is None:
+            raise ValueError("bad bracketed IPv6 address")
+        ipaddress.IPv6Address(match.group(1))
+        port = match.group(2)
+    else:
+        if text.count(":") > 1:
+            # Unbracketed IPv6: only a bare address, where no port can be meant.
+            ipaddress.IPv6Address(text)
+            port = None
+        else:
+            host, sep, port_text = text.partition(":")
+            if not _HOSTNAME_RE.fullmatch(host):
+                raise ValueError("bad host")
+            port = port_text if sep else None
+    if port is None:
+        if port_required:
+            raise ValueError("no port")
+        return
+    _port(port, text)
+
+
+def _redis_addr(value: object) -> str:
+    text = _string(value)
+    if text:
+        try:
+            _host_port(text, port_required=True)
+        except ValueError:
+            raise _Invalid(
+                'must be "host:port" with a port from 1 to 65535 (e.g. "localhost:6379",'
+                ' "[::1]:6379"), or "" for no Redis',
+                value,
+            ) from None
+    return text
+
+
+def _db_host(value: object) -> str:
+    text = _string(value)
+    try:
+        _host_port(text, port_required=False)
+    except ValueError:
+        raise _Invalid(
+            'must be "host" or "host:port" with a port from 1 to 65535 (e.g. "localhost:5432")',
+            value,
+        ) from None
+    return text
+
+
+_CONVERTERS: dict[str, Callable[[object], object]] = {
+    "ListenPort": _address,
+    "UnixSocket": _boolean,
+    "Secret": _secret,
+    "StoreDir": _store_dir,
+    "UploadSubDir": _upload_subdir,
+    "LogLevel": _log_level,
+    "LogFile": _string,
+    "RedisAddr": _redis_addr,
+    "RedisPassword": _string,
+    "RedisDB": _nonnegative_int,
+    "FallbackEnabled": _boolean,
+    "FallbackDBType": _db_type,
+    "FallbackDBHost": _db_host,
+    "FallbackDBUser": _string,
+    "FallbackDBPassword": _string,
+    "FallbackDBName": _string,
+    "MetricsEnabled": _boolean,
+    "MetricsPort": _address,
+    "ChunkSize": _size(1),
+    "UploadMaxSize": _size(0),
+    "MaxBytesPerSecond": _size(0),
+}
+
+
+def _error(source: str, key: str | None, reason: str) -> ConfigError:
+    if key is None:
+        return ConfigError(f"{source}: {reason}", source=source)
+    return ConfigError(f"{source}: {_show_key(key)}: {reason}", source=source, key=key)
+
+
+def _invalid(source: str, key: str, canonical: str, problem: _Invalid) -> ConfigError:
+    reason = problem.reason
+    if problem.got is not _NOTHING:
+        if KEYS[canonical] in _SECRET_FIELDS:
+            # Even a mistyped secret is a secret: name the type only.
+            reason += f", got {_toml_type(problem.got)}"
+        elif problem.wrong_type and isinstance(problem.got, (list, Mapping)):
+            reason += f", got {_toml_type(problem.got)}"
+        elif problem.wrong_type:
+            reason += f", got {_toml_type(problem.got)} {_show(problem.got)}"
+        else:
+            reason += f", got {_show(problem.got)}"
+    return _error(source, key, reason)
+
+
+def _unknown(source: str, key: str, value: object) -> ConfigError:
+    if isinstance(value, Mapping):
+        return _error(
+            source,
+            key,
+            f"unknown table [{_show_key(key)}]: hmacfs reads only top-level keys"
+            ' (like "ListenPort" and "StoreDir")',
+        )
+    close = difflib.get_close_matches(key.lower(), list(_CANONICAL), n=1, cutoff=0.6)
+    hint = f'; did you mean "{_CANONICAL[close[0]]}"?' if close else ""
+    return _error(source, key, f"unknown key{hint}")
+
+
+def parse_config(data: Mapping[str, object], source: str) -> Config:
+    """A validated Config from an already-parsed TOML mapping; ConfigError on the first problem.
+
+    Unknown keys are errors rather than ignored because a misspelt ``UploadMaxSize`` would
+    otherwise silently mean "unlimited".
+    """
+    values: dict[str, object] = {}
+    spelled: dict[str, str] = {}
+    for key, raw in data.items():
+        key = str(key)
+        canonical = _CANONICAL.get(key.lower())
+        if canonical is None:
+            raise _unknown(source, key, raw)
+        if canonical in spelled:
+            raise _error(
+                source,
+                key,
+                f'same key as "{spelled[canonical]}" (key names are case-insensitive);'
+                " keep one of them",
+            )
+        spelled[canonical] = key
+        try:
+            values[KEYS[canonical]] = _CONVERTERS[canonical](raw)
+        except _Invalid as problem:
+            raise _invalid(source, key, canonical, problem) from None
+
+    config = Config(**values, source=source)  # type: ignore[arg-type]
+
+    def name(canonical: str) -> str:
+        return spelled.get(canonical, canonical)
+
+    if config.unix_socket and "ListenPort" not in spelled:
+        raise _error(
+            source,
+            "ListenPort",
+            "must be set to the socket path when UnixSocket is true",
+        )
+    checks: tuple[tuple[str, Callable[[], str]], ...] = (
+        ("ListenPort", lambda: config.listen_endpoint),
+        ("MetricsPort", lambda: config.metrics_endpoint),
+    )
+    for canonical, endpoint in checks:
+        try:
+            endpoint()
+        except ValueError as e:
+            raise _error(source, name(canonical), str(e)) from None
+    if config.fallback_enabled and not config.fallback_db_name:
+        raise _error(
+            source, name("FallbackDBName"), "must be set when FallbackEnabled is true"
+        )
+    return config
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the TOML file at ``path``; every failure is a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise _error(path, None, f"cannot read: {e.strerror or e}") from None
+    try:
+        # utf-8-sig: editors on Windows like to start the file with a BOM.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _error(path, None, f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _error(path, None, f"TOML syntax error: {e}") from None
+    return parse_config(data, path)

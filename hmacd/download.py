@@ -1,0 +1,264 @@
+"""
+GET and HEAD of stored files: validators, conditional requests, one Range.
+
+Written out rather than built on L{twisted.web.static.File}: that lists
+directories, has no ETag, ignores If-Range, and takes the type from the file
+name, where ours comes from the record of the upload.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from email.utils import formatdate, parsedate_to_datetime
+from urllib.parse import quote
+
+from twisted.internet.interfaces import IPullProducer
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from hmacd.core import FileServer, guess_type, is_inline_type
+from hmacd.metadata import FileRecord
+from hmacd.paths import PathRefused, relative_path, store_path
+from hmacd.upload import ALLOWED_METHODS
+
+__all__ = ["StoreResource", "Unsatisfiable", "parse_range"]
+
+# Served files never change under their URL: a name is never overwritten.
+CACHE_CONTROL = b"max-age=31556952, immutable"
+CONTENT_SECURITY_POLICY = b"default-src 'none'; frame-ancestors 'none'"
+READ_SIZE = 256 * 1024
+
+log = Logger()
+
+
+class Unsatisfiable(Exception):
+    """The Range names no byte of the file: 416."""
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """
+    The one byte range C{header} asks for, as (first, last) inclusive.
+
+    @return: L{None} when the header is to be ignored and the whole file
+        sent: not a byte range, malformed, or several ranges (RFC 9110
+        lets a server answer those with 200).
+    @raise Unsatisfiable: a well-formed range that starts past the end.
+    """
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    first, last = first.strip(), last.strip()
+    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise Unsatisfiable()
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if end < start:
+        return None
+    if start >= size:
+        raise Unsatisfiable()
+    return start, min(end, size - 1)
+
+
+def _etagMatches(header: str, etag: bytes) -> bool:
+    """If-None-Match uses weak comparison: W/"x" and "x" are the same tag."""
+    if header.strip() == "*":
+        return True
+    ours = etag.decode("ascii").removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == ours for tag in header.split(","))
+
+
+def _httpDate(header: str) -> float | None:
+    try:
+        return parsedate_to_datetime(header).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+@implementer(IPullProducer)
+class _FileSender:
+    """Feeds C{length} bytes of an open file to a request as it drains."""
+
+    def __init__(self, request, f, offset: int, length: int) -> None:
+        self.request = request
+        self.file = f
+        self.remaining = length
+        f.seek(offset)
+
+    def start(self) -> None:
+        self.request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self.request is None:
+            return
+        data = self.file.read(min(READ_SIZE, self.remaining)) if self.remaining else b""
+        if not data:
+            self.file.close()
+            request, self.request = self.request, None
+            request.unregisterProducer()
+            request.finish()
+            return
+        self.remaining -= len(data)
+        self.request.write(data)
+
+    def stopProducing(self) -> None:
+        self.file.close()
+        self.request = None
+
+
+class StoreResource(Resource):
+    """
+    The upload space: GET/HEAD serve files, OPTIONS answers preflights.
+
+    PUT never reaches a resource: L{hmacd.upload.UploadRequest} handles it
+    before the body is read.
+    """
+
+    isLeaf = True
+    allowedMethods = ALLOWED_METHODS
+
+    def __init__(self, fs: FileServer) -> None:
+        super().__init__()
+        self.fs = fs
+
+    def render_OPTIONS(self, request) -> bytes:
+        request.setHeader(b"Content-Length", b"0")
+        return b""
+
+    def render_HEAD(self, request):
+        return self.render_GET(request)
+
+    def render_GET(self, request):
+        try:
+            relpath = relative_path(request.path, self.fs.prefix)
+            if relpath is None:
+                return self._notFound(request)
+            f = self._open(store_path(self.fs.store_dir, relpath))
+        except (PathRefused, OSError):
+            return self._notFound(request)
+        if f is None:
+            return self._notFound(request)
+
+        def lookupFailed(failure):
+            # Bytes on disk are enough to serve a file: a metadata outage
+            # must not turn into failed downloads.
+            log.failure("metadata lookup for {path} failed", failure, path=relpath)
+            return None
+
+        d = self.fs.metadata.get(relpath)
+        d.addErrback(lookupFailed)
+        d.addCallback(lambda record: self._serve(request, f, relpath, record))
+        d.addErrback(lambda failure: (f.close(), request.processingFailed(failure)))
+        return NOT_DONE_YET
+
+    def _notFound(self, request) -> bytes:
+        request.setResponseCode(http.NOT_FOUND)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"not found\n"
+
+    @staticmethod
+    def _open(path: str):
+        """The open regular file at C{path}, or L{None}."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def _serve(self, request, f, relpath: str, record: FileRecord | None) -> None:
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        if record is not None and record.size == size:
+            etag, content_type = record.etag, record.content_type
+        else:
+            etag = b'W/"%x-%x"' % (size, st.st_mtime_ns)
+            content_type = guess_type(relpath)
+        mtime = int(st.st_mtime)
+
+        request.setHeader(b"ETag", etag)
+        request.setHeader(b"Last-Modified", formatdate(mtime, usegmt=True).encode("ascii"))
+        request.setHeader(b"Cache-Control", CACHE_CONTROL)
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
+
+        if self._notModified(request, etag, mtime):
+            f.close()
+            request.setResponseCode(http.NOT_MODIFIED)
+            request.finish()
+            return
+
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        if not is_inline_type(content_type):
+            name = quote(relpath.rsplit("/", 1)[-1], safe="")
+            request.setHeader(
+                b"Content-Disposition", b"attachment; filename*=UTF-8''" + name.encode("ascii")
+            )
+
+        offset, length = 0, size
+        rangeHeader = request.getHeader(b"range")
+        if rangeHeader and request.method == b"GET" and self._rangeApplies(request, etag, mtime):
+            try:
+                span = parse_range(rangeHeader.decode("latin-1"), size)
+            except Unsatisfiable:
+                f.close()
+                request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+                request.setHeader(b"Content-Range", b"bytes */%d" % size)
+                request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+                request.responseHeaders.removeHeader(b"Content-Disposition")
+                body = b"range not satisfiable\n"
+                request.setHeader(b"Content-Length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+                return
+            if span is not None:
+                offset, length = span[0], span[1] - span[0] + 1
+                request.setResponseCode(http.PARTIAL_CONTENT)
+                request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (span[0], span[1], size))
+        request.setHeader(b"Content-Length", b"%d" % length)
+
+        if request.method == b"HEAD" or length == 0:
+            f.close()
+            request.finish()
+            return
+        sender = _FileSender(request, f, offset, length)
+        request.notifyFinish().addErrback(lambda _: sender.stopProducing())
+        sender.start()
+
+    @staticmethod
+    def _notModified(request, etag: bytes, mtime: int) -> bool:
+        inm = request.getHeader(b"if-none-match")
+        if inm is not None:
+            # RFC 9110 13.1.3: If-Modified-Since is ignored when this is sent.
+            return _etagMatches(inm.decode("latin-1"), etag)
+        ims = request.getHeader(b"if-modified-since")
+        if ims is not None:
+            since = _httpDate(ims.decode("latin-1"))
+            return since is not None and mtime <= since
+        return False
+
+    @staticmethod
+    def _rangeApplies(request, etag: bytes, mtime: int) -> bool:
+        """If-Range: the Range counts only if the client's copy is ours."""
+        ifRange = request.getHeader(b"if-range")
+        if ifRange is None:
+            return True
+        value = ifRange.decode("latin-1").strip()
+        if value.startswith('"') or value.startswith("W/"):
+            # Strong comparison: a weak tag never matches.
+            return not etag.startswith(b"W/") and value.encode("latin-1") == etag
+        since = _httpDate(value)
+        return since is not None and int(since) == mtime

@@ -1,0 +1,70 @@
+"""
+LogLevel and LogFile, on top of twisted.logger.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    textFileLogObserver,
+)
+from twisted.python.logfile import LogFile
+
+__all__ = ["LEVELS", "for_twistd", "make_observer", "twistd_observer", "twistd_sink"]
+
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+
+
+def _file_observer(path: str) -> ILogObserver:
+    # No size-based rotation: rotating is logrotate's job.
+    return textFileLogObserver(LogFile.fromFullPath(path, rotateLength=None))
+
+
+def twistd_sink(logfile: str | None, nodaemon: bool) -> Callable[[], ILogObserver]:
+    """
+    The observer twistd itself would have made for its --logfile and
+    --nodaemon options (stdout in the foreground, twistd.log as a daemon).
+    """
+
+    def make() -> ILogObserver:
+        if logfile == "-" or (nodaemon and not logfile):
+            return textFileLogObserver(sys.stdout)
+        return _file_observer(logfile or "twistd.log")
+
+    return make
+
+
+def make_observer(level: str, log_file: str, default: Callable[[], ILogObserver]) -> ILogObserver:
+    """An observer that drops events below C{level} and writes the rest to
+    C{log_file}, or to what C{default} makes when no file is configured."""
+    sink = _file_observer(log_file) if log_file else default()
+    return FilteringLogObserver(sink, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
+
+
+# twistd takes its `logger` option as a dotted name and imports it after our
+# options are parsed; this is what that name points at.
+_for_twistd: tuple[str, str, Callable[[], ILogObserver]] | None = None
+
+
+def for_twistd(level: str, log_file: str, default: Callable[[], ILogObserver]) -> str:
+    """Remember the settings for L{twistd_observer}, and return its dotted name."""
+    global _for_twistd
+    _for_twistd = (level, log_file, default)
+    return f"{__name__}.twistd_observer"
+
+
+def twistd_observer() -> ILogObserver:
+    if _for_twistd is None:
+        raise RuntimeError("hmacd.logs.for_twistd() was not called")
+    return make_observer(*_for_twistd)

@@ -1,0 +1,96 @@
+"""
+URL paths to store paths.
+
+A request path is percent-decoded exactly once, as UTF-8, and then judged:
+what survives is a relative path whose every segment is an ordinary name.
+Prosody signs the raw file name (C{hello world.txt}) and sends it encoded
+(C{hello%20world.txt}), so the decoded string is also what the MAC covers.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import unquote_to_bytes
+
+__all__ = ["MAX_SEGMENT_BYTES", "PathRefused", "relative_path", "store_path"]
+
+# Linux NAME_MAX; a longer segment cannot be created, so refuse it up front
+# rather than failing half-way through an upload.
+MAX_SEGMENT_BYTES = 255
+MAX_PATH_BYTES = 2048
+
+_FORBIDDEN = frozenset(chr(c) for c in range(0x20)) | {"\x7f", "\\"}
+
+
+class PathRefused(ValueError):
+    """
+    The path is under the upload prefix but names nothing we would store.
+
+    C{str()} of it is a short reason that is safe to send to the client.
+    """
+
+
+def _prefix_bytes(prefix: str) -> bytes:
+    prefix = prefix.strip("/")
+    return b"/" + prefix.encode("utf-8") + b"/" if prefix else b"/"
+
+
+def relative_path(raw_path: bytes, prefix: str) -> str | None:
+    """
+    The decoded store path of a request path, or L{None} when the request
+    is not under C{/<prefix>/}.
+
+    @param raw_path: the request path as sent, without the query string.
+    @param prefix: the C{UploadSubDir}, without surrounding slashes.
+    @raise PathRefused: the path is under the prefix but unsafe.
+    """
+    head = _prefix_bytes(prefix)
+    if not raw_path.startswith(head):
+        return None
+    rest = raw_path[len(head) :]
+    try:
+        decoded = unquote_to_bytes(rest).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PathRefused("path is not valid UTF-8") from None
+    check_relative(decoded)
+    return decoded
+
+
+def check_relative(path: str) -> None:
+    """
+    Refuse a decoded relative path unless every segment is an ordinary name.
+
+    @raise PathRefused: with the reason.
+    """
+    if not path:
+        raise PathRefused("empty path")
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+        raise PathRefused("path too long")
+    for segment in path.split("/"):
+        if not segment:
+            raise PathRefused("empty path segment")
+        if segment.startswith("."):
+            # Covers "." and ".." too, and keeps our own dot files
+            # (temp files, .hmacfs/) out of reach of any URL.
+            raise PathRefused("path segment starts with '.'")
+        if not _FORBIDDEN.isdisjoint(segment):
+            raise PathRefused("control character or backslash in path")
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise PathRefused("path segment too long")
+
+
+def store_path(root: str, relpath: str) -> str:
+    """
+    The absolute file name of C{relpath} under C{root}.
+
+    C{relpath} must already have passed L{check_relative}; this adds the
+    check that no symbolic link on the way leads out of C{root}.
+
+    @raise PathRefused: the path resolves outside C{root}.
+    """
+    real_root = os.path.realpath(root)
+    target = os.path.join(real_root, *relpath.split("/"))
+    resolved = os.path.realpath(target)
+    if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
+        raise PathRefused("path leads outside the store")
+    return target

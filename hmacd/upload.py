@@ -1,0 +1,496 @@
+"""
+The streaming PUT.
+
+twisted.web buffers a request body and only then looks for a resource.  An
+upload server cannot work that way: the verdict (bad MAC, too large, file
+exists) must be given before the first body byte is read, and an accepted
+body must go to disk as it arrives.  L{UploadRequest} does both by taking
+over the two hooks L{twisted.web.http.HTTPChannel} calls for every request:
+
+ - C{gotLength}, called once all headers are parsed and before any body byte
+   (and before C{100 Continue} is sent), judges the upload and opens a temp
+   file beside the destination;
+ - C{handleContentChunk} writes each piece of the body into that file.
+
+When the last byte has arrived, C{requestReceived} fsyncs the file and links
+it into place without ever overwriting, writes the record, and answers 201.
+A broken connection removes the temp file; nothing partial is ever visible.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+from io import BytesIO
+from urllib.parse import parse_qs
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+
+from hmacd import auth
+from hmacd.core import FileServer, guess_type
+from hmacd.metadata import FileRecord
+from hmacd.paths import PathRefused, relative_path, store_path
+
+__all__ = ["ALLOWED_METHODS", "POLICY_HEADERS", "UploadRequest"]
+
+ALLOWED_METHODS = (b"OPTIONS", b"HEAD", b"GET", b"PUT")
+
+# Sent on every response so that browser clients (Converse.js) can upload
+# after a preflight and read any answer, error pages included.
+POLICY_HEADERS = (
+    (b"Access-Control-Allow-Origin", b"*"),
+    (b"Access-Control-Allow-Methods", b", ".join(ALLOWED_METHODS)),
+    (b"Access-Control-Allow-Headers", b"Authorization, Content-Type"),
+    (b"Access-Control-Max-Age", b"7200"),
+    (b"X-Content-Type-Options", b"nosniff"),
+)
+
+# Bodies of requests that are not uploads are never needed: a GET with a
+# body larger than this is refused rather than spooled to a temp file.
+MAX_OTHER_BODY = 64 * 1024
+
+# A refused upload whose client did not ask for 100-continue is already
+# sending its body.  Up to this size we read and drop it, so that closing the
+# connection does not turn into a TCP reset that hides our answer.
+DRAIN_LIMIT = 1 << 20
+
+_STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+INSUFFICIENT_STORAGE = 507  # RFC 4918; twisted.web.http has no name for it
+
+log = Logger()
+
+
+class Conflict(Exception):
+    """The destination exists already (or a parent of it is a file)."""
+
+
+class _Upload:
+    """
+    One accepted body on its way to disk.
+
+    The temp file is a dot file in the destination's own directory, so the
+    final link is atomic and the temp file can never be served.
+    """
+
+    committing = False
+
+    def __init__(
+        self,
+        fs: FileServer,
+        relpath: str,
+        size: int,
+        content_type: str,
+        protocol: str,
+        uploader: str | None = None,
+        expires: float | None = None,
+    ) -> None:
+        self.fs = fs
+        self.relpath = relpath
+        self.size = size
+        self.content_type = content_type
+        self.protocol = protocol
+        self.uploader = uploader
+        self.expires = expires
+        self.received = 0
+        self._sha256 = hashlib.sha256()
+        self._created: list[str] = []
+        self.dest = store_path(fs.store_dir, relpath)
+        if os.path.lexists(self.dest):
+            raise Conflict()
+        self.temp = self._open()
+
+    def _open(self) -> str:
+        for attempt in (1, 2):
+            try:
+                self._makeParents(os.path.dirname(self.dest))
+                # Re-check now that the directories exist: a symlink placed
+                # on the way must not lead the temp file out of the store.
+                store_path(self.fs.store_dir, self.relpath)
+                temp = os.path.join(
+                    os.path.dirname(self.dest), f".hmacfs-{secrets.token_hex(8)}.part"
+                )
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+                fd = os.open(temp, flags, 0o644)
+            except FileNotFoundError:
+                # A concurrent aborted upload pruned a directory we found.
+                if attempt == 2:
+                    raise
+                continue
+            except (FileExistsError, NotADirectoryError):
+                raise Conflict() from None
+            self._file = open(fd, "wb", buffering=self.fs.chunk_size)
+            return temp
+        raise AssertionError("unreachable")
+
+    def _makeParents(self, directory: str) -> None:
+        missing = []
+        while not os.path.isdir(directory):
+            if os.path.lexists(directory):
+                raise Conflict()
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise Conflict() from None
+            else:
+                self._created.append(d)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha256.update(data)
+        self.received += len(data)
+
+    def discard(self) -> None:
+        """Remove every trace of this upload: temp file and new directories."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.temp)
+        except FileNotFoundError:
+            pass
+        for d in reversed(self._created):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break  # not empty: another upload uses it now
+
+    def commit(self) -> FileRecord:
+        """
+        Make the file durable and visible.  Runs in a worker thread.
+
+        @raise Conflict: the name appeared while we were receiving.
+        """
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            try:
+                os.link(self.temp, self.dest)
+            except FileExistsError:
+                raise Conflict() from None
+        except BaseException:
+            self.discard()
+            raise
+        os.unlink(self.temp)
+        try:
+            dirfd = os.open(os.path.dirname(self.dest), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except OSError:
+            pass
+        return FileRecord(
+            path=self.relpath,
+            size=self.received,
+            content_type=self.content_type,
+            sha256=self._sha256.hexdigest(),
+            created=self.fs.now(),
+            protocol=self.protocol,
+            uploader=self.uploader,
+            expires=self.expires,
+        )
+
+    def unpublish(self) -> None:
+        """Take a committed file back when its record could not be written."""
+        try:
+            os.unlink(self.dest)
+        except FileNotFoundError:
+            pass
+
+
+def _header(request: http.Request, name: bytes) -> str | None:
+    value = request.requestHeaders.getRawHeaders(name)
+    return value[0].decode("latin-1") if value else None
+
+
+class UploadRequest(server.Request):
+    """
+    A request that judges and streams PUT bodies itself; every other method
+    goes through the resource tree as usual.
+    """
+
+    _upload: _Upload | None = None
+    _refused = False
+    _finishOnBody = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name, value in POLICY_HEADERS:
+            self.responseHeaders.setRawHeaders(name, [value])
+
+    def __repr__(self) -> str:
+        # The default repr shows the URI, and with it the MAC.
+        from hmacd.web import censor
+
+        return f"<{type(self).__name__} {self.method!r} {censor(self.uri)}>"
+
+    # HTTPChannel hooks ---------------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        # The request line is parsed but not yet stored on the request.
+        channel = self.channel
+        self.method, self.uri = channel._command, channel._path
+        self.clientproto = channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        if self.method == b"PUT":
+            self.content = BytesIO()  # never used; Twisted closes it
+            self._judgeUpload(length)
+        elif self.method not in ALLOWED_METHODS:
+            self._refuse(
+                http.NOT_ALLOWED,
+                "method not allowed",
+                length,
+                [(b"Allow", b", ".join(ALLOWED_METHODS))],
+            )
+        elif length is None or length > MAX_OTHER_BODY:
+            self._refuse(http.REQUEST_ENTITY_TOO_LARGE, "request body not allowed", length)
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        upload = self._upload
+        if upload is None:
+            if not self._refused:
+                super().handleContentChunk(data)
+            return
+        if upload.received + len(data) > upload.size:
+            # Only possible with chunked transfer: more than was signed.
+            log.info("upload of {path} exceeds its signed size; aborting", path=upload.relpath)
+            self._upload = None
+            self._refused = True  # the rest of the body, if any, is dropped
+            upload.discard()
+            self.channel.forceAbortClient()
+            return
+        try:
+            upload.write(data)
+        except OSError as e:
+            self._upload = None
+            upload.discard()
+            self._refuse(*self._storageError(e), None, duringBody=True)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            if self._finishOnBody:
+                self._finishRefusal()
+            return
+        upload = self._upload
+        if upload is None:
+            super().requestReceived(command, path, version)
+            return
+        self.site = self.channel.site
+        self.setHeader(b"Server", server.version)
+        self.setHeader(b"Date", http.datetimeToString())
+        if upload.received != upload.size:
+            self._upload = None
+            upload.discard()
+            self._respond(
+                http.BAD_REQUEST,
+                f"body has {upload.received} bytes, the slot is for {upload.size}",
+            )
+            return
+        upload.committing = True
+        fs = self.site.fileServer
+        d = fs.blocking(upload.commit)
+        d.addCallback(self._recordUpload, upload)
+        d.addErrback(self._commitFailed, upload)
+
+    def connectionLost(self, reason: Failure) -> None:
+        upload = self._upload
+        if upload is not None and not upload.committing:
+            self._upload = None
+            upload.discard()
+            log.info(
+                "upload of {path} broken off after {received} of {size} bytes",
+                path=upload.relpath,
+                received=upload.received,
+                size=upload.size,
+            )
+        super().connectionLost(reason)
+
+    # The verdict ---------------------------------------------------------
+
+    def _judgeUpload(self, length: int | None) -> None:
+        fs: FileServer = self.channel.site.fileServer
+        try:
+            relpath = relative_path(self.path, fs.prefix)
+        except PathRefused as e:
+            return self._refuse(http.BAD_REQUEST, str(e), length)
+        if relpath is None:
+            return self._refuse(http.NOT_FOUND, "not an upload path", length)
+
+        content_type = _header(self, b"content-type")
+        if content_type is not None:
+            content_type = content_type.strip()
+            if not content_type.isascii() or not content_type.isprintable():
+                return self._refuse(http.BAD_REQUEST, "bad Content-Type", length)
+            content_type = content_type or None
+
+        query = self.uri.split(b"?", 1)[1] if b"?" in self.uri else b""
+        args = {
+            k: v[0] for k, v in parse_qs(query.decode("latin-1"), keep_blank_values=True).items()
+        }
+        picked = auth.pick_protocol(args)
+        uploader = expires = None
+        if picked is not None:
+            protocol, mac = picked
+            if length is None:
+                return self._refuse(http.LENGTH_REQUIRED, "Content-Length required", length)
+            size = length
+            if not auth.verify_hmac(protocol, fs.secret, relpath, size, content_type, mac):
+                return self._refuse(http.FORBIDDEN, "invalid MAC", length)
+            if content_type is None:
+                content_type = guess_type(relpath) if protocol == "v" else auth.DEFAULT_CONTENT_TYPE
+        else:
+            token = auth.bearer_token(_header(self, b"authorization"))
+            if token is None:
+                return self._refuse(
+                    http.UNAUTHORIZED,
+                    "no MAC (v, v2, token) and no bearer token",
+                    length,
+                    [(b"WWW-Authenticate", b"Bearer")],
+                )
+            try:
+                slot = auth.verify_jwt(fs.secret, token, now=fs.now())
+                auth.check_bearer_path(slot, relpath)
+            except auth.AuthError as e:
+                return self._refuse(http.FORBIDDEN, str(e), length)
+            if length is not None and length != slot.filesize:
+                code = http.REQUEST_ENTITY_TOO_LARGE if length > slot.filesize else http.BAD_REQUEST
+                return self._refuse(
+                    code, f"Content-Length {length} differs from the slot's {slot.filesize}", length
+                )
+            protocol, size = "jwt", slot.filesize
+            content_type = slot.filetype or content_type or guess_type(relpath)
+            uploader, expires = slot.sub, slot.expires
+
+        if fs.upload_max_size and size > fs.upload_max_size:
+            return self._refuse(
+                http.REQUEST_ENTITY_TOO_LARGE, f"larger than {fs.upload_max_size} bytes", length
+            )
+        try:
+            self._upload = _Upload(fs, relpath, size, content_type, protocol, uploader, expires)
+        except Conflict:
+            return self._refuse(http.CONFLICT, "file exists", length)
+        except PathRefused as e:
+            return self._refuse(http.BAD_REQUEST, str(e), length)
+        except OSError as e:
+            return self._refuse(*self._storageError(e), length)
+
+    # Answers -------------------------------------------------------------
+
+    def _writeAnswer(self, code: int, message: str, headers=()) -> None:
+        body = message.encode("utf-8") + b"\n"
+        self.setResponseCode(code)
+        for name, value in headers:
+            self.setHeader(name, value)
+        self.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+
+    def _respond(self, code: int, message: str, headers=()) -> None:
+        """Answer a request whose body has been read in full."""
+        if self._disconnected:
+            return
+        self._writeAnswer(code, message, headers)
+        self.finish()
+
+    def _refuse(
+        self, code: int, message: str, length: int | None, headers=(), duringBody: bool = False
+    ) -> None:
+        """
+        Answer now, before the body, and make sure the body is never stored.
+
+        The connection is closed afterwards: its remaining bytes are a body
+        nobody wants.  Small bodies are drained first (see L{DRAIN_LIMIT});
+        others, and clients waiting for 100 Continue, are cut off at once.
+        """
+        self._refused = True
+        expect = _header(self, b"expect")
+        self.requestHeaders.removeHeader(b"expect")
+        self.channel.persistent = False
+        self.setHeader(b"Server", server.version)
+        self.setHeader(b"Date", http.datetimeToString())
+        self._writeAnswer(code, message, headers)
+        log.debug(
+            "refused {method} {path}: {code} {message}",
+            method=self.method,
+            path=self.path,
+            code=code,
+            message=message,
+        )
+        if length == 0 or (expect is None and length is not None and length <= DRAIN_LIMIT):
+            # HTTPChannel calls requestReceived once the body is in
+            # (immediately, for an empty one); finishing before that would
+            # leave the channel without a request to deliver it to.
+            self._finishOnBody = True
+        elif duringBody:
+            # The channel's transfer decoder is still working through the
+            # current input and would hand the end of the body to a channel
+            # that no longer has this request: stop reading, finish after.
+            self._finishOnBody = True
+            self.channel.transport.pauseProducing()
+            self.channel.site.fileServer.reactor.callLater(0, self._finishRefusal)
+        else:
+            # In gotLength: the channel checks `transport.disconnecting`
+            # after the header block and reads no further.
+            self.finish()
+
+    def _storageError(self, error: OSError) -> tuple[int, str]:
+        log.error("cannot store {path}: {error}", path=self.path, error=error)
+        if error.errno in _STORAGE_FULL:
+            return INSUFFICIENT_STORAGE, "insufficient storage"
+        return http.INTERNAL_SERVER_ERROR, "cannot store the file"
+
+    def _finishRefusal(self) -> None:
+        if not self.finished and not self._disconnected:
+            self.finish()
+
+    def _recordUpload(self, record: FileRecord, upload: _Upload):
+        d = self.site.fileServer.metadata.put(record)
+
+        def published(_):
+            self._upload = None
+            log.info(
+                "stored {path} ({size} bytes, {type}, {protocol})",
+                path=record.path,
+                size=record.size,
+                type=record.content_type,
+                protocol=record.protocol,
+            )
+            self._respond(http.CREATED, "created")
+
+        def unrecorded(failure: Failure):
+            log.failure("cannot record {path}; upload withdrawn", failure, path=record.path)
+            upload.unpublish()
+            raise _Answered(
+                http.SERVICE_UNAVAILABLE, "metadata store unavailable", [(b"Retry-After", b"30")]
+            )
+
+        return d.addCallbacks(published, unrecorded)
+
+    def _commitFailed(self, failure: Failure, upload: _Upload) -> None:
+        self._upload = None
+        if failure.check(Conflict):
+            self._respond(http.CONFLICT, "file exists")
+        elif failure.check(_Answered):
+            self._respond(*failure.value.args)
+        elif failure.check(OSError) and failure.value.errno in _STORAGE_FULL:
+            log.error("cannot store {path}: {error}", path=upload.relpath, error=failure.value)
+            self._respond(INSUFFICIENT_STORAGE, "insufficient storage")
+        else:
+            log.failure("cannot store {path}", failure, path=upload.relpath)
+            self._respond(http.INTERNAL_SERVER_ERROR, "cannot store the file")
+
+
+class _Answered(Exception):
+    """Carries an already decided (code, message, headers) down an errback chain."""

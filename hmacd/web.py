@@ -1,0 +1,66 @@
+"""
+The HTTP face of hmacfs: one Site subclass owns the policy.
+
+L{HmacfsSite} picks the request factory that streams uploads, serves the
+upload space, keeps tracebacks from clients, and writes an access log in
+which MACs never appear.
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.logger import Logger
+from twisted.web import server
+
+from hmacd.core import FileServer
+from hmacd.download import StoreResource
+from hmacd.upload import UploadRequest
+
+__all__ = ["HmacfsSite", "censor"]
+
+_SECRET_PARAMS = re.compile(rb"([?&;](?:v|v2|token)=)[^&;#]*", re.IGNORECASE)
+
+
+def censor(uri: bytes | None) -> str:
+    """A URI fit for a log: the values of v, v2 and token are replaced."""
+    if not uri:
+        return "-"
+    return _SECRET_PARAMS.sub(rb"\1<redacted>", uri).decode("ascii", "backslashreplace")
+
+
+class HmacfsSite(server.Site):
+    """
+    The upload/download site of one L{FileServer}.
+
+    A host application that mounts the upload space in a Site of its own
+    must give that Site L{UploadRequest} as its C{requestFactory} and a
+    C{fileServer} attribute; this class is the ready-made case.
+    """
+
+    requestFactory = UploadRequest
+    displayTracebacks = False
+    _access = Logger(namespace="hmacfs.access")
+
+    def __init__(self, fileServer: FileServer, reactor=None, timeout: float | None = None) -> None:
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        super().__init__(StoreResource(fileServer), reactor=reactor or fileServer.reactor, **kwargs)
+        self.fileServer = fileServer
+
+    def log(self, request) -> None:
+        """Combined log format, censored; bearer tokens are in no logged field."""
+        referrer = request.getHeader(b"referer")
+        agent = request.getHeader(b"user-agent")
+        self._access.info(
+            '{client} - - "{method} {uri} {proto}" {code} {length} "{referrer}" "{agent}"',
+            client=request.getClientAddress().host
+            if hasattr(request.getClientAddress(), "host")
+            else "-",
+            method=(request.method or b"-").decode("ascii", "replace"),
+            uri=censor(request.uri),
+            proto=(request.clientproto or b"-").decode("ascii", "replace"),
+            code=request.code,
+            length=request.sentLength or "-",
+            referrer=censor(referrer),
+            agent=(agent or b"-").decode("latin-1"),
+        )

@@ -1,0 +1,35 @@
+from setuptools import setup
+
+setup(
+    name="hmacfs",
+    version="0.1.0.dev0",
+    description="HMAC-authenticated file server for XMPP HTTP File Upload (XEP-0363), on Twisted",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=["hmacd", "hmacd.store", "twisted.plugins"],
+    package_data={"twisted": ["plugins/hmacfs.py"]},
+    install_requires=[
+        # gotLength/handleContentChunk streaming relies on HTTPChannel internals
+        # checked on 26.10; tests/test_upload.py guards them.
+        "Twisted>=26.10,<27",
+        "txredisapi>=1.6,<2",
+        "psycopg2-binary>=2.9",
+        "pymysql>=1.1",
+        "prometheus-client>=0.20",
+        "psutil>=5.9",
+        "treq>=24.9",
+        "PyJWT>=2.8,<3",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.100"],
+        "dev": ["hypothesis>=6.100", "ruff"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Communications :: Chat",
+    ],
+)

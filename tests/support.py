@@ -1,0 +1,76 @@
+"""
+Shared test helpers: a store in a temp dir, signed URLs, servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from hmacd import auth
+from hmacd.core import FileServer
+from hmacd.web import HmacfsSite
+
+SECRET = b"test-secret-\xc3\xa9t\xc3\xa9"
+VECTORS_FILE = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "vectors", "xmpp-slots.json"
+)
+
+
+def load_vectors() -> dict:
+    """The real XMPP slots; a missing file is an error, not a skip."""
+    with open(VECTORS_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def synchronous(f):
+    return maybeDeferred(f)
+
+
+def store_files(root: str) -> list[str]:
+    """Every file and directory under root except our own .hmacfs/ dir."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == ".hmacfs" or rel.startswith(".hmacfs" + os.sep):
+            continue
+        for name in dirnames + filenames:
+            path = os.path.normpath(os.path.join(rel, name))
+            if path != ".hmacfs":
+                found.append(path)
+    return sorted(found)
+
+
+def v_query(path: str, size: int, secret: bytes = SECRET) -> str:
+    return "v=" + auth.sign_v(secret, path, size)
+
+
+def v2_query(path: str, size: int, content_type: str | None, secret: bytes = SECRET) -> str:
+    return "v2=" + auth.sign_v2(secret, path, size, content_type)
+
+
+class MemoryServer:
+    """
+    An HmacfsSite driven with raw bytes through StringTransport, on a
+    MemoryReactorClock, with blocking work done synchronously.
+    """
+
+    def __init__(self, store_dir: str, **kwargs) -> None:
+        os.makedirs(store_dir, exist_ok=True)
+        self.clock = MemoryReactorClock()
+        kwargs.setdefault("secret", SECRET)
+        self.fs = FileServer(
+            store_dir=store_dir, reactor=self.clock, blocking=synchronous, **kwargs
+        )
+        self.site = HmacfsSite(self.fs)
+
+    def connect(self):
+        """A fresh channel and its transport."""
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4711))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4711))
+        channel.makeConnection(transport)
+        return channel, transport

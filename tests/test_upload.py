@@ -1,0 +1,385 @@
+"""
+The streaming PUT at the protocol level: raw bytes into an HTTPChannel over
+StringTransport, time from a Clock.  These also guard the twisted.web
+internals the upload relies on (see DESIGN.md, "Twisted facts").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from urllib.parse import quote
+
+from twisted.internet.defer import fail
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http
+
+from hmacd import auth
+from hmacd.upload import DRAIN_LIMIT, INSUFFICIENT_STORAGE, UploadRequest, _Upload
+from tests.support import SECRET, MemoryServer, store_files, v2_query, v_query
+
+
+def request_head(
+    method: str, target: str, length: int | None = None, headers: tuple[str, ...] = ()
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: files.example"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    lines.extend(headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+def put_head(path: str, length: int, query: str, headers: tuple[str, ...] = ()) -> bytes:
+    return request_head("PUT", f"/upload/{quote(path)}?{query}", length, headers)
+
+
+def status(transport) -> int:
+    """The status code of the last response written to the transport."""
+    lines = [line for line in transport.value().split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    return int(lines[-1].split()[1])
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+class VerdictTests(SynchronousTestCase):
+    """The verdict comes after the headers, before any body byte is read."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root)
+
+    def refused(self, head: bytes, code: int) -> bytes:
+        channel, transport = self.server.connect()
+        channel.dataReceived(head)
+        self.assertEqual(status(transport), code)
+        self.assertNotIn(b"100 Continue", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.server.clock.advance(0)
+        self.assertEqual(store_files(self.root), [])
+        return transport.value()
+
+    def test_bad_mac_refused_without_continue(self):
+        """A wrong MAC gets 403 at once; no 100 Continue, nothing on disk."""
+        head = put_head("a/b.txt", 10, v_query("a/b.txt", 11), ("Expect: 100-continue",))
+        self.refused(head, http.FORBIDDEN)
+
+    def test_no_credentials_401(self):
+        """No MAC and no bearer token: 401 with a Bearer challenge."""
+        value = self.refused(put_head("a/b.txt", 10, "", ("Expect: 100-continue",)), 401)
+        self.assertIn(b"WWW-Authenticate: Bearer", value)
+
+    def test_too_large_refused(self):
+        """UploadMaxSize is enforced from Content-Length, before the body."""
+        self.server.fs.upload_max_size = 5
+        head = put_head("a/b.txt", 10, v_query("a/b.txt", 10), ("Expect: 100-continue",))
+        self.refused(head, http.REQUEST_ENTITY_TOO_LARGE)
+
+    def test_existing_file_conflict(self):
+        """A PUT to an existing name is 409 and leaves the file alone."""
+        os.makedirs(os.path.join(self.root, "a"))
+        with open(os.path.join(self.root, "a", "b.txt"), "wb") as f:
+            f.write(b"original")
+        channel, transport = self.server.connect()
+        channel.dataReceived(
+            put_head("a/b.txt", 10, v_query("a/b.txt", 10), ("Expect: 100-continue",))
+        )
+        self.assertEqual(status(transport), http.CONFLICT)
+        self.assertNotIn(b"100 Continue", transport.value())
+        with open(os.path.join(self.root, "a", "b.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"original")
+
+    def test_bad_path_refused(self):
+        """A dot segment is refused with 400 even when correctly signed."""
+        raw = "/upload/a/%2e%2e/b.txt"
+        head = request_head(
+            "PUT", raw + "?" + v_query("a/../b.txt", 3), 3, ("Expect: 100-continue",)
+        )
+        self.refused(head, http.BAD_REQUEST)
+
+    def test_not_under_prefix(self):
+        """A PUT outside the upload prefix is 404."""
+        head = request_head("PUT", "/elsewhere/b.txt?" + v_query("b.txt", 3), 3)
+        channel, transport = self.server.connect()
+        channel.dataReceived(head + b"abc")
+        self.assertEqual(status(transport), http.NOT_FOUND)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_chunked_hmac_needs_length(self):
+        """A v/v2/token PUT without Content-Length is 411."""
+        head = request_head(
+            "PUT",
+            "/upload/a.txt?" + v_query("a.txt", 3),
+            None,
+            ("Transfer-Encoding: chunked", "Expect: 100-continue"),
+        )
+        self.refused(head, http.LENGTH_REQUIRED)
+
+    def test_unknown_method(self):
+        """Unknown methods get 405 with Allow, before any body is read."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(request_head("DELETE", "/upload/a.txt", 0))
+        self.assertEqual(status(transport), http.NOT_ALLOWED)
+        self.assertIn(b"Allow: OPTIONS, HEAD, GET, PUT", transport.value())
+
+    def test_large_body_on_get_refused(self):
+        """Non-upload requests may not make us spool a large body."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(request_head("GET", "/upload/a.txt", 10**9))
+        self.assertEqual(status(transport), http.REQUEST_ENTITY_TOO_LARGE)
+        self.assertTrue(transport.disconnecting)
+
+    def test_refusal_with_body_in_same_packet(self):
+        """A refused small body that arrives with its headers is drained, answered once."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("a.txt", 3, v_query("a.txt", 4)) + b"abc")
+        self.assertEqual(status(transport), http.FORBIDDEN)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_refusal_drains_small_body(self):
+        """Without Expect, a small refused body is read and dropped, then the connection closes."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("a.txt", 3000, v_query("a.txt", 1)))
+        self.assertEqual(status(transport), http.FORBIDDEN)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"x" * 3000)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_refusal_cuts_off_large_body(self):
+        """A refused body larger than the drain limit is not read at all."""
+        size = DRAIN_LIMIT + 1
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("a.txt", size, v_query("a.txt", 1)) + b"x" * 100)
+        self.assertEqual(status(transport), http.FORBIDDEN)
+        self.assertTrue(transport.disconnecting)
+        self.server.clock.advance(0)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+
+    def test_zero_length_refused(self):
+        """An empty PUT with a bad MAC is refused (the channel delivers it at once)."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("empty.txt", 0, v_query("empty.txt", 1)))
+        self.assertEqual(status(transport), http.FORBIDDEN)
+        self.assertEqual(store_files(self.root), [])
+
+
+class StreamingTests(SynchronousTestCase):
+    """Accepted bodies go to a temp file as they arrive and into place at the end."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root, chunk_size=4)
+
+    def test_body_streams_to_temp_file(self):
+        """After the headers a temp dot file exists; bytes land in it before the body ends."""
+        channel, transport = self.server.connect()
+        body = b"0123456789" * 10
+        channel.dataReceived(
+            put_head(
+                "d/e/f.bin", len(body), v_query("d/e/f.bin", len(body)), ("Expect: 100-continue",)
+            )
+        )
+        self.assertIn(b"HTTP/1.1 100 Continue", transport.value())
+        temps = os.listdir(os.path.join(self.root, "d", "e"))
+        self.assertEqual(len(temps), 1)
+        self.assertTrue(temps[0].startswith("."))
+        temp = os.path.join(self.root, "d", "e", temps[0])
+        channel.dataReceived(body[:50])
+        self.assertGreaterEqual(os.path.getsize(temp), 48)
+        channel.dataReceived(body[50:])
+        self.assertEqual(status(transport), http.CREATED)
+        self.assertEqual(store_files(self.root), ["d", "d/e", "d/e/f.bin"])
+        with open(os.path.join(self.root, "d", "e", "f.bin"), "rb") as f:
+            self.assertEqual(f.read(), body)
+
+    def test_record_written(self):
+        """The record (type, size, hash, protocol) exists when the 201 goes out."""
+        channel, transport = self.server.connect()
+        body = b"hello"
+        channel.dataReceived(
+            put_head("r.jpg", 5, v2_query("r.jpg", 5, "image/jpeg"), ("Content-Type: image/jpeg",))
+            + body
+        )
+        self.assertEqual(status(transport), http.CREATED)
+        record = self.successResultOf(self.server.fs.metadata.get("r.jpg"))
+        self.assertEqual(
+            (record.size, record.content_type, record.protocol, record.sha256),
+            (
+                5,
+                "image/jpeg",
+                "v2",
+                "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+            ),
+        )
+
+    def test_disconnect_leaves_nothing(self):
+        """A client lost mid-body leaves no file and no new directory behind."""
+        channel, _ = self.server.connect()
+        channel.dataReceived(put_head("x/y.bin", 100, v_query("x/y.bin", 100)) + b"a" * 40)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(store_files(self.root), [])
+
+    def test_retry_after_disconnect(self):
+        """The same signed URL works again after a broken upload."""
+        head = put_head("x/y.bin", 10, v_query("x/y.bin", 10))
+        channel, transport = self.server.connect()
+        channel.dataReceived(head + b"a" * 5)
+        channel.connectionLost(Failure(ConnectionDone()))
+        channel, transport = self.server.connect()
+        channel.dataReceived(head + b"b" * 10)
+        self.assertEqual(status(transport), http.CREATED)
+        with open(os.path.join(self.root, "x", "y.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"b" * 10)
+
+    def test_zero_length_upload(self):
+        """An empty file can be uploaded."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("empty.txt", 0, v_query("empty.txt", 0)))
+        self.assertEqual(status(transport), http.CREATED)
+        self.assertEqual(os.path.getsize(os.path.join(self.root, "empty.txt")), 0)
+
+    def test_race_for_one_name(self):
+        """Two accepted uploads of one name: the first to finish wins, the other gets 409."""
+        head = put_head("same.txt", 5, v_query("same.txt", 5))
+        first, firstTransport = self.server.connect()
+        second, secondTransport = self.server.connect()
+        first.dataReceived(head)
+        second.dataReceived(head)
+        second.dataReceived(b"22222")
+        first.dataReceived(b"11111")
+        self.assertEqual(status(secondTransport), http.CREATED)
+        self.assertEqual(status(firstTransport), http.CONFLICT)
+        self.assertEqual(store_files(self.root), ["same.txt"])
+        with open(os.path.join(self.root, "same.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"22222")
+
+    def test_disk_full_mid_body(self):
+        """A write error mid-body answers 507, removes the temp file, closes."""
+
+        def full(upload, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("full.bin", 10, v_query("full.bin", 10)))
+        self.patch(_Upload, "write", full)
+        channel.dataReceived(b"0123456789")
+        self.server.clock.advance(0)
+        self.assertEqual(status(transport), INSUFFICIENT_STORAGE)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_record_failure_withdraws_file(self):
+        """If the record cannot be written, the file is taken back and the client told 503."""
+        self.patch(self.server.fs.metadata, "put", lambda record: fail(OSError("db down")))
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("m.txt", 3, v_query("m.txt", 3)) + b"abc")
+        self.assertEqual(status(transport), http.SERVICE_UNAVAILABLE)
+        self.assertIn(b"Retry-After: 30", transport.value())
+        self.assertEqual(store_files(self.root), [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class BearerTests(SynchronousTestCase):
+    """JWT slots, including chunked bodies whose size only the token knows."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root)
+        self.server.clock.advance(1_800_000_000)
+
+    def token(self, filesize: int, **kw) -> str:
+        claims = dict(
+            slot="slot1",
+            filename="pic.png",
+            filesize=filesize,
+            filetype="image/png",
+            exp=1_800_000_300,
+            iat=1_800_000_000,
+            sub="alice@example.org",
+            expires=1_800_600_000,
+        )
+        claims.update(kw)
+        return auth.sign_jwt(SECRET, **claims)
+
+    def head(self, token: str, length: int | None, *headers: str) -> bytes:
+        return request_head(
+            "PUT", "/upload/slot1/pic.png", length, (f"Authorization: Bearer {token}", *headers)
+        )
+
+    def test_chunked_upload(self):
+        """A chunked body whose final count equals filesize is stored with the token's facts."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(self.token(6), None, "Transfer-Encoding: chunked"))
+        channel.dataReceived(chunked(b"abc", b"def"))
+        self.assertEqual(status(transport), http.CREATED)
+        record = self.successResultOf(self.server.fs.metadata.get("slot1/pic.png"))
+        self.assertEqual(
+            (record.uploader, record.expires, record.content_type, record.protocol),
+            ("alice@example.org", 1_800_600_000, "image/png", "jwt"),
+        )
+
+    def test_chunked_overflow_aborts(self):
+        """More chunked bytes than the token's filesize: connection aborted, nothing kept."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(self.token(4), None, "Transfer-Encoding: chunked"))
+        channel.dataReceived(chunked(b"abc", b"def"))
+        self.assertTrue(transport.disconnected)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(store_files(self.root), [])
+
+    def test_chunked_short_body(self):
+        """Fewer chunked bytes than filesize: 400 and nothing kept."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(self.token(10), None, "Transfer-Encoding: chunked"))
+        channel.dataReceived(chunked(b"abc"))
+        self.assertEqual(status(transport), http.BAD_REQUEST)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_length_mismatch(self):
+        """Content-Length above the token's filesize is 413, below it 400."""
+        for length, code in ((7, http.REQUEST_ENTITY_TOO_LARGE), (5, http.BAD_REQUEST)):
+            channel, transport = self.server.connect()
+            channel.dataReceived(self.head(self.token(6), length, "Expect: 100-continue"))
+            self.assertEqual(status(transport), code)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_expired(self):
+        """An expired token is 403."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(self.token(6, exp=1_800_000_000), 6))
+        self.assertEqual(status(transport), http.FORBIDDEN)
+
+    def test_other_name(self):
+        """A token for one file name cannot upload another."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(self.token(6, filename="other.png"), 6))
+        self.assertEqual(status(transport), http.FORBIDDEN)
+
+
+class TwistedInternalsTests(SynchronousTestCase):
+    """Regression guards for the HTTPChannel behaviour the upload depends on."""
+
+    def test_gotLength_sees_request_line_before_body(self):
+        """gotLength runs after the headers, before the body, with the request line known."""
+        seen = []
+
+        class Recording(UploadRequest):
+            def gotLength(self, length):
+                seen.append(
+                    (self.channel._command, self.channel._path, self.channel._version, length)
+                )
+                super().gotLength(length)
+
+        server = MemoryServer(self.mktemp())
+        server.site.requestFactory = Recording
+        channel, _ = server.connect()
+        channel.dataReceived(put_head("a.txt", 3, v_query("a.txt", 3)))
+        self.assertEqual(
+            seen, [(b"PUT", b"/upload/a.txt?" + v_query("a.txt", 3).encode(), b"HTTP/1.1", 3)]
+        )
