@@ -96,9 +96,7 @@ def message_v2(path: str, size: int, content_type: str | None) -> bytes:
     A missing or empty Content-Type is signed as ``DEFAULT_CONTENT_TYPE``: the server signed that
     type for a slot requested without one, and the client then PUTs with no header at all.
     """
-    return (path + "\0" + str(size) + "\0" + (content_type or DEFAULT_CONTENT_TYPE)).encode(
-        "utf-8"
-    )
+    return (path + "\0" + str(size) + "\0" + (content_type or DEFAULT_CONTENT_TYPE)).encode("utf-8")
 
 
 # Metronome signs exactly what Prosody v2 signs; the alias keeps call sites self-describing.
@@ -160,9 +158,7 @@ def verify_v2(secret: bytes, path: str, size: int, content_type: str | None, mac
     return _mac_matches(expected, mac)
 
 
-def verify_token(
-    secret: bytes, path: str, size: int, content_type: str | None, mac: str
-) -> bool:
+def verify_token(secret: bytes, path: str, size: int, content_type: str | None, mac: str) -> bool:
     """Whether ``mac`` (hex, any case) is Metronome's ``?token=`` MAC (checked exactly as v2)."""
     try:
         expected = sign_token(secret, path, size, content_type)

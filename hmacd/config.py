@@ -42,9 +42,7 @@ class ConfigError(Exception):
     OS reason.  ``source`` and ``key`` are kept apart too, for callers that want them.
     """
 
-    def __init__(
-        self, message: str, *, source: str | None = None, key: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None) -> None:
         super().__init__(message)
         self.source = source
         self.key = key
@@ -170,9 +168,7 @@ def parse_size(value: int | str) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         # ValueError, not TypeError: callers catch one exception for any bad user value.
-        raise ValueError(
-            f'a size must be an integer or a string like "10MB", got {value!r}'
-        )
+        raise ValueError(f'a size must be an integer or a string like "10MB", got {value!r}')
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value}")
@@ -186,9 +182,7 @@ def parse_size(value: int | str) -> int:
         )
     number = match.group(1)
     if "." in number and _BINARY_UNITS[unit] == 1:
-        raise ValueError(
-            f'not a size: {value!r} (a fraction of a byte needs a unit, e.g. "1.5GB")'
-        )
+        raise ValueError(f'not a size: {value!r} (a fraction of a byte needs a unit, e.g. "1.5GB")')
     return int(Fraction(number) * _BINARY_UNITS[unit])
 
 
@@ -211,9 +205,7 @@ def _escape_endpoint(text: str) -> str:
 def _port(text: str, original: object, *, allow_zero: bool = False) -> int:
     lowest = 0 if allow_zero else 1
     if not _PORT_RE.fullmatch(text) or not lowest <= int(text) <= 65535:
-        raise ValueError(
-            f"port must be a number from {lowest} to 65535, got {_show(original)}"
-        )
+        raise ValueError(f"port must be a number from {lowest} to 65535, got {_show(original)}")
     return int(text)
 
 
@@ -265,15 +257,11 @@ def listen_endpoint(value: str | int, unix_socket: bool = False) -> str:
     activation without new keys; port 0 is allowed only there, for tests.
     """
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(
-            f"a listen address must be a string or a port number, got {value!r}"
-        )
+        raise ValueError(f"a listen address must be a string or a port number, got {value!r}")
     text = str(value)
     if unix_socket:
         if not text or "\0" in text:
-            raise ValueError(
-                f"must be a socket path when UnixSocket is true, got {_show(value)}"
-            )
+            raise ValueError(f"must be a socket path when UnixSocket is true, got {_show(value)}")
         return "unix:" + _escape_endpoint(text)
 
     kind, sep, _ = text.partition(":")
@@ -331,9 +319,7 @@ _NOTHING = object()
 class _Invalid(Exception):
     """A value its key cannot take: the reason, and the value to quote back (if any)."""
 
-    def __init__(
-        self, reason: str, got: object = _NOTHING, *, wrong_type: bool = False
-    ) -> None:
+    def __init__(self, reason: str, got: object = _NOTHING, *, wrong_type: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.got = got
@@ -379,11 +365,7 @@ def _show(value: object) -> str:
 
 
 def _show_key(key: str) -> str:
-    return (
-        key
-        if re.fullmatch(r"[A-Za-z0-9_-]+", key)
-        else json.dumps(key, ensure_ascii=False)
-    )
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
 
 
 def _wrong_type(expected: str, value: object) -> _Invalid:
@@ -658,9 +640,7 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
         except ValueError as e:
             raise _error(source, name(canonical), str(e)) from None
     if config.fallback_enabled and not config.fallback_db_name:
-        raise _error(
-            source, name("FallbackDBName"), "must be set when FallbackEnabled is true"
-        )
+        raise _error(source, name("FallbackDBName"), "must be set when FallbackEnabled is true")
     return config
 
 

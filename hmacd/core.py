@@ -75,8 +75,9 @@ class FileServer:
         if self.blocking is None:
             # fsync of a large file takes long enough to stall every other
             # connection if done in the reactor thread.
-            pool = self.reactor.getThreadPool()
-            self.blocking = lambda f: deferToThreadPool(self.reactor, pool, f)
+            self.blocking = lambda f: deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), f
+            )
 
     def now(self) -> float:
         """Wall-clock time for token expiry and records (a Clock in tests)."""

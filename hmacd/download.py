@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from datetime import UTC
 from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import quote
 
@@ -55,22 +56,29 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if not dash:
         return None
     first, last = first.strip(), last.strip()
+    # ASCII only: str.isdigit() also says yes to "\xb2" (int() refuses it) and to "\u0661".
+    if not (first + last).isascii():
+        return None
     if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
         return None
-    if first == "":
-        if last == "":
+    try:
+        start = int(first) if first else None
+        end = int(last) if last else None
+    except ValueError:
+        # More digits than int() converts (sys.get_int_max_str_digits()); 14.2 lets us ignore it.
+        return None
+    if start is None:
+        if end is None:
             return None
-        suffix = int(last)
-        if suffix == 0 or size == 0:
+        if end == 0 or size == 0:
             raise Unsatisfiable()
-        return max(0, size - suffix), size - 1
-    start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+        return max(0, size - end), size - 1
+    # Judge the range as sent: "bytes=10-" on 10 bytes is unsatisfiable, not invalid.
+    if end is not None and end < start:
         return None
     if start >= size:
         raise Unsatisfiable()
-    return start, min(end, size - 1)
+    return start, size - 1 if end is None else min(end, size - 1)
 
 
 def _etagMatches(header: str, etag: bytes) -> bool:
@@ -83,7 +91,11 @@ def _etagMatches(header: str, etag: bytes) -> bool:
 
 def _httpDate(header: str) -> float | None:
     try:
-        return parsedate_to_datetime(header).timestamp()
+        when = parsedate_to_datetime(header)
+        if when.tzinfo is None:
+            # asctime dates carry no zone, yet every HTTP date is GMT (RFC 9110 5.6.7).
+            when = when.replace(tzinfo=UTC)
+        return when.timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
 

@@ -53,6 +53,12 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         where = path or "defaults"
+        from twisted.internet import reactor
+
+        try:
+            serverFromString(reactor, config.listen_endpoint)
+        except (ValueError, TypeError, OSError) as e:
+            raise usage.UsageError(f"{where}: ListenPort: {e}") from None
         config = dataclasses.replace(config, store_dir=os.path.abspath(config.store_dir))
         try:
             os.makedirs(config.store_dir, exist_ok=True)
@@ -66,12 +72,6 @@ class Options(usage.Options):
             )
         except SecretError as e:
             raise usage.UsageError(str(e)) from None
-        from twisted.internet import reactor
-
-        try:
-            serverFromString(reactor, config.listen_endpoint)
-        except (ValueError, TypeError, OSError) as e:
-            raise usage.UsageError(f"{where}: ListenPort: {e}") from None
         self.config = config
         self._takeOverLogging()
 

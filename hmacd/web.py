@@ -9,6 +9,7 @@ which MACs never appear.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web import server
@@ -19,14 +20,29 @@ from hmacd.upload import UploadRequest
 
 __all__ = ["HmacfsSite", "censor"]
 
-_SECRET_PARAMS = re.compile(rb"([?&;](?:v|v2|token)=)[^&;#]*", re.IGNORECASE)
+# Module level: a Logger class attribute would take the class's name as its
+# namespace, and access-log filters want a stable one.
+_access = Logger(namespace="hmacfs.access")
+
+# Matched on the decoded name: parse_qs (upload.py) reads "?%76=<mac>" as v too.
+_SECRET_NAMES = frozenset({b"v", b"v2", b"token"})
+_QUERY_PARAM = re.compile(rb"([?&;])([^=&;#]*)=[^&;#]*")
+
+
+def _redact(match: re.Match[bytes]) -> bytes:
+    name = unquote_to_bytes(match.group(2).replace(b"+", b" ")).lower()
+    if name not in _SECRET_NAMES:
+        return match.group(0)
+    return match.group(1) + match.group(2) + b"=<redacted>"
 
 
 def censor(uri: bytes | None) -> str:
-    """A URI fit for a log: the values of v, v2 and token are replaced."""
+    """A URI fit for a log: the values of v, v2 and token are replaced, the path is kept."""
     if not uri:
         return "-"
-    return _SECRET_PARAMS.sub(rb"\1<redacted>", uri).decode("ascii", "backslashreplace")
+    # File names may hold "&v=" (mod_http_file_share sends them raw): only the query counts.
+    path, mark, query = uri.partition(b"?")
+    return (path + _QUERY_PARAM.sub(_redact, mark + query)).decode("ascii", "backslashreplace")
 
 
 class HmacfsSite(server.Site):
@@ -40,7 +56,6 @@ class HmacfsSite(server.Site):
 
     requestFactory = UploadRequest
     displayTracebacks = False
-    _access = Logger(namespace="hmacfs.access")
 
     def __init__(self, fileServer: FileServer, reactor=None, timeout: float | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
@@ -51,7 +66,7 @@ class HmacfsSite(server.Site):
         """Combined log format, censored; bearer tokens are in no logged field."""
         referrer = request.getHeader(b"referer")
         agent = request.getHeader(b"user-agent")
-        self._access.info(
+        _access.info(
             '{client} - - "{method} {uri} {proto}" {code} {length} "{referrer}" "{agent}"',
             client=request.getClientAddress().host
             if hasattr(request.getClientAddress(), "host")

@@ -74,3 +74,33 @@ class MemoryServer:
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4711))
         channel.makeConnection(transport)
         return channel, transport
+
+
+class LoopbackServer:
+    """
+    An HmacfsSite on a real 127.0.0.1 socket, with a treq client whose
+    connections are closed when the test ends.
+    """
+
+    def __init__(self, testCase, **kwargs) -> None:
+        from treq.client import HTTPClient
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self.root = testCase.mktemp()
+        os.makedirs(self.root)
+        kwargs.setdefault("secret", SECRET)
+        self.fs = FileServer(store_dir=self.root, reactor=reactor, **kwargs)
+        self.site = HmacfsSite(self.fs)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        testCase.addCleanup(self.port.stopListening)
+        self.host, self.portNumber = "127.0.0.1", self.port.getHost().port
+        self.base = f"http://127.0.0.1:{self.portNumber}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+        testCase.addCleanup(pool.closeCachedConnections)
+
+    def url(self, path: str, query: str = "") -> str:
+        from urllib.parse import quote
+
+        return f"{self.base}/upload/{quote(path)}" + (f"?{query}" if query else "")

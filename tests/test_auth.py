@@ -143,9 +143,7 @@ class KnownVectorTests(SynchronousTestCase):
         """The published MACs verify under their own protocol."""
         self.assertTrue(verify_v(KNOWN_SECRET, KNOWN_PATH, KNOWN_SIZE, KNOWN_V))
         self.assertTrue(verify_v2(KNOWN_SECRET, KNOWN_PATH, KNOWN_SIZE, "image/jpeg", KNOWN_V2))
-        self.assertTrue(
-            verify_token(KNOWN_SECRET, KNOWN_PATH, KNOWN_SIZE, "image/jpeg", KNOWN_V2)
-        )
+        self.assertTrue(verify_token(KNOWN_SECRET, KNOWN_PATH, KNOWN_SIZE, "image/jpeg", KNOWN_V2))
 
     def test_upper_case_accepted(self) -> None:
         """Upper-case hex in the URL is the same MAC."""
@@ -451,9 +449,7 @@ class XMPPSlotVectorTests(SynchronousTestCase):
             check_bearer_path(slot, path)
             self.assertEqual(slot.filename, vector["filename"], label)
             self.assertEqual(slot.filesize, vector["size"], label)
-            self.assertEqual(
-                slot.filetype, vector["content_type"] or DEFAULT_CONTENT_TYPE, label
-            )
+            self.assertEqual(slot.filetype, vector["content_type"] or DEFAULT_CONTENT_TYPE, label)
             self.assertEqual(slot.iat, vector["issued_at"], label)
             self.assertEqual(slot.exp, vector["issued_at"] + 300, label)
             self.assertEqual(self.jwt_slot(vector, now=slot.exp - 1), slot, label)
@@ -501,9 +497,7 @@ class XMPPSlotVectorTests(SynchronousTestCase):
             self.assertRaises(BadSignature, verify_jwt, self.secret, forged, now=now)
 
             for index in range(len(path)):
-                self.assertRaises(
-                    TokenInvalid, check_bearer_path, slot, change_char(path, index)
-                )
+                self.assertRaises(TokenInvalid, check_bearer_path, slot, change_char(path, index))
             for other in (path + "x", path[:-1], "/" + path, path + "/", slot.slot):
                 self.assertRaises(TokenInvalid, check_bearer_path, slot, other)
             if raw_path != path:
@@ -575,9 +569,7 @@ class JWTTests(SynchronousTestCase):
 
     def test_sign_jwt_omits_none(self) -> None:
         """sign_jwt writes Prosody's claims and leaves out the ones not given."""
-        token = sign_jwt(
-            JWT_SECRET, slot="s", filename="f", filesize=0, filetype=None, exp=NOW + 1
-        )
+        token = sign_jwt(JWT_SECRET, slot="s", filename="f", filesize=0, filetype=None, exp=NOW + 1)
         claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"], options={"verify_exp": False})
         self.assertEqual(claims, {"slot": "s", "filename": "f", "filesize": 0, "exp": NOW + 1})
         self.assertEqual(jwt.get_unverified_header(token)["alg"], "HS256")

@@ -27,9 +27,7 @@ from hmacd.config import (
     parse_size,
 )
 
-ETC_CONFIG = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "etc", "config.toml"
-)
+ETC_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "etc", "config.toml")
 
 GO_SEED = """\
 ListenPort = ":8080"
@@ -297,9 +295,7 @@ class SeedConfigTests(ConfigFileTestCase):
         ]
         for key, value, field, expected in cases:
             config = parse_config({key: value}, "t")
-            self.assertEqual(
-                config, Config(source="t", **{field: expected}), (key, value)
-            )
+            self.assertEqual(config, Config(source="t", **{field: expected}), (key, value))
 
     def test_upload_subdir_forms(self) -> None:
         """UploadSubDir loses surrounding slashes; "/" and "" mean no prefix."""
@@ -521,9 +517,7 @@ class ListenEndpointTests(SynchronousTestCase):
             if kind is UNIXServerEndpoint:
                 self.assertEqual(endpoint._address, where, value)
             else:
-                self.assertEqual(
-                    (endpoint._port, endpoint._interface), (port, where), value
-                )
+                self.assertEqual((endpoint._port, endpoint._interface), (port, where), value)
 
     def test_passthrough(self) -> None:
         """Twisted endpoint strings that need files or fds to build pass through unchanged."""
@@ -575,30 +569,22 @@ class ErrorTests(ConfigFileTestCase):
 
     def test_unknown_key_without_suggestion(self) -> None:
         """A key like no real one is refused without a suggestion."""
-        message = self.assertConfigError(
-            "Frobnicate = 1\n", "Frobnicate", "unknown key"
-        )
+        message = self.assertConfigError("Frobnicate = 1\n", "Frobnicate", "unknown key")
         self.assertNotIn("did you mean", message)
 
     def test_unknown_key_quoted(self) -> None:
         """A quoted key with odd characters is still named on one line."""
         path = self.write('"a\\nb" = 1\n')
         error = self.assertRaises(ConfigError, load_config, path)
-        self.assertEqual(
-            (str(error), error.key), (f'{path}: "a\\nb": unknown key', "a\nb")
-        )
+        self.assertEqual((str(error), error.key), (f'{path}: "a\\nb": unknown key', "a\nb"))
 
     def test_table(self) -> None:
         """A [table] is an unknown key: every key is top-level."""
-        self.assertConfigError(
-            '[server]\nlistenport = ":8080"\n', "server", "unknown table"
-        )
+        self.assertConfigError('[server]\nlistenport = ":8080"\n', "server", "unknown table")
 
     def test_known_key_as_table(self) -> None:
         """A known key written as a [table] is a wrong type, not an unknown key."""
-        self.assertConfigError(
-            "[StoreDir]\nx = 1\n", "StoreDir", "must be a string, got table"
-        )
+        self.assertConfigError("[StoreDir]\nx = 1\n", "StoreDir", "must be a string, got table")
 
     def test_duplicate_key_by_case(self) -> None:
         """The same key twice in different case is refused, naming both spellings."""
@@ -747,36 +733,26 @@ class ErrorTests(ConfigFileTestCase):
     def test_bad_upload_subdir(self) -> None:
         """UploadSubDir segments may not be empty, ".", "..", or hold a backslash or NUL."""
         for value in ("a//b", "./upload", "upload/..", "..", "a\\\\b", "a\\u0000b"):
-            self.assertConfigError(
-                f'UploadSubDir = "{value}"\n', "UploadSubDir", "relative path"
-            )
+            self.assertConfigError(f'UploadSubDir = "{value}"\n', "UploadSubDir", "relative path")
 
     def test_bad_store_dir(self) -> None:
         """An empty StoreDir is refused rather than meaning the current directory."""
-        self.assertConfigError(
-            'StoreDir = ""\n', "StoreDir", "must be a directory path"
-        )
+        self.assertConfigError('StoreDir = ""\n', "StoreDir", "must be a directory path")
 
     def test_bad_redis_db(self) -> None:
         """A negative RedisDB is refused."""
-        self.assertConfigError(
-            "RedisDB = -1\n", "RedisDB", "must be an integer >= 0, got -1"
-        )
+        self.assertConfigError("RedisDB = -1\n", "RedisDB", "must be an integer >= 0, got -1")
 
     def test_bad_listen_port(self) -> None:
         """A bad ListenPort or MetricsPort is refused with the address rule it broke."""
-        self.assertConfigError(
-            'ListenPort = "example.com:80"\n', "ListenPort", "hostname"
-        )
+        self.assertConfigError('ListenPort = "example.com:80"\n', "ListenPort", "hostname")
         self.assertConfigError('listenport = ":0"\n', "listenport", "1 to 65535")
         self.assertConfigError("MetricsPort = 70000\n", "MetricsPort", "1 to 65535")
 
     def test_unix_socket_without_path(self) -> None:
         """UnixSocket without a ListenPort path is refused instead of using "127.0.0.1:8080"."""
         self.assertConfigError("UnixSocket = true\n", "ListenPort", "socket path")
-        self.assertConfigError(
-            'UnixSocket = true\nListenPort = ""\n', "ListenPort", "socket path"
-        )
+        self.assertConfigError('UnixSocket = true\nListenPort = ""\n', "ListenPort", "socket path")
 
     def test_syntax_error(self) -> None:
         """A TOML syntax error names the file and TOML's line and column."""
@@ -893,9 +869,7 @@ class ParseSizeTests(SynchronousTestCase):
         st.sampled_from(["", " "]),
         st.booleans(),
     )
-    def test_unit_round_trip(
-        self, n: int, unit: tuple[str, int], space: str, lower: bool
-    ) -> None:
+    def test_unit_round_trip(self, n: int, unit: tuple[str, int], space: str, lower: bool) -> None:
         """ "<n>KB/MB/GB" is n times the binary multiple, whatever the case and spacing."""
         suffix, multiple = unit
         text = f"{n}{space}{suffix.lower() if lower else suffix}"

@@ -1,0 +1,469 @@
+"""
+Black-box tests over real loopback sockets: treq streams bodies with
+FileBodyProducer, raw http.client sends what treq would normalise away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import socket
+import time
+import tracemalloc
+from io import BytesIO
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.client import FileBodyProducer, readBody
+
+from hmacd import auth
+from hmacd.core import guess_type
+from tests.support import LoopbackServer, load_vectors, store_files, v2_query, v_query
+
+
+def body_of(size: int, seed: str = "") -> bytes:
+    """Deterministic, non-repeating bytes."""
+    blocks = (hashlib.sha256(f"{seed}:{n}".encode()).digest() for n in range(size // 32 + 1))
+    return b"".join(blocks)[:size]
+
+
+def header(response, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+class RawResponse:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.code, self.headers, self.body = status, headers, body
+
+
+def raw_request(
+    server: LoopbackServer, method: str, target: str, body: bytes = b"", headers=None
+) -> RawResponse:
+    """One request exactly as given (no client-side path normalisation); blocking."""
+    conn = http.client.HTTPConnection(server.host, server.portNumber, timeout=10)
+    try:
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        if method == "PUT" or body:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return RawResponse(
+            response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        )
+    finally:
+        conn.close()
+
+
+class VectorTests(TestCase):
+    """Every slot issued by real Prosody and ejabberd servers uploads and downloads."""
+
+    @inlineCallbacks
+    def test_all_vectors(self):
+        """Each vector's PUT is 201; GET returns the bytes, type and length it was given."""
+        vectors = load_vectors()
+        clock = Clock()
+        server = LoopbackServer(self, secret=vectors["secret"].encode("utf-8"), clock=clock)
+        self.assertEqual(len(vectors["vectors"]), 28)
+        for n, vector in enumerate(vectors["vectors"]):
+            clock.advance(vector["issued_at"] + 1 - clock.seconds())
+            put_url = vector["put_url"].replace(vectors["base_url"], server.base + "/upload/")
+            get_url = vector["get_url"].replace(vectors["base_url"], server.base + "/upload/")
+            data = body_of(vector["size"], str(n))
+            headers = dict(vector["put_headers"])
+            if vector["content_type"] is not None:
+                headers["Content-Type"] = vector["content_type"]
+            response = yield server.http.put(
+                put_url, data=FileBodyProducer(BytesIO(data)), headers=headers
+            )
+            yield readBody(response)
+            self.assertEqual(response.code, 201, (vector["issuer"], vector["filename"]))
+
+            response = yield server.http.get(get_url)
+            got = yield readBody(response)
+            self.assertEqual(got, data)
+            if vector["content_type"] is not None:
+                expected = vector["content_type"]
+            elif vector["issuer"] in ("v1", "ejabberd"):
+                expected = guess_type(vector["filename"])
+            else:
+                expected = auth.DEFAULT_CONTENT_TYPE
+            self.assertEqual(header(response, "Content-Type"), expected, vector["filename"])
+            self.assertEqual(response.length, vector["size"])
+            self.assertTrue(header(response, "ETag"))
+
+    @inlineCallbacks
+    def test_tampered_vectors_refused(self):
+        """A changed path, size or type in a real slot is refused and stores nothing."""
+        vectors = load_vectors()
+        clock = Clock()
+        server = LoopbackServer(self, secret=vectors["secret"].encode("utf-8"), clock=clock)
+        for vector in vectors["vectors"]:
+            if vector["filename"] != "photo.jpg":
+                continue
+            clock.advance(vector["issued_at"] + 1 - clock.seconds())
+            put_url = vector["put_url"].replace(vectors["base_url"], server.base + "/upload/")
+            headers = dict(vector["put_headers"], **{"Content-Type": "image/jpeg"})
+            attempts = [
+                (put_url.replace("photo.jpg", "photo.jpeg"), vector["size"], headers),
+                (put_url, vector["size"] + 1, headers),
+            ]
+            if vector["issuer"] == "v2":
+                attempts.append(
+                    (put_url, vector["size"], dict(headers, **{"Content-Type": "image/png"}))
+                )
+            for url, size, hdrs in attempts:
+                response = yield server.http.put(
+                    url, data=FileBodyProducer(BytesIO(b"x" * size)), headers=hdrs
+                )
+                yield readBody(response)
+                self.assertIn(response.code, (403, 413), (vector["issuer"], url, size))
+        self.assertEqual(store_files(server.root), [])
+
+
+class StatusTests(TestCase):
+    """Every verdict over a real socket; refused requests leave the store untouched."""
+
+    def setUp(self):
+        self.server = LoopbackServer(self, upload_max_size=1000)
+
+    def raw(self, method, target, body=b"", headers=None):
+        return deferToThread(raw_request, self.server, method, target, body, headers)
+
+    @inlineCallbacks
+    def test_refusals(self):
+        """Each bad PUT gets its status and writes nothing."""
+        ok = v_query("a/b.txt", 3)
+        cases = [
+            ("/upload/a/b.txt?" + v_query("a/b.txt", 4), b"abc", {}, 403),
+            ("/upload/a/b.txt?v=" + "0" * 64, b"abc", {}, 403),
+            ("/upload/a/b.txt?v=zz", b"abc", {}, 403),
+            ("/upload/a/b.txt", b"abc", {}, 401),
+            ("/upload/a/b.txt", b"abc", {"Authorization": "Bearer not.a.jwt"}, 403),
+            ("/upload/a/b.txt", b"abc", {"Authorization": "Basic dXNlcjpwdw=="}, 401),
+            ("/upload/big.bin?" + v_query("big.bin", 1001), b"x" * 1001, {}, 413),
+            ("/upload/a/../b.txt?" + v_query("a/../b.txt", 3), b"abc", {}, 400),
+            ("/upload/a/%2e%2e/b.txt?" + v_query("a/../b.txt", 3), b"abc", {}, 400),
+            ("/upload/.hmacfs/secret?" + v_query(".hmacfs/secret", 3), b"abc", {}, 400),
+            ("/upload/a//b.txt?" + v_query("a//b.txt", 3), b"abc", {}, 400),
+            ("/upload/a%00b?" + v_query("a\x00b", 3), b"abc", {}, 400),
+            ("/upload/a%5cb?" + v_query("a\\b", 3), b"abc", {}, 400),
+            ("/upload/%ff?" + ok, b"abc", {}, 400),
+            ("/other/a/b.txt?" + ok, b"abc", {}, 404),
+        ]
+        for target, body, headers, code in cases:
+            response = yield self.raw("PUT", target, body, headers)
+            self.assertEqual(response.code, code, target)
+            self.assertEqual(response.headers.get("access-control-allow-origin"), "*", target)
+        self.assertEqual(store_files(self.server.root), [])
+
+    @inlineCallbacks
+    def test_conflict_keeps_original(self):
+        """A second PUT of the same name is 409 and the first file stays intact."""
+        target = "/upload/c.txt?" + v_query("c.txt", 3)
+        first = yield self.raw("PUT", target, b"one")
+        second = yield self.raw("PUT", target, b"two")
+        self.assertEqual((first.code, second.code), (201, 409))
+        with open(os.path.join(self.server.root, "c.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"one")
+
+    @inlineCallbacks
+    def test_method_not_allowed(self):
+        """DELETE and POST get 405 with Allow."""
+        for method in ("DELETE", "POST", "PATCH"):
+            response = yield self.raw(method, "/upload/a.txt")
+            self.assertEqual(response.code, 405)
+            self.assertEqual(response.headers["allow"], "OPTIONS, HEAD, GET, PUT")
+
+    @inlineCallbacks
+    def test_preflight(self):
+        """A CORS preflight is 200 with the allowed methods, headers and max-age."""
+        response = yield self.raw(
+            "OPTIONS",
+            "/upload/x/y.png",
+            headers={
+                "Origin": "https://chat.example",
+                "Access-Control-Request-Method": "PUT",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            {k: v for k, v in response.headers.items() if k.startswith("access-control-")},
+            {
+                "access-control-allow-origin": "*",
+                "access-control-allow-methods": "OPTIONS, HEAD, GET, PUT",
+                "access-control-allow-headers": "Authorization, Content-Type",
+                "access-control-max-age": "7200",
+            },
+        )
+
+    @inlineCallbacks
+    def test_nothing_internal_served(self):
+        """Dot paths, directories, temp files and paths outside the prefix are 404."""
+        yield self.raw("PUT", "/upload/d/f.txt?" + v_query("d/f.txt", 3), b"abc")
+        os.makedirs(os.path.join(self.server.root, ".hmacfs"), exist_ok=True)
+        with open(os.path.join(self.server.root, ".hmacfs", "secret"), "w") as f:
+            f.write("s3cret")
+        with open(os.path.join(self.server.root, "d", ".hmacfs-0123.part"), "w") as f:
+            f.write("partial")
+        for target in (
+            "/upload/.hmacfs/secret",
+            "/upload/%2ehmacfs/secret",
+            "/upload/d/.hmacfs-0123.part",
+            "/upload/d",
+            "/upload/d/",
+            "/upload/",
+            "/upload",
+            "/",
+            "/upload/d/../.hmacfs/secret",
+            "/upload/missing.txt",
+        ):
+            for method in ("GET", "HEAD"):
+                response = yield self.raw(method, target)
+                self.assertEqual(response.code, 404, (method, target))
+                self.assertNotIn(b"s3cret", response.body)
+                self.assertNotIn(b"partial", response.body)
+
+    @inlineCallbacks
+    def test_symlink_out_of_store_not_served(self):
+        """A symlink inside the store that leads outside it is never followed."""
+        outside = os.path.abspath(self.mktemp())
+        os.makedirs(outside)
+        with open(os.path.join(outside, "passwd"), "w") as f:
+            f.write("root:x:0:0")
+        os.symlink(outside, os.path.join(self.server.root, "link"))
+        response = yield self.raw("GET", "/upload/link/passwd")
+        self.assertEqual(response.code, 404)
+        put = yield self.raw("PUT", "/upload/link/new?" + v_query("link/new", 3), b"abc")
+        self.assertEqual(put.code, 400)
+        self.assertEqual(os.listdir(outside), ["passwd"])
+
+
+class DownloadTests(TestCase):
+    """GET/HEAD/Range/conditional matrix on a stored file."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.server = LoopbackServer(self)
+        self.data = body_of(1000, "dl")
+        response = yield deferToThread(
+            raw_request,
+            self.server,
+            "PUT",
+            "/upload/f/pic.png?" + v2_query("f/pic.png", 1000, "image/png"),
+            self.data,
+            {"Content-Type": "image/png"},
+        )
+        self.assertEqual(response.code, 201)
+        full = yield self.get()
+        self.etag = full.headers["etag"]
+        self.lastModified = full.headers["last-modified"]
+
+    def get(self, headers=None, method="GET", target="/upload/f/pic.png"):
+        return deferToThread(raw_request, self.server, method, target, b"", headers)
+
+    @inlineCallbacks
+    def test_full_get(self):
+        """A plain GET has the bytes, the signed type, validators and the security headers."""
+        response = yield self.get()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, self.data)
+        h = response.headers
+        self.assertEqual(h["content-type"], "image/png")
+        self.assertEqual(h["content-length"], "1000")
+        self.assertEqual(h["accept-ranges"], "bytes")
+        self.assertEqual(h["x-content-type-options"], "nosniff")
+        self.assertEqual(h["content-security-policy"], "default-src 'none'; frame-ancestors 'none'")
+        self.assertEqual(h["access-control-allow-origin"], "*")
+        self.assertNotIn("content-disposition", h)
+        self.assertEqual(self.etag, f'"{hashlib.sha256(self.data).hexdigest()[:32]}"')
+
+    @inlineCallbacks
+    def test_head(self):
+        """HEAD gives GET's headers and no body."""
+        response = yield self.get(method="HEAD")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, b"")
+        self.assertEqual(response.headers["content-length"], "1000")
+        self.assertEqual(response.headers["etag"], self.etag)
+
+    @inlineCallbacks
+    def test_ranges(self):
+        """Single ranges give 206 with Content-Range; past the end 416; several ranges 200."""
+        cases = [
+            ("bytes=0-9", 206, (0, 10), "bytes 0-9/1000"),
+            ("bytes=990-", 206, (990, 1000), "bytes 990-999/1000"),
+            ("bytes=-5", 206, (995, 1000), "bytes 995-999/1000"),
+            ("bytes=500-5000", 206, (500, 1000), "bytes 500-999/1000"),
+            ("bytes=1000-", 416, None, "bytes */1000"),
+            ("bytes=0-1,5-6", 200, (0, 1000), None),
+            ("bytes=oops", 200, (0, 1000), None),
+        ]
+        for value, code, span, contentRange in cases:
+            response = yield self.get({"Range": value})
+            self.assertEqual(response.code, code, value)
+            self.assertEqual(response.headers.get("content-range"), contentRange, value)
+            if span is not None:
+                self.assertEqual(response.body, self.data[span[0] : span[1]], value)
+                self.assertEqual(response.headers["content-length"], str(span[1] - span[0]))
+
+    @inlineCallbacks
+    def test_if_range(self):
+        """If-Range with our ETag or date honours the Range; anything else gets the whole file."""
+        for value, code in (
+            (self.etag, 206),
+            (self.lastModified, 206),
+            ('"other"', 200),
+            ("W/" + self.etag, 200),
+            ("Thu, 01 Jan 1970 00:00:00 GMT", 200),
+        ):
+            response = yield self.get({"Range": "bytes=0-9", "If-Range": value})
+            self.assertEqual(response.code, code, value)
+
+    @inlineCallbacks
+    def test_conditional(self):
+        """If-None-Match and If-Modified-Since give 304 without a body."""
+        for headers, code in (
+            ({"If-None-Match": self.etag}, 304),
+            ({"If-None-Match": '"a", ' + self.etag}, 304),
+            ({"If-None-Match": "*"}, 304),
+            ({"If-None-Match": '"other"'}, 200),
+            ({"If-Modified-Since": self.lastModified}, 304),
+            ({"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"}, 200),
+            ({"If-None-Match": '"other"', "If-Modified-Since": self.lastModified}, 200),
+        ):
+            for method in ("GET", "HEAD"):
+                response = yield self.get(headers, method=method)
+                self.assertEqual(response.code, code, (method, headers))
+                if code == 304:
+                    self.assertEqual(response.body, b"")
+                    self.assertEqual(response.headers["etag"], self.etag)
+
+    @inlineCallbacks
+    def test_attachment_types(self):
+        """Types a browser could run are served as attachments; media and text/plain inline."""
+        for name, ctype, attachment in (
+            ("page.html", "text/html", True),
+            ("doc.pdf", "application/pdf", True),
+            ("clip.mp4", "video/mp4", False),
+            ("note.txt", "text/plain; charset=utf-8", False),
+        ):
+            put = yield deferToThread(
+                raw_request,
+                self.server,
+                "PUT",
+                "/upload/t/" + name + "?" + v2_query("t/" + name, 4, ctype),
+                b"<b/>",
+                {"Content-Type": ctype},
+            )
+            self.assertEqual(put.code, 201)
+            response = yield self.get(target="/upload/t/" + name)
+            self.assertEqual(response.headers["content-type"], ctype)
+            if attachment:
+                self.assertEqual(
+                    response.headers["content-disposition"], "attachment; filename*=UTF-8''" + name
+                )
+            else:
+                self.assertNotIn("content-disposition", response.headers)
+
+    @inlineCallbacks
+    def test_unicode_name_roundtrip(self):
+        """A name with spaces and non-ASCII is served under its encoded URL."""
+        name = "dir/hällo wörld 日本.png"
+        response = yield self.server.http.put(
+            self.server.url(name, v_query(name, 4)),
+            data=FileBodyProducer(BytesIO(b"\x89PNG")),
+            headers={"Content-Type": "image/png"},
+        )
+        yield readBody(response)
+        self.assertEqual(response.code, 201)
+        response = yield self.server.http.get(self.server.url(name))
+        self.assertEqual((yield readBody(response)), b"\x89PNG")
+
+
+class StreamingTests(TestCase):
+    """Large bodies, broken connections and races over real sockets."""
+
+    timeout = 300
+
+    @inlineCallbacks
+    def test_200mib_upload_memory_flat(self):
+        """A 200 MiB upload streams through with Python memory far below the file size."""
+        server = LoopbackServer(self)
+        size = 200 * 1024 * 1024
+        source = self.mktemp()
+        block = body_of(1 << 20, "big")
+        digest = hashlib.sha256()
+        with open(source, "wb") as f:
+            for n in range(200):
+                chunk = block[n:] + block[:n]
+                f.write(chunk)
+                digest.update(chunk)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        with open(source, "rb") as f:
+            response = yield server.http.put(
+                server.url("big.bin", v_query("big.bin", size)), data=FileBodyProducer(f)
+            )
+            yield readBody(response)
+        _, peak = tracemalloc.get_traced_memory()
+        self.assertEqual(response.code, 201)
+        growth = peak - before
+        self.assertLess(growth, 16 * 1024 * 1024, f"peak grew {growth / 2**20:.1f} MiB")
+        with open(os.path.join(server.root, "big.bin"), "rb") as f:
+            stored = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                stored.update(chunk)
+        self.assertEqual(stored.hexdigest(), digest.hexdigest())
+
+    @inlineCallbacks
+    def test_disconnect_mid_upload(self):
+        """A client that vanishes mid-body leaves nothing; the same URL then works."""
+        server = LoopbackServer(self)
+        target = "/upload/m/v.bin?" + v_query("m/v.bin", 100_000)
+
+        def sendHalf():
+            with socket.create_connection((server.host, server.portNumber)) as s:
+                s.sendall(
+                    f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+                    + b"x" * 50_000
+                )
+                time.sleep(0.2)
+
+        yield deferToThread(sendHalf)
+        for _ in range(100):
+            if store_files(server.root) == []:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(store_files(server.root), [])
+        response = yield deferToThread(raw_request, server, "PUT", target, b"y" * 100_000)
+        self.assertEqual(response.code, 201)
+        self.assertEqual(store_files(server.root), ["m", "m/v.bin"])
+
+    @inlineCallbacks
+    def test_concurrent_puts_one_winner(self):
+        """Concurrent PUTs of one name: exactly one 201, the rest 409, the file intact."""
+        server = LoopbackServer(self)
+        size = 256 * 1024
+        bodies = [body_of(size, str(n)) for n in range(6)]
+        url = server.url("race.bin", v_query("race.bin", size))
+
+        def put(body):
+            d = server.http.put(url, data=FileBodyProducer(BytesIO(body)))
+            d.addCallback(lambda r: readBody(r).addCallback(lambda _: r.code))
+            return d
+
+        codes = yield gatherResults([put(b) for b in bodies])
+        self.assertEqual(sorted(codes), [201] + [409] * 5)
+        with open(os.path.join(server.root, "race.bin"), "rb") as f:
+            self.assertEqual(f.read(), bodies[codes.index(201)])
+        self.assertEqual(store_files(server.root), ["race.bin"])

@@ -1,0 +1,34 @@
+"""
+README.rst promises two commands; CI must run the second one verbatim.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+RUN = "python3 -m venv .venv && .venv/bin/pip install -q . && .venv/bin/twistd -n hmacfs"
+TEST = (
+    "python3 -m venv .venv && .venv/bin/pip install -q '.[test]' && "
+    ".venv/bin/python -m twisted.trial tests"
+)
+
+
+def read(name: str) -> str:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_commands_in_readme(self):
+        """README.rst gives the run command and the test command, each on one line."""
+        lines = [line.strip() for line in read("README.rst").splitlines()]
+        self.assertIn(RUN, lines)
+        self.assertIn(TEST, lines)
+
+    def test_ci_runs_readme_test_command(self):
+        """.ci/run ends by running exactly the README's test command."""
+        lines = [line.strip() for line in read(".ci/run").splitlines() if line.strip()]
+        self.assertEqual(lines[-1], TEST)
