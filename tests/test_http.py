@@ -164,6 +164,26 @@ class StatusTests(TestCase):
         self.assertEqual(store_files(self.server.root), [])
 
     @inlineCallbacks
+    def test_chunked_hmac_upload_length_required(self):
+        """A chunked v PUT (no Content-Length) is 411 and stores nothing."""
+
+        def send():
+            conn = http.client.HTTPConnection(self.server.host, self.server.portNumber, timeout=10)
+            try:
+                conn.request(
+                    "PUT",
+                    "/upload/c.bin?" + v_query("c.bin", 6),
+                    body=iter([b"abc", b"def"]),
+                    encode_chunked=True,
+                )
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        self.assertEqual((yield deferToThread(send)), 411)
+        self.assertEqual(store_files(self.server.root), [])
+
+    @inlineCallbacks
     def test_conflict_keeps_original(self):
         """A second PUT of the same name is 409 and the first file stays intact."""
         target = "/upload/c.txt?" + v_query("c.txt", 3)
@@ -374,6 +394,20 @@ class DownloadTests(TestCase):
                 self.assertNotIn("content-disposition", response.headers)
 
     @inlineCallbacks
+    def test_file_without_record(self):
+        """A file placed in the store by hand is served with a guessed type and a weak ETag."""
+        with open(os.path.join(self.server.root, "f", "manual.pdf"), "wb") as f:
+            f.write(b"%PDF-")
+        response = yield self.get(target="/upload/f/manual.pdf")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.body, b"%PDF-")
+        self.assertEqual(response.headers["content-type"], "application/pdf")
+        self.assertTrue(response.headers["etag"].startswith('W/"'))
+        self.assertEqual(
+            response.headers["content-disposition"], "attachment; filename*=UTF-8''manual.pdf"
+        )
+
+    @inlineCallbacks
     def test_unicode_name_roundtrip(self):
         """A name with spaces and non-ASCII is served under its encoded URL."""
         name = "dir/hällo wörld 日本.png"
@@ -467,3 +501,20 @@ class StreamingTests(TestCase):
         with open(os.path.join(server.root, "race.bin"), "rb") as f:
             self.assertEqual(f.read(), bodies[codes.index(201)])
         self.assertEqual(store_files(server.root), ["race.bin"])
+
+
+class RootPrefixTests(TestCase):
+    """UploadSubDir = "" serves the upload space from /."""
+
+    @inlineCallbacks
+    def test_upload_and_get_at_root(self):
+        """With an empty prefix, /<path> is the upload and download URL."""
+        server = LoopbackServer(self, prefix="")
+        put = yield deferToThread(
+            raw_request, server, "PUT", "/a/b.txt?" + v_query("a/b.txt", 2), b"hi"
+        )
+        self.assertEqual(put.code, 201)
+        get = yield deferToThread(raw_request, server, "GET", "/a/b.txt")
+        self.assertEqual((get.code, get.body), (200, b"hi"))
+        root = yield deferToThread(raw_request, server, "GET", "/")
+        self.assertEqual(root.code, 404)
