@@ -445,39 +445,26 @@ def _upload_subdir(value: object) -> str:
     return text
 
 
-_LOG_LEVELS = {
-    "debug": "debug",
-    "info": "info",
-    "warn": "warn",
-    "warning": "warn",
-    "error": "error",
-}
+def _choice(names: Mapping[str, str], expected: str) -> Callable[[object], str]:
+    """A converter for a case-insensitive name from C{names} (aliases map to one value)."""
+
+    def convert(value: object) -> str:
+        try:
+            return names[_string(value).lower()]
+        except KeyError:
+            raise _Invalid(expected, value) from None
+
+    return convert
 
 
-def _log_level(value: object) -> str:
-    text = _string(value)
-    try:
-        return _LOG_LEVELS[text.lower()]
-    except KeyError:
-        raise _Invalid("must be one of debug, info, warn, error", value) from None
-
-
-_DB_TYPES = {
-    "postgres": "postgres",
-    "postgresql": "postgres",
-    "mysql": "mysql",
-    "mariadb": "mysql",
-}
-
-
-def _db_type(value: object) -> str:
-    text = _string(value)
-    try:
-        return _DB_TYPES[text.lower()]
-    except KeyError:
-        raise _Invalid(
-            'must be "postgres" or "mysql" (also "postgresql", "mariadb")', value
-        ) from None
+_log_level = _choice(
+    {"debug": "debug", "info": "info", "warn": "warn", "warning": "warn", "error": "error"},
+    "must be one of debug, info, warn, error",
+)
+_db_type = _choice(
+    {"postgres": "postgres", "postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"},
+    'must be "postgres" or "mysql" (also "postgresql", "mariadb")',
+)
 
 
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")

@@ -4,8 +4,10 @@ LogLevel and LogFile, on top of twisted.logger.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -16,7 +18,7 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
-__all__ = ["LEVELS", "for_twistd", "make_observer", "twistd_observer", "twistd_sink"]
+__all__ = ["LEVELS", "censor", "for_twistd", "make_observer", "twistd_observer", "twistd_sink"]
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -24,6 +26,27 @@ LEVELS = {
     "warn": LogLevel.warn,
     "error": LogLevel.error,
 }
+
+
+# Matched on the decoded name: parse_qs (upload.py) reads "?%76=<mac>" as v too.
+_SECRET_NAMES = frozenset({b"v", b"v2", b"token"})
+_QUERY_PARAM = re.compile(rb"([?&;])([^=&;#]*)=[^&;#]*")
+
+
+def _redact(match: re.Match[bytes]) -> bytes:
+    name = unquote_to_bytes(match.group(2).replace(b"+", b" ")).lower()
+    if name not in _SECRET_NAMES:
+        return match.group(0)
+    return match.group(1) + match.group(2) + b"=<redacted>"
+
+
+def censor(uri: bytes | None) -> str:
+    """A URI fit for a log: the values of v, v2 and token are replaced, the path is kept."""
+    if not uri:
+        return "-"
+    # File names may hold "&v=" (mod_http_file_share sends them raw): only the query counts.
+    path, mark, query = uri.partition(b"?")
+    return (path + _QUERY_PARAM.sub(_redact, mark + query)).decode("ascii", "backslashreplace")
 
 
 def _file_observer(path: str) -> ILogObserver:

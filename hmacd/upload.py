@@ -32,6 +32,7 @@ from twisted.web import http, server
 
 from hmacd import auth
 from hmacd.core import FileServer, guess_type
+from hmacd.logs import censor
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
 
@@ -222,6 +223,7 @@ class UploadRequest(server.Request):
     _upload: _Upload | None = None
     _refused = False
     _finishOnBody = False
+    _drainBudget: int | None = None  # bytes of a refused body still read and dropped
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -230,8 +232,6 @@ class UploadRequest(server.Request):
 
     def __repr__(self) -> str:
         # The default repr shows the URI, and with it the MAC.
-        from hmacd.web import censor
-
         return f"<{type(self).__name__} {self.method!r} {censor(self.uri)}>"
 
     # HTTPChannel hooks ---------------------------------------------------
@@ -244,7 +244,13 @@ class UploadRequest(server.Request):
         self.path = self.uri.split(b"?", 1)[0]
         if self.method == b"PUT":
             self.content = BytesIO()  # never used; Twisted closes it
-            self._judgeUpload(length)
+            try:
+                self._judgeUpload(length)
+            except Exception:
+                # A bug must cost one request, not the channel's parser state.
+                log.failure("judging {request!r} failed", request=self)
+                if not self._refused:
+                    self._refuse(http.INTERNAL_SERVER_ERROR, "internal error", length)
         elif self.method not in ALLOWED_METHODS:
             self._refuse(
                 http.NOT_ALLOWED,
@@ -262,6 +268,11 @@ class UploadRequest(server.Request):
         if upload is None:
             if not self._refused:
                 super().handleContentChunk(data)
+            elif self._drainBudget is not None:
+                self._drainBudget -= len(data)
+                if self._drainBudget < 0:
+                    self._drainBudget = None
+                    self._cutOffDuringBody()
             return
         if upload.received + len(data) > upload.size:
             # Only possible with chunked transfer: more than was signed.
@@ -428,18 +439,15 @@ class UploadRequest(server.Request):
             code=code,
             message=message,
         )
-        if length == 0 or (expect is None and length is not None and length <= DRAIN_LIMIT):
+        if duringBody:
+            self._cutOffDuringBody()
+        elif length == 0 or (expect is None and (length is None or length <= DRAIN_LIMIT)):
             # HTTPChannel calls requestReceived once the body is in
             # (immediately, for an empty one); finishing before that would
-            # leave the channel without a request to deliver it to.
+            # leave the channel without a request to deliver it to.  A
+            # chunked body that turns out larger than the limit is cut off.
             self._finishOnBody = True
-        elif duringBody:
-            # The channel's transfer decoder is still working through the
-            # current input and would hand the end of the body to a channel
-            # that no longer has this request: stop reading, finish after.
-            self._finishOnBody = True
-            self.channel.transport.pauseProducing()
-            self.channel.site.fileServer.reactor.callLater(0, self._finishRefusal)
+            self._drainBudget = DRAIN_LIMIT
         else:
             # In gotLength: the channel checks `transport.disconnecting`
             # after the header block and reads no further.
@@ -450,6 +458,14 @@ class UploadRequest(server.Request):
         if error.errno in _STORAGE_FULL:
             return INSUFFICIENT_STORAGE, "insufficient storage"
         return http.INTERNAL_SERVER_ERROR, "cannot store the file"
+
+    def _cutOffDuringBody(self) -> None:
+        # The channel's transfer decoder is still working through the
+        # current input and would hand the end of the body to a channel that
+        # no longer has this request: stop reading, finish after.
+        self._finishOnBody = True
+        self.channel.transport.pauseProducing()
+        self.channel.site.fileServer.reactor.callLater(0, self._finishRefusal)
 
     def _finishRefusal(self) -> None:
         if not self.finished and not self._disconnected:

@@ -8,41 +8,19 @@ which MACs never appear.
 
 from __future__ import annotations
 
-import re
-from urllib.parse import unquote_to_bytes
-
 from twisted.logger import Logger
 from twisted.web import server
 
 from hmacd.core import FileServer
 from hmacd.download import StoreResource
+from hmacd.logs import censor
 from hmacd.upload import UploadRequest
 
-__all__ = ["HmacfsSite", "censor"]
+__all__ = ["HmacfsSite"]
 
 # Module level: a Logger class attribute would take the class's name as its
 # namespace, and access-log filters want a stable one.
 _access = Logger(namespace="hmacfs.access")
-
-# Matched on the decoded name: parse_qs (upload.py) reads "?%76=<mac>" as v too.
-_SECRET_NAMES = frozenset({b"v", b"v2", b"token"})
-_QUERY_PARAM = re.compile(rb"([?&;])([^=&;#]*)=[^&;#]*")
-
-
-def _redact(match: re.Match[bytes]) -> bytes:
-    name = unquote_to_bytes(match.group(2).replace(b"+", b" ")).lower()
-    if name not in _SECRET_NAMES:
-        return match.group(0)
-    return match.group(1) + match.group(2) + b"=<redacted>"
-
-
-def censor(uri: bytes | None) -> str:
-    """A URI fit for a log: the values of v, v2 and token are replaced, the path is kept."""
-    if not uri:
-        return "-"
-    # File names may hold "&v=" (mod_http_file_share sends them raw): only the query counts.
-    path, mark, query = uri.partition(b"?")
-    return (path + _QUERY_PARAM.sub(_redact, mark + query)).decode("ascii", "backslashreplace")
 
 
 class HmacfsSite(server.Site):

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hmacd.auth import PROTOCOLS, pick_protocol
 from hmacd.download import Unsatisfiable, _etagMatches, _httpDate, parse_range
-from hmacd.web import censor
+from hmacd.logs import censor
 
 # A range the server must answer with 416.
 UNSATISFIABLE = Unsatisfiable

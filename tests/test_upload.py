@@ -161,6 +161,26 @@ class VerdictTests(SynchronousTestCase):
         self.server.clock.advance(0)
         self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
 
+    def test_refused_chunked_body_cut_off_past_limit(self):
+        """A refused chunked body is read and dropped up to the drain limit, then cut off."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(
+            request_head(
+                "PUT",
+                "/upload/a.txt?" + v_query("a.txt", 3),
+                None,
+                ("Transfer-Encoding: chunked",),
+            )
+        )
+        self.assertEqual(status(transport), http.LENGTH_REQUIRED)
+        self.assertFalse(transport.disconnecting)
+        piece = b"x" * 65536
+        for _ in range(DRAIN_LIMIT // len(piece) + 1):
+            channel.dataReceived(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.server.clock.advance(0)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
+
     def test_zero_length_refused(self):
         """An empty PUT with a bad MAC is refused (the channel delivers it at once)."""
         channel, transport = self.server.connect()
