@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.11",
-    packages=["hmacd", "hmacd.store", "twisted.plugins"],
+    packages=["hmacd", "twisted.plugins"],
     package_data={"twisted": ["plugins/hmacfs.py"]},
     install_requires=[
         # gotLength/handleContentChunk streaming relies on HTTPChannel internals
