@@ -102,33 +102,62 @@ def _httpDate(header: str) -> float | None:
 
 @implementer(IPullProducer)
 class _FileSender:
-    """Feeds C{length} bytes of an open file to a request as it drains."""
+    """
+    Feeds C{length} bytes of an open file to a request as it drains.
 
-    def __init__(self, request, f, offset: int, length: int) -> None:
+    The channel's idle timeout is off while a response is produced, so a
+    client that stops reading would hold its socket and file forever: a
+    deadline, renewed whenever the transport asks for more, cuts it off.
+    """
+
+    def __init__(self, request, f, offset: int, length: int, clock, stallTimeout: float) -> None:
         self.request = request
         self.file = f
         self.remaining = length
+        self.clock = clock
+        self.stallTimeout = stallTimeout
+        self._deadline = None
         f.seek(offset)
 
     def start(self) -> None:
+        self._renewDeadline()
         self.request.registerProducer(self, False)
+
+    def _renewDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(self.stallTimeout)
+        else:
+            self._deadline = self.clock.callLater(self.stallTimeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._deadline = None
+        if self.request is not None:
+            log.info("client stopped reading {path}; dropping it", path=self.request.path)
+            self.request.transport.abortConnection()
+
+    def _stop(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self.file.close()
+        self.request = None
 
     def resumeProducing(self) -> None:
         if self.request is None:
             return
         data = self.file.read(min(READ_SIZE, self.remaining)) if self.remaining else b""
         if not data:
-            self.file.close()
-            request, self.request = self.request, None
+            request = self.request
+            self._stop()
             request.unregisterProducer()
             request.finish()
             return
         self.remaining -= len(data)
+        self._renewDeadline()
         self.request.write(data)
 
     def stopProducing(self) -> None:
-        self.file.close()
-        self.request = None
+        self._stop()
 
 
 class StoreResource(Resource):
@@ -246,7 +275,8 @@ class StoreResource(Resource):
             f.close()
             request.finish()
             return
-        sender = _FileSender(request, f, offset, length)
+        stallTimeout = getattr(request.channel.site, "timeOut", None) or 60
+        sender = _FileSender(request, f, offset, length, self.fs.reactor, stallTimeout)
         request.notifyFinish().addErrback(lambda _: sender.stopProducing())
         sender.start()
 

@@ -5,6 +5,7 @@ LogLevel and LogFile, on top of twisted.logger.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
@@ -49,9 +50,19 @@ def censor(uri: bytes | None) -> str:
     return (path + _QUERY_PARAM.sub(_redact, mark + query)).decode("ascii", "backslashreplace")
 
 
-def _file_observer(path: str) -> ILogObserver:
+def _file_observer(path: str, rotateOnSignal: bool = False) -> ILogObserver:
     # No size-based rotation: rotating is logrotate's job.
-    return textFileLogObserver(LogFile.fromFullPath(path, rotateLength=None))
+    logFile = LogFile.fromFullPath(path, rotateLength=None)
+    if rotateOnSignal and not signal.getsignal(signal.SIGUSR1):
+        # What twistd does for its own log file: SIGUSR1 rotates it.  Left
+        # at its default, the signal would kill the daemon.
+        def rotate(signum, frame):
+            from twisted.internet import reactor
+
+            reactor.callFromThread(logFile.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return textFileLogObserver(logFile)
 
 
 def twistd_sink(logfile: str | None, nodaemon: bool) -> Callable[[], ILogObserver]:
@@ -63,15 +74,20 @@ def twistd_sink(logfile: str | None, nodaemon: bool) -> Callable[[], ILogObserve
     def make() -> ILogObserver:
         if logfile == "-" or (nodaemon and not logfile):
             return textFileLogObserver(sys.stdout)
-        return _file_observer(logfile or "twistd.log")
+        return _file_observer(logfile or "twistd.log", rotateOnSignal=True)
 
     return make
 
 
-def make_observer(level: str, log_file: str, default: Callable[[], ILogObserver]) -> ILogObserver:
+def make_observer(
+    level: str,
+    log_file: str,
+    default: Callable[[], ILogObserver],
+    rotateOnSignal: bool = False,
+) -> ILogObserver:
     """An observer that drops events below C{level} and writes the rest to
     C{log_file}, or to what C{default} makes when no file is configured."""
-    sink = _file_observer(log_file) if log_file else default()
+    sink = _file_observer(log_file, rotateOnSignal) if log_file else default()
     return FilteringLogObserver(sink, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
 
 
@@ -90,4 +106,4 @@ def for_twistd(level: str, log_file: str, default: Callable[[], ILogObserver]) -
 def twistd_observer() -> ILogObserver:
     if _for_twistd is None:
         raise RuntimeError("hmacd.logs.for_twistd() was not called")
-    return make_observer(*_for_twistd)
+    return make_observer(*_for_twistd, rotateOnSignal=True)

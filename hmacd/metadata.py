@@ -70,12 +70,12 @@ class SidecarStore:
         """The record for C{path}, or L{None} if there is none."""
         try:
             with open(self._file(path), encoding="utf-8") as f:
-                data = json.load(f)
+                record = FileRecord(**json.load(f))
         except FileNotFoundError:
             return succeed(None)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             return fail()
-        return succeed(FileRecord(**data))
+        return succeed(record)
 
     def delete(self, path: str) -> Deferred[None]:
         """Forget the record for C{path}; no error if there is none."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -18,7 +19,8 @@ from twisted.python import usage
 from hmacd import logs
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
-from hmacd.secret import SecretError, resolve_secret
+from hmacd.housekeeping import PartialSweep
+from hmacd.secret import SecretError, resolve_secret, secret_file
 from hmacd.web import HmacfsSite
 
 __all__ = ["Options", "build_service", "makeService"]
@@ -60,8 +62,17 @@ class Options(usage.Options):
         except (ValueError, TypeError, OSError) as e:
             raise usage.UsageError(f"{where}: ListenPort: {e}") from None
         config = dataclasses.replace(config, store_dir=os.path.abspath(config.store_dir))
+        parent = getattr(self, "parent", None)
+        runAs = _runAs(parent)
+        # What we create here as root must belong to the --uid twistd
+        # switches to before serving, or every upload fails.
+        created = []
+        state = os.path.join(config.store_dir, ".hmacfs")
+        hadState = os.path.isdir(state)
         try:
-            os.makedirs(config.store_dir, exist_ok=True)
+            if not os.path.isdir(config.store_dir):
+                os.makedirs(config.store_dir)
+                created.append(config.store_dir)
         except OSError as e:
             raise usage.UsageError(
                 f"{where}: StoreDir: cannot create {config.store_dir}: {e.strerror}"
@@ -72,6 +83,14 @@ class Options(usage.Options):
             )
         except SecretError as e:
             raise usage.UsageError(str(e)) from None
+        if not hadState and os.path.isdir(state):
+            created += [state, secret_file(config.store_dir)]
+        if config.log_file:
+            created += _checkLogFile(where, config.log_file)
+        elif parent is not None and parent.get("logfile") == "-" and not parent.get("nodaemon"):
+            raise usage.UsageError("a daemon cannot log to stdout: use -n or another --logfile")
+        if runAs is not None:
+            _handOver(where, created, config.store_dir, runAs)
         self.config = config
         self._takeOverLogging()
 
@@ -88,6 +107,51 @@ class Options(usage.Options):
         default = logs.twistd_sink(parent.get("logfile"), bool(parent.get("nodaemon")))
         config = self.config
         parent["logger"] = logs.for_twistd(config.log_level, config.log_file, default)
+
+
+def _runAs(parent) -> tuple[int, int] | None:
+    """The uid and gid twistd will switch to (--uid/--gid), if any."""
+    if parent is None or (parent.get("uid") is None and parent.get("gid") is None):
+        return None
+    uid = os.getuid() if parent.get("uid") is None else parent["uid"]
+    gid = parent.get("gid")
+    if gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    return uid, gid
+
+
+def _checkLogFile(where: str, logFile: str) -> list[str]:
+    """Open LogFile once now, so that a bad one is a usage error, not a traceback."""
+    existed = os.path.exists(logFile)
+    try:
+        with open(logFile, "a"):
+            pass
+    except OSError as e:
+        raise usage.UsageError(f"{where}: LogFile: cannot open {logFile}: {e.strerror}") from None
+    return [] if existed else [logFile]
+
+
+def _handOver(where: str, created: list[str], storeDir: str, runAs: tuple[int, int]) -> None:
+    uid, gid = runAs
+    if os.geteuid() == 0:
+        for path in created:
+            os.chown(path, uid, gid)
+    for directory in (storeDir, os.path.join(storeDir, ".hmacfs")):
+        if os.path.isdir(directory) and not _writableBy(directory, uid, gid):
+            raise usage.UsageError(
+                f"{where}: StoreDir: {directory} is not writable by uid {uid} (--uid)"
+            )
+
+
+def _writableBy(path: str, uid: int, gid: int) -> bool:
+    st = os.stat(path)
+    if uid == 0 or (st.st_uid == uid and st.st_mode & 0o200):
+        return True
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:
+        groups = [gid]
+    return bool(st.st_gid in groups and st.st_mode & 0o020) or bool(st.st_mode & 0o002)
 
 
 class _Announce(Service):
@@ -130,8 +194,12 @@ def build_service(
     listener = StreamServerEndpointService(
         serverFromString(reactor, config.listen_endpoint), HmacfsSite(fs)
     )
+    # A port that cannot be bound stops start-up (twistd exits non-zero)
+    # instead of leaving a process that serves nothing.
+    listener._raiseSynchronously = True
     listener.setName("http")
     listener.setServiceParent(top)
+    PartialSweep(fs).setServiceParent(top)
     return top
 
 

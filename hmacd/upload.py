@@ -60,6 +60,10 @@ MAX_OTHER_BODY = 64 * 1024
 DRAIN_LIMIT = 1 << 20
 
 _STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Temp files of uploads in progress: dot files (never served), recognisable
+# for the sweep of abandoned ones (hmacd.housekeeping).
+PART_PREFIX, PART_SUFFIX = ".hmacfs-", ".part"
+
 INSUFFICIENT_STORAGE = 507  # RFC 4918; twisted.web.http has no name for it
 
 log = Logger()
@@ -102,7 +106,11 @@ class _Upload:
         self.dest = store_path(fs.store_dir, relpath)
         if os.path.lexists(self.dest):
             raise Conflict()
-        self.temp = self._open()
+        try:
+            self.temp = self._open()
+        except BaseException:
+            self._pruneDirectories()  # a refused upload leaves the store as it was
+            raise
 
     def _open(self) -> str:
         for attempt in (1, 2):
@@ -112,7 +120,7 @@ class _Upload:
                 # on the way must not lead the temp file out of the store.
                 store_path(self.fs.store_dir, self.relpath)
                 temp = os.path.join(
-                    os.path.dirname(self.dest), f".hmacfs-{secrets.token_hex(8)}.part"
+                    os.path.dirname(self.dest), PART_PREFIX + secrets.token_hex(8) + PART_SUFFIX
                 )
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
                 fd = os.open(temp, flags, 0o644)
@@ -158,6 +166,10 @@ class _Upload:
             os.unlink(self.temp)
         except FileNotFoundError:
             pass
+        self._pruneDirectories()
+
+    def _pruneDirectories(self) -> None:
+        """Remove the directories this upload created, innermost first."""
         for d in reversed(self._created):
             try:
                 os.rmdir(d)
@@ -207,6 +219,12 @@ class _Upload:
             os.unlink(self.dest)
         except FileNotFoundError:
             pass
+        self._pruneDirectories()
+
+
+def _servable_type(content_type: str) -> bool:
+    """Whether a type can go back out verbatim as a Content-Type header."""
+    return content_type.isascii() and content_type.isprintable()
 
 
 def _header(request: http.Request, name: bytes) -> str | None:
@@ -280,7 +298,8 @@ class UploadRequest(server.Request):
             self._upload = None
             self._refused = True  # the rest of the body, if any, is dropped
             upload.discard()
-            self.channel.forceAbortClient()
+            self._logUnanswered(http.REQUEST_ENTITY_TOO_LARGE)
+            self.channel.transport.abortConnection()
             return
         try:
             upload.write(data)
@@ -342,7 +361,7 @@ class UploadRequest(server.Request):
         content_type = _header(self, b"content-type")
         if content_type is not None:
             content_type = content_type.strip()
-            if not content_type.isascii() or not content_type.isprintable():
+            if not _servable_type(content_type):
                 return self._refuse(http.BAD_REQUEST, "bad Content-Type", length)
             content_type = content_type or None
 
@@ -381,7 +400,11 @@ class UploadRequest(server.Request):
                     code, f"Content-Length {length} differs from the slot's {slot.filesize}", length
                 )
             protocol, size = "jwt", slot.filesize
+            # As Prosody's own mod_http_file_share: the type the slot was
+            # issued for is the one served.
             content_type = slot.filetype or content_type or guess_type(relpath)
+            if not _servable_type(content_type):
+                return self._refuse(http.BAD_REQUEST, "bad filetype in token", length)
             uploader, expires = slot.sub, slot.expires
 
         if fs.upload_max_size and size > fs.upload_max_size:
@@ -411,6 +434,8 @@ class UploadRequest(server.Request):
     def _respond(self, code: int, message: str, headers=()) -> None:
         """Answer a request whose body has been read in full."""
         if self._disconnected:
+            # Nobody to tell, but the outcome still belongs in the access log.
+            self._logUnanswered(code)
             return
         self._writeAnswer(code, message, headers)
         self.finish()
@@ -452,6 +477,12 @@ class UploadRequest(server.Request):
             # In gotLength: the channel checks `transport.disconnecting`
             # after the header block and reads no further.
             self.finish()
+
+    def _logUnanswered(self, code: int) -> None:
+        """Write the access-log line of a request that gets no response."""
+        self.setResponseCode(code)
+        site = self.site if self.site is not None else self.channel.site
+        site.log(self)
 
     def _storageError(self, error: OSError) -> tuple[int, str]:
         log.error("cannot store {path}: {error}", path=self.path, error=error)

@@ -40,6 +40,14 @@ class HmacfsSite(server.Site):
         super().__init__(StoreResource(fileServer), reactor=reactor or fileServer.reactor, **kwargs)
         self.fileServer = fileServer
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        HTTP/1.1 only, even where the h2 package would offer HTTP/2 over TLS:
+        the streaming upload needs all headers before gotLength, which the
+        HTTP/2 stream does not give.
+        """
+        return [b"http/1.1"]
+
     def log(self, request) -> None:
         """Combined log format, censored; bearer tokens are in no logged field."""
         referrer = request.getHeader(b"referer")

@@ -8,16 +8,19 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import pwd
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (
     ILogObserver,
     Logger,
@@ -36,6 +39,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from hmacd import logs, tap
 from hmacd.auth import sign_v
 from hmacd.config import Config
+from hmacd.housekeeping import PartialSweep
 from hmacd.secret import ENV_VAR, SecretError, resolve_secret, secret_file
 from hmacd.web import HmacfsSite
 
@@ -108,8 +112,8 @@ def _secret_config(tmp: str, **keys: str) -> str:
     return _write(os.path.join(tmp, "cfg.toml"), lines)
 
 
-class _MemoryReactorWithThreads(MemoryReactor):
-    """A MemoryReactor that also hands out a (never started) thread pool, as FileServer asks."""
+class _MemoryReactorWithThreads(MemoryReactorClock):
+    """A MemoryReactorClock that also hands out a (never started) thread pool."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -469,11 +473,13 @@ class BuildServiceTests(TestCase):
         return events
 
     def test_children(self) -> None:
-        """An announcing Service first, then the "http" endpoint service serving the config."""
+        """An announcing Service, the "http" endpoint service serving the config, the sweep."""
         top = self.build()
         children = list(top)
-        self.assertEqual(len(children), 2)
-        announce, listener = children
+        self.assertEqual(len(children), 3)
+        announce, listener, sweep = children
+        self.assertIsInstance(sweep, PartialSweep)
+        self.assertIs(sweep.fs, listener.factory.fileServer)
         self.assertIsInstance(announce, Service)
         self.assertNotIsInstance(announce, StreamServerEndpointService)
         self.assertIs(top.getServiceNamed("http"), listener)
@@ -638,6 +644,8 @@ class TwistdTests(TestCase):
     def test_embedded_defaults(self) -> None:
         """Without --config: ./uploads, a generated 0600 secret kept across restarts, :8080."""
         if _port_busy(8080):
+            if os.environ.get("HMACFS_REQUIRE_SERVICES"):
+                self.fail("port 8080 is busy: the embedded defaults cannot be tested")
             raise SkipTest("port 8080 busy")
         proc = self.spawn("-n", "hmacfs", output="first.out")
         self.waitListening(8080, proc)
@@ -705,6 +713,102 @@ class TwistdTests(TestCase):
         self.assertIn("BogusKey", output)
         self.assertFalse(_accepts(port))
         self.assertFalse(os.path.exists(os.path.join(self.cwd, "store")))
+
+    def test_port_in_use_exits_nonzero(self) -> None:
+        """A ListenPort that cannot be bound stops twistd with a non-zero exit."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen(1)
+            port = blocker.getsockname()[1]
+            proc = self.spawn("-n", "hmacfs", "--config", self.config(port))
+            self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", _read(self.output))
+
+    def test_unusable_log_file(self) -> None:
+        """A LogFile that cannot be opened is a one-line error naming LogFile, before listening."""
+        port = _free_port()
+        cfg = self.config(port, LogFile="/nonexistent/dir/hmacfs.log")
+        proc = self.spawn("-n", "hmacfs", "--config", cfg)
+        self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        output = _read(self.output)
+        self.assertIn("LogFile: cannot open /nonexistent/dir/hmacfs.log", output)
+        self.assertNotIn("Traceback", output)
+        self.assertFalse(_accepts(port))
+
+    def test_daemon_cannot_log_to_stdout(self) -> None:
+        """--logfile - without -n is refused, as plain twistd refuses it."""
+        proc = self.spawn("--logfile", "-", "hmacfs", "--config", self.config(_free_port()))
+        self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        self.assertIn("cannot log to stdout", _read(self.output))
+
+    def test_sigusr1_rotates_log_file(self) -> None:
+        """SIGUSR1 rotates LogFile, as twistd does for its own log, and the server lives on."""
+        port = _free_port()
+        proc = self.spawn("-n", "hmacfs", "--config", self.config(port, LogFile="hmacfs.log"))
+        self.waitListening(port, proc)
+        proc.send_signal(signal.SIGUSR1)
+        rotated = os.path.join(self.cwd, "hmacfs.log.1")
+        deadline = time.monotonic() + DEADLINE
+        while not os.path.exists(rotated):
+            if time.monotonic() > deadline:
+                self.fail(f"no {rotated} after SIGUSR1")
+            time.sleep(0.05)
+        self.putAndGet(port, self.secret())
+        self.terminate(proc)
+        self.assertIn("PUT /upload/tapdir", _read(os.path.join(self.cwd, "hmacfs.log")))
+
+    def test_uid_switch(self) -> None:
+        """With --uid/--gid, what start-up creates belongs to that user, and uploads work."""
+        if os.geteuid() != 0:
+            raise SkipTest("switching uid needs root")
+        nobody = pwd.getpwnam("nobody")
+        # A directory the unprivileged user can reach, whatever holds the checkout.
+        self.cwd = tempfile.mkdtemp(prefix="hmacfs-uid-")
+        os.chmod(self.cwd, 0o755)
+        self.addCleanup(shutil.rmtree, self.cwd, True)
+        port = _free_port()
+        cfg = self.config(port, LogFile="hmacfs.log")
+        pidfile = os.path.join(self.cwd, "tw.pid")
+        proc = self.spawn(
+            "--pidfile",
+            "tw.pid",
+            "--uid",
+            str(nobody.pw_uid),
+            "--gid",
+            str(nobody.pw_gid),
+            "hmacfs",
+            "--config",
+            cfg,
+        )
+        self.addCleanup(_kill_daemon, pidfile)
+        self.assertEqual(proc.wait(timeout=DEADLINE), 0, _read(self.output))
+        self.waitListening(port)
+        store = os.path.join(self.cwd, "store")
+        for path in (
+            store,
+            os.path.join(store, ".hmacfs"),
+            os.path.join(store, ".hmacfs", "secret"),
+        ):
+            self.assertEqual(os.stat(path).st_uid, nobody.pw_uid, path)
+        self.putAndGet(port, self.secret())
+        self.assertEqual(os.stat(os.path.join(store, "tapdir", "hello.txt")).st_uid, nobody.pw_uid)
+
+    def test_uid_without_write_access_refused(self) -> None:
+        """A StoreDir the --uid user cannot write is refused before start-up."""
+        if os.geteuid() != 0:
+            raise SkipTest("switching uid needs root")
+        os.makedirs(os.path.join(self.cwd, "store"))
+        os.chmod(os.path.join(self.cwd, "store"), 0o755)
+        proc = self.spawn(
+            "-n",
+            "--uid",
+            "nobody",
+            "hmacfs",
+            "--config",
+            self.config(_free_port()),
+        )
+        self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        self.assertIn("is not writable by uid", _read(self.output))
 
 
 def _kill_daemon(pidfile: str) -> None:

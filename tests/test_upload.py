@@ -294,11 +294,27 @@ class StreamingTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(store_files(self.root), [])
 
+    def test_temp_open_failure_leaves_no_directories(self):
+        """If the temp file cannot be opened, the directories made for it are removed again."""
+        realOpen = os.open
+
+        def noDescriptors(path, flags, *args):
+            if flags & os.O_EXCL:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return realOpen(path, flags, *args)
+
+        self.patch(os, "open", noDescriptors)
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("n/e/w.bin", 3, v_query("n/e/w.bin", 3)))
+        self.assertEqual(status(transport), http.INTERNAL_SERVER_ERROR)
+        self.assertEqual(store_files(self.root), [])
+        self.flushLoggedErrors()
+
     def test_record_failure_withdraws_file(self):
         """If the record cannot be written, the file is taken back and the client told 503."""
         self.patch(self.server.fs.metadata, "put", lambda record: fail(OSError("db down")))
         channel, transport = self.server.connect()
-        channel.dataReceived(put_head("m.txt", 3, v_query("m.txt", 3)) + b"abc")
+        channel.dataReceived(put_head("m/n.txt", 3, v_query("m/n.txt", 3)) + b"abc")
         self.assertEqual(status(transport), http.SERVICE_UNAVAILABLE)
         self.assertIn(b"Retry-After: 30", transport.value())
         self.assertEqual(store_files(self.root), [])

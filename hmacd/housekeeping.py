@@ -1,0 +1,89 @@
+"""
+Periodic work, as TimerServices whose steps catch and log their own errors
+(a step that raised would stop its loop for good).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.internet import TimerService
+from twisted.logger import Logger
+
+from hmacd.core import FileServer
+from hmacd.upload import PART_PREFIX, PART_SUFFIX
+
+__all__ = ["PartialSweep", "sweep_partials"]
+
+log = Logger()
+
+
+def sweep_partials(store_dir: str, older_than: float) -> list[str]:
+    """
+    Remove the temp files of uploads that can no longer finish.
+
+    A broken connection removes its own temp file; only a crash or a kill
+    leaves one behind.  Files modified at or after C{older_than} are left
+    alone: they may belong to an upload in progress.
+
+    @return: the removed files, relative to C{store_dir}.
+    """
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(store_dir):
+        if dirpath == store_dir and ".hmacfs" in dirnames:
+            dirnames.remove(".hmacfs")
+        for name in filenames:
+            if not (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                if os.lstat(path).st_mtime < older_than:
+                    os.unlink(path)
+                    removed.append(os.path.relpath(path, store_dir))
+            except FileNotFoundError:
+                pass  # finished or swept meanwhile
+    return removed
+
+
+class PartialSweep(TimerService):
+    """
+    Sweep abandoned temp files at start and every C{interval} seconds.
+
+    A live upload writes at least once per idle timeout of the site (or is
+    dropped), so a temp file untouched for C{maxAge} seconds, a multiple of
+    that timeout, is abandoned whichever process it came from.
+    """
+
+    def __init__(self, fs: FileServer, interval: float = 3600, maxAge: float = 600) -> None:
+        super().__init__(interval, self.sweep)
+        self.fs = fs
+        self.maxAge = maxAge
+        self.clock = fs.reactor
+
+    _sweeping = False
+
+    def sweep(self) -> None:
+        # Not returning the Deferred: TimerService would make stopService
+        # wait for a walk of a large store.  A sweep still running when the
+        # next is due is left to finish instead.
+        if self._sweeping:
+            return
+        self._sweeping = True
+        cutoff = self.fs.now() - self.maxAge
+        d = self.fs.blocking(lambda: sweep_partials(self.fs.store_dir, cutoff))
+
+        def report(removed: list[str]) -> None:
+            if removed:
+                log.info(
+                    "removed {count} abandoned upload temp files: {files}",
+                    count=len(removed),
+                    files=", ".join(removed[:10]),
+                )
+
+        def done(result):
+            self._sweeping = False
+            return result
+
+        d.addBoth(done)
+        d.addCallback(report)
+        d.addErrback(lambda f: log.failure("sweeping abandoned uploads failed", f))
