@@ -1,0 +1,56 @@
+"""
+File metadata stores: one interface, several databases.
+
+ - L{hmacd.store.sql.SQLStore}: embedded SQLite (the default), PostgreSQL
+   (psycopg2) or MySQL/MariaDB (pymysql), through twisted.enterprise.adbapi;
+ - L{hmacd.store.redis.RedisStore}: Redis through txredisapi;
+ - L{hmacd.store.failover.FailoverStore}: a primary and an optional
+   fallback behind timeouts and circuit breakers; what the server uses.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+from hmacd.metadata import FileRecord
+
+__all__ = ["FileRecord", "IMetadataStore", "StoreUnavailable"]
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (down, timed out, or refusing us)."""
+
+
+class IMetadataStore(Interface):
+    """
+    Where file records live.  Every method returns a Deferred; a store that
+    cannot answer fails it (any exception; L{StoreUnavailable} for a known
+    outage).  Paths are the decoded store paths (UTF-8 text, up to 2048
+    bytes); a record's path is its key.
+    """
+
+    name = Attribute("Short name for logs and metrics: sqlite, redis, postgres, mysql.")
+
+    def start():
+        """Connect and create the schema if needed (idempotent); fires None."""
+
+    def stop():
+        """Release connections; fires None."""
+
+    def put(record):
+        """Insert C{record}, replacing any record for the same path; fires None."""
+
+    def get(path):
+        """Fire the L{FileRecord} for C{path}, or None."""
+
+    def delete(path):
+        """Forget C{path} (and its expiry entry); no error if unknown; fires None."""
+
+    def expired(now, limit):
+        """Fire up to C{limit} records whose C{expires} is <= C{now}, soonest first."""
+
+    def records(limit):
+        """Fire up to C{limit} records, any order (the failover copy-back walks these)."""
+
+    def ping():
+        """A cheap round trip to the server; fires None or fails."""
