@@ -81,6 +81,7 @@ class Config:
     chunk_size: int = 1048576
     upload_max_size: int = 0
     max_bytes_per_second: int = 0
+    file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
     source: str | None = None
 
     @property
@@ -131,6 +132,7 @@ KEYS: dict[str, str] = {
     "ChunkSize": "chunk_size",
     "UploadMaxSize": "upload_max_size",
     "MaxBytesPerSecond": "max_bytes_per_second",
+    "FileTTL": "file_ttl",
 }
 
 _CANONICAL = {key.lower(): key for key in KEYS}
@@ -184,6 +186,32 @@ def parse_size(value: int | str) -> int:
     if "." in number and _BINARY_UNITS[unit] == 1:
         raise ValueError(f'not a size: {value!r} (a fraction of a byte needs a unit, e.g. "1.5GB")')
     return int(Fraction(number) * _BINARY_UNITS[unit])
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION_RE = re.compile(r"([0-9]+)\s*([smhdwy])", re.IGNORECASE)
+
+
+def parse_duration(value: int | str) -> int:
+    """Seconds from an int or a string like ``"7d"``, ``"12h"``, ``"1h30m"``, ``"1y"``.
+
+    The units are those of the Go HMAC File Server's FileTTL: s, m, h, d, w and y (365 days).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f'a duration must be seconds or a string like "7d", got {value!r}')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value}")
+        return value
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    parts = _DURATION_RE.findall(text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text):
+        raise ValueError(
+            f'not a duration: {value!r} (use seconds, or e.g. "30m", "12h", "7d", "1y")'
+        )
+    return sum(int(n) * _DURATION_UNITS[u.lower()] for n, u in parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +437,16 @@ def _size(minimum: int) -> Callable[[object], int]:
     return convert
 
 
+def _duration(value: object) -> int:
+    expected = 'a duration >= 0 (seconds, or a string like "12h", "7d", "1y")'
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _wrong_type(expected, value)
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise _Invalid(f"must be {expected}", value) from None
+
+
 def _address(value: object) -> str:
     # An int is a port: "ListenPort = 8080" is as natural as ":8080".
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -543,6 +581,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "ChunkSize": _size(1),
     "UploadMaxSize": _size(0),
     "MaxBytesPerSecond": _size(0),
+    "FileTTL": _duration,
 }
 
 

@@ -168,6 +168,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "ChunkSize",
                 "UploadMaxSize",
                 "MaxBytesPerSecond",
+                "FileTTL",
             ],
         )
         fields = [name for name in Config.__dataclass_fields__ if name != "source"]
@@ -874,3 +875,29 @@ class ParseSizeTests(SynchronousTestCase):
         suffix, multiple = unit
         text = f"{n}{space}{suffix.lower() if lower else suffix}"
         self.assertEqual(parse_size(text), n * multiple)
+
+
+class DurationTests(SynchronousTestCase):
+    def test_file_ttl_forms(self) -> None:
+        """FileTTL takes seconds or Go-style durations; 0 keeps files forever."""
+        for value, seconds in (
+            ("0", 0),
+            ("86400", 86400),
+            ('"45s"', 45),
+            ('"30m"', 1800),
+            ('"12h"', 43200),
+            ('"7d"', 604800),
+            ('"2w"', 1209600),
+            ('"1y"', 31536000),
+            ('"1h30m"', 5400),
+        ):
+            self.assertEqual(
+                parse_config(tomllib.loads(f"FileTTL = {value}"), "t.toml").file_ttl, seconds, value
+            )
+
+    def test_file_ttl_errors(self) -> None:
+        """A negative, unitless-fraction or unknown-unit FileTTL names the key."""
+        for value in ("-1", '"7 days"', '"1.5h"', '"h"', "true", '"7d garbage"'):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(tomllib.loads(f"FileTTL = {value}"), "t.toml")
+            self.assertIn("t.toml: FileTTL:", str(caught.exception), value)

@@ -1,0 +1,331 @@
+"""
+A primary store and an optional fallback, each behind a timeout and a
+circuit breaker.
+
+Stores can fail slowly (txredisapi with reconnect simply waits on a dead
+server; adbapi queries cannot be cancelled), so every call has a deadline,
+and the first failure opens the breaker: calls then go straight to the
+fallback without waiting, and a probe pings the broken store until it
+answers.  What was written to the fallback during the outage is copied to
+the primary when it is back, and removed from the fallback: the fallback
+holds exactly the records the primary still lacks, so a read that misses in
+the primary looks there.
+
+The upload path asks L{FailoverStore.writable} before it reads a body: when
+no store can take a record, the upload is refused with 503 up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    inlineCallbacks,
+    succeed,
+)
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+
+__all__ = ["Backend", "FailoverStore"]
+
+log = Logger()
+
+# Failures that mean "this store is not answering", as opposed to bugs.
+_OUTAGES = (StoreUnavailable, TimeoutError, CancelledError, ConnectionError)
+
+
+class Backend:
+    """
+    One store behind a deadline and a circuit breaker.
+
+    @ivar up: whether calls are passed to the store; False from the first
+        failed call until a probe succeeds.
+    """
+
+    def __init__(
+        self,
+        store: IMetadataStore,
+        role: str,
+        clock,
+        timeout: float,
+        probeInterval: float,
+        onUp: Callable[[], Any] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.role = role
+        self.clock = clock
+        self.timeout = timeout
+        self.probeInterval = probeInterval
+        self.onUp = onUp
+        self.up = False
+        self.transitions = 0
+        self._probe: LoopingCall | None = None
+        self._started = False
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+    def start(self) -> Deferred[None]:
+        """Start the store; a failure leaves it down (and probing), never raises."""
+        d = self._deadline(self.store.start())
+
+        def started(_):
+            self._started = True
+            self._markUp(initial=True)
+
+        def failed(failure: Failure):
+            log.error(
+                "{role} metadata store {name} unavailable at start: {why}; "
+                "running degraded until it answers",
+                role=self.role,
+                name=self.name,
+                why=_reason(failure),
+            )
+            self._markDown(failure, announce=False)
+
+        return d.addCallbacks(started, failed)
+
+    def stop(self) -> Deferred[None]:
+        self._stopped = True
+        self._stopProbe()
+        return self.store.stop()
+
+    def call(self, method: str, *args) -> Deferred:
+        """C{store.method(*args)}, failing fast with StoreUnavailable while down."""
+        if not self.up:
+            return fail(StoreUnavailable(f"{self.role} store {self.name} is down"))
+        try:
+            d = getattr(self.store, method)(*args)
+        except Exception:
+            d = fail()
+        d = self._deadline(d)
+
+        def failed(failure: Failure):
+            if failure.check(*_OUTAGES):
+                self._markDown(failure)
+                raise StoreUnavailable(f"{self.name}: {_reason(failure)}")
+            return failure
+
+        return d.addErrback(failed)
+
+    def _deadline(self, d: Deferred) -> Deferred:
+        return d.addTimeout(self.timeout, self.clock)
+
+    def _markDown(self, failure: Failure, announce: bool = True) -> None:
+        if self.up:
+            self.up = False
+            self.transitions += 1
+            if announce:
+                log.warn(
+                    "{role} metadata store {name} is down: {why}",
+                    role=self.role,
+                    name=self.name,
+                    why=_reason(failure),
+                )
+        if self._probe is None and not self._stopped:
+            self._probe = LoopingCall(self._ping)
+            self._probe.clock = self.clock
+            self._probe.start(self.probeInterval, now=False)
+
+    def _markUp(self, initial: bool = False) -> None:
+        self._stopProbe()
+        if not self.up:
+            self.up = True
+            if not initial:
+                self.transitions += 1
+                log.warn("{role} metadata store {name} is back", role=self.role, name=self.name)
+            self.onUp()
+
+    def _stopProbe(self) -> None:
+        if self._probe is not None:
+            if self._probe.running:
+                self._probe.stop()
+            self._probe = None
+
+    def _ping(self) -> Deferred:
+        # A store that failed at start has no connection or schema yet:
+        # start() it again (idempotent) rather than ping.
+        try:
+            attempt = self.store.ping() if self._started else self.store.start()
+        except Exception:
+            attempt = fail()
+        d = self._deadline(attempt)
+
+        def answered(_):
+            self._started = True
+            self._markUp()
+
+        d.addCallbacks(answered, lambda f: None)
+        return d
+
+
+def _reason(failure: Failure) -> str:
+    if failure.check(TimeoutError, CancelledError):
+        return "no answer in time"
+    return str(failure.value) or failure.type.__name__
+
+
+@implementer(IMetadataStore)
+class FailoverStore:
+    """
+    The store the server talks to: a primary, and optionally a fallback
+    that takes over while the primary is down.
+    """
+
+    def __init__(
+        self,
+        primary: IMetadataStore,
+        fallback: IMetadataStore | None = None,
+        clock=None,
+        timeout: float = 2.0,
+        probeInterval: float = 2.0,
+        copyBatch: int = 100,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.primary = Backend(primary, "primary", clock, timeout, probeInterval, self._copyBack)
+        self.fallback = (
+            Backend(fallback, "fallback", clock, timeout, probeInterval, self._copyBack)
+            if fallback is not None
+            else None
+        )
+        self.copyBatch = copyBatch
+        self.copiedBack = 0
+        self._copying = False
+
+    @property
+    def name(self) -> str:
+        if self.fallback is None:
+            return self.primary.name
+        return f"{self.primary.name}+{self.fallback.name}"
+
+    def backends(self) -> list[Backend]:
+        return [b for b in (self.primary, self.fallback) if b is not None]
+
+    def writable(self) -> bool:
+        """Whether some store would take a record now (no I/O: breaker state)."""
+        return any(b.up for b in self.backends())
+
+    def start(self) -> Deferred[None]:
+        """Start every store; one that fails is logged and left down, never fatal."""
+        return Deferred.fromCoroutine(self._startAll())
+
+    async def _startAll(self) -> None:
+        for backend in self.backends():
+            await backend.start()
+        if not self.writable():
+            log.error("no metadata store is available: uploads are refused with 503")
+
+    def stop(self) -> Deferred[None]:
+        d = succeed(None)
+        for backend in self.backends():
+            d.addCallback(lambda _, b=backend: b.stop())
+        return d
+
+    def _routes(self) -> list[Backend]:
+        return [b for b in self.backends() if b.up]
+
+    def _first(self, method: str, *args) -> Deferred:
+        """Call the first store that is up; on an outage, the next one."""
+        routes = self._routes()
+        if not routes:
+            return fail(StoreUnavailable("no metadata store is available"))
+
+        def attempt(index: int) -> Deferred:
+            d = routes[index].call(method, *args)
+            if index + 1 < len(routes):
+
+                def tryNext(failure: Failure) -> Deferred:
+                    failure.trap(StoreUnavailable)
+                    return attempt(index + 1)
+
+                d.addErrback(tryNext)
+            return d
+
+        return attempt(0)
+
+    def put(self, record: FileRecord) -> Deferred[None]:
+        return self._first("put", record)
+
+    def get(self, path: str) -> Deferred[FileRecord | None]:
+        d = self._first("get", path)
+        fallback = self.fallback
+        if fallback is not None and self.primary.up:
+            # Not copied back yet: the record may still be in the fallback.
+            def missing(found):
+                if found is None and fallback.up:
+                    return fallback.call("get", path)
+                return found
+
+            d.addCallback(missing)
+        return d
+
+    def delete(self, path: str) -> Deferred[None]:
+        """Delete from every store that is up; fails only if none took it."""
+        routes = self._routes()
+        if not routes:
+            return fail(StoreUnavailable("no metadata store is available"))
+        return Deferred.fromCoroutine(_anySucceeded([b.call("delete", path) for b in routes]))
+
+    def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
+        return self._first("expired", now, limit)
+
+    def records(self, limit: int) -> Deferred[list[FileRecord]]:
+        return self._first("records", limit)
+
+    def ping(self) -> Deferred[None]:
+        return self._first("ping")
+
+    def _copyBack(self) -> None:
+        """When both stores answer, move what the fallback holds into the primary."""
+        if self._copying or self.fallback is None:
+            return
+        if not (self.primary.up and self.fallback.up):
+            return
+        self._copying = True
+        d = self._copyAll()
+        d.addErrback(
+            lambda f: log.warn("copy-back to the primary interrupted: {why}", why=_reason(f))
+        )
+        d.addBoth(lambda _: setattr(self, "_copying", False))
+
+    @inlineCallbacks
+    def _copyAll(self):
+        copied = 0
+        while self.primary.up and self.fallback.up:
+            batch = yield self.fallback.call("records", self.copyBatch)
+            if not batch:
+                break
+            for record in batch:
+                yield self.primary.call("put", record)
+                yield self.fallback.call("delete", record.path)
+                copied += 1
+        self.copiedBack += copied
+        if copied:
+            log.info(
+                "copied {count} records written during the outage back to {name}",
+                count=copied,
+                name=self.primary.name,
+            )
+
+
+async def _anySucceeded(results: list[Deferred]) -> None:
+    errors = []
+    for d in results:
+        try:
+            await d
+        except StoreUnavailable as e:
+            errors.append(e)
+    if len(errors) == len(results):
+        raise errors[0]

@@ -1,0 +1,51 @@
+"""
+Records in a dict: for tests, and for embedding code that keeps metadata
+elsewhere.  Nothing survives a restart.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from hmacd.store import FileRecord, IMetadataStore
+
+__all__ = ["MemoryStore"]
+
+
+@implementer(IMetadataStore)
+class MemoryStore:
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._records: dict[str, FileRecord] = {}
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def put(self, record: FileRecord) -> Deferred[None]:
+        self._records[record.path] = record
+        return succeed(None)
+
+    def get(self, path: str) -> Deferred[FileRecord | None]:
+        return succeed(self._records.get(path))
+
+    def delete(self, path: str) -> Deferred[None]:
+        self._records.pop(path, None)
+        return succeed(None)
+
+    def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
+        due = sorted(
+            (r for r in self._records.values() if r.expires is not None and r.expires <= now),
+            key=lambda r: r.expires,
+        )
+        return succeed(due[:limit])
+
+    def records(self, limit: int) -> Deferred[list[FileRecord]]:
+        return succeed(list(self._records.values())[:limit])
+
+    def ping(self) -> Deferred[None]:
+        return succeed(None)

@@ -1,0 +1,189 @@
+"""
+FailoverStore logic with controllable stores and a Clock: timeouts, the
+circuit breaker, routing, copy-back, and one log line per transition.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from hmacd.store import StoreUnavailable
+from hmacd.store.failover import FailoverStore
+from hmacd.store.memory import MemoryStore
+from tests.store_contract import record
+
+
+class FlakyStore(MemoryStore):
+    """A MemoryStore that can be switched to failing ("down") or hanging ("hang")."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.mode = "ok"
+        self.calls: list[str] = []
+
+    def _guard(self, method, *args):
+        self.calls.append(method)
+        if self.mode == "down":
+            return fail(StoreUnavailable(f"{self.name} refused"))
+        if self.mode == "hang":
+            return Deferred()
+        return getattr(MemoryStore, method)(self, *args)
+
+    def start(self):
+        return self._guard("start")
+
+    def put(self, r):
+        return self._guard("put", r)
+
+    def get(self, path):
+        return self._guard("get", path)
+
+    def delete(self, path):
+        return self._guard("delete", path)
+
+    def expired(self, now, limit):
+        return self._guard("expired", now, limit)
+
+    def records(self, limit):
+        return self._guard("records", limit)
+
+    def ping(self):
+        return self._guard("ping")
+
+
+class FailoverTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.primary = FlakyStore("redis")
+        self.fallback = FlakyStore("postgres")
+        self.store = FailoverStore(
+            self.primary, self.fallback, clock=self.clock, timeout=2.0, probeInterval=5.0
+        )
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.successResultOf(self.store.start())
+
+    def warnings(self) -> list[str]:
+        return [
+            e["log_format"].split(" {")[0] + " " + e.get("role", "")
+            for e in self.events
+            if e.get("log_level") is not None and e["log_level"].name in ("warn", "error")
+        ]
+
+    def test_primary_serves_when_up(self):
+        """With both up, records go to and come from the primary only."""
+        self.successResultOf(self.store.put(record()))
+        self.assertEqual(self.successResultOf(self.store.get("a/b.txt")), record())
+        self.assertIn("a/b.txt", self.primary._records)
+        self.assertEqual(self.fallback._records, {})
+
+    def test_failed_primary_routes_to_fallback(self):
+        """A refused write lands in the fallback; the breaker then skips the primary."""
+        self.primary.mode = "down"
+        self.successResultOf(self.store.put(record()))
+        self.assertIn("a/b.txt", self.fallback._records)
+        self.assertFalse(self.store.primary.up)
+        self.assertTrue(self.store.writable())
+        calls = len(self.primary.calls)
+        self.successResultOf(self.store.put(record("c")))
+        self.assertEqual(len(self.primary.calls), calls, "breaker open: primary not asked")
+        self.assertEqual(self.successResultOf(self.store.get("c")), record("c"))
+
+    def test_hung_primary_times_out(self):
+        """A primary that never answers costs one timeout, then nothing."""
+        self.primary.mode = "hang"
+        d = self.store.put(record())
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        self.successResultOf(d)
+        self.assertIn("a/b.txt", self.fallback._records)
+        self.successResultOf(self.store.put(record("fast")))  # no timeout this time
+
+    def test_recovery_copies_back(self):
+        """When the primary answers its probe again, outage records move to it."""
+        self.primary.mode = "down"
+        for n in range(250):
+            self.successResultOf(self.store.put(record(f"o/{n}")))
+        self.primary.mode = "ok"
+        self.clock.advance(5.0)
+        self.assertTrue(self.store.primary.up)
+        self.assertEqual(len(self.primary._records), 250)
+        self.assertEqual(self.fallback._records, {})
+        self.assertEqual(self.store.copiedBack, 250)
+        self.assertEqual(self.successResultOf(self.store.get("o/7")), record("o/7"))
+
+    def test_read_finds_record_not_yet_copied(self):
+        """A record only the fallback has is found while the primary is up."""
+        self.fallback._records["late"] = record("late")
+        self.assertEqual(self.successResultOf(self.store.get("late")), record("late"))
+
+    def test_both_down(self):
+        """With no store up: not writable, and calls fail fast with StoreUnavailable."""
+        self.primary.mode = self.fallback.mode = "down"
+        self.failureResultOf(self.store.put(record()), StoreUnavailable)
+        self.assertFalse(self.store.writable())
+        self.failureResultOf(self.store.get("a/b.txt"), StoreUnavailable)
+        self.fallback.mode = "ok"
+        self.clock.advance(5.0)
+        self.assertTrue(self.store.writable())
+
+    def test_transitions_logged_once(self):
+        """An outage logs "down" once and "back" once, however many calls fail in between."""
+        self.primary.mode = "down"
+        for n in range(20):
+            self.successResultOf(self.store.put(record(f"x{n}")))
+        for _ in range(3):
+            self.clock.advance(5.0)
+        self.primary.mode = "ok"
+        self.clock.advance(5.0)
+        self.assertEqual(
+            self.warnings(),
+            ["{role} metadata store primary", "{role} metadata store primary"],
+        )
+        self.assertEqual(self.store.primary.transitions, 2)
+
+    def test_delete_reaches_both(self):
+        """Delete removes a record from each store that is up."""
+        self.primary._records["d"] = record("d")
+        self.fallback._records["d"] = record("d")
+        self.successResultOf(self.store.delete("d"))
+        self.assertEqual((self.primary._records, self.fallback._records), ({}, {}))
+
+    def test_expired_from_fallback_during_outage(self):
+        """While the primary is down, expiry is read from the fallback."""
+        self.primary.mode = "down"
+        self.successResultOf(self.store.put(record("e", expires=1.0)))
+        self.assertEqual(
+            [r.path for r in self.successResultOf(self.store.expired(2.0, 10))], ["e"]
+        )
+
+
+class StartTests(SynchronousTestCase):
+    def test_primary_down_at_start(self):
+        """A store that fails at start is logged, left down, and started again by the probe."""
+        clock = Clock()
+        primary = FlakyStore("redis")
+        primary.mode = "down"
+        store = FailoverStore(primary, None, clock=clock, probeInterval=5.0)
+        self.successResultOf(store.start())
+        self.assertFalse(store.writable())
+        primary.mode = "ok"
+        clock.advance(5.0)
+        self.assertTrue(store.writable())
+        self.assertEqual(primary.calls.count("start"), 2)
+        self.flushLoggedErrors()
+
+    def test_leftovers_copied_at_start(self):
+        """Records a previous outage left in the fallback are copied when both start."""
+        clock = Clock()
+        primary, fallback = FlakyStore("redis"), FlakyStore("postgres")
+        fallback._records["old"] = record("old")
+        store = FailoverStore(primary, fallback, clock=clock)
+        self.successResultOf(store.start())
+        self.assertEqual(list(primary._records), ["old"])
+        self.assertEqual(fallback._records, {})
