@@ -7,14 +7,13 @@ from __future__ import annotations
 import mimetypes
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from hmacd.auth import DEFAULT_CONTENT_TYPE
-from hmacd.metadata import SidecarStore
 
 __all__ = ["FileServer", "guess_type", "is_inline_type"]
 
@@ -47,7 +46,10 @@ class FileServer:
     Configuration, secret, store and clock of one hmacfs instance.
 
     @ivar store_dir: absolute path of C{StoreDir}.
+    @ivar metadata: the record store (a FailoverStore: its C{writable()} is
+        asked before an upload body is read).
     @ivar prefix: C{UploadSubDir} without slashes; C{""} serves from C{/}.
+    @ivar file_ttl: seconds an upload is kept (C{FileTTL}); 0 is forever.
     @ivar reactor: provides IReactorTime and IReactorThreads: timers and
         the thread pool that the request code uses.
     @ivar blocking: runs a blocking callable off the reactor thread and
@@ -60,16 +62,16 @@ class FileServer:
     secret: bytes
     store_dir: str
     reactor: Any
+    metadata: Any  # a hmacd.store.failover.FailoverStore
     prefix: str = "upload"
     upload_max_size: int = 0
     chunk_size: int = 1 << 20
     blocking: Callable[[Callable[[], Any]], Deferred] | None = None
     clock: Any = None
-    metadata: SidecarStore = field(init=False)
+    file_ttl: float = 0
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
-        self.metadata = SidecarStore(self.store_dir)
         if self.clock is None:
             self.clock = self.reactor
         if self.blocking is None:
@@ -78,6 +80,11 @@ class FileServer:
             self.blocking = lambda f: deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), f
             )
+
+    def expiry(self, claimed: float | None) -> float | None:
+        """When a file uploaded now may go: FileTTL or the slot's own claim, the sooner."""
+        limits = [t for t in (claimed, self.now() + self.file_ttl if self.file_ttl else None) if t]
+        return min(limits) if limits else None
 
     def now(self) -> float:
         """Wall-clock time for token expiry and records (a Clock in tests)."""

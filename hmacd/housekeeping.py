@@ -6,14 +6,17 @@ Periodic work, as TimerServices whose steps catch and log their own errors
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from hmacd.core import FileServer
+from hmacd.paths import PathRefused, store_path
 from hmacd.upload import PART_PREFIX, PART_SUFFIX
 
-__all__ = ["PartialSweep", "sweep_partials"]
+__all__ = ["ExpirySweep", "PartialSweep", "remove_stored", "sweep_partials"]
 
 log = Logger()
 
@@ -87,3 +90,78 @@ class PartialSweep(TimerService):
         d.addBoth(done)
         d.addCallback(report)
         d.addErrback(lambda f: log.failure("sweeping abandoned uploads failed", f))
+
+
+def remove_stored(store_dir: str, relpath: str) -> bool:
+    """
+    Delete the file a record names, and the directories it leaves empty.
+
+    @return: whether a file was there.
+    """
+    try:
+        path = store_path(store_dir, relpath)
+    except PathRefused:
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    directory = os.path.dirname(path)
+    root = os.path.realpath(store_dir)
+    while directory != root and directory.startswith(root + os.sep):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            break  # not empty
+        directory = os.path.dirname(directory)
+    return True
+
+
+class ExpirySweep(TimerService):
+    """
+    Delete files whose record says they have expired (FileTTL, or a JWT
+    slot's C{expires}), in bounded batches.
+
+    Only files named by an expired record are touched: a file without a
+    record is never deleted here.  The file goes first, then its record, so
+    an interrupted sweep leaves a record whose file is gone (found again by
+    the next sweep) rather than a file nothing will ever delete.
+    """
+
+    def __init__(
+        self, fs: FileServer, interval: float = 300, batch: int = 100, maxBatches: int = 10
+    ) -> None:
+        super().__init__(interval, self.sweep)
+        self.fs = fs
+        self.batch = batch
+        self.maxBatches = maxBatches
+        self.clock = fs.reactor
+        self.removed = 0
+        self._sweeping = False
+
+    def sweep(self) -> None:
+        # Fire and forget, as PartialSweep: a slow store must not hold up
+        # stopService, and an overdue sweep is skipped rather than doubled.
+        if self._sweeping:
+            return
+        self._sweeping = True
+        d = Deferred.fromCoroutine(self._sweep())
+        d.addErrback(lambda f: log.failure("expiry sweep failed", f))
+        d.addBoth(lambda _: setattr(self, "_sweeping", False))
+
+    async def _sweep(self) -> None:
+        if not self.fs.metadata.writable():
+            return  # starting, or every store down: the next sweep will do
+        now = self.fs.now()
+        removed = 0
+        for _ in range(self.maxBatches):
+            due = await self.fs.metadata.expired(now, self.batch)
+            for record in due:
+                await self.fs.blocking(partial(remove_stored, self.fs.store_dir, record.path))
+                await self.fs.metadata.delete(record.path)
+                removed += 1
+            if len(due) < self.batch:
+                break
+        if removed:
+            self.removed += removed
+            log.info("deleted {count} expired files", count=removed)

@@ -19,8 +19,9 @@ from twisted.python import usage
 from hmacd import logs
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
-from hmacd.housekeeping import PartialSweep
+from hmacd.housekeeping import ExpirySweep, PartialSweep
 from hmacd.secret import SecretError, resolve_secret, secret_file
+from hmacd.store.failover import FailoverStore
 from hmacd.web import HmacfsSite
 
 __all__ = ["Options", "build_service", "makeService"]
@@ -177,20 +178,70 @@ class _Announce(Service):
             log.warn("the secret is shorter than 16 bytes: MACs are only as strong as it")
 
 
+def build_metadata(config: Config, reactor) -> FailoverStore:
+    """
+    The metadata stores C{config} asks for: Redis (with the SQL database as
+    its fallback when FallbackEnabled), the SQL database alone, or, with
+    neither configured, the embedded SQLite under StoreDir/.hmacfs/.
+    """
+    from hmacd.store.redis import RedisStore
+    from hmacd.store.sql import SQLStore
+
+    fallback = None
+    if config.redis_addr:
+        primary = RedisStore.from_config(config, reactor=reactor)
+        if config.fallback_enabled:
+            fallback = SQLStore.from_config(config, reactor=reactor)
+    elif config.fallback_enabled:
+        primary = SQLStore.from_config(config, reactor=reactor)
+    else:
+        path = os.path.join(config.store_dir, ".hmacfs", "meta.sqlite3")
+        primary = SQLStore.sqlite(path, reactor=reactor)
+    return FailoverStore(primary, fallback, clock=reactor)
+
+
+class StoreService(Service):
+    """Starts the metadata stores with the server and closes them after it."""
+
+    name = "metadata"
+
+    def __init__(self, store: FailoverStore) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        # Not awaited: a store that is down at start is logged and probed
+        # (uploads get 503 meanwhile), it does not keep the server down.
+        self.store.start()
+
+    def stopService(self):
+        super().stopService()
+        return self.store.stop()
+
+
 def build_service(
-    config: Config, secret: bytes, reactor, secretOrigin: str = "the caller"
+    config: Config,
+    secret: bytes,
+    reactor,
+    secretOrigin: str = "the caller",
+    metadata: FailoverStore | None = None,
 ) -> IService:
     """The hmacfs services for C{config}, as one MultiService."""
+    if metadata is None:
+        metadata = build_metadata(config, reactor)
     fs = FileServer(
         secret=secret,
         store_dir=config.store_dir,
         reactor=reactor,
+        metadata=metadata,
         prefix=config.upload_subdir,
         upload_max_size=config.upload_max_size,
         chunk_size=config.chunk_size,
+        file_ttl=config.file_ttl,
     )
     top = MultiService()
     _Announce(config, secretOrigin, len(secret)).setServiceParent(top)
+    StoreService(metadata).setServiceParent(top)
     listener = StreamServerEndpointService(
         serverFromString(reactor, config.listen_endpoint), HmacfsSite(fs)
     )
@@ -200,6 +251,7 @@ def build_service(
     listener.setName("http")
     listener.setServiceParent(top)
     PartialSweep(fs).setServiceParent(top)
+    ExpirySweep(fs).setServiceParent(top)
     return top
 
 

@@ -64,7 +64,10 @@ _STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
 # for the sweep of abandoned ones (hmacd.housekeeping).
 PART_PREFIX, PART_SUFFIX = ".hmacfs-", ".part"
 
-INSUFFICIENT_STORAGE = 507  # RFC 4918; twisted.web.http has no name for it
+INSUFFICIENT_STORAGE = 507
+# A store outage is noticed and routed around within seconds (see
+# hmacd.store.failover); a client retrying after this finds it settled.
+RETRY_AFTER = b"30"  # RFC 4918; twisted.web.http has no name for it
 
 log = Logger()
 
@@ -411,8 +414,19 @@ class UploadRequest(server.Request):
             return self._refuse(
                 http.REQUEST_ENTITY_TOO_LARGE, f"larger than {fs.upload_max_size} bytes", length
             )
+        if not fs.metadata.writable():
+            # No store could record the file: say so before the client
+            # spends its bandwidth on a body we would have to throw away.
+            return self._refuse(
+                http.SERVICE_UNAVAILABLE,
+                "metadata store unavailable",
+                length,
+                [(b"Retry-After", RETRY_AFTER)],
+            )
         try:
-            self._upload = _Upload(fs, relpath, size, content_type, protocol, uploader, expires)
+            self._upload = _Upload(
+                fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
+            )
         except Conflict:
             return self._refuse(http.CONFLICT, "file exists", length)
         except PathRefused as e:
@@ -520,7 +534,9 @@ class UploadRequest(server.Request):
             log.failure("cannot record {path}; upload withdrawn", failure, path=record.path)
             upload.unpublish()
             raise _Answered(
-                http.SERVICE_UNAVAILABLE, "metadata store unavailable", [(b"Retry-After", b"30")]
+                http.SERVICE_UNAVAILABLE,
+                "metadata store unavailable",
+                [(b"Retry-After", RETRY_AFTER)],
             )
 
         return d.addCallbacks(published, unrecorded)

@@ -65,7 +65,7 @@ class StoreContract:
         paths = [
             "x/hällo wörld 日本.png",
             "x/a+b=c&d%e.bin",
-            "x/it's \"quoted\"; DROP TABLE files; --.txt",
+            'x/it\'s "quoted"; DROP TABLE files; --.txt',
             "/".join(["é" * 100] * 10)[:1000],
             "x/" + "a" * 2046,
         ]

@@ -13,6 +13,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from hmacd import auth
 from hmacd.core import FileServer
+from hmacd.store.failover import FailoverStore
+from hmacd.store.memory import MemoryStore
 from hmacd.web import HmacfsSite
 
 SECRET = b"test-secret-\xc3\xa9t\xc3\xa9"
@@ -25,6 +27,13 @@ def load_vectors() -> dict:
     """The real XMPP slots; a missing file is an error, not a skip."""
     with open(VECTORS_FILE, encoding="utf-8") as f:
         return json.load(f)
+
+
+def memory_metadata(clock) -> FailoverStore:
+    """A started FailoverStore over a MemoryStore (starting it is synchronous)."""
+    store = FailoverStore(MemoryStore(), clock=clock)
+    store.start()
+    return store
 
 
 def synchronous(f):
@@ -63,6 +72,7 @@ class MemoryServer:
         os.makedirs(store_dir, exist_ok=True)
         self.clock = MemoryReactorClock()
         kwargs.setdefault("secret", SECRET)
+        kwargs.setdefault("metadata", memory_metadata(self.clock))
         self.fs = FileServer(
             store_dir=store_dir, reactor=self.clock, blocking=synchronous, **kwargs
         )
@@ -90,6 +100,7 @@ class LoopbackServer:
         self.root = testCase.mktemp()
         os.makedirs(self.root)
         kwargs.setdefault("secret", SECRET)
+        kwargs.setdefault("metadata", memory_metadata(reactor))
         self.fs = FileServer(store_dir=self.root, reactor=reactor, **kwargs)
         self.site = HmacfsSite(self.fs)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")

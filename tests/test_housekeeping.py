@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacd.core import FileServer
-from hmacd.housekeeping import PartialSweep, sweep_partials
-from tests.support import SECRET, store_files, synchronous
+from hmacd.housekeeping import ExpirySweep, PartialSweep, sweep_partials
+from tests.store_contract import record
+from tests.support import SECRET, memory_metadata, store_files, synchronous
 
 NOW = 1_800_000_000
 
@@ -53,7 +55,13 @@ class SweepTests(SynchronousTestCase):
         """The service sweeps when started and again after each interval."""
         clock = Clock()
         clock.advance(NOW)
-        fs = FileServer(secret=SECRET, store_dir=self.root, reactor=clock, blocking=synchronous)
+        fs = FileServer(
+            secret=SECRET,
+            store_dir=self.root,
+            reactor=clock,
+            metadata=memory_metadata(clock),
+            blocking=synchronous,
+        )
         service = PartialSweep(fs, interval=3600, maxAge=600)
         service.startService()
         self.addCleanup(service.stopService)
@@ -66,7 +74,13 @@ class SweepTests(SynchronousTestCase):
         """A sweep that fails is logged and the next one still runs."""
         clock = Clock()
         clock.advance(NOW)
-        fs = FileServer(secret=SECRET, store_dir=self.root, reactor=clock, blocking=synchronous)
+        fs = FileServer(
+            secret=SECRET,
+            store_dir=self.root,
+            reactor=clock,
+            metadata=memory_metadata(clock),
+            blocking=synchronous,
+        )
         calls = []
 
         def failing(store_dir, older_than):
@@ -80,3 +94,86 @@ class SweepTests(SynchronousTestCase):
         clock.advance(3600)
         self.assertEqual(calls, [NOW - 600, NOW + 3600 - 600])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+
+
+class ExpiryTests(SynchronousTestCase):
+    """Expired files and records go; nothing without an expired record is touched."""
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.fs = FileServer(
+            secret=SECRET,
+            store_dir=self.root,
+            reactor=self.clock,
+            metadata=memory_metadata(self.clock),
+            blocking=synchronous,
+        )
+
+    def stored(self, relpath: str, expires: float | None) -> None:
+        touch(self.root, relpath, NOW)
+        self.successResultOf(self.fs.metadata.put(record(relpath, expires=expires)))
+
+    def test_sweep(self):
+        """Due files and their records are deleted, empty directories pruned, the rest kept."""
+        self.stored("slot1/old.jpg", NOW - 1)
+        self.stored("slot2/new.jpg", NOW + 3600)
+        self.stored("slot3/forever.jpg", None)
+        touch(self.root, "manual/no-record.txt", NOW - 10**6)
+        self.successResultOf(self.fs.metadata.put(record("gone/missing.jpg", expires=NOW - 5)))
+        sweep = ExpirySweep(self.fs)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.assertEqual(
+            store_files(self.root),
+            [
+                "manual",
+                "manual/no-record.txt",
+                "slot2",
+                "slot2/new.jpg",
+                "slot3",
+                "slot3/forever.jpg",
+            ],
+        )
+        self.assertIsNone(self.successResultOf(self.fs.metadata.get("slot1/old.jpg")))
+        self.assertIsNone(self.successResultOf(self.fs.metadata.get("gone/missing.jpg")))
+        self.assertEqual(sweep.removed, 2)
+        self.clock.advance(3600)
+        self.clock.advance(300)
+        self.assertNotIn("slot2/new.jpg", store_files(self.root))
+
+    def test_bounded_batches(self):
+        """One sweep handles at most batch * maxBatches records; the next takes the rest."""
+        for n in range(25):
+            self.stored(f"b/{n}.bin", NOW - 100 + n)
+        sweep = ExpirySweep(self.fs, interval=300, batch=10, maxBatches=2)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.assertEqual(sweep.removed, 20)
+        self.clock.advance(300)
+        self.assertEqual(sweep.removed, 25)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_store_down_keeps_the_loop(self):
+        """A sweep that meets a store outage logs it and the next one runs."""
+        self.stored("x/y.bin", NOW - 1)
+        self.patch(self.fs.metadata, "expired", lambda now, limit: fail(OSError("store gone")))
+        sweep = ExpirySweep(self.fs)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        del self.fs.metadata.expired
+        self.clock.advance(300)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_upload_gets_file_ttl(self):
+        """FileTTL gives a record now + TTL; a sooner JWT expiry claim wins."""
+        self.fs.file_ttl = 7 * 86400
+        self.assertEqual(self.fs.expiry(None), NOW + 7 * 86400)
+        self.assertEqual(self.fs.expiry(NOW + 60), NOW + 60)
+        self.assertEqual(self.fs.expiry(NOW + 10**9), NOW + 7 * 86400)
+        self.fs.file_ttl = 0
+        self.assertIsNone(self.fs.expiry(None))
+        self.assertEqual(self.fs.expiry(NOW + 60), NOW + 60)

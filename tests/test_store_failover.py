@@ -158,9 +158,7 @@ class FailoverTests(SynchronousTestCase):
         """While the primary is down, expiry is read from the fallback."""
         self.primary.mode = "down"
         self.successResultOf(self.store.put(record("e", expires=1.0)))
-        self.assertEqual(
-            [r.path for r in self.successResultOf(self.store.expired(2.0, 10))], ["e"]
-        )
+        self.assertEqual([r.path for r in self.successResultOf(self.store.expired(2.0, 10))], ["e"])
 
 
 class StartTests(SynchronousTestCase):

@@ -39,9 +39,10 @@ from twisted.trial.unittest import SkipTest, TestCase
 from hmacd import logs, tap
 from hmacd.auth import sign_v
 from hmacd.config import Config
-from hmacd.housekeeping import PartialSweep
+from hmacd.housekeeping import ExpirySweep, PartialSweep
 from hmacd.secret import ENV_VAR, SecretError, resolve_secret, secret_file
 from hmacd.web import HmacfsSite
+from tests.support import memory_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -457,8 +458,13 @@ class BuildServiceTests(TestCase):
         self.reactor = _MemoryReactorWithThreads()
 
     def build(self, secret: bytes | None = None) -> MultiService:
+        self.metadata = memory_metadata(self.reactor)
         top = tap.build_service(
-            self.config, secret or self.secret, self.reactor, "/etc/hmacfs/secret-origin"
+            self.config,
+            secret or self.secret,
+            self.reactor,
+            "/etc/hmacfs/secret-origin",
+            metadata=self.metadata,
         )
         self.assertIsInstance(top, MultiService)
         return top
@@ -473,13 +479,18 @@ class BuildServiceTests(TestCase):
         return events
 
     def test_children(self) -> None:
-        """An announcing Service, the "http" endpoint service serving the config, the sweep."""
+        """Announce, the metadata stores, the "http" endpoint service, then the two sweeps."""
         top = self.build()
         children = list(top)
-        self.assertEqual(len(children), 3)
-        announce, listener, sweep = children
-        self.assertIsInstance(sweep, PartialSweep)
-        self.assertIs(sweep.fs, listener.factory.fileServer)
+        self.assertEqual(len(children), 5)
+        announce, stores, listener, partials, expiry = children
+        self.assertIsInstance(stores, tap.StoreService)
+        self.assertIs(stores.store, self.metadata)
+        self.assertIs(listener.factory.fileServer.metadata, self.metadata)
+        self.assertIsInstance(partials, PartialSweep)
+        self.assertIsInstance(expiry, ExpirySweep)
+        self.assertIs(partials.fs, listener.factory.fileServer)
+        self.assertIs(expiry.fs, listener.factory.fileServer)
         self.assertIsInstance(announce, Service)
         self.assertNotIsInstance(announce, StreamServerEndpointService)
         self.assertIs(top.getServiceNamed("http"), listener)

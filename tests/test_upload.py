@@ -17,8 +17,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
+from hmacd.store.failover import FailoverStore
 from hmacd.upload import DRAIN_LIMIT, INSUFFICIENT_STORAGE, UploadRequest, _Upload
 from tests.support import SECRET, MemoryServer, store_files, v2_query, v_query
+from tests.test_store_failover import FlakyStore
 
 
 def request_head(
@@ -91,6 +93,18 @@ class VerdictTests(SynchronousTestCase):
         self.assertNotIn(b"100 Continue", transport.value())
         with open(os.path.join(self.root, "a", "b.txt"), "rb") as f:
             self.assertEqual(f.read(), b"original")
+
+    def test_no_store_503_before_body(self):
+        """With no metadata store up, a valid upload gets 503 + Retry-After before its body."""
+        down = FlakyStore("redis")
+        down.mode = "down"
+        store = FailoverStore(down, clock=self.server.clock)
+        store.start()
+        self.flushLoggedErrors()
+        self.server.fs.metadata = store
+        head = put_head("a/b.txt", 10, v_query("a/b.txt", 10), ("Expect: 100-continue",))
+        value = self.refused(head, http.SERVICE_UNAVAILABLE)
+        self.assertIn(b"Retry-After: 30", value)
 
     def test_bad_path_refused(self):
         """A dot segment is refused with 400 even when correctly signed."""
@@ -237,6 +251,16 @@ class StreamingTests(SynchronousTestCase):
                 "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
             ),
         )
+
+    def test_record_carries_file_ttl(self):
+        """With FileTTL set, the record expires TTL seconds after the upload."""
+        self.server.clock.advance(1000)
+        self.server.fs.file_ttl = 3600
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("t.bin", 1, v_query("t.bin", 1)) + b"x")
+        self.assertEqual(status(transport), http.CREATED)
+        record = self.successResultOf(self.server.fs.metadata.get("t.bin"))
+        self.assertEqual(record.expires, 1000 + 3600)
 
     def test_disconnect_leaves_nothing(self):
         """A client lost mid-body leaves no file and no new directory behind."""

@@ -1,0 +1,521 @@
+"""
+File records in Redis, through txredisapi.
+
+Layout, every key under one prefix (C{hmacfs:} by default):
+
+ - C{<prefix>file:<path>}: a hash per file with string fields C{size},
+   C{content_type}, C{sha256}, C{created}, C{protocol}, and C{uploader} and
+   C{expires} only when set; floats are stored as C{repr()} so they come
+   back bit for bit;
+ - C{<prefix>expiry}: a sorted set of the paths that expire, scored by
+   C{expires}, for the sweep;
+ - C{<prefix>files}: a set of every path, for L{RedisStore.records}.
+
+Every write is one Lua script, so the three never disagree, and a deadline
+cannot strand a half-sent MULTI on a pooled connection.  The scripts that
+read several files build the hash keys from the prefix, which is fine on one
+server and would not be on a Redis Cluster (not supported).
+
+txredisapi with reconnect=True never fails a command while it has no
+connection: the command waits, for ever if the server is dead or hung.  So
+every call here has a deadline, and an outage is always L{StoreUnavailable}
+with a one-line reason.  Its pool also gives up reconnecting for good when
+AUTH or SELECT fails on a new connection, even for a transient reason such as
+the connection dropping mid-handshake (txredisapi issue #146): we therefore
+give it neither a password nor a database and do both ourselves in
+L{_StoreProtocol.connectionMade}, where a failure drops that one connection
+and the pool tries again with its usual backoff.
+
+txredisapi imports the global reactor (for its reconnect timers); that import
+stays behind this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+
+__all__ = ["RedisStore", "parse_redis_addr"]
+
+log = Logger()
+
+# Non-blocking commands all run on whichever pooled connection is up; a
+# second one is a spare for when the first drops.
+_POOL_SIZE = 2
+
+# KEYS: file hash, expiry zset, files set.  ARGV: path, expires or "",
+# then field/value pairs.
+_PUT = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if ARGV[2] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+end
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: file hash, expiry zset, files set.  ARGV: path.
+_DELETE = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: expiry zset, files set.  ARGV: file key prefix, now, limit.
+# Returns path, fields, path, fields...  An entry whose hash has vanished
+# (evicted, or deleted by hand) is dropped on the way.
+_EXPIRED = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+local found = {}
+for _, path in ipairs(due) do
+  local fields = redis.call('HGETALL', ARGV[1] .. path)
+  if #fields == 0 then
+    redis.call('ZREM', KEYS[1], path)
+    redis.call('SREM', KEYS[2], path)
+  else
+    found[#found + 1] = path
+    found[#found + 1] = fields
+  end
+end
+return found
+"""
+
+# KEYS: files set.  ARGV: file key prefix, limit.  Read-only: SRANDMEMBER is
+# not deterministic, and old servers refuse writes after it in a script.
+_RECORDS = """
+local paths = redis.call('SRANDMEMBER', KEYS[1], ARGV[2])
+local found = {}
+for _, path in ipairs(paths) do
+  local fields = redis.call('HGETALL', ARGV[1] .. path)
+  if #fields > 0 then
+    found[#found + 1] = path
+    found[#found + 1] = fields
+  end
+end
+return found
+"""
+
+
+def parse_redis_addr(addr: str) -> tuple[str, int]:
+    """C{"host:port"} or C{"[::1]:port"} (the RedisAddr forms) as (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'not a Redis address like "host:6379" or "[::1]:6379": {addr!r}')
+    return host, int(port)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "no reason given"
+
+
+def _connect_failure(exc: BaseException, connect_timeout: float) -> str:
+    """Why a TCP connection attempt failed, for people."""
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, error.TimeoutError):
+        return f"no connection within {connect_timeout:g} s"
+    if isinstance(exc, error.DNSLookupError):
+        return "cannot resolve the host name"
+    return "cannot connect: " + _one_line(exc.args[0] if exc.args else type(exc).__name__)
+
+
+def _handshake_failure(store: RedisStore, step: str, e: Exception) -> str:
+    """Why AUTH or SELECT failed on a new connection, for people."""
+    if isinstance(e, defer.TimeoutError):
+        return f"no answer to {step} within {store.connect_timeout:g} s"
+    if isinstance(e, txredisapi.ConnectionError):
+        return f"connection lost during {step}"
+    message = _one_line(e.args[0] if e.args else type(e).__name__)
+    if step == "AUTH":
+        return f"authentication failed: {message}"
+    return f"cannot use database {store.dbid}: {message}"
+
+
+def _record(path: bytes, flat: list[bytes]) -> FileRecord:
+    fields = {
+        name.decode("utf-8"): value.decode("utf-8")
+        for name, value in zip(flat[::2], flat[1::2], strict=True)
+    }
+    expires = fields.get("expires")
+    return FileRecord(
+        path=path.decode("utf-8"),
+        size=int(fields["size"]),
+        content_type=fields["content_type"],
+        sha256=fields["sha256"],
+        created=float(fields["created"]),
+        protocol=fields["protocol"],
+        uploader=fields.get("uploader"),
+        expires=None if expires is None else float(expires),
+    )
+
+
+def _records(reply: list[Any]) -> list[FileRecord]:
+    return [_record(path, flat) for path, flat in zip(reply[::2], reply[1::2], strict=True)]
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """An endpoint that tells the store why a connection attempt failed."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, report: Callable[[Failure], None]):
+        self._endpoint = endpoint
+        self._report = report
+
+    def connect(self, protocolFactory):
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(defer.CancelledError):
+                self._report(failure)
+            return failure
+
+        return self._endpoint.connect(protocolFactory).addErrback(failed)
+
+
+class _StoreProtocol(txredisapi.RedisProtocol):
+    """
+    A connection that authenticates and selects its database itself.
+
+    The factory gives txredisapi no password and no dbid, so the base class
+    only marks the connection ready; a failed handshake drops this connection
+    instead of stopping the whole pool (txredisapi #146).
+    """
+
+    factory: _StoreFactory
+
+    def connectionMade(self) -> Deferred[None]:
+        return self._handshake()
+
+    @inlineCallbacks
+    def _handshake(self):
+        store = self.factory.store
+        step = "AUTH"
+        try:
+            if store.password is not None:
+                yield self._deadline(self.auth(store.password), store)
+            if store.dbid:
+                step = "SELECT"
+                yield self._deadline(self.select(store.dbid), store)
+        except Exception as e:
+            self.factory.handshakeFailed(_handshake_failure(store, step, e))
+            self.transport.abortConnection()
+            return
+        # With no password and no dbid, this only marks the connection ready.
+        yield super().connectionMade()
+        self.factory.handshakeDone()
+
+    @staticmethod
+    def _deadline(d: Deferred, store: RedisStore) -> Deferred:
+        # A hung server accepts connections (the kernel does) but never
+        # answers: drop such a connection and let the pool try again.
+        return d.addTimeout(store.connect_timeout, store.reactor)
+
+    def connectionLost(self, why=None):
+        super().connectionLost(why)
+        self.factory.lost()
+
+
+class _StoreFactory(txredisapi.RedisFactory):
+    """txredisapi's lazy pool, with our protocol and our reports to the store."""
+
+    protocol = _StoreProtocol
+
+    def __init__(self, store: RedisStore) -> None:
+        # charset=None and convertNumbers=False: replies stay bytes, so a
+        # content type or uploader that looks like a number stays a string.
+        super().__init__(
+            store.where,
+            None,
+            _POOL_SIZE,
+            isLazy=True,
+            charset=None,
+            password=None,
+            convertNumbers=False,
+        )
+        self.store = store
+
+    def handshakeFailed(self, reason: str) -> None:
+        self.store._connectionFailed(self, reason)
+
+    def handshakeDone(self) -> None:
+        self.store._connectionReady(self)
+
+    def lost(self) -> None:
+        self.store._connectionLost(self)
+
+
+@implementer(IMetadataStore)
+class RedisStore:
+    """
+    File records in Redis (see the module docstring for the keys).
+
+    Every call fails with L{StoreUnavailable} after C{timeout} seconds without
+    an answer, or at once on a lost connection or an error reply.  A store
+    whose start() failed keeps trying to connect in the background: calling
+    start() again (or ping()) tells when the server is back; stop() ends it.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str | None = None,
+        dbid: int = 0,
+        reactor: Any = None,
+        prefix: str = "hmacfs:",
+        timeout: float = 2.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self.host = host
+        self.port = port
+        self.password = password or None
+        self.dbid = dbid or 0
+        self.reactor = reactor
+        self.prefix = prefix
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raw = prefix.encode("utf-8")
+        self._filePrefix = raw + b"file:"
+        self._expiryKey = raw + b"expiry"
+        self._filesKey = raw + b"files"
+        self._factory: _StoreFactory | None = None
+        self._waiting: list[Deferred[None]] = []
+        self._lastError: str | None = None
+        self._up = False
+
+    @classmethod
+    def from_config(cls, config: Any, reactor: Any = None) -> RedisStore:
+        """The store for C{RedisAddr}, C{RedisPassword} and C{RedisDB}."""
+        host, port = parse_redis_addr(config.redis_addr)
+        return cls(
+            host,
+            port,
+            password=config.redis_password or None,
+            dbid=config.redis_db,
+            reactor=reactor,
+        )
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.where} db {self.dbid} prefix {self.prefix!r}>"
+
+    # -- connection --------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """
+        Connect and PING, within C{connect_timeout + timeout} seconds; a
+        refused connection or a rejected password fails at once.
+        """
+        if self._factory is None:
+            factory = self._factory = _StoreFactory(self)
+            endpoint = HostnameEndpoint(
+                self.reactor, self.host, self.port, timeout=self.connect_timeout
+            )
+            factory.startConnecting(
+                _ReportingEndpoint(
+                    endpoint,
+                    lambda f: self._connectionFailed(
+                        factory, _connect_failure(f.value, self.connect_timeout)
+                    ),
+                )
+            )
+        d = self._whenConnected()
+        d.addCallback(lambda _: self.ping())
+        d.addTimeout(self.connect_timeout + self.timeout, self.reactor)
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(defer.TimeoutError):
+                raise StoreUnavailable(
+                    self._scrub(
+                        f"redis {self.where}: no connection within "
+                        f"{self.connect_timeout + self.timeout:g} s{self._why()}"
+                    )
+                )
+            return failure
+
+        return d.addErrback(failed)
+
+    def stop(self) -> Deferred[None]:
+        """Close the connections and stop reconnecting; fine if never started."""
+        factory, self._factory = self._factory, None
+        self._up = False
+        self._fireWaiting(StoreUnavailable(f"redis {self.where}: stopped"))
+        if factory is None:
+            return succeed(None)
+        d = factory.disconnect()
+        d.addTimeout(self.timeout, self.reactor)
+
+        def abandon(failure: Failure) -> None:
+            # A connection that will not close politely is cut.
+            for conn in list(factory.pool):
+                conn.transport.abortConnection()
+            log.warn(
+                "redis {where}: connections did not close: {why}",
+                where=self.where,
+                why=failure.getErrorMessage(),
+            )
+
+        return d.addCallbacks(lambda _: None, abandon)
+
+    def _whenConnected(self) -> Deferred[None]:
+        """Fires once a connection is ready, fails at the next failed attempt."""
+        factory = self._factory
+        if factory is not None and factory.size > 0:
+            return succeed(None)
+
+        def cancel(d: Deferred[None]) -> None:
+            if d in self._waiting:
+                self._waiting.remove(d)
+
+        d: Deferred[None] = Deferred(cancel)
+        self._waiting.append(d)
+        return d
+
+    def _fireWaiting(self, result: Exception | None) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if result is None:
+                d.callback(None)
+            else:
+                d.errback(result)
+
+    def _connectionReady(self, factory: _StoreFactory) -> None:
+        if factory is not self._factory:
+            return
+        self._lastError = None
+        if not self._up:
+            self._up = True
+            log.info("redis {where}: connected (db {db})", where=self.where, db=self.dbid)
+        # txredisapi adds the connection to its pool one reactor turn later;
+        # a command sent now waits for it.
+        self._fireWaiting(None)
+
+    def _connectionFailed(self, factory: _StoreFactory, reason: str) -> None:
+        if factory is not self._factory:
+            return
+        reason = self._scrub(reason)
+        if reason != self._lastError:
+            log.warn("redis {where}: {reason}", where=self.where, reason=reason)
+        self._lastError = reason
+        self._fireWaiting(StoreUnavailable(f"redis {self.where}: {reason}"))
+
+    def _connectionLost(self, factory: _StoreFactory) -> None:
+        if factory is self._factory and self._up and factory.size == 0:
+            self._up = False
+            log.warn("redis {where}: connection lost; reconnecting", where=self.where)
+
+    def _scrub(self, text: str) -> str:
+        # Belt and braces: no message of ours quotes the password, and no
+        # server reply should either.
+        if self.password and len(self.password) >= 4:
+            text = text.replace(self.password, "***")
+        return text
+
+    def _why(self) -> str:
+        factory = self._factory
+        if factory is not None and factory.size > 0:
+            return ""
+        if self._lastError:
+            return f" (not connected: {self._lastError})"
+        return " (not connected)"
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """C{method(*args)} on the pool, within the deadline; outages are StoreUnavailable."""
+        factory = self._factory
+        if factory is None:
+            return fail(StoreUnavailable(f"redis {self.where}: not started"))
+        try:
+            d = getattr(factory.handler, method)(*args, **kwargs)
+        except Exception:
+            return fail()
+        d.addTimeout(self.timeout, self.reactor)
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(defer.TimeoutError):
+                reason = f"no answer to {what} within {self.timeout:g} s{self._why()}"
+            elif failure.check(txredisapi.ConnectionError, txredisapi.ResponseError):
+                reason = f"{what}: {_one_line(failure.getErrorMessage())}"
+            else:
+                return failure
+            raise StoreUnavailable(self._scrub(f"redis {self.where}: {reason}"))
+
+        return d.addErrback(failed)
+
+    def _fileKey(self, path: str) -> bytes:
+        return self._filePrefix + path.encode("utf-8")
+
+    def ping(self) -> Deferred[None]:
+        """PING, within the deadline."""
+        return self._call("PING", "execute_command", "PING").addCallback(lambda _: None)
+
+    def put(self, record: FileRecord) -> Deferred[None]:
+        """Replace the record for its path, and its expiry entry, atomically."""
+        fields = [
+            "size", str(int(record.size)),
+            "content_type", record.content_type,
+            "sha256", record.sha256,
+            "created", repr(float(record.created)),
+            "protocol", record.protocol,
+        ]  # fmt: skip
+        expires = "" if record.expires is None else repr(float(record.expires))
+        if record.uploader is not None:
+            fields += ["uploader", record.uploader]
+        if record.expires is not None:
+            fields += ["expires", expires]
+        keys = [self._fileKey(record.path), self._expiryKey, self._filesKey]
+        args = [record.path.encode("utf-8"), expires, *(f.encode("utf-8") for f in fields)]
+        d = self._call("put", "eval", _PUT, keys, args)
+        return d.addCallback(lambda _: None)
+
+    def get(self, path: str) -> Deferred[FileRecord | None]:
+        """The record for C{path}, or None."""
+        d = self._call("get", "execute_command", "HGETALL", self._fileKey(path))
+
+        def found(flat: list[bytes]) -> FileRecord | None:
+            return _record(path.encode("utf-8"), flat) if flat else None
+
+        return d.addCallback(found)
+
+    def delete(self, path: str) -> Deferred[None]:
+        """Forget C{path} and its expiry entry; no error if unknown."""
+        keys = [self._fileKey(path), self._expiryKey, self._filesKey]
+        d = self._call("delete", "eval", _DELETE, keys, [path.encode("utf-8")])
+        return d.addCallback(lambda _: None)
+
+    def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
+        """Up to C{limit} records with C{expires <= now}, soonest first."""
+        if limit <= 0:
+            return succeed([])
+        keys = [self._expiryKey, self._filesKey]
+        args = [self._filePrefix, repr(float(now)), str(int(limit))]
+        return self._call("expired", "eval", _EXPIRED, keys, args).addCallback(_records)
+
+    def records(self, limit: int) -> Deferred[list[FileRecord]]:
+        """Up to C{limit} records, picked at random."""
+        if limit <= 0:
+            return succeed([])
+        args = [self._filePrefix, str(int(limit))]
+        return self._call("records", "eval", _RECORDS, [self._filesKey], args).addCallback(_records)

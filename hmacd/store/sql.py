@@ -1,0 +1,596 @@
+"""
+File records in SQL: embedded SQLite (the default store), PostgreSQL through
+psycopg2, or MySQL/MariaDB through pymysql, all over
+L{twisted.enterprise.adbapi}.
+
+One table, keyed by the SHA-256 (hex) of the UTF-8 path: MySQL cannot index a
+2048-byte utf8mb4 column, and a fixed-width key is as good everywhere else.
+Values are always bound parameters; the table name, checked against
+L{_IDENTIFIER}, is the only thing ever formatted into a statement.
+
+adbapi keeps one connection per pool thread and does not notice a connection
+the server has dropped until a query on it fails.  Every call here is
+idempotent (put is an upsert), so a call that fails on a lost connection
+reconnects that thread and runs once more; anything that still fails with a
+driver error becomes L{StoreUnavailable}, whose text says which store and why
+in one line, and never the password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+
+__all__ = ["DEFAULT_PORTS", "DEFAULT_TABLE", "SQLStore", "parse_db_host"]
+
+DEFAULT_TABLE = "hmacfs_files"
+DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306}
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+# Short enough that "<table>_expires" stays within PostgreSQL's 63-byte names.
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+
+_COLUMNS = ("path", "size", "content_type", "sha256", "created", "protocol", "uploader", "expires")
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """What differs between the three databases: driver, placeholder, DDL, upsert."""
+
+    name: str
+    module: str
+    placeholder: str
+    schema: tuple[str, ...]
+    upsert: str
+
+
+# content_type is TEXT rather than VARCHAR(255): nothing upstream bounds the signed
+# Content-Type, and a put must not fail on a long one.  sha256 is VARCHAR(64), not CHAR(64):
+# PostgreSQL pads CHAR values with spaces and MySQL strips them, so only VARCHAR gives back
+# exactly what was put.
+_COLUMN_DDL = """
+    path TEXT NOT NULL,
+    size BIGINT NULL,
+    content_type TEXT NULL,
+    sha256 VARCHAR(64) NULL,
+    created {double} NULL,
+    protocol VARCHAR(16) NULL,
+    uploader TEXT NULL,
+    expires {double} NULL"""
+
+_INSERT = "INSERT {verb} {{table}} (path_hash, " + ", ".join(_COLUMNS) + ") VALUES ({marks})"
+
+
+def _insert(verb: str, placeholder: str) -> str:
+    return _INSERT.format(verb=verb, marks=", ".join([placeholder] * (len(_COLUMNS) + 1)))
+
+
+_DIALECTS = {
+    "sqlite": _Dialect(
+        name="sqlite",
+        module="sqlite3",
+        placeholder="?",
+        schema=(
+            "CREATE TABLE IF NOT EXISTS {table} (\n    path_hash CHAR(64) PRIMARY KEY,"
+            + _COLUMN_DDL.format(double="DOUBLE PRECISION")
+            + "\n)",
+            "CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires)",
+        ),
+        upsert=_insert("OR REPLACE INTO", "?"),
+    ),
+    "postgres": _Dialect(
+        name="postgres",
+        module="psycopg2",
+        placeholder="%s",
+        schema=(
+            "CREATE TABLE IF NOT EXISTS {table} (\n    path_hash CHAR(64) PRIMARY KEY,"
+            + _COLUMN_DDL.format(double="DOUBLE PRECISION")
+            + "\n)",
+            "CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires)",
+        ),
+        upsert=_insert("INTO", "%s")
+        + " ON CONFLICT (path_hash) DO UPDATE SET "
+        + ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS),
+    ),
+    "mysql": _Dialect(
+        name="mysql",
+        module="pymysql",
+        placeholder="%s",
+        # MySQL has no CREATE INDEX IF NOT EXISTS (MariaDB does): the index goes in the table.
+        schema=(
+            "CREATE TABLE IF NOT EXISTS {table} (\n"
+            "    path_hash CHAR(64) CHARACTER SET ascii NOT NULL PRIMARY KEY,"
+            + _COLUMN_DDL.format(double="DOUBLE")
+            + ",\n    INDEX {table}_expires (expires)\n"
+            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+        ),
+        # VALUES(col), not the MySQL 8 "AS new" alias, which MariaDB does not have.
+        upsert=_insert("INTO", "%s")
+        + " ON DUPLICATE KEY UPDATE "
+        + ", ".join(f"{c} = VALUES({c})" for c in _COLUMNS),
+    ),
+}
+
+
+def parse_db_host(text: str, default_port: int) -> tuple[str, int]:
+    """
+    C{FallbackDBHost} as (host, port): C{"host"}, C{"host:port"}, C{"[v6]"},
+    C{"[v6]:port"} or a bare IPv6 address; ValueError otherwise.
+    """
+    port_text: str | None
+    if text.startswith("["):
+        match = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", text, re.DOTALL)
+        if match is None:
+            raise ValueError(f"not a host or host:port: {text!r}")
+        host, port_text = match.group(1), match.group(2)
+    elif text.count(":") > 1:
+        host, port_text = text, None
+    else:
+        host, sep, rest = text.partition(":")
+        port_text = rest if sep else None
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"not a host or host:port: {text!r}")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"not a port from 1 to 65535 in {text!r}")
+    return host, int(port_text)
+
+
+def _show_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(error: BaseException) -> str:
+    """The driver's own words for C{error}, on one line, without our prefixes doubled."""
+    if isinstance(error, ImportError):
+        return f"database driver not installed ({error})"
+    if isinstance(error, adbapi.ConnectionLost):
+        return "connection lost"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    args = error.args
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        # pymysql: (error number, message)
+        code, text = args
+        return f"{text} ({code})" if text else f"{type(error).__name__} ({code})"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    # libpq: 'connection to server at "h" (addr), port 5432 failed: FATAL:  database ...'
+    text = re.sub(r"^connection to server .*? failed:\s*", "", text)
+    text = re.sub(r"^(?:FATAL|ERROR):\s*", "", text)
+    return text or type(error).__name__
+
+
+class _Connection(adbapi.Connection):
+    """
+    adbapi's connection wrapper, but a dead connection is dropped quietly
+    instead of logged as an error (twice) from inside adbapi: the caller gets
+    the driver's exception, and the thread's next call connects afresh.
+    """
+
+    def rollback(self) -> None:
+        try:
+            self._connection.rollback()
+        except Exception:
+            self._drop()
+
+    def reconnect(self) -> None:
+        self._drop()
+        self._connection = self._pool.connect()
+
+    def _drop(self) -> None:
+        dead, self._connection = self._connection, None
+        if dead is None:
+            return
+        connections = self._pool.connections
+        tid = self._pool.threadID()
+        if connections.get(tid) is dead:
+            del connections[tid]
+        with suppress(Exception):
+            dead.close()
+
+
+class _ConnectionPool(adbapi.ConnectionPool):
+    connectionFactory = _Connection
+
+
+def _sqlite_open(connection: Any) -> None:
+    # WAL: readers never block the writer; the setting lives in the file, asking again is free.
+    connection.execute("PRAGMA journal_mode=WAL").fetchall()
+
+
+def _mysql_open(connection: Any) -> None:
+    # pymysql bounds its handshake only by read_timeout (connect_timeout covers the TCP connect
+    # alone), so the handshake ran with read/write timeouts equal to connect_timeout; queries
+    # get no client-side timeout, like psycopg2's.
+    connection._read_timeout = None
+    connection._write_timeout = None
+
+
+def _row_to_record(row: Sequence[Any]) -> FileRecord:
+    path, size, content_type, sha256, created, protocol, uploader, expires = row
+    return FileRecord(
+        path=path,
+        size=size,
+        content_type=content_type,
+        sha256=sha256,
+        created=created,
+        protocol=protocol,
+        uploader=uploader,
+        expires=expires,
+    )
+
+
+def _path_hash(path: str) -> str:
+    return hashlib.sha256(path.encode("utf-8")).hexdigest()
+
+
+@implementer(IMetadataStore)
+class SQLStore:
+    """
+    File records in one SQL table.  Build one with L{sqlite}, L{postgres},
+    L{mysql} or L{from_config}; nothing connects (and adbapi starts no
+    threads) until L{start}.
+
+    @ivar name: C{"sqlite"}, C{"postgres"} or C{"mysql"}.
+    @ivar table: the table the records live in.
+    @ivar host: server host name or address (None for sqlite).
+    @ivar port: server port (None for sqlite).
+    @ivar path: the database file (None for a server).
+    @ivar pool: the L{adbapi.ConnectionPool} while started, else None.
+    """
+
+    pool: adbapi.ConnectionPool | None = None
+
+    def __init__(
+        self,
+        name: str,
+        connect_kwargs: Mapping[str, Any],
+        *,
+        table: str = DEFAULT_TABLE,
+        reactor: Any = None,
+        pool_size: int = 5,
+        host: str | None = None,
+        port: int | None = None,
+        path: str | None = None,
+        password: str = "",
+        openfun: Callable[[Any], None] | None = None,
+    ) -> None:
+        if name not in _DIALECTS:
+            raise ValueError(f"unknown SQL store {name!r}; use sqlite, postgres or mysql")
+        if not _IDENTIFIER.fullmatch(table):
+            raise ValueError(
+                f"table name must match [a-z_][a-z0-9_]* (at most 48 characters), got {table!r}"
+            )
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, got {pool_size!r}")
+        self.name = name
+        self.table = table
+        self.host = host
+        self.port = port
+        self.path = path
+        self._dialect = _DIALECTS[name]
+        self._connect_kwargs = dict(connect_kwargs)
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._password = password
+        self._openfun = openfun
+        self._where = path if path is not None else _show_address(host or "", port or 0)
+        # Import the driver now, not in start(): under twistd --uid, start() runs after the
+        # privilege switch, when the interpreter's own library may no longer be readable.  A
+        # missing driver is reported by start(), like any other reason the store cannot run.
+        self._driver: Any = None
+        self._missing: ImportError | None = None
+        try:
+            self._driver = importlib.import_module(self._dialect.module)
+        except ImportError as e:
+            self._missing = e
+        self._down: tuple[type[BaseException], ...] = (adbapi.ConnectionLost,)
+        self._statements = self._prepare()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def sqlite(
+        cls,
+        path: str,
+        reactor: Any = None,
+        *,
+        table: str = DEFAULT_TABLE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> SQLStore:
+        """An embedded SQLite database at C{path}; its directory is created (mode 0700)."""
+        return cls(
+            "sqlite",
+            # timeout: how long to wait for a lock another process holds.
+            dict(database=path, timeout=connect_timeout, check_same_thread=False),
+            table=table,
+            reactor=reactor,
+            # One connection: SQLite has one writer anyway, and this keeps it in one thread.
+            pool_size=1,
+            path=path,
+            openfun=_sqlite_open,
+        )
+
+    @classmethod
+    def postgres(
+        cls,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        database: str,
+        reactor: Any = None,
+        table: str = DEFAULT_TABLE,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        pool_size: int = 5,
+        application_name: str = "hmacfs",
+    ) -> SQLStore:
+        """
+        A PostgreSQL database through psycopg2.  libpq counts C{connect_timeout}
+        in whole seconds, at least 2.
+        """
+        kwargs: dict[str, Any] = dict(
+            host=host,
+            port=port,
+            dbname=database,
+            connect_timeout=max(2, math.ceil(connect_timeout)),
+            application_name=application_name,
+        )
+        if user:
+            kwargs["user"] = user
+        if password:
+            kwargs["password"] = password
+        return cls(
+            "postgres",
+            kwargs,
+            table=table,
+            reactor=reactor,
+            pool_size=pool_size,
+            host=host,
+            port=port,
+            password=password,
+        )
+
+    @classmethod
+    def mysql(
+        cls,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        database: str,
+        reactor: Any = None,
+        table: str = DEFAULT_TABLE,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        pool_size: int = 5,
+    ) -> SQLStore:
+        """A MySQL or MariaDB database through pymysql, in utf8mb4."""
+        kwargs: dict[str, Any] = dict(
+            host=host,
+            port=port,
+            database=database,
+            charset="utf8mb4",
+            connect_timeout=connect_timeout,
+            read_timeout=connect_timeout,
+            write_timeout=connect_timeout,
+            autocommit=False,
+        )
+        if user:
+            kwargs["user"] = user
+        if password:
+            kwargs["password"] = password
+        return cls(
+            "mysql",
+            kwargs,
+            table=table,
+            reactor=reactor,
+            pool_size=pool_size,
+            host=host,
+            port=port,
+            password=password,
+            openfun=_mysql_open,
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        reactor: Any = None,
+        *,
+        table: str = DEFAULT_TABLE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> SQLStore:
+        """The fallback database of a L{hmacd.config.Config} (its C{fallback_db_*} fields)."""
+        kind = config.fallback_db_type
+        if kind not in DEFAULT_PORTS:
+            raise ValueError(f'FallbackDBType must be "postgres" or "mysql", got {kind!r}')
+        host, port = parse_db_host(config.fallback_db_host, DEFAULT_PORTS[kind])
+        make = cls.postgres if kind == "postgres" else cls.mysql
+        return make(
+            host,
+            port,
+            config.fallback_db_user,
+            config.fallback_db_password,
+            config.fallback_db_name,
+            reactor,
+            table,
+            connect_timeout=connect_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"<SQLStore {self.name} at {self._where} table {self.table}>"
+
+    # -- IMetadataStore -----------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Connect and create the table and its index if missing; StoreUnavailable if we cannot."""
+        if self.pool is not None:
+            return succeed(None)
+        if self._missing is not None:
+            return fail(StoreUnavailable(self._describe(self._missing)))
+        try:
+            if self.path is not None and self.path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        except OSError as e:
+            return fail(StoreUnavailable(self._describe(e)))
+        pool = self._makePool()
+        dbapi = self._driver
+        self._down = (
+            dbapi.OperationalError,
+            dbapi.InterfaceError,
+            dbapi.InternalError,
+            adbapi.ConnectionLost,
+        )
+        self.pool = pool
+        d: Deferred[None] = pool.runWithConnection(self._createSchema)
+
+        def failed(failure: Failure) -> Failure:
+            if self.pool is pool:
+                self.pool = None
+                pool.close()
+            if failure.check(dbapi.Error, adbapi.ConnectionLost):
+                raise StoreUnavailable(self._describe(failure.value)) from failure.value
+            return failure
+
+        d.addErrback(failed)
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Close the pool's connections and stop its threads."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+        return succeed(None)
+
+    def put(self, record: FileRecord) -> Deferred[None]:
+        """Insert C{record}, replacing any record for its path."""
+        params = (
+            _path_hash(record.path),
+            record.path,
+            record.size,
+            record.content_type,
+            record.sha256,
+            record.created,
+            record.protocol,
+            record.uploader,
+            record.expires,
+        )
+        return self._call(self._statements["put"], params).addCallback(lambda _: None)
+
+    def get(self, path: str) -> Deferred[FileRecord | None]:
+        """The record for C{path}, or None."""
+        d = self._call(self._statements["get"], (_path_hash(path),), fetch=True)
+        return d.addCallback(lambda rows: _row_to_record(rows[0]) if rows else None)
+
+    def delete(self, path: str) -> Deferred[None]:
+        """Forget C{path}; no error if it is unknown."""
+        d = self._call(self._statements["delete"], (_path_hash(path),))
+        return d.addCallback(lambda _: None)
+
+    def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
+        """Up to C{limit} records whose expiry is at or before C{now}, soonest first."""
+        if limit < 0:
+            return fail(ValueError(f"limit must be >= 0, got {limit!r}"))
+        d = self._call(self._statements["expired"], (float(now), int(limit)), fetch=True)
+        return d.addCallback(lambda rows: [_row_to_record(row) for row in rows])
+
+    def records(self, limit: int) -> Deferred[list[FileRecord]]:
+        """Up to C{limit} records, in no particular order."""
+        if limit < 0:
+            return fail(ValueError(f"limit must be >= 0, got {limit!r}"))
+        d = self._call(self._statements["records"], (int(limit),), fetch=True)
+        return d.addCallback(lambda rows: [_row_to_record(row) for row in rows])
+
+    def ping(self) -> Deferred[None]:
+        """One C{SELECT 1} round trip."""
+        return self._call("SELECT 1", (), fetch=True).addCallback(lambda _: None)
+
+    # -- machinery ----------------------------------------------------------------------------
+
+    def _prepare(self) -> dict[str, str]:
+        p = self._dialect.placeholder
+        select = f"SELECT {', '.join(_COLUMNS)} FROM {{table}}"
+        statements = {
+            "put": self._dialect.upsert,
+            "get": f"{select} WHERE path_hash = {p}",
+            "delete": f"DELETE FROM {{table}} WHERE path_hash = {p}",
+            "expired": f"{select} WHERE expires <= {p} ORDER BY expires, path_hash LIMIT {p}",
+            "records": f"{select} LIMIT {p}",
+        }
+        return {key: sql.format(table=self.table) for key, sql in statements.items()}
+
+    def _makePool(self) -> adbapi.ConnectionPool:
+        options: dict[str, Any] = dict(
+            cp_min=1,
+            cp_max=self._pool_size,
+            cp_reconnect=True,
+            cp_name=f"hmacfs-{self.name}",
+        )
+        if self._openfun is not None:
+            options["cp_openfun"] = self._openfun
+        if self._reactor is not None:
+            options["cp_reactor"] = self._reactor
+        pool = _ConnectionPool(self._dialect.module, **self._connect_kwargs, **options)
+        # Start now, not at reactor start-up: start() may run before the reactor does.
+        pool.start()
+        return pool
+
+    def _createSchema(self, connection: Any) -> None:
+        # Not retried: a retry would double the wait for an unreachable server.
+        for statement in self._dialect.schema:
+            self._execute(connection, statement.format(table=self.table), (), False)
+
+    @staticmethod
+    def _execute(connection: Any, statement: str, params: Sequence[Any], fetch: bool) -> Any:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(statement, params)
+            return cursor.fetchall() if fetch else None
+        finally:
+            with suppress(Exception):
+                cursor.close()
+
+    def _attempt(self, connection: Any, statement: str, params: Sequence[Any], fetch: bool) -> Any:
+        try:
+            return self._execute(connection, statement, params, fetch)
+        except self._down:
+            # The first query after the server dropped us fails even with cp_reconnect; the
+            # statement is idempotent, so reconnect this thread and run it once more.
+            connection.reconnect()
+            return self._execute(connection, statement, params, fetch)
+
+    def _call(self, statement: str, params: Sequence[Any], *, fetch: bool = False) -> Deferred[Any]:
+        pool = self.pool
+        if pool is None:
+            return fail(StoreUnavailable(f"{self.name} at {self._where}: not started"))
+        d: Deferred[Any] = pool.runWithConnection(self._attempt, statement, params, fetch)
+        return d.addErrback(self._unavailable)
+
+    def _unavailable(self, failure: Failure) -> Failure:
+        if failure.check(*self._down):
+            raise StoreUnavailable(self._describe(failure.value)) from failure.value
+        return failure
+
+    def _describe(self, error: BaseException) -> str:
+        text = " ".join(f"{self.name} at {self._where}: {_reason(error)}".split())
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text

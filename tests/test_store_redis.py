@@ -1,0 +1,455 @@
+"""
+RedisStore against real servers: the store contract on the shared Redis and on
+a private password-protected redis-server in database 3, then faults on
+private servers (wrong password, nothing listening, killed, restarted, hung).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from hmacd.config import Config
+from hmacd.store import StoreUnavailable
+from hmacd.store.redis import RedisStore, parse_redis_addr
+from tests.store_contract import StoreContract, record, require_service
+
+SHARED_PORT = 6379
+# Short deadlines keep the fault tests fast; SLACK is what a busy machine adds.
+TIMEOUT = 0.5
+CONNECT_TIMEOUT = 1.0
+SLACK = 1.0
+# How long a restarted server may take to be used again: txredisapi retries
+# after about 1 s, then e s, e**2 s... capped at 10 s.
+RECOVERY = 12.0
+
+
+class ReplyError(Exception):
+    """An error reply from Redis to the raw client."""
+
+
+class RawRedis:
+    """A blocking RESP client of the tests' own, to look behind the store's back."""
+
+    def __init__(self, port: int, password: str | None = None, db: int = 0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+        self.reader = self.sock.makefile("rb")
+        try:
+            if password is not None:
+                self.call("AUTH", password)
+            if db:
+                self.call("SELECT", db)
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, *args: str | bytes | int):
+        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        self.sock.sendall(
+            b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        )
+        return self._read()
+
+    def _read(self):
+        line = self.reader.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise ReplyError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            return None if int(rest) < 0 else self.reader.read(int(rest) + 2)[:-2]
+        if kind == b"*":
+            return None if int(rest) < 0 else [self._read() for _ in range(int(rest))]
+        raise AssertionError(f"unexpected reply line {line!r}")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def delete_prefix(port: int, prefix: str, password: str | None = None, db: int = 0) -> None:
+    """Delete every key under prefix (plain characters only: it is a glob)."""
+    raw = RawRedis(port, password, db)
+    try:
+        cursor = b"0"
+        while True:
+            cursor, keys = raw.call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
+            if keys:
+                raw.call("DEL", *keys)
+            if cursor == b"0":
+                break
+    finally:
+        raw.close()
+
+
+def spare_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of a test's own on a spare 127.0.0.1 port, killed at cleanup."""
+
+    def __init__(self, testCase: TestCase, password: str | None = None) -> None:
+        if shutil.which("redis-server") is None:
+            require_service("redis-server", "not on PATH")
+        self.port = spare_port()
+        self.password = password
+        self.dir = tempfile.mkdtemp(prefix="hmacfs-redis-")
+        self.process: subprocess.Popen | None = None
+        testCase.addCleanup(self.cleanup)
+        self.start()
+
+    def start(self) -> None:
+        """Start on self.port and wait (at most 5 s) until PING answers."""
+        args = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.dir,
+            "--logfile", os.path.join(self.dir, "log"),
+        ]  # fmt: skip
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            if self.process.poll() is not None:
+                with open(os.path.join(self.dir, "log"), errors="replace") as f:
+                    raise AssertionError(f"redis-server exited: {f.read()[-500:]}")
+            try:
+                self.raw().close()
+                return
+            except (OSError, ReplyError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def raw(self, db: int = 0) -> RawRedis:
+        return RawRedis(self.port, self.password, db)
+
+    def kill(self) -> None:
+        """SIGKILL: gone without a goodbye, as in a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=5)
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connected and accepting (the kernel does that), never answering."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        if self.process is not None:
+            self.resume()
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Dropper(protocol.Protocol):
+    """Accepts a connection and drops it at once, as a restarting server or proxy may."""
+
+    def connectionMade(self) -> None:
+        self.factory.dropped += 1
+        self.transport.abortConnection()
+
+
+def prefix() -> str:
+    return f"hmacfs-test-{uuid.uuid4().hex}:"
+
+
+@inlineCallbacks
+def assertUnavailable(testCase: TestCase, d: Deferred, within: float):
+    """d fails with StoreUnavailable in under `within` seconds; returns the exception."""
+    started = time.monotonic()
+    # The guard only keeps a hanging store from hanging the test.
+    d.addTimeout(within + 5, reactor)
+    try:
+        yield d
+    except StoreUnavailable as e:
+        elapsed = time.monotonic() - started
+        testCase.assertLess(elapsed, within, f"failed after {elapsed:.2f}s: {e}")
+        testCase.assertNotIn("\n", str(e))
+        return e
+    testCase.fail("the call succeeded")
+
+
+@inlineCallbacks
+def eventually(call, within: float):
+    """Retry call() (each attempt bounded by the store's deadline) until it succeeds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            result = yield call()
+            return result
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            yield deferLater(reactor, 0.2, lambda: None)
+
+
+class SharedRedisContractTests(StoreContract, TestCase):
+    """The store contract on the shared Redis at 127.0.0.1:6379, under a prefix per test."""
+
+    def makeStore(self, fresh: bool = True):
+        if fresh:
+            self.prefix = prefix()
+        store = RedisStore(
+            "127.0.0.1", SHARED_PORT, reactor=reactor, prefix=self.prefix, timeout=2.0,
+            connect_timeout=2.0,
+        )  # fmt: skip
+
+        def started(_):
+            if fresh:
+                self.addCleanup(delete_prefix, SHARED_PORT, self.prefix)
+            return store
+
+        def unreachable(failure):
+            failure.trap(StoreUnavailable)
+            d = store.stop()
+            d.addCallback(lambda _: require_service("redis", failure.getErrorMessage()))
+            return d
+
+        return store.start().addCallbacks(started, unreachable)
+
+    @inlineCallbacks
+    def test_keys(self):
+        """The documented layout: a hash per file, the expiry zset and the set of paths."""
+        yield self.store.put(record("k/é.txt", uploader="u@example.org", expires=7.25))
+        raw = RawRedis(SHARED_PORT)
+        self.addCleanup(raw.close)
+        key = (self.prefix + "file:k/é.txt").encode()
+        self.assertEqual(
+            dict(zip(*[iter(raw.call("HGETALL", key))] * 2, strict=True)),
+            {
+                b"size": b"1234",
+                b"content_type": b"image/jpeg",
+                b"sha256": b"ab" * 32,
+                b"created": b"1800000000.5",
+                b"protocol": b"v2",
+                b"uploader": b"u@example.org",
+                b"expires": b"7.25",
+            },
+        )
+        self.assertEqual(
+            raw.call("ZRANGE", self.prefix + "expiry", 0, -1, "WITHSCORES"),
+            ["k/é.txt".encode(), b"7.25"],
+        )
+        self.assertEqual(raw.call("SMEMBERS", self.prefix + "files"), ["k/é.txt".encode()])
+
+    @inlineCallbacks
+    def test_numbers_stay_strings(self):
+        """Fields that look like numbers come back as the strings they were."""
+        r = record(content_type="1e5", sha256="0123", uploader="42", protocol="007")
+        yield self.store.put(r)
+        self.assertEqual((yield self.store.get(r.path)), r)
+
+    @inlineCallbacks
+    def test_vanished_hash_is_dropped_from_expiry(self):
+        """An expiry entry whose hash is gone is skipped by expired() and removed."""
+        yield self.store.put(record("gone", expires=1.0))
+        yield self.store.put(record("kept", expires=2.0))
+        raw = RawRedis(SHARED_PORT)
+        self.addCleanup(raw.close)
+        raw.call("DEL", self.prefix + "file:gone")
+        self.assertEqual([r.path for r in (yield self.store.expired(10.0, 10))], ["kept"])
+        self.assertEqual(raw.call("ZRANGE", self.prefix + "expiry", 0, -1), [b"kept"])
+
+
+class PrivateRedisContractTests(StoreContract, TestCase):
+    """The store contract on a private redis-server with a password, in database 3."""
+
+    password = "contract-pässword"
+
+    def makeStore(self, fresh: bool = True):
+        if fresh:
+            self.server = RedisServer(self, password=self.password)
+            self.prefix = prefix()
+        store = RedisStore(
+            "127.0.0.1", self.server.port, password=self.password, dbid=3, reactor=reactor,
+            prefix=self.prefix, timeout=2.0, connect_timeout=2.0,
+        )  # fmt: skip
+        return store.start().addCallback(lambda _: store)
+
+    @inlineCallbacks
+    def test_database(self):
+        """Records land in database 3, not in database 0."""
+        yield self.store.put(record())
+        key = self.prefix + "file:a/b.txt"
+        for db, expected in ((3, 1), (0, 0)):
+            raw = self.server.raw(db)
+            self.addCleanup(raw.close)
+            self.assertEqual(raw.call("EXISTS", key), expected, f"db {db}")
+
+
+class RedisFaultTests(TestCase):
+    """Outages on private servers: every call fails with StoreUnavailable in time, never hangs."""
+
+    timeout = 40
+
+    def makeStore(self, port: int, **kwargs) -> RedisStore:
+        kwargs.setdefault("timeout", TIMEOUT)
+        kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        store = RedisStore("127.0.0.1", port, reactor=reactor, prefix=prefix(), **kwargs)
+        self.addCleanup(store.stop)
+        return store
+
+    @inlineCallbacks
+    def test_wrong_password(self):
+        """A wrong password fails start() at once, and the message does not quote it."""
+        server = RedisServer(self, password="right-horse-battery")
+        store = self.makeStore(server.port, password="wrong-staple-secret")
+        e = yield assertUnavailable(self, store.start(), within=TIMEOUT)
+        self.assertIn("authentication failed", str(e))
+        self.assertNotIn("wrong-staple-secret", str(e))
+        self.assertNotIn("right-horse-battery", str(e))
+        e = yield assertUnavailable(self, store.get("a"), within=TIMEOUT + SLACK)
+        self.assertNotIn("wrong-staple-secret", str(e))
+
+    @inlineCallbacks
+    def test_no_password(self):
+        """A password the server wants but the config lacks is StoreUnavailable too."""
+        server = RedisServer(self, password="needed-one")
+        store = self.makeStore(server.port)
+        e = yield assertUnavailable(self, store.start(), within=TIMEOUT + SLACK)
+        self.assertIn("NOAUTH", str(e))
+
+    @inlineCallbacks
+    def test_nothing_listening(self):
+        """With nothing on the port, start() fails within its deadline and calls do too."""
+        store = self.makeStore(spare_port())
+        e = yield assertUnavailable(self, store.start(), within=CONNECT_TIMEOUT + TIMEOUT + SLACK)
+        self.assertIn("connection refused", str(e))
+        e = yield assertUnavailable(self, store.put(record()), within=TIMEOUT + SLACK)
+        self.assertIn("not connected", str(e))
+
+    @inlineCallbacks
+    def test_not_started(self):
+        """Calls before start() fail with StoreUnavailable; stop() before start() is fine."""
+        store = RedisStore("127.0.0.1", spare_port(), reactor=reactor)
+        yield assertUnavailable(self, store.get("a"), within=SLACK)
+        yield store.stop()
+        yield store.stop()
+
+    @inlineCallbacks
+    def test_killed(self):
+        """After SIGKILL, get, put and ping fail with StoreUnavailable within the deadline."""
+        server = RedisServer(self)
+        store = self.makeStore(server.port)
+        yield store.start()
+        yield store.put(record())
+        server.kill()
+        yield assertUnavailable(self, store.get("a/b.txt"), within=TIMEOUT + SLACK)
+        yield assertUnavailable(self, store.put(record()), within=TIMEOUT + SLACK)
+        yield assertUnavailable(self, store.ping(), within=TIMEOUT + SLACK)
+
+    @inlineCallbacks
+    def test_restart_in_database_3(self):
+        """A restarted server (same password, RedisDB 3) is used again, and in database 3."""
+        server = RedisServer(self, password="pw-of-restart")
+        store = self.makeStore(server.port, password="pw-of-restart", dbid=3)
+        yield store.start()
+        yield store.put(record("before"))
+        server.kill()
+        yield assertUnavailable(self, store.get("before"), within=TIMEOUT + SLACK)
+        server.start()
+        yield eventually(lambda: store.put(record("after")), within=RECOVERY)
+        self.assertEqual((yield store.get("after")), record("after"))
+        self.assertDatabase3(server, store, "after")
+
+    @inlineCallbacks
+    def test_handshake_dropped(self):
+        """
+        Reconnecting survives a connection dropped during AUTH/SELECT (txredisapi #146).
+        """
+        server = RedisServer(self, password="pw-of-146")
+        store = self.makeStore(server.port, password="pw-of-146", dbid=3)
+        yield store.start()
+        server.kill()
+        dropper = protocol.Factory.forProtocol(Dropper)
+        dropper.dropped = 0
+        listening = reactor.listenTCP(server.port, dropper, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        deadline = time.monotonic() + RECOVERY
+        while not dropper.dropped and time.monotonic() < deadline:
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(dropper.dropped, "the store never tried to reconnect")
+        yield listening.stopListening()
+        server.start()
+        yield eventually(lambda: store.put(record("after")), within=RECOVERY)
+        self.assertDatabase3(server, store, "after")
+
+    def assertDatabase3(self, server: RedisServer, store: RedisStore, path: str) -> None:
+        key = store.prefix + "file:" + path
+        for db, expected in ((3, 1), (0, 0)):
+            raw = server.raw(db)
+            self.addCleanup(raw.close)
+            self.assertEqual(raw.call("EXISTS", key), expected, f"db {db}")
+
+    @inlineCallbacks
+    def test_hung(self):
+        """On a SIGSTOPped server calls and start() time out as StoreUnavailable; SIGCONT heals."""
+        server = RedisServer(self)
+        store = self.makeStore(server.port)
+        yield store.start()
+        yield store.put(record())
+        server.pause()
+        self.addCleanup(server.resume)
+        for call in (lambda: store.get("a/b.txt"), lambda: store.put(record()), store.ping):
+            started = time.monotonic()
+            e = yield assertUnavailable(self, call(), within=TIMEOUT + SLACK)
+            self.assertGreaterEqual(time.monotonic() - started, TIMEOUT - 0.05)
+            self.assertIn(f"within {TIMEOUT:g} s", str(e))
+        other = self.makeStore(server.port)
+        yield assertUnavailable(self, other.start(), within=CONNECT_TIMEOUT + TIMEOUT + SLACK)
+        server.resume()
+        self.assertEqual((yield eventually(lambda: store.get("a/b.txt"), RECOVERY)), record())
+
+
+class ConfigTests(TestCase):
+    """RedisAddr, RedisPassword and RedisDB make the store."""
+
+    def test_addresses(self):
+        """host:port and [v6]:port parse; anything else is a ValueError."""
+        self.assertEqual(parse_redis_addr("localhost:6379"), ("localhost", 6379))
+        self.assertEqual(parse_redis_addr("10.0.0.1:7000"), ("10.0.0.1", 7000))
+        self.assertEqual(parse_redis_addr("[::1]:6380"), ("::1", 6380))
+        for bad in ("", "localhost", ":6379", "host:", "host:0", "host:65536", "host:x"):
+            self.assertRaises(ValueError, parse_redis_addr, bad)
+
+    def test_from_config(self):
+        """from_config takes the address, the password (empty means none) and the database."""
+        store = RedisStore.from_config(
+            Config(redis_addr="[::1]:6380", redis_password="pw", redis_db=2), reactor=reactor
+        )
+        self.assertEqual(
+            (store.host, store.port, store.password, store.dbid, store.prefix, store.where),
+            ("::1", 6380, "pw", 2, "hmacfs:", "[::1]:6380"),
+        )
+        store = RedisStore.from_config(Config(redis_addr="127.0.0.1:6379"), reactor=reactor)
+        self.assertEqual((store.password, store.dbid), (None, 0))
+        self.assertEqual(store.name, "redis")
