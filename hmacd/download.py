@@ -24,6 +24,7 @@ from zope.interface import implementer
 from hmacd.core import FileServer, guess_type, is_inline_type
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
+from hmacd.store import StoreUnavailable
 from hmacd.upload import ALLOWED_METHODS
 
 __all__ = ["StoreResource", "Unsatisfiable", "parse_range"]
@@ -195,8 +196,10 @@ class StoreResource(Resource):
 
         def lookupFailed(failure):
             # Bytes on disk are enough to serve a file: a metadata outage
-            # must not turn into failed downloads.
-            log.failure("metadata lookup for {path} failed", failure, path=relpath)
+            # must not turn into failed downloads.  (The outage itself is
+            # logged once, by the store.)
+            if not failure.check(StoreUnavailable):
+                log.failure("metadata lookup for {path} failed", failure, path=relpath)
             return None
 
         d = self.fs.metadata.get(relpath)

@@ -35,6 +35,7 @@ from hmacd.core import FileServer, guess_type
 from hmacd.logs import censor
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
+from hmacd.store import StoreUnavailable
 
 __all__ = ["ALLOWED_METHODS", "POLICY_HEADERS", "UploadRequest"]
 
@@ -531,7 +532,14 @@ class UploadRequest(server.Request):
             self._respond(http.CREATED, "created")
 
         def unrecorded(failure: Failure):
-            log.failure("cannot record {path}; upload withdrawn", failure, path=record.path)
+            if failure.check(StoreUnavailable):
+                log.warn(
+                    "cannot record {path} ({why}); upload withdrawn",
+                    path=record.path,
+                    why=failure.value,
+                )
+            else:
+                log.failure("cannot record {path}; upload withdrawn", failure, path=record.path)
             upload.unpublish()
             raise _Answered(
                 http.SERVICE_UNAVAILABLE,

@@ -92,13 +92,13 @@ class LoopbackServer:
     connections are closed when the test ends.
     """
 
-    def __init__(self, testCase, **kwargs) -> None:
+    def __init__(self, testCase, root: str | None = None, **kwargs) -> None:
         from treq.client import HTTPClient
         from twisted.internet import reactor
         from twisted.web.client import Agent, HTTPConnectionPool
 
-        self.root = testCase.mktemp()
-        os.makedirs(self.root)
+        self.root = root or testCase.mktemp()
+        os.makedirs(self.root, exist_ok=True)
         kwargs.setdefault("secret", SECRET)
         kwargs.setdefault("metadata", memory_metadata(reactor))
         self.fs = FileServer(store_dir=self.root, reactor=reactor, **kwargs)

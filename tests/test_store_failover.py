@@ -185,3 +185,33 @@ class StartTests(SynchronousTestCase):
         self.successResultOf(store.start())
         self.assertEqual(list(primary._records), ["old"])
         self.assertEqual(fallback._records, {})
+
+
+class SlowStartTests(SynchronousTestCase):
+    def test_calls_wait_for_start(self):
+        """While a store is starting, writable() is true and calls wait for it."""
+        clock = Clock()
+        primary = FlakyStore("sqlite")
+        pending = Deferred()
+        primary.start = lambda: pending
+        store = FailoverStore(primary, clock=clock)
+        store.start()
+        self.assertTrue(store.writable())
+        d = store.put(record())
+        self.assertNoResult(d)
+        pending.callback(None)
+        self.successResultOf(d)
+        self.assertIn("a/b.txt", primary._records)
+
+    def test_start_that_never_ends(self):
+        """A start that hangs gives up after the start deadline; waiting calls then fail."""
+        clock = Clock()
+        primary = FlakyStore("redis")
+        primary.start = lambda: Deferred()
+        store = FailoverStore(primary, clock=clock)
+        store.start()
+        d = store.put(record())
+        clock.advance(10.0)
+        self.failureResultOf(d, StoreUnavailable)
+        self.assertFalse(store.writable())
+        self.flushLoggedErrors()

@@ -59,8 +59,10 @@ class Backend:
         timeout: float,
         probeInterval: float,
         onUp: Callable[[], Any] = lambda: None,
+        startTimeout: float = 10.0,
     ) -> None:
         self.store = store
+        self.startTimeout = startTimeout
         self.role = role
         self.clock = clock
         self.timeout = timeout
@@ -69,6 +71,7 @@ class Backend:
         self.up = False
         self.transitions = 0
         self._probe: LoopingCall | None = None
+        self._waiters: list[Deferred] | None = None
         self._started = False
         self._stopped = False
 
@@ -76,9 +79,20 @@ class Backend:
     def name(self) -> str:
         return self.store.name
 
+    @property
+    def starting(self) -> bool:
+        return self._waiters is not None
+
     def start(self) -> Deferred[None]:
-        """Start the store; a failure leaves it down (and probing), never raises."""
-        d = self._deadline(self.store.start())
+        """
+        Start the store; a failure leaves it down (and probing), never raises.
+
+        Until it has started or failed, calls wait for it (within the start
+        deadline) instead of failing: the listener opens before the stores
+        have connected, and the first uploads should not get 503 for that.
+        """
+        self._waiters = []
+        d = self.store.start().addTimeout(self.startTimeout, self.clock)
 
         def started(_):
             self._started = True
@@ -94,7 +108,12 @@ class Backend:
             )
             self._markDown(failure, announce=False)
 
-        return d.addCallbacks(started, failed)
+        def release(_):
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters:
+                waiter.callback(None)
+
+        return d.addCallbacks(started, failed).addCallback(release)
 
     def stop(self) -> Deferred[None]:
         self._stopped = True
@@ -103,6 +122,10 @@ class Backend:
 
     def call(self, method: str, *args) -> Deferred:
         """C{store.method(*args)}, failing fast with StoreUnavailable while down."""
+        if self._waiters is not None:
+            waiter = Deferred()
+            self._waiters.append(waiter)
+            return waiter.addCallback(lambda _: self.call(method, *args))
         if not self.up:
             return fail(StoreUnavailable(f"{self.role} store {self.name} is down"))
         try:
@@ -215,15 +238,15 @@ class FailoverStore:
 
     def writable(self) -> bool:
         """Whether some store would take a record now (no I/O: breaker state)."""
-        return any(b.up for b in self.backends())
+        return any(b.up or b.starting for b in self.backends())
 
     def start(self) -> Deferred[None]:
         """Start every store; one that fails is logged and left down, never fatal."""
         return Deferred.fromCoroutine(self._startAll())
 
     async def _startAll(self) -> None:
-        for backend in self.backends():
-            await backend.start()
+        for started in [backend.start() for backend in self.backends()]:
+            await started
         if not self.writable():
             log.error("no metadata store is available: uploads are refused with 503")
 
@@ -234,7 +257,7 @@ class FailoverStore:
         return d
 
     def _routes(self) -> list[Backend]:
-        return [b for b in self.backends() if b.up]
+        return [b for b in self.backends() if b.up or b.starting]
 
     def _first(self, method: str, *args) -> Deferred:
         """Call the first store that is up; on an outage, the next one."""
