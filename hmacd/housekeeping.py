@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from hmacd.core import FileServer
 from hmacd.paths import PathRefused, store_path
+from hmacd.store import StoreUnavailable
 from hmacd.upload import PART_PREFIX, PART_SUFFIX
 
 __all__ = ["ExpirySweep", "PartialSweep", "remove_stored", "sweep_partials"]
@@ -146,8 +147,16 @@ class ExpirySweep(TimerService):
             return
         self._sweeping = True
         d = Deferred.fromCoroutine(self._sweep())
-        d.addErrback(lambda f: log.failure("expiry sweep failed", f))
+        d.addErrback(self._failed)
         d.addBoth(lambda _: setattr(self, "_sweeping", False))
+
+    @staticmethod
+    def _failed(failure) -> None:
+        if failure.check(StoreUnavailable):
+            # The store outage is logged by the store; this sweep just waits.
+            log.info("expiry sweep postponed: {why}", why=failure.value)
+        else:
+            log.failure("expiry sweep failed", failure)
 
     async def _sweep(self) -> None:
         if not self.fs.metadata.writable():

@@ -40,56 +40,138 @@ def _wait(condition, what: str) -> None:
         time.sleep(0.05)
 
 
-class PrivateRedis:
-    """A redis-server that persists (AOF, fsync always) so a restart keeps its data."""
+class ReplyError(Exception):
+    """An error reply from Redis to the raw client."""
 
-    def __init__(self, testCase, password: str | None = None) -> None:
+
+class RawRedis:
+    """A blocking RESP client of the tests' own, to look behind the store's back."""
+
+    def __init__(self, port: int, password: str | None = None, db: int = 0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+        self.reader = self.sock.makefile("rb")
+        try:
+            if password is not None:
+                self.call("AUTH", password)
+            if db:
+                self.call("SELECT", db)
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, *args: str | bytes | int):
+        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        self.sock.sendall(
+            b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        )
+        return self._read()
+
+    def _read(self):
+        line = self.reader.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise ReplyError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            return None if int(rest) < 0 else self.reader.read(int(rest) + 2)[:-2]
+        if kind == b"*":
+            return None if int(rest) < 0 else [self._read() for _ in range(int(rest))]
+        raise AssertionError(f"unexpected reply line {line!r}")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def delete_prefix(port: int, prefix: str, password: str | None = None, db: int = 0) -> None:
+    """Delete every key under prefix (plain characters only: it is a glob)."""
+    raw = RawRedis(port, password, db)
+    try:
+        cursor = b"0"
+        while True:
+            cursor, keys = raw.call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
+            if keys:
+                raw.call("DEL", *keys)
+            if cursor == b"0":
+                break
+    finally:
+        raw.close()
+
+
+class RedisServer:
+    """
+    A redis-server of a test's own on a spare 127.0.0.1 port, killed at
+    cleanup.  With persist=True it keeps its data in an append-only file
+    (fsync always), so a restart after kill() finds it again.
+    """
+
+    def __init__(self, testCase, password: str | None = None, persist: bool = False) -> None:
         if shutil.which("redis-server") is None:
-            require_service("redis-server", "not installed")
+            require_service("redis-server", "not on PATH")
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="hmacfs-redis-")
         self.password = password
+        self.persist = persist
+        self.dir = tempfile.mkdtemp(prefix="hmacfs-redis-")
         self.process: subprocess.Popen | None = None
         testCase.addCleanup(self.cleanup)
         self.start()
 
     def start(self) -> None:
+        """Start on self.port and wait (at most 5 s) until PING answers."""
         args = [
             "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            self.dir,
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ]
-        if self.password:
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "always",
+            "--dir", self.dir,
+            "--logfile", os.path.join(self.dir, "log"),
+        ]  # fmt: skip
+        if self.password is not None:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        _wait(lambda: _answers(self.port), f"redis-server on {self.port} not answering")
+        deadline = time.monotonic() + 5
+        while True:
+            if self.process.poll() is not None:
+                with open(os.path.join(self.dir, "log"), errors="replace") as f:
+                    raise AssertionError(f"redis-server exited: {f.read()[-500:]}")
+            try:
+                self.raw().close()
+                return
+            except (OSError, ReplyError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def raw(self, db: int = 0) -> RawRedis:
+        return RawRedis(self.port, self.password, db)
 
     def kill(self) -> None:
-        """SIGKILL: the server vanishes without a goodbye, as in a crash."""
+        """SIGKILL: gone without a goodbye, as in a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=5)
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connected and accepting (the kernel does that), never answering."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
         if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=DEADLINE)
-            self.process = None
-        _wait(lambda: not _answers(self.port), f"redis-server on {self.port} still answering")
+            self.process.send_signal(signal.SIGCONT)
 
     def cleanup(self) -> None:
         if self.process is not None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=DEADLINE)
-            self.process = None
+            self.resume()
+            self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

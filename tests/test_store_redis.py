@@ -6,12 +6,6 @@ private servers (wrong password, nothing listening, killed, restarted, hung).
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
 
@@ -23,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from hmacd.config import Config
 from hmacd.store import StoreUnavailable
 from hmacd.store.redis import RedisStore, parse_redis_addr
+from tests.servers import RawRedis, RedisServer, delete_prefix, free_port
 from tests.store_contract import StoreContract, record, require_service
 
 SHARED_PORT = 6379
@@ -33,141 +28,6 @@ SLACK = 1.0
 # How long a restarted server may take to be used again: txredisapi retries
 # after about 1 s, then e s, e**2 s... capped at 10 s.
 RECOVERY = 12.0
-
-
-class ReplyError(Exception):
-    """An error reply from Redis to the raw client."""
-
-
-class RawRedis:
-    """A blocking RESP client of the tests' own, to look behind the store's back."""
-
-    def __init__(self, port: int, password: str | None = None, db: int = 0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=2)
-        self.reader = self.sock.makefile("rb")
-        try:
-            if password is not None:
-                self.call("AUTH", password)
-            if db:
-                self.call("SELECT", db)
-        except BaseException:
-            self.close()
-            raise
-
-    def call(self, *args: str | bytes | int):
-        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-        self.sock.sendall(
-            b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-        )
-        return self._read()
-
-    def _read(self):
-        line = self.reader.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise ReplyError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            return None if int(rest) < 0 else self.reader.read(int(rest) + 2)[:-2]
-        if kind == b"*":
-            return None if int(rest) < 0 else [self._read() for _ in range(int(rest))]
-        raise AssertionError(f"unexpected reply line {line!r}")
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-
-def delete_prefix(port: int, prefix: str, password: str | None = None, db: int = 0) -> None:
-    """Delete every key under prefix (plain characters only: it is a glob)."""
-    raw = RawRedis(port, password, db)
-    try:
-        cursor = b"0"
-        while True:
-            cursor, keys = raw.call("SCAN", cursor, "MATCH", prefix + "*", "COUNT", 1000)
-            if keys:
-                raw.call("DEL", *keys)
-            if cursor == b"0":
-                break
-    finally:
-        raw.close()
-
-
-def spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server of a test's own on a spare 127.0.0.1 port, killed at cleanup."""
-
-    def __init__(self, testCase: TestCase, password: str | None = None) -> None:
-        if shutil.which("redis-server") is None:
-            require_service("redis-server", "not on PATH")
-        self.port = spare_port()
-        self.password = password
-        self.dir = tempfile.mkdtemp(prefix="hmacfs-redis-")
-        self.process: subprocess.Popen | None = None
-        testCase.addCleanup(self.cleanup)
-        self.start()
-
-    def start(self) -> None:
-        """Start on self.port and wait (at most 5 s) until PING answers."""
-        args = [
-            "redis-server",
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.dir,
-            "--logfile", os.path.join(self.dir, "log"),
-        ]  # fmt: skip
-        if self.password is not None:
-            args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 5
-        while True:
-            if self.process.poll() is not None:
-                with open(os.path.join(self.dir, "log"), errors="replace") as f:
-                    raise AssertionError(f"redis-server exited: {f.read()[-500:]}")
-            try:
-                self.raw().close()
-                return
-            except (OSError, ReplyError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def raw(self, db: int = 0) -> RawRedis:
-        return RawRedis(self.port, self.password, db)
-
-    def kill(self) -> None:
-        """SIGKILL: gone without a goodbye, as in a crash."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=5)
-        self.process = None
-
-    def pause(self) -> None:
-        """SIGSTOP: connected and accepting (the kernel does that), never answering."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGCONT)
-
-    def cleanup(self) -> None:
-        if self.process is not None:
-            self.resume()
-            self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Dropper(protocol.Protocol):
@@ -341,7 +201,7 @@ class RedisFaultTests(TestCase):
     @inlineCallbacks
     def test_nothing_listening(self):
         """With nothing on the port, start() fails within its deadline and calls do too."""
-        store = self.makeStore(spare_port())
+        store = self.makeStore(free_port())
         e = yield assertUnavailable(self, store.start(), within=CONNECT_TIMEOUT + TIMEOUT + SLACK)
         self.assertIn("connection refused", str(e))
         e = yield assertUnavailable(self, store.put(record()), within=TIMEOUT + SLACK)
@@ -350,7 +210,7 @@ class RedisFaultTests(TestCase):
     @inlineCallbacks
     def test_not_started(self):
         """Calls before start() fail with StoreUnavailable; stop() before start() is fine."""
-        store = RedisStore("127.0.0.1", spare_port(), reactor=reactor)
+        store = RedisStore("127.0.0.1", free_port(), reactor=reactor)
         yield assertUnavailable(self, store.get("a"), within=SLACK)
         yield store.stop()
         yield store.stop()

@@ -23,11 +23,10 @@ from hmacd.store.failover import FailoverStore
 from hmacd.store.redis import RedisStore
 from hmacd.store.sql import SQLStore
 from hmacd.tap import build_metadata
-from tests.servers import PrivatePostgres, PrivateRedis
+from tests.servers import PrivatePostgres, RedisServer, delete_prefix
 from tests.store_contract import require_service
 from tests.support import LoopbackServer, load_vectors, store_files, v_query
 from tests.test_http import body_of, raw_request, upload_vectors
-from tests.test_store_redis import delete_prefix
 from tests.test_store_sql import MYSQL, POSTGRES
 
 
@@ -213,7 +212,7 @@ class OutageTests(TestCase):
     @inlineCallbacks
     def test_outages(self):
         """Redis down: uploads go on via PostgreSQL; back: copied; both down: 503, GET works."""
-        redis = PrivateRedis(self)
+        redis = RedisServer(self, persist=True)
         postgres = PrivatePostgres(self)
         primary = redisStore(self, port=redis.port, timeout=0.5)
         primary.connect_timeout = 1.0
@@ -297,7 +296,7 @@ class OutageTests(TestCase):
     @inlineCallbacks
     def test_unreachable_at_start(self):
         """Stores that are down at start: degraded and logged, no hang; they are found later."""
-        redis = PrivateRedis(self)
+        redis = RedisServer(self, persist=True)
         redis.kill()
         primary = redisStore(self, port=redis.port, timeout=0.5)
         primary.connect_timeout = 0.5

@@ -725,6 +725,28 @@ class TwistdTests(TestCase):
         self.assertFalse(_accepts(port))
         self.assertFalse(os.path.exists(os.path.join(self.cwd, "store")))
 
+    def test_unreachable_store_is_degraded_not_fatal(self) -> None:
+        """Redis unreachable at start: logged, uploads 503, no traceback, no hang at stop."""
+        port = _free_port()
+        cfg = self.config(port, RedisAddr=f"127.0.0.1:{_free_port()}", LogFile="hmacfs.log")
+        proc = self.spawn("-n", "hmacfs", "--config", cfg)
+        self.waitListening(port, proc)
+        body = b"abc"
+        mac = sign_v(self.secret(), "x.txt", len(body))
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            status, _ = _http(port, "PUT", f"/upload/x.txt?v={mac}", body)
+            if status == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(status, 503)
+        self.assertEqual(_http(port, "GET", "/upload/x.txt")[0], 404)
+        self.terminate(proc)
+        logged = _read(os.path.join(self.cwd, "hmacfs.log"))
+        self.assertIn("primary metadata store redis unavailable at start", logged)
+        self.assertNotIn("Traceback", logged)
+        self.assertNotIn("Traceback", _read(self.output))
+
     def test_port_in_use_exits_nonzero(self) -> None:
         """A ListenPort that cannot be bound stops twistd with a non-zero exit."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
