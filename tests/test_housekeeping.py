@@ -26,6 +26,20 @@ def touch(root: str, relpath: str, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
+def clocked_server(root: str) -> tuple[Clock, FileServer]:
+    """A FileServer over root on a Clock at NOW, with a memory store and no threads."""
+    clock = Clock()
+    clock.advance(NOW)
+    fs = FileServer(
+        secret=SECRET,
+        store_dir=root,
+        reactor=clock,
+        metadata=memory_metadata(clock),
+        blocking=synchronous,
+    )
+    return clock, fs
+
+
 class SweepTests(SynchronousTestCase):
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
@@ -53,15 +67,7 @@ class SweepTests(SynchronousTestCase):
 
     def test_service_sweeps_at_start_and_periodically(self):
         """The service sweeps when started and again after each interval."""
-        clock = Clock()
-        clock.advance(NOW)
-        fs = FileServer(
-            secret=SECRET,
-            store_dir=self.root,
-            reactor=clock,
-            metadata=memory_metadata(clock),
-            blocking=synchronous,
-        )
+        clock, fs = clocked_server(self.root)
         service = PartialSweep(fs, interval=3600, maxAge=600)
         service.startService()
         self.addCleanup(service.stopService)
@@ -72,15 +78,7 @@ class SweepTests(SynchronousTestCase):
 
     def test_failed_sweep_keeps_the_loop(self):
         """A sweep that fails is logged and the next one still runs."""
-        clock = Clock()
-        clock.advance(NOW)
-        fs = FileServer(
-            secret=SECRET,
-            store_dir=self.root,
-            reactor=clock,
-            metadata=memory_metadata(clock),
-            blocking=synchronous,
-        )
+        clock, fs = clocked_server(self.root)
         calls = []
 
         def failing(store_dir, older_than):
@@ -102,15 +100,7 @@ class ExpiryTests(SynchronousTestCase):
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
-        self.clock = Clock()
-        self.clock.advance(NOW)
-        self.fs = FileServer(
-            secret=SECRET,
-            store_dir=self.root,
-            reactor=self.clock,
-            metadata=memory_metadata(self.clock),
-            blocking=synchronous,
-        )
+        self.clock, self.fs = clocked_server(self.root)
 
     def stored(self, relpath: str, expires: float | None) -> None:
         touch(self.root, relpath, NOW)

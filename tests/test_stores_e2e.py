@@ -90,22 +90,11 @@ def redisStore(testCase, port=6379, password=None, timeout=2.0) -> RedisStore:
     return store
 
 
-def postgresStore(testCase, port=5432) -> SQLStore:
+def sqlStore(testCase, dialect: str, **params) -> SQLStore:
+    """A PostgreSQL or MariaDB store on a table of its own, dropped at cleanup."""
     table = unique("hmacfs_e2e_")
-    params = dict(POSTGRES, port=port)
-    store = SQLStore.postgres(table=table, **params)
-
-    def drop():
-        if store.pool is not None:
-            return store.pool.runOperation(f"DROP TABLE IF EXISTS {table}")
-
-    testCase.addCleanup(drop)
-    return store
-
-
-def mysqlStore(testCase) -> SQLStore:
-    table = unique("hmacfs_e2e_")
-    store = SQLStore.mysql(table=table, **MYSQL)
+    defaults = POSTGRES if dialect == "postgres" else MYSQL
+    store = getattr(SQLStore, dialect)(table=table, **dict(defaults, **params))
 
     def drop():
         if store.pool is not None:
@@ -130,7 +119,7 @@ class PostgresOnlyTests(StoreSuite, TestCase):
 
     @inlineCallbacks
     def makeMetadata(self, root):
-        metadata = FailoverStore(postgresStore(self), clock=reactor)
+        metadata = FailoverStore(sqlStore(self, "postgres"), clock=reactor)
         yield metadata.start()
         return metadata
 
@@ -140,7 +129,7 @@ class MariaDBOnlyTests(StoreSuite, TestCase):
 
     @inlineCallbacks
     def makeMetadata(self, root):
-        metadata = FailoverStore(mysqlStore(self), clock=reactor)
+        metadata = FailoverStore(sqlStore(self, "mysql"), clock=reactor)
         yield metadata.start()
         return metadata
 
@@ -150,7 +139,7 @@ class RedisPostgresTests(StoreSuite, TestCase):
 
     @inlineCallbacks
     def makeMetadata(self, root):
-        metadata = FailoverStore(redisStore(self), postgresStore(self), clock=reactor)
+        metadata = FailoverStore(redisStore(self), sqlStore(self, "postgres"), clock=reactor)
         yield metadata.start()
         if not metadata.fallback.up:
             require_service("PostgreSQL", "not answering")
@@ -216,7 +205,7 @@ class OutageTests(TestCase):
         postgres = PrivatePostgres(self)
         primary = redisStore(self, port=redis.port, timeout=0.5)
         primary.connect_timeout = 1.0
-        fallback = postgresStore(self, port=postgres.port)
+        fallback = sqlStore(self, "postgres", port=postgres.port)
         metadata = FailoverStore(primary, fallback, clock=reactor, timeout=1.0, probeInterval=0.2)
         yield metadata.start()
         self.addCleanup(metadata.stop)
