@@ -82,6 +82,9 @@ class Config:
     upload_max_size: int = 0
     max_bytes_per_second: int = 0
     file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
+    gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
+    monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
+    shutdown_grace: int = 30  # ShutdownGrace, seconds uploads may finish in at shutdown
     source: str | None = None
 
     @property
@@ -133,6 +136,9 @@ KEYS: dict[str, str] = {
     "UploadMaxSize": "upload_max_size",
     "MaxBytesPerSecond": "max_bytes_per_second",
     "FileTTL": "file_ttl",
+    "GCInterval": "gc_interval",
+    "MonitorInterval": "monitor_interval",
+    "ShutdownGrace": "shutdown_grace",
 }
 
 _CANONICAL = {key.lower(): key for key in KEYS}
@@ -582,6 +588,9 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "UploadMaxSize": _size(0),
     "MaxBytesPerSecond": _size(0),
     "FileTTL": _duration,
+    "GCInterval": _duration,
+    "MonitorInterval": _duration,
+    "ShutdownGrace": _duration,
 }
 
 

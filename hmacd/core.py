@@ -7,13 +7,14 @@ from __future__ import annotations
 import mimetypes
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from hmacd.auth import DEFAULT_CONTENT_TYPE
+from hmacd.metrics import Metrics
 
 __all__ = ["FileServer", "guess_type", "is_inline_type"]
 
@@ -69,9 +70,16 @@ class FileServer:
     blocking: Callable[[Callable[[], Any]], Deferred] | None = None
     clock: Any = None
     file_ttl: float = 0
+    metrics: Metrics = field(default_factory=Metrics)
+    # The UploadRequests whose bodies are being received (graceful shutdown
+    # waits for them; a gauge counts them).
+    uploads: set = field(default_factory=set)
+    # False once shutdown has begun: new uploads are refused with 503.
+    accepting: bool = True
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
+        self.metrics.uploads_in_progress.set_function(lambda: len(self.uploads))
         if self.clock is None:
             self.clock = self.reactor
         if self.blocking is None:

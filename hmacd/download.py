@@ -111,8 +111,11 @@ class _FileSender:
     deadline, renewed whenever the transport asks for more, cuts it off.
     """
 
-    def __init__(self, request, f, offset: int, length: int, clock, stallTimeout: float) -> None:
+    def __init__(
+        self, request, f, offset: int, length: int, clock, stallTimeout: float, metrics
+    ) -> None:
         self.request = request
+        self.metrics = metrics
         self.file = f
         self.remaining = length
         self.clock = clock
@@ -152,8 +155,11 @@ class _FileSender:
             self._stop()
             request.unregisterProducer()
             request.finish()
+            if self.remaining == 0:
+                self.metrics.downloads.inc()
             return
         self.remaining -= len(data)
+        self.metrics.download_bytes.inc(len(data))
         self._renewDeadline()
         self.request.write(data)
 
@@ -277,9 +283,13 @@ class StoreResource(Resource):
         if request.method == b"HEAD" or length == 0:
             f.close()
             request.finish()
+            if request.method == b"GET":
+                self.fs.metrics.downloads.inc()
             return
         stallTimeout = getattr(request.channel.site, "timeOut", None) or 60
-        sender = _FileSender(request, f, offset, length, self.fs.reactor, stallTimeout)
+        sender = _FileSender(
+            request, f, offset, length, self.fs.reactor, stallTimeout, self.fs.metrics
+        )
         request.notifyFinish().addErrback(lambda _: sender.stopProducing())
         sender.start()
 

@@ -5,11 +5,15 @@ Periodic work, as TimerServices whose steps catch and log their own errors
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from functools import partial
 
+import psutil
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hmacd.core import FileServer
@@ -17,7 +21,15 @@ from hmacd.paths import PathRefused, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.upload import PART_PREFIX, PART_SUFFIX
 
-__all__ = ["ExpirySweep", "PartialSweep", "remove_stored", "sweep_partials"]
+__all__ = [
+    "ExpirySweep",
+    "GarbageCollector",
+    "PartialSweep",
+    "SystemMonitor",
+    "drain_uploads",
+    "remove_stored",
+    "sweep_partials",
+]
 
 log = Logger()
 
@@ -174,3 +186,100 @@ class ExpirySweep(TimerService):
         if removed:
             self.removed += removed
             log.info("deleted {count} expired files", count=removed)
+
+
+class GarbageCollector(TimerService):
+    """C{gc.collect()} every C{interval} seconds, its yield logged at debug level."""
+
+    def __init__(self, interval: float, clock) -> None:
+        super().__init__(interval, self.collect)
+        self.clock = clock
+
+    def collect(self) -> None:
+        try:
+            started = time.perf_counter()
+            collected = gc.collect()
+            log.debug(
+                "gc: {collected} objects collected in {ms:.1f} ms",
+                collected=collected,
+                ms=(time.perf_counter() - started) * 1000,
+            )
+        except Exception:
+            log.failure("garbage collection failed")
+
+
+class SystemMonitor(TimerService):
+    """
+    Every C{interval} seconds: threads, memory, CPU, descriptors, open
+    connections, uploads in progress and reactor lag, logged at info level
+    and set on the process gauges.
+
+    CPU percent comes from psutil without an interval (nothing blocks the
+    reactor): the share of CPU time since the previous sample.
+    """
+
+    def __init__(self, fs: FileServer, site, interval: float) -> None:
+        super().__init__(interval, self.sample)
+        self.fs = fs
+        self.site = site
+        self.clock = fs.reactor
+        self.process = psutil.Process()
+        self.process.cpu_percent(None)  # the first reading is always 0.0: prime it
+        self.lag = 0.0
+
+    def sample(self) -> None:
+        try:
+            metrics = self.fs.metrics
+            with self.process.oneshot():
+                memory = self.process.memory_info()
+                threads = self.process.num_threads()
+                fds = self.process.num_fds()
+                cpu = self.process.cpu_percent(None)
+            metrics.threads.set(threads)
+            metrics.rss.set(memory.rss)
+            metrics.vms.set(memory.vms)
+            metrics.cpu.set(cpu)
+            metrics.fds.set(fds)
+            log.info(
+                "status: {threads} threads, RSS {rss:.1f} MiB, VMS {vms:.1f} MiB, "
+                "CPU {cpu:.1f}%, {fds} fds, {connections} connections, "
+                "{uploads} uploads in progress, reactor lag {lag:.1f} ms",
+                threads=threads,
+                rss=memory.rss / 2**20,
+                vms=memory.vms / 2**20,
+                cpu=cpu,
+                fds=fds,
+                connections=self.site.openConnections,
+                uploads=len(self.fs.uploads),
+                lag=self.lag * 1000,
+            )
+            # The next lag figure: how late a call scheduled for "now" runs.
+            self.clock.callLater(0, self._lag, self.clock.seconds())
+        except Exception:
+            log.failure("system monitor sample failed")
+
+    def _lag(self, scheduled: float) -> None:
+        self.lag = max(0.0, self.clock.seconds() - scheduled)
+        self.fs.metrics.reactor_lag.set(self.lag)
+
+
+async def drain_uploads(fs: FileServer, grace: float, poll: float = 0.1) -> None:
+    """
+    Shutdown: refuse new uploads, give those in progress C{grace} seconds,
+    then abort the rest (their temp files go with their connections).
+    """
+    fs.accepting = False
+    deadline = fs.reactor.seconds() + grace
+    if fs.uploads:
+        log.info(
+            "shutting down: waiting up to {grace}s for {count} uploads",
+            grace=grace,
+            count=len(fs.uploads),
+        )
+    while fs.uploads and fs.reactor.seconds() < deadline:
+        await deferLater(fs.reactor, poll, lambda: None)
+    for request in list(fs.uploads):
+        log.warn("shutting down: aborting the upload of {path}", path=request.path)
+        request.abortUpload()
+    if fs.uploads:
+        await deferLater(fs.reactor, 0, lambda: None)  # let connectionLost run

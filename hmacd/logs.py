@@ -53,16 +53,25 @@ def censor(uri: bytes | None) -> str:
 def _file_observer(path: str, rotateOnSignal: bool = False) -> ILogObserver:
     # No size-based rotation: rotating is logrotate's job.
     logFile = LogFile.fromFullPath(path, rotateLength=None)
-    if rotateOnSignal and not signal.getsignal(signal.SIGUSR1):
-        # What twistd does for its own log file: SIGUSR1 rotates it.  Left
-        # at its default, the signal would kill the daemon.
-        def rotate(signum, frame):
-            from twisted.internet import reactor
-
-            reactor.callFromThread(logFile.rotate)
-
-        signal.signal(signal.SIGUSR1, rotate)
+    if rotateOnSignal:
+        # SIGUSR1 rotates, as twistd does for its own log file (left at its
+        # default the signal would kill the daemon); SIGHUP reopens the file
+        # after logrotate has moved it.
+        _on_signal(signal.SIGUSR1, logFile.rotate)
+        _on_signal(signal.SIGHUP, logFile.reopen)
     return textFileLogObserver(logFile)
+
+
+def _on_signal(signum: int, action: Callable[[], object]) -> None:
+    if signal.getsignal(signum) not in (signal.SIG_DFL, None, 0):
+        return  # somebody else's handler: leave it
+
+    def handler(signum, frame):
+        from twisted.internet import reactor
+
+        reactor.callFromThread(action)
+
+    signal.signal(signum, handler)
 
 
 def twistd_sink(logfile: str | None, nodaemon: bool) -> Callable[[], ILogObserver]:

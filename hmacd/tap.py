@@ -12,6 +12,7 @@ import pwd
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,7 +20,14 @@ from twisted.python import usage
 from hmacd import logs
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
-from hmacd.housekeeping import ExpirySweep, PartialSweep
+from hmacd.housekeeping import (
+    ExpirySweep,
+    GarbageCollector,
+    PartialSweep,
+    SystemMonitor,
+    drain_uploads,
+)
+from hmacd.metrics import metrics_site
 from hmacd.secret import SecretError, resolve_secret, secret_file
 from hmacd.store.failover import FailoverStore
 from hmacd.web import HmacfsSite
@@ -62,6 +70,11 @@ class Options(usage.Options):
             serverFromString(reactor, config.listen_endpoint)
         except (ValueError, TypeError, OSError) as e:
             raise usage.UsageError(f"{where}: ListenPort: {e}") from None
+        if config.metrics_enabled:
+            try:
+                serverFromString(reactor, config.metrics_endpoint)
+            except (ValueError, TypeError, OSError) as e:
+                raise usage.UsageError(f"{where}: MetricsPort: {e}") from None
         config = dataclasses.replace(config, store_dir=os.path.abspath(config.store_dir))
         parent = getattr(self, "parent", None)
         runAs = _runAs(parent)
@@ -201,12 +214,20 @@ def build_metadata(config: Config, reactor) -> FailoverStore:
 
 
 class StoreService(Service):
-    """Starts the metadata stores with the server and closes them after it."""
+    """
+    Starts the metadata stores with the server; at shutdown, lets uploads in
+    progress finish (up to ShutdownGrace) before it closes the stores, since
+    their records still have to be written.
+    """
 
     name = "metadata"
 
-    def __init__(self, store: FailoverStore) -> None:
+    def __init__(
+        self, store: FailoverStore, fs: FileServer | None = None, grace: float = 0
+    ) -> None:
         self.store = store
+        self.fs = fs
+        self.grace = grace
 
     def startService(self) -> None:
         super().startService()
@@ -216,7 +237,11 @@ class StoreService(Service):
 
     def stopService(self):
         super().stopService()
-        return self.store.stop()
+        if self.fs is None:
+            return self.store.stop()
+        d = Deferred.fromCoroutine(drain_uploads(self.fs, self.grace))
+        d.addErrback(lambda f: log.failure("draining uploads failed", f))
+        return d.addCallback(lambda _: self.store.stop())
 
 
 def build_service(
@@ -239,12 +264,12 @@ def build_service(
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
     )
+    fs.metrics.watch_stores(metadata)
     top = MultiService()
     _Announce(config, secretOrigin, len(secret)).setServiceParent(top)
-    StoreService(metadata).setServiceParent(top)
-    listener = StreamServerEndpointService(
-        serverFromString(reactor, config.listen_endpoint), HmacfsSite(fs)
-    )
+    StoreService(metadata, fs, config.shutdown_grace).setServiceParent(top)
+    site = HmacfsSite(fs)
+    listener = StreamServerEndpointService(serverFromString(reactor, config.listen_endpoint), site)
     # A port that cannot be bound stops start-up (twistd exits non-zero)
     # instead of leaving a process that serves nothing.
     listener._raiseSynchronously = True
@@ -252,6 +277,17 @@ def build_service(
     listener.setServiceParent(top)
     PartialSweep(fs).setServiceParent(top)
     ExpirySweep(fs).setServiceParent(top)
+    if config.metrics_enabled:
+        metrics = StreamServerEndpointService(
+            serverFromString(reactor, config.metrics_endpoint), metrics_site(fs.metrics, reactor)
+        )
+        metrics._raiseSynchronously = True
+        metrics.setName("metrics")
+        metrics.setServiceParent(top)
+    if config.gc_interval:
+        GarbageCollector(config.gc_interval, reactor).setServiceParent(top)
+    if config.monitor_interval:
+        SystemMonitor(fs, site, config.monitor_interval).setServiceParent(top)
     return top
 
 

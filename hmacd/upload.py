@@ -66,6 +66,20 @@ _STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
 PART_PREFIX, PART_SUFFIX = ".hmacfs-", ".part"
 
 INSUFFICIENT_STORAGE = 507
+
+# upload_errors_total{reason} for each refusal status of a PUT.
+_REASONS = {
+    400: "bad_request",
+    401: "auth",
+    403: "auth",
+    404: "not_found",
+    409: "conflict",
+    411: "length_required",
+    413: "too_large",
+    500: "internal",
+    503: "store",
+    INSUFFICIENT_STORAGE: "disk",
+}
 # A store outage is noticed and routed around within seconds (see
 # hmacd.store.failover); a client retrying after this finds it settled.
 RETRY_AFTER = b"30"  # RFC 4918; twisted.web.http has no name for it
@@ -242,8 +256,23 @@ class UploadRequest(server.Request):
     goes through the resource tree as usual.
     """
 
-    _upload: _Upload | None = None
+    __upload: _Upload | None = None
+
+    @property
+    def _upload(self) -> _Upload | None:
+        """The accepted body being received, or None; kept in C{fs.uploads}."""
+        return self.__upload
+
+    @_upload.setter
+    def _upload(self, upload: _Upload | None) -> None:
+        previous, self.__upload = self.__upload, upload
+        if previous is not None:
+            previous.fs.uploads.discard(self)
+        if upload is not None:
+            upload.fs.uploads.add(self)
+
     _refused = False
+    _acceptedAt = 0.0
     _finishOnBody = False
     _drainBudget: int | None = None  # bytes of a refused body still read and dropped
 
@@ -302,6 +331,7 @@ class UploadRequest(server.Request):
             self._upload = None
             self._refused = True  # the rest of the body, if any, is dropped
             upload.discard()
+            self._failed("too_large")
             self._logUnanswered(http.REQUEST_ENTITY_TOO_LARGE)
             self.channel.transport.abortConnection()
             return
@@ -327,6 +357,7 @@ class UploadRequest(server.Request):
         if upload.received != upload.size:
             self._upload = None
             upload.discard()
+            self._failed("bad_request")
             self._respond(
                 http.BAD_REQUEST,
                 f"body has {upload.received} bytes, the slot is for {upload.size}",
@@ -343,6 +374,7 @@ class UploadRequest(server.Request):
         if upload is not None and not upload.committing:
             self._upload = None
             upload.discard()
+            self._failed("aborted")
             log.info(
                 "upload of {path} broken off after {received} of {size} bytes",
                 path=upload.relpath,
@@ -415,6 +447,13 @@ class UploadRequest(server.Request):
             return self._refuse(
                 http.REQUEST_ENTITY_TOO_LARGE, f"larger than {fs.upload_max_size} bytes", length
             )
+        if not fs.accepting:
+            return self._refuse(
+                http.SERVICE_UNAVAILABLE,
+                "shutting down",
+                length,
+                [(b"Retry-After", RETRY_AFTER)],
+            )
         if not fs.metadata.writable():
             # No store could record the file: say so before the client
             # spends its bandwidth on a body we would have to throw away.
@@ -428,6 +467,7 @@ class UploadRequest(server.Request):
             self._upload = _Upload(
                 fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
             )
+            self._acceptedAt = fs.reactor.seconds()
         except Conflict:
             return self._refuse(http.CONFLICT, "file exists", length)
         except PathRefused as e:
@@ -466,6 +506,8 @@ class UploadRequest(server.Request):
         others, and clients waiting for 100 Continue, are cut off at once.
         """
         self._refused = True
+        if self.method == b"PUT":
+            self._failed(_REASONS.get(code, "other"))
         expect = _header(self, b"expect")
         self.requestHeaders.removeHeader(b"expect")
         self.channel.persistent = False
@@ -493,11 +535,22 @@ class UploadRequest(server.Request):
             # after the header block and reads no further.
             self.finish()
 
+    def abortUpload(self) -> None:
+        """Drop the connection of an upload in progress (shutdown); the temp file goes."""
+        if self.channel is not None:
+            self.channel.transport.abortConnection()
+
+    def _failed(self, reason: str) -> None:
+        self._site().fileServer.metrics.upload_errors.labels(reason).inc()
+
+    def _site(self):
+        # `site` is set by process(), which uploads never reach.
+        return self.site if self.site is not None else self.channel.site
+
     def _logUnanswered(self, code: int) -> None:
         """Write the access-log line of a request that gets no response."""
         self.setResponseCode(code)
-        site = self.site if self.site is not None else self.channel.site
-        site.log(self)
+        self._site().log(self)
 
     def _storageError(self, error: OSError) -> tuple[int, str]:
         log.error("cannot store {path}: {error}", path=self.path, error=error)
@@ -522,6 +575,12 @@ class UploadRequest(server.Request):
 
         def published(_):
             self._upload = None
+            metrics = self.site.fileServer.metrics
+            metrics.uploads.inc()
+            metrics.upload_bytes.inc(record.size)
+            metrics.upload_duration.observe(
+                self.site.fileServer.reactor.seconds() - self._acceptedAt
+            )
             log.info(
                 "stored {path} ({size} bytes, {type}, {protocol})",
                 path=record.path,
@@ -552,13 +611,17 @@ class UploadRequest(server.Request):
     def _commitFailed(self, failure: Failure, upload: _Upload) -> None:
         self._upload = None
         if failure.check(Conflict):
+            self._failed("conflict")
             self._respond(http.CONFLICT, "file exists")
         elif failure.check(_Answered):
+            self._failed("store")
             self._respond(*failure.value.args)
         elif failure.check(OSError) and failure.value.errno in _STORAGE_FULL:
+            self._failed("disk")
             log.error("cannot store {path}: {error}", path=upload.relpath, error=failure.value)
             self._respond(INSUFFICIENT_STORAGE, "insufficient storage")
         else:
+            self._failed("internal")
             log.failure("cannot store {path}", failure, path=upload.relpath)
             self._respond(http.INTERNAL_SERVER_ERROR, "cannot store the file")
 

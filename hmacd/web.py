@@ -39,6 +39,20 @@ class HmacfsSite(server.Site):
         kwargs = {} if timeout is None else {"timeout": timeout}
         super().__init__(StoreResource(fileServer), reactor=reactor or fileServer.reactor, **kwargs)
         self.fileServer = fileServer
+        self.openConnections = 0
+        fileServer.metrics.connections.set_function(lambda: self.openConnections)
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.openConnections += 1
+        connectionLost = protocol.connectionLost
+
+        def lost(reason):
+            self.openConnections -= 1
+            return connectionLost(reason)
+
+        protocol.connectionLost = lost
+        return protocol
 
     def acceptableProtocols(self) -> list[bytes]:
         """
@@ -50,6 +64,9 @@ class HmacfsSite(server.Site):
 
     def log(self, request) -> None:
         """Combined log format, censored; bearer tokens are in no logged field."""
+        self.fileServer.metrics.requests.labels(
+            (request.method or b"-").decode("ascii", "replace"), str(request.code)
+        ).inc()
         referrer = request.getHeader(b"referer")
         agent = request.getHeader(b"user-agent")
         _access.info(

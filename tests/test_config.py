@@ -169,6 +169,9 @@ class DefaultsTests(ConfigFileTestCase):
                 "UploadMaxSize",
                 "MaxBytesPerSecond",
                 "FileTTL",
+                "GCInterval",
+                "MonitorInterval",
+                "ShutdownGrace",
             ],
         )
         fields = [name for name in Config.__dataclass_fields__ if name != "source"]

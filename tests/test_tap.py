@@ -39,7 +39,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from hmacd import logs, tap
 from hmacd.auth import sign_v
 from hmacd.config import Config
-from hmacd.housekeeping import ExpirySweep, PartialSweep
+from hmacd.housekeeping import ExpirySweep, GarbageCollector, PartialSweep, SystemMonitor
 from hmacd.secret import ENV_VAR, SecretError, resolve_secret, secret_file
 from hmacd.web import HmacfsSite
 from tests.support import memory_metadata
@@ -482,8 +482,11 @@ class BuildServiceTests(TestCase):
         """Announce, the metadata stores, the "http" endpoint service, then the two sweeps."""
         top = self.build()
         children = list(top)
-        self.assertEqual(len(children), 5)
-        announce, stores, listener, partials, expiry = children
+        self.assertEqual(len(children), 7)
+        announce, stores, listener, partials, expiry, collector, monitor = children
+        self.assertIsInstance(collector, GarbageCollector)
+        self.assertIsInstance(monitor, SystemMonitor)
+        self.assertEqual((collector.step, monitor.step), (30, 10))
         self.assertIsInstance(stores, tap.StoreService)
         self.assertIs(stores.store, self.metadata)
         self.assertIs(listener.factory.fileServer.metadata, self.metadata)
@@ -789,6 +792,24 @@ class TwistdTests(TestCase):
         self.putAndGet(port, self.secret())
         self.terminate(proc)
         self.assertIn("PUT /upload/tapdir", _read(os.path.join(self.cwd, "hmacfs.log")))
+
+    def test_sighup_reopens_log_file(self) -> None:
+        """After logrotate moves LogFile away, SIGHUP makes hmacfs write a new one."""
+        port = _free_port()
+        proc = self.spawn("-n", "hmacfs", "--config", self.config(port, LogFile="hmacfs.log"))
+        self.waitListening(port, proc)
+        log = os.path.join(self.cwd, "hmacfs.log")
+        os.rename(log, log + ".old")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + DEADLINE
+        while not os.path.exists(log):
+            if time.monotonic() > deadline:
+                self.fail("no new LogFile after SIGHUP")
+            time.sleep(0.05)
+        self.putAndGet(port, self.secret())
+        self.terminate(proc)
+        self.assertIn("PUT /upload/tapdir", _read(log))
+        self.assertNotIn("PUT /upload/tapdir", _read(log + ".old"))
 
     def test_uid_switch(self) -> None:
         """With --uid/--gid, what start-up creates belongs to that user, and uploads work."""

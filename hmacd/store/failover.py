@@ -70,6 +70,7 @@ class Backend:
         self.onUp = onUp
         self.up = False
         self.transitions = 0
+        self.downs = 0  # up -> down transitions: the failovers metric
         self._probe: LoopingCall | None = None
         self._waiters: list[Deferred] | None = None
         self._started = False
@@ -149,6 +150,7 @@ class Backend:
         if self.up:
             self.up = False
             self.transitions += 1
+            self.downs += 1
             if announce:
                 log.warn(
                     "{role} metadata store {name} is down: {why}",
