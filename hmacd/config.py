@@ -85,6 +85,9 @@ class Config:
     gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
     monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
     shutdown_grace: int = 30  # ShutdownGrace, seconds uploads may finish in at shutdown
+    rate_limit_per_minute: int = 0  # RateLimitPerMinute, per client address; 0 = off
+    rate_limit_burst: int = 0  # RateLimitBurst; 0 = as many as RateLimitPerMinute
+    trusted_proxies: tuple[str, ...] = ()  # TrustedProxies: IPs/CIDRs whose X-Forwarded-For counts
     source: str | None = None
 
     @property
@@ -139,6 +142,9 @@ KEYS: dict[str, str] = {
     "GCInterval": "gc_interval",
     "MonitorInterval": "monitor_interval",
     "ShutdownGrace": "shutdown_grace",
+    "RateLimitPerMinute": "rate_limit_per_minute",
+    "RateLimitBurst": "rate_limit_burst",
+    "TrustedProxies": "trusted_proxies",
 }
 
 _CANONICAL = {key.lower(): key for key in KEYS}
@@ -453,6 +459,18 @@ def _duration(value: object) -> int:
         raise _Invalid(f"must be {expected}", value) from None
 
 
+def _networks(value: object) -> tuple[str, ...]:
+    expected = 'a list of IP addresses or CIDR blocks, like ["127.0.0.1", "10.0.0.0/8"]'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _wrong_type(expected, value)
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise _Invalid(f"must be {expected}; {entry!r} is not", value) from None
+    return tuple(entry.strip() for entry in value)
+
+
 def _address(value: object) -> str:
     # An int is a port: "ListenPort = 8080" is as natural as ":8080".
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -591,6 +609,9 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "GCInterval": _duration,
     "MonitorInterval": _duration,
     "ShutdownGrace": _duration,
+    "RateLimitPerMinute": _nonnegative_int,
+    "RateLimitBurst": _nonnegative_int,
+    "TrustedProxies": _networks,
 }
 
 

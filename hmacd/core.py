@@ -76,6 +76,10 @@ class FileServer:
     uploads: set = field(default_factory=set)
     # False once shutdown has begun: new uploads are refused with 503.
     accepting: bool = True
+    # RateLimitPerMinute (a hmacd.throttle.RateLimiter), and the networks
+    # whose X-Forwarded-For names the client.
+    limiter: Any = None
+    trusted_proxies: tuple = ()
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

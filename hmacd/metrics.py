@@ -50,6 +50,9 @@ class Metrics:
             "requests", "HTTP requests, by method and status.", ["method", "status"]
         )
         self.uploads_in_progress = gauge("uploads_in_progress", "Upload bodies being received.")
+        self.rate_limited = counter(
+            "rate_limited", "Requests refused with 429 by the per-address request-rate limit."
+        )
         self.threads = gauge("process_threads", "Threads of the server process.")
         self.rss = gauge("process_resident_memory_bytes", "Resident memory of the server process.")
         self.vms = gauge("process_virtual_memory_bytes", "Virtual memory of the server process.")

@@ -30,6 +30,7 @@ from hmacd.housekeeping import (
 from hmacd.metrics import metrics_site
 from hmacd.secret import SecretError, resolve_secret, secret_file
 from hmacd.store.failover import FailoverStore
+from hmacd.throttle import RateLimiter, parse_networks
 from hmacd.web import HmacfsSite
 
 __all__ = ["Options", "build_service", "makeService"]
@@ -263,6 +264,12 @@ def build_service(
         upload_max_size=config.upload_max_size,
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
+        limiter=(
+            RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, reactor)
+            if config.rate_limit_per_minute
+            else None
+        ),
+        trusted_proxies=parse_networks(config.trusted_proxies),
     )
     fs.metrics.watch_stores(metadata)
     top = MultiService()

@@ -36,6 +36,7 @@ from hmacd.logs import censor
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
+from hmacd.throttle import client_address
 
 __all__ = ["ALLOWED_METHODS", "POLICY_HEADERS", "UploadRequest"]
 
@@ -66,6 +67,7 @@ _STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
 PART_PREFIX, PART_SUFFIX = ".hmacfs-", ".part"
 
 INSUFFICIENT_STORAGE = 507
+TOO_MANY_REQUESTS = 429  # RFC 6585; not in twisted.web.http either
 
 # upload_errors_total{reason} for each refusal status of a PUT.
 _REASONS = {
@@ -77,6 +79,7 @@ _REASONS = {
     411: "length_required",
     413: "too_large",
     500: "internal",
+    429: "rate_limited",
     503: "store",
     INSUFFICIENT_STORAGE: "disk",
 }
@@ -293,6 +296,8 @@ class UploadRequest(server.Request):
         self.method, self.uri = channel._command, channel._path
         self.clientproto = channel._version
         self.path = self.uri.split(b"?", 1)[0]
+        if self._rateLimited(length):
+            return
         if self.method == b"PUT":
             self.content = BytesIO()  # never used; Twisted closes it
             try:
@@ -313,6 +318,26 @@ class UploadRequest(server.Request):
             self._refuse(http.REQUEST_ENTITY_TOO_LARGE, "request body not allowed", length)
         else:
             super().gotLength(length)
+
+    def _rateLimited(self, length: int | None) -> bool:
+        fs: FileServer = self.channel.site.fileServer
+        peer = getattr(self.getClientAddress(), "host", None)
+        if fs.limiter is None or peer is None:
+            return False
+        address = client_address(
+            peer, self.requestHeaders.getRawHeaders(b"x-forwarded-for"), fs.trusted_proxies
+        )
+        wait = fs.limiter.check(address)
+        if not wait:
+            return False
+        fs.metrics.rate_limited.inc()
+        self._refuse(
+            TOO_MANY_REQUESTS,
+            "too many requests",
+            length,
+            [(b"Retry-After", fs.limiter.retry_after(wait))],
+        )
+        return True
 
     def handleContentChunk(self, data: bytes) -> None:
         upload = self._upload

@@ -172,6 +172,9 @@ class DefaultsTests(ConfigFileTestCase):
                 "GCInterval",
                 "MonitorInterval",
                 "ShutdownGrace",
+                "RateLimitPerMinute",
+                "RateLimitBurst",
+                "TrustedProxies",
             ],
         )
         fields = [name for name in Config.__dataclass_fields__ if name != "source"]
@@ -904,3 +907,26 @@ class DurationTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(tomllib.loads(f"FileTTL = {value}"), "t.toml")
             self.assertIn("t.toml: FileTTL:", str(caught.exception), value)
+
+
+class RateLimitConfigTests(SynchronousTestCase):
+    def test_rate_limit_keys(self) -> None:
+        """RateLimitPerMinute, RateLimitBurst and TrustedProxies parse to their fields."""
+        config = parse_config(
+            tomllib.loads(
+                'RateLimitPerMinute = 120\nRateLimitBurst = 10\n'
+                'TrustedProxies = ["127.0.0.1", "10.0.0.0/8", "::1"]\n'
+            ),
+            "t.toml",
+        )
+        self.assertEqual(
+            (config.rate_limit_per_minute, config.rate_limit_burst, config.trusted_proxies),
+            (120, 10, ("127.0.0.1", "10.0.0.0/8", "::1")),
+        )
+
+    def test_bad_trusted_proxies(self) -> None:
+        """A TrustedProxies entry that is no address, or not a list, names the key."""
+        for value in ('["10.0.0.0/33"]', '["proxy.example"]', '"127.0.0.1"', "[1]"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(tomllib.loads(f"TrustedProxies = {value}"), "t.toml")
+            self.assertIn("t.toml: TrustedProxies:", str(caught.exception), value)
