@@ -173,6 +173,12 @@ class ExpirySweep(TimerService):
     async def _sweep(self) -> None:
         if not self.fs.metadata.writable():
             return  # starting, or every store down: the next sweep will do
+        if getattr(self.fs.metadata, "copying", False):
+            # Until the fallback's records are back in the primary, the
+            # primary may hold an older record for a path that was uploaded
+            # again during the outage: deleting by that record could take
+            # the newer file.
+            return
         now = self.fs.now()
         removed = 0
         for _ in range(self.maxBatches):

@@ -625,6 +625,9 @@ class UploadRequest(server.Request):
             else:
                 log.failure("cannot record {path}; upload withdrawn", failure, path=record.path)
             upload.unpublish()
+            # The write may still land later (a timed-out query cannot be
+            # recalled): try to take it back too, so no record outlives its file.
+            self.site.fileServer.metadata.delete(record.path).addErrback(lambda _: None)
             raise _Answered(
                 http.SERVICE_UNAVAILABLE,
                 "metadata store unavailable",

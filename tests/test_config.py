@@ -914,7 +914,7 @@ class RateLimitConfigTests(SynchronousTestCase):
         """RateLimitPerMinute, RateLimitBurst and TrustedProxies parse to their fields."""
         config = parse_config(
             tomllib.loads(
-                'RateLimitPerMinute = 120\nRateLimitBurst = 10\n'
+                "RateLimitPerMinute = 120\nRateLimitBurst = 10\n"
                 'TrustedProxies = ["127.0.0.1", "10.0.0.0/8", "::1"]\n'
             ),
             "t.toml",

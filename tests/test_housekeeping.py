@@ -158,6 +158,18 @@ class ExpiryTests(SynchronousTestCase):
         self.clock.advance(300)
         self.assertEqual(store_files(self.root), [])
 
+    def test_no_sweep_during_copy_back(self):
+        """While outage records are being copied back, expiry waits for the next sweep."""
+        self.stored("c/old.jpg", NOW - 1)
+        self.fs.metadata._copying = True
+        sweep = ExpirySweep(self.fs)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.assertIn("c/old.jpg", store_files(self.root))
+        self.fs.metadata._copying = False
+        self.clock.advance(300)
+        self.assertNotIn("c/old.jpg", store_files(self.root))
+
     def test_upload_gets_file_ttl(self):
         """FileTTL gives a record now + TTL; a sooner JWT expiry claim wins."""
         self.fs.file_ttl = 7 * 86400

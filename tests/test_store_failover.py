@@ -215,3 +215,20 @@ class SlowStartTests(SynchronousTestCase):
         self.failureResultOf(d, StoreUnavailable)
         self.assertFalse(store.writable())
         self.flushLoggedErrors()
+
+
+class StopTests(SynchronousTestCase):
+    def test_no_recovery_after_stop(self):
+        """A probe that answers after stop() neither marks the store up nor copies back."""
+        clock = Clock()
+        primary, fallback = FlakyStore("redis"), FlakyStore("postgres")
+        store = FailoverStore(primary, fallback, clock=clock, probeInterval=5.0)
+        self.successResultOf(store.start())
+        primary.mode = "down"
+        self.successResultOf(store.put(record()))
+        self.successResultOf(store.stop())
+        primary.mode = "ok"
+        clock.advance(50)
+        self.assertFalse(store.primary.up)
+        self.assertEqual(primary._records, {})
+        self.assertEqual(list(fallback._records), ["a/b.txt"])

@@ -6,13 +6,17 @@ that are killed and restarted under a running hmacfs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import time
 import uuid
 from io import BytesIO
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer, readBody
@@ -24,7 +28,7 @@ from hmacd.store.redis import RedisStore
 from hmacd.store.sql import SQLStore
 from hmacd.tap import build_metadata
 from tests.servers import PrivatePostgres, RedisServer, delete_prefix
-from tests.store_contract import require_service
+from tests.store_contract import record, require_service
 from tests.support import LoopbackServer, load_vectors, store_files, v_query
 from tests.test_http import body_of, raw_request, upload_vectors
 from tests.test_store_sql import MYSQL, POSTGRES
@@ -296,3 +300,64 @@ class OutageTests(TestCase):
         redis.start()
         yield eventually(metadata.writable, "writable")
         self.flushLoggedErrors(StoreUnavailable)
+
+
+class HungServerTests(TestCase):
+    """A PostgreSQL that stops answering (SIGSTOP) never stalls the reactor."""
+
+    timeout = 60
+
+    def freeze(self, postgres: PrivatePostgres) -> None:
+        with open(os.path.join(postgres.data, "postmaster.pid")) as f:
+            pid = int(f.readline())
+        pids = [pid] + [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+
+        def thaw():
+            for p in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGCONT)
+
+        self.addCleanup(thaw)
+
+    def watchReactor(self) -> list[float]:
+        """Gaps longer than 0.3 s between ticks of a 50 ms LoopingCall."""
+        stalls: list[float] = []
+        last = [time.monotonic()]
+
+        def tick():
+            now = time.monotonic()
+            if now - last[0] > 0.3:
+                stalls.append(now - last[0])
+            last[0] = now
+
+        loop = LoopingCall(tick)
+        loop.start(0.05)
+        self.addCleanup(loop.stop)
+        return stalls
+
+    @inlineCallbacks
+    def test_hung_sql_server(self):
+        """Calls fail within the deadline, probes and stop() never block the reactor."""
+        postgres = PrivatePostgres(self)
+        store = sqlStore(self, "postgres", port=postgres.port)
+        metadata = FailoverStore(store, clock=reactor, timeout=1.0, probeInterval=0.3)
+        yield metadata.start()
+        self.assertTrue(metadata.writable())
+        stalls = self.watchReactor()
+        self.freeze(postgres)
+        started = time.monotonic()
+        yield self.assertFailure(metadata.put(record()), StoreUnavailable)
+        self.assertLess(time.monotonic() - started, 2.0)
+        yield deferLater(reactor, 2.0, lambda: None)  # several probes against the hung server
+        started = time.monotonic()
+        yield metadata.stop()
+        self.assertLess(time.monotonic() - started, 6.0)
+        self.assertEqual(stalls, [])
+        self.flushLoggedErrors()

@@ -336,13 +336,18 @@ class StreamingTests(SynchronousTestCase):
 
     def test_record_failure_withdraws_file(self):
         """If the record cannot be written, the file is taken back and the client told 503."""
+        deleted = []
         self.patch(self.server.fs.metadata, "put", lambda record: fail(OSError("db down")))
+        self.patch(
+            self.server.fs.metadata, "delete", lambda path: deleted.append(path) or fail(OSError())
+        )
         channel, transport = self.server.connect()
         channel.dataReceived(put_head("m/n.txt", 3, v_query("m/n.txt", 3)) + b"abc")
         self.assertEqual(status(transport), http.SERVICE_UNAVAILABLE)
         self.assertIn(b"Retry-After: 30", transport.value())
         self.assertEqual(store_files(self.root), [])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(deleted, ["m/n.txt"], "a late write of the record is taken back")
 
 
 class BearerTests(SynchronousTestCase):

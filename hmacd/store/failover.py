@@ -165,6 +165,8 @@ class Backend:
 
     def _markUp(self, initial: bool = False) -> None:
         self._stopProbe()
+        if self._stopped:
+            return
         if not self.up:
             self.up = True
             if not initial:
@@ -179,13 +181,17 @@ class Backend:
             self._probe = None
 
     def _ping(self) -> Deferred:
+        # LoopingCall waits for the returned Deferred, so probes never pile
+        # up on a hung server; the deadline below bounds each one.
         # A store that failed at start has no connection or schema yet:
         # start() it again (idempotent) rather than ping.
         try:
             attempt = self.store.ping() if self._started else self.store.start()
         except Exception:
             attempt = fail()
-        d = self._deadline(attempt)
+        # A start may take its connect timeout and more: cutting it short
+        # would only make every probe fail.
+        d = attempt.addTimeout(self.timeout if self._started else self.startTimeout, self.clock)
 
         def answered(_):
             self._started = True
@@ -228,6 +234,11 @@ class FailoverStore:
         self.copyBatch = copyBatch
         self.copiedBack = 0
         self._copying = False
+
+    @property
+    def copying(self) -> bool:
+        """Whether outage records are being copied back to the primary right now."""
+        return self._copying
 
     @property
     def name(self) -> str:

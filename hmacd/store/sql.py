@@ -23,17 +23,22 @@ import importlib
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.enterprise import adbapi
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+
+log = Logger()
 
 __all__ = ["DEFAULT_PORTS", "DEFAULT_TABLE", "SQLStore", "parse_db_host"]
 
@@ -205,8 +210,57 @@ class _Connection(adbapi.Connection):
             dead.close()
 
 
+def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
+    # A query stuck on a hung server (SIGSTOPped, or a dead host behind a
+    # live TCP connection) never returns: such a thread must not keep the
+    # process from exiting.
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
 class _ConnectionPool(adbapi.ConnectionPool):
     connectionFactory = _Connection
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.threadpool.threadFactory = _daemonThread
+
+    def start(self) -> None:
+        super().start()
+        # adbapi joins its threads in a reactor shutdown trigger, which
+        # blocks the reactor for as long as any query is stuck; SQLStore.stop
+        # closes the pool off the reactor thread instead.
+        if self.shutdownID is not None:
+            self._reactor.removeSystemEventTrigger(self.shutdownID)
+            self.shutdownID = None
+
+    def closeInBackground(self, clock: Any, patience: float = 5.0) -> Deferred[None]:
+        """
+        Close the pool from a helper thread: ThreadPool.stop() joins the
+        worker threads, which must never happen in the reactor thread.
+        Fires when closed, or after C{patience} seconds (threads stuck on a
+        hung server are daemon threads and are left behind).
+        """
+        if self.startID:
+            self._reactor.removeSystemEventTrigger(self.startID)
+            self.startID = None
+        done: Deferred[None] = Deferred()
+
+        def close() -> None:
+            try:
+                self.finalClose()
+            finally:
+                self._reactor.callFromThread(lambda: done.called or done.callback(None))
+
+        threading.Thread(target=close, name=f"{self.name}-close", daemon=True).start()
+
+        def late(failure: Failure) -> None:
+            failure.trap(defer.TimeoutError)
+            log.warn(
+                "{name}: connections to a server that does not answer left behind",
+                name=self.name,
+            )
+
+        return done.addTimeout(patience, clock).addErrback(late)
 
 
 def _sqlite_open(connection: Any) -> None:
@@ -214,12 +268,17 @@ def _sqlite_open(connection: Any) -> None:
     connection.execute("PRAGMA journal_mode=WAL").fetchall()
 
 
+# Queries are tiny: one taking this long is stuck on a hung server, and its
+# pool thread is better freed (the call fails, and is retried once).
+MYSQL_QUERY_TIMEOUT = 30
+
+
 def _mysql_open(connection: Any) -> None:
     # pymysql bounds its handshake only by read_timeout (connect_timeout covers the TCP connect
     # alone), so the handshake ran with read/write timeouts equal to connect_timeout; queries
-    # get no client-side timeout, like psycopg2's.
-    connection._read_timeout = None
-    connection._write_timeout = None
+    # get a longer bound.
+    connection._read_timeout = MYSQL_QUERY_TIMEOUT
+    connection._write_timeout = MYSQL_QUERY_TIMEOUT
 
 
 def _row_to_record(row: Sequence[Any]) -> FileRecord:
@@ -465,7 +524,7 @@ class SQLStore:
         def failed(failure: Failure) -> Failure:
             if self.pool is pool:
                 self.pool = None
-                pool.close()
+                pool.closeInBackground(pool._reactor)
             if failure.check(dbapi.Error, adbapi.ConnectionLost):
                 raise StoreUnavailable(self._describe(failure.value)) from failure.value
             return failure
@@ -474,11 +533,11 @@ class SQLStore:
         return d
 
     def stop(self) -> Deferred[None]:
-        """Close the pool's connections and stop its threads."""
+        """Close the pool's connections and stop its threads, never blocking the reactor."""
         pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.close()
-        return succeed(None)
+        if pool is None:
+            return succeed(None)
+        return pool.closeInBackground(pool._reactor)
 
     def put(self, record: FileRecord) -> Deferred[None]:
         """Insert C{record}, replacing any record for its path."""
