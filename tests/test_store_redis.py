@@ -313,3 +313,32 @@ class ConfigTests(TestCase):
         store = RedisStore.from_config(Config(redis_addr="127.0.0.1:6379"), reactor=reactor)
         self.assertEqual((store.password, store.dbid), (None, 0))
         self.assertEqual(store.name, "redis")
+
+
+class PersistenceWarningTests(TestCase):
+    """A Redis that keeps nothing on disk is named at start; one with AOF is not."""
+
+    @inlineCallbacks
+    def started(self, persist: bool) -> list[str]:
+        from twisted.logger import globalLogPublisher
+
+        server = RedisServer(self, persist=persist)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        store = RedisStore("127.0.0.1", server.port, reactor=reactor, timeout=1.0)
+        yield store.start()
+        yield store.stop()
+        return [
+            e["log_format"] for e in events if "keeps nothing on disk" in e.get("log_format", "")
+        ]
+
+    @inlineCallbacks
+    def test_volatile_server_warned(self):
+        """appendonly no and no save points: one warning."""
+        self.assertEqual(len((yield self.started(persist=False))), 1)
+
+    @inlineCallbacks
+    def test_persistent_server_not_warned(self):
+        """With AOF on: no warning."""
+        self.assertEqual((yield self.started(persist=True)), [])

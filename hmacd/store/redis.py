@@ -301,6 +301,7 @@ class RedisStore:
         self._expiryKey = raw + b"expiry"
         self._filesKey = raw + b"files"
         self._factory: _StoreFactory | None = None
+        self._persistenceChecked = False
         self._waiting: list[Deferred[None]] = []
         self._lastError: str | None = None
         self._up = False
@@ -343,6 +344,7 @@ class RedisStore:
         d = self._whenConnected()
         d.addCallback(lambda _: self.ping())
         d.addTimeout(self.connect_timeout + self.timeout, self.reactor)
+        d.addCallback(lambda _: self._checkPersistence())
 
         def failed(failure: Failure) -> Failure:
             if failure.check(defer.TimeoutError):
@@ -355,6 +357,35 @@ class RedisStore:
             return failure
 
         return d.addErrback(failed)
+
+    def _checkPersistence(self) -> Deferred[None]:
+        """
+        Warn once if the server keeps nothing on disk: restarted, it would
+        come back empty, and every record with it (the files stay, served
+        with a guessed type and never expired).  Servers that refuse CONFIG
+        are left alone.
+        """
+        if self._persistenceChecked:
+            return succeed(None)
+        self._persistenceChecked = True
+        d = self._call("CONFIG GET", "execute_command", "CONFIG", "GET", "*")
+
+        def judge(reply) -> None:
+            items = reply if isinstance(reply, list) else []
+            config = {
+                (k.decode() if isinstance(k, bytes) else str(k)): (
+                    v.decode() if isinstance(v, bytes) else str(v)
+                )
+                for k, v in zip(items[::2], items[1::2], strict=False)
+            }
+            if config.get("appendonly") == "no" and not config.get("save", "x").strip():
+                log.warn(
+                    'redis {where} keeps nothing on disk (appendonly no, save ""): '
+                    "a restart of it loses every file record",
+                    where=self.where,
+                )
+
+        return d.addCallbacks(judge, lambda _: None)
 
     def stop(self) -> Deferred[None]:
         """Close the connections and stop reconnecting; fine if never started."""
