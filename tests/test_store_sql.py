@@ -218,20 +218,40 @@ class SQLiteStoreTests(StoreContract, SQLChecks, TestCase):
         yield store.stop()
 
 
-class PostgresStoreTests(StoreContract, SQLChecks, TestCase):
-    """PostgreSQL through psycopg2, each test on its own table."""
+class ServerStoreMixin:
+    """makeStore for a database server: its own table per test, dropped at cleanup."""
+
+    service: str
+    params: dict
+    constructor: str
+
+    @staticmethod
+    def down() -> str | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def connect():
+        raise NotImplementedError
 
     def makeStore(self, fresh=True, **options):
-        reason = postgres_down()
+        reason = self.down()
         if reason:
-            require_service("PostgreSQL", reason)
+            require_service(self.service, reason)
         if fresh:
             self.table = unique_table()
-            self.addCleanup(drop_table, postgres_connection, self.table)
-        params = dict(POSTGRES, connect_timeout=TIMEOUT, table=self.table)
+            self.addCleanup(drop_table, self.connect, self.table)
+        params = dict(self.params, connect_timeout=TIMEOUT, table=self.table)
         params.update(options)
-        store = SQLStore.postgres(**params)
+        store = getattr(SQLStore, self.constructor)(**params)
         return store.start().addCallback(lambda _: store)
+
+
+class PostgresStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
+    """PostgreSQL through psycopg2, each test on its own table."""
+
+    service, params, constructor = "PostgreSQL", POSTGRES, "postgres"
+    down = staticmethod(postgres_down)
+    connect = staticmethod(postgres_connection)
 
     @inlineCallbacks
     def test_unknown_database(self):
@@ -295,20 +315,12 @@ class PostgresStoreTests(StoreContract, SQLChecks, TestCase):
         self.assertNotEqual(before, after)
 
 
-class MySQLStoreTests(StoreContract, SQLChecks, TestCase):
+class MySQLStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
     """MariaDB through pymysql, each test on its own table."""
 
-    def makeStore(self, fresh=True, **options):
-        reason = mysql_down()
-        if reason:
-            require_service("MariaDB", reason)
-        if fresh:
-            self.table = unique_table()
-            self.addCleanup(drop_table, mysql_connection, self.table)
-        params = dict(MYSQL, connect_timeout=TIMEOUT, table=self.table)
-        params.update(options)
-        store = SQLStore.mysql(**params)
-        return store.start().addCallback(lambda _: store)
+    service, params, constructor = "MariaDB", MYSQL, "mysql"
+    down = staticmethod(mysql_down)
+    connect = staticmethod(mysql_connection)
 
     @inlineCallbacks
     def test_wrong_password(self):
