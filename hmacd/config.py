@@ -81,6 +81,7 @@ class Config:
     chunk_size: int = 1048576
     upload_max_size: int = 0
     max_bytes_per_second: int = 0
+    max_total_bytes_per_second: int = 0  # MaxTotalBytesPerSecond, shared by all uploads
     file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
     gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
     monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
@@ -138,6 +139,7 @@ KEYS: dict[str, str] = {
     "ChunkSize": "chunk_size",
     "UploadMaxSize": "upload_max_size",
     "MaxBytesPerSecond": "max_bytes_per_second",
+    "MaxTotalBytesPerSecond": "max_total_bytes_per_second",
     "FileTTL": "file_ttl",
     "GCInterval": "gc_interval",
     "MonitorInterval": "monitor_interval",
@@ -605,6 +607,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "ChunkSize": _size(1),
     "UploadMaxSize": _size(0),
     "MaxBytesPerSecond": _size(0),
+    "MaxTotalBytesPerSecond": _size(0),
     "FileTTL": _duration,
     "GCInterval": _duration,
     "MonitorInterval": _duration,

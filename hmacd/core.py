@@ -80,6 +80,10 @@ class FileServer:
     # whose X-Forwarded-For names the client.
     limiter: Any = None
     trusted_proxies: tuple = ()
+    # MaxBytesPerSecond per upload, and a hmacd.throttle.Bandwidth shared by
+    # all uploads (MaxTotalBytesPerSecond).
+    max_bytes_per_second: int = 0
+    total_bandwidth: Any = None
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

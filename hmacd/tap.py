@@ -30,7 +30,7 @@ from hmacd.housekeeping import (
 from hmacd.metrics import metrics_site
 from hmacd.secret import SecretError, resolve_secret, secret_file
 from hmacd.store.failover import FailoverStore
-from hmacd.throttle import RateLimiter, parse_networks
+from hmacd.throttle import Bandwidth, RateLimiter, parse_networks
 from hmacd.web import HmacfsSite
 
 __all__ = ["Options", "build_service", "makeService"]
@@ -270,6 +270,12 @@ def build_service(
             else None
         ),
         trusted_proxies=parse_networks(config.trusted_proxies),
+        max_bytes_per_second=config.max_bytes_per_second,
+        total_bandwidth=(
+            Bandwidth(config.max_total_bytes_per_second, reactor)
+            if config.max_total_bytes_per_second
+            else None
+        ),
     )
     fs.metrics.watch_stores(metadata)
     top = MultiService()

@@ -15,7 +15,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 
-__all__ = ["RateLimiter", "client_address", "parse_networks"]
+__all__ = ["Bandwidth", "RateLimiter", "client_address", "parse_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -95,3 +95,29 @@ class RateLimiter:
     @staticmethod
     def retry_after(wait: float) -> bytes:
         return b"%d" % max(1, math.ceil(wait))
+
+
+class Bandwidth:
+    """
+    A byte budget refilled at C{rate} per second, allowed to go into debt:
+    C{take(n)} spends n bytes and says how long to pause until the budget is
+    back at zero.  The upload reads what TCP delivers (one read, at most
+    64 KiB, past the budget) and then pauses the transport for that long:
+    back-pressure through TCP, no sleeping, no buffering.
+    """
+
+    def __init__(self, rate: int, clock, burst: int | None = None) -> None:
+        self.rate = float(rate)
+        # A tenth of a second's worth (at least one read): small enough that
+        # a short upload is held to the rate too.
+        self.burst = float(burst if burst is not None else max(65536, rate // 10))
+        self.clock = clock
+        self.tokens = self.burst
+        self.last = clock.seconds()
+
+    def take(self, count: int) -> float:
+        now = self.clock.seconds()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= count
+        return -self.tokens / self.rate if self.tokens < 0 else 0.0

@@ -36,7 +36,7 @@ from hmacd.logs import censor
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
-from hmacd.throttle import client_address
+from hmacd.throttle import Bandwidth, client_address
 
 __all__ = ["ALLOWED_METHODS", "POLICY_HEADERS", "UploadRequest"]
 
@@ -276,6 +276,9 @@ class UploadRequest(server.Request):
 
     _refused = False
     _acceptedAt = 0.0
+    _bandwidth: Bandwidth | None = None  # MaxBytesPerSecond of this upload
+    _resume = None  # the pending end of a throttling pause
+    _savedTimeout = None
     _finishOnBody = False
     _drainBudget: int | None = None  # bytes of a refused body still read and dropped
 
@@ -366,6 +369,34 @@ class UploadRequest(server.Request):
             self._upload = None
             upload.discard()
             self._refuse(*self._storageError(e), None, duringBody=True)
+            return
+        self._throttle(len(data))
+
+    def _throttle(self, count: int) -> None:
+        """Pause reading while this upload (or all of them) is ahead of its rate."""
+        fs = self.channel.site.fileServer
+        waits = [b.take(count) for b in (self._bandwidth, fs.total_bandwidth) if b is not None]
+        wait = max(waits, default=0.0)
+        if wait <= 0 or self._resume is not None:
+            return
+        self.channel.transport.pauseProducing()
+        # A deliberate pause is not an idle client: no timeout while it lasts.
+        self._savedTimeout = self.channel.setTimeout(None)
+        self._resume = fs.reactor.callLater(wait, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._resume = None
+        channel = getattr(self, "channel", None)  # gone once the request has finished
+        if channel is not None and not self._disconnected:
+            channel.setTimeout(self._savedTimeout)
+            channel.transport.resumeProducing()
+
+    def _endThrottle(self) -> None:
+        """The body is complete (or lost): no more pauses; undo a pending one now."""
+        self._bandwidth = None
+        if self._resume is not None:
+            self._resume.cancel()
+            self._unthrottle()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -376,6 +407,7 @@ class UploadRequest(server.Request):
         if upload is None:
             super().requestReceived(command, path, version)
             return
+        self._endThrottle()
         self.site = self.channel.site
         self.setHeader(b"Server", server.version)
         self.setHeader(b"Date", http.datetimeToString())
@@ -395,6 +427,9 @@ class UploadRequest(server.Request):
         d.addErrback(self._commitFailed, upload)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         upload = self._upload
         if upload is not None and not upload.committing:
             self._upload = None
@@ -493,6 +528,8 @@ class UploadRequest(server.Request):
                 fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
             )
             self._acceptedAt = fs.reactor.seconds()
+            if fs.max_bytes_per_second:
+                self._bandwidth = Bandwidth(fs.max_bytes_per_second, fs.reactor)
         except Conflict:
             return self._refuse(http.CONFLICT, "file exists", length)
         except PathRefused as e:

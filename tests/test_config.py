@@ -168,6 +168,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "ChunkSize",
                 "UploadMaxSize",
                 "MaxBytesPerSecond",
+                "MaxTotalBytesPerSecond",
                 "FileTTL",
                 "GCInterval",
                 "MonitorInterval",

@@ -5,13 +5,15 @@ and 429 over the wire.
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from hmacd.throttle import RateLimiter, client_address, parse_networks
-from tests.support import LoopbackServer, MemoryServer, v_query
+from hmacd.throttle import Bandwidth, RateLimiter, client_address, parse_networks
+from tests.support import LoopbackServer, MemoryServer, store_files, v_query
 from tests.test_http import raw_request
 from tests.test_upload import put_head, request_head, status
 
@@ -132,3 +134,97 @@ class LoopbackLimitTests(TestCase):
         second = yield deferToThread(raw_request, server, "GET", "/upload/a")
         self.assertEqual((first.code, second.code), (404, 429))
         self.assertEqual(second.headers["retry-after"], "1")
+
+
+class BandwidthTests(SynchronousTestCase):
+    def test_budget_and_debt(self):
+        """Spending past the budget gives the pause that brings it back to zero."""
+        clock = Clock()
+        bucket = Bandwidth(rate=1000, clock=clock, burst=500)
+        self.assertEqual(bucket.take(500), 0)
+        self.assertAlmostEqual(bucket.take(1000), 1.0)
+        clock.advance(1.0)
+        self.assertAlmostEqual(bucket.take(250), 0.25)
+        clock.advance(10)
+        self.assertEqual(bucket.take(500), 0)  # refilled, but never past the burst
+        self.assertAlmostEqual(bucket.take(1), 0.001)
+
+    def test_default_burst(self):
+        """The burst is a tenth of a second's worth, at least one 64 KiB read."""
+        self.assertEqual(Bandwidth(10 * 2**20, Clock()).burst, 2**20)
+        self.assertEqual(Bandwidth(1000, Clock()).burst, 65536)
+
+
+class ThrottledUploadTests(SynchronousTestCase):
+    """MaxBytesPerSecond pauses the transport, on a Clock, and nothing else changes."""
+
+    def test_pause_and_resume(self):
+        """Ahead of the rate the transport is paused for just the deficit, then resumed."""
+        server = MemoryServer(self.mktemp())
+        server.fs.max_bytes_per_second = 100_000
+        channel, transport = server.connect()
+        body = b"x" * 200_000
+        channel.dataReceived(put_head("slow.bin", len(body), v_query("slow.bin", len(body))))
+        channel.dataReceived(body[:60_000])
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(body[60_000:100_000])
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(channel.timeOut, None, "no idle timeout during a deliberate pause")
+        server.clock.advance(0.34)  # 100,000 - 65,536 bytes of debt at 100,000/s
+        self.assertEqual(transport.producerState, "paused")
+        server.clock.advance(0.01)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIsNotNone(channel.timeOut)
+        channel.dataReceived(body[100_000:])
+        server.clock.advance(2)
+        self.assertEqual(status(transport), 201)
+
+    def test_total_cap_shared(self):
+        """MaxTotalBytesPerSecond: one upload's bytes delay another's."""
+        server = MemoryServer(self.mktemp())
+        server.fs.total_bandwidth = Bandwidth(100_000, server.clock, burst=65_536)
+        first, firstTransport = server.connect()
+        second, secondTransport = server.connect()
+        first.dataReceived(put_head("a.bin", 100_000, v_query("a.bin", 100_000)))
+        second.dataReceived(put_head("b.bin", 100_000, v_query("b.bin", 100_000)))
+        first.dataReceived(b"a" * 60_000)
+        second.dataReceived(b"b" * 10_000)
+        self.assertEqual(
+            (firstTransport.producerState, secondTransport.producerState), ("producing", "paused")
+        )
+
+    def test_disconnect_while_paused(self):
+        """A client lost during a pause leaves no file and no pending resume."""
+        server = MemoryServer(self.mktemp())
+        server.fs.max_bytes_per_second = 1000
+        channel, transport = server.connect()
+        channel.dataReceived(put_head("p.bin", 100_000, v_query("p.bin", 100_000)) + b"x" * 70_000)
+        self.assertEqual(transport.producerState, "paused")
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(server.clock.getDelayedCalls(), [])
+        self.assertEqual(store_files(server.fs.store_dir), [])
+
+
+class RealRateTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_one_mib_per_second(self):
+        """Over a real socket, a 1 MiB/s limit gives 1 MiB/s within 10%."""
+        server = LoopbackServer(self)
+        server.fs.max_bytes_per_second = 2**20
+        size = 3 * 2**20
+        body = b"r" * size
+
+        def upload():
+            started = time.monotonic()
+            response = raw_request(server, "PUT", "/upload/r.bin?" + v_query("r.bin", size), body)
+            return response.code, time.monotonic() - started
+
+        code, elapsed = yield deferToThread(upload)
+        self.assertEqual(code, 201)
+        rate = size / elapsed / 2**20
+        self.assertTrue(0.9 <= rate <= 1.1, f"{rate:.3f} MiB/s")
