@@ -232,3 +232,49 @@ class StopTests(SynchronousTestCase):
         self.assertFalse(store.primary.up)
         self.assertEqual(primary._records, {})
         self.assertEqual(list(fallback._records), ["a/b.txt"])
+
+
+class FlappingTests(SynchronousTestCase):
+    def test_backoff_while_flapping(self):
+        """A store failing again soon after each recovery is probed ever less often."""
+        clock = Clock()
+        primary, fallback = FlakyStore("redis"), FlakyStore("postgres")
+        store = FailoverStore(primary, fallback, clock=clock, probeInterval=5.0)
+        self.successResultOf(store.start())
+        intervals = []
+        for _ in range(4):
+            primary.mode = "down"
+            self.successResultOf(store.put(record()))  # fails over
+            primary.mode = "ok"
+            before = clock.seconds()
+            while not store.primary.up:
+                clock.advance(1)
+            intervals.append(clock.seconds() - before)
+        self.assertEqual(intervals, [5, 10, 20, 40])
+        self.assertEqual(store.primary.backoff, 8)
+        clock.advance(61)
+        primary.mode = "down"
+        self.successResultOf(store.put(record("later")))
+        self.assertEqual(store.primary.backoff, 1, "calm for a minute: back to normal")
+        self.flushLoggedErrors()
+
+
+class HealthWatchTests(SynchronousTestCase):
+    def test_idle_fallback_outage_noticed(self):
+        """A fallback that fails while unused is found down by the health ping, logged once."""
+        clock = Clock()
+        primary, fallback = FlakyStore("redis"), FlakyStore("postgres")
+        store = FailoverStore(primary, fallback, clock=clock, healthInterval=10.0)
+        self.successResultOf(store.start())
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        fallback.mode = "down"
+        clock.advance(10)
+        self.assertFalse(store.fallback.up)
+        self.assertTrue(store.primary.up)
+        clock.advance(30)
+        downs = [e for e in events if "is down" in e.get("log_format", "")]
+        self.assertEqual(len(downs), 1)
+        self.successResultOf(store.stop())
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -71,6 +71,8 @@ class Backend:
         self.up = False
         self.transitions = 0
         self.downs = 0  # up -> down transitions: the failovers metric
+        self.backoff = 1  # probe interval multiplier while the store flaps
+        self._lastUp: float | None = None
         self._probe: LoopingCall | None = None
         self._waiters: list[Deferred] | None = None
         self._started = False
@@ -146,11 +148,21 @@ class Backend:
     def _deadline(self, d: Deferred) -> Deferred:
         return d.addTimeout(self.timeout, self.clock)
 
+    # A store that fails again within this many seconds of coming back is
+    # flapping (say, answering PING but timing out on writes): each time,
+    # its probes wait twice as long, up to MAX_BACKOFF times the interval.
+    FLAP_WINDOW = 60.0
+    MAX_BACKOFF = 16
+
     def _markDown(self, failure: Failure, announce: bool = True) -> None:
         if self.up:
             self.up = False
             self.transitions += 1
             self.downs += 1
+            recent = (
+                self._lastUp is not None and self.clock.seconds() - self._lastUp < self.FLAP_WINDOW
+            )
+            self.backoff = min(self.backoff * 2, self.MAX_BACKOFF) if recent else 1
             if announce:
                 log.warn(
                     "{role} metadata store {name} is down: {why}",
@@ -161,12 +173,14 @@ class Backend:
         if self._probe is None and not self._stopped:
             self._probe = LoopingCall(self._ping)
             self._probe.clock = self.clock
-            self._probe.start(self.probeInterval, now=False)
+            self._probe.start(self.probeInterval * self.backoff, now=False)
 
     def _markUp(self, initial: bool = False) -> None:
         self._stopProbe()
         if self._stopped:
             return
+        if not initial:
+            self._lastUp = self.clock.seconds()  # a recovery: flapping is judged from here
         if not self.up:
             self.up = True
             if not initial:
@@ -222,6 +236,7 @@ class FailoverStore:
         timeout: float = 2.0,
         probeInterval: float = 2.0,
         copyBatch: int = 100,
+        healthInterval: float = 10.0,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -234,6 +249,12 @@ class FailoverStore:
         self.copyBatch = copyBatch
         self.copiedBack = 0
         self._copying = False
+        # Backends that are up get a ping now and then, so that a fallback
+        # nobody is using is known (and logged, and reported) to be down
+        # before the primary fails too.
+        self.healthInterval = healthInterval
+        self._watch = LoopingCall(self._checkHealth)
+        self._watch.clock = clock
 
     @property
     def copying(self) -> bool:
@@ -260,10 +281,19 @@ class FailoverStore:
     async def _startAll(self) -> None:
         for started in [backend.start() for backend in self.backends()]:
             await started
+        if self.healthInterval and not self._watch.running:
+            self._watch.start(self.healthInterval, now=False)
         if not self.writable():
             log.error("no metadata store is available: uploads are refused with 503")
 
+    def _checkHealth(self) -> Deferred:
+        pings = [b.call("ping") for b in self.backends() if b.up]
+        # Failures mark their backend down (logged once there); the loop goes on.
+        return Deferred.fromCoroutine(_settle(pings))
+
     def stop(self) -> Deferred[None]:
+        if self._watch.running:
+            self._watch.stop()
         d = succeed(None)
         for backend in self.backends():
             d.addCallback(lambda _, b=backend: b.stop())
@@ -365,3 +395,11 @@ async def _anySucceeded(results: list[Deferred]) -> None:
             errors.append(e)
     if len(errors) == len(results):
         raise errors[0]
+
+
+async def _settle(results: list[Deferred]) -> None:
+    for d in results:
+        try:
+            await d
+        except StoreUnavailable:
+            pass
