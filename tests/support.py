@@ -31,7 +31,9 @@ def load_vectors() -> dict:
 
 def memory_metadata(clock) -> FailoverStore:
     """A started FailoverStore over a MemoryStore (starting it is synchronous)."""
-    store = FailoverStore(MemoryStore(), clock=clock)
+    # No health pings: a dict does not fail, and a loop left running on the
+    # global reactor would make the test's reactor unclean.
+    store = FailoverStore(MemoryStore(), clock=clock, healthInterval=0)
     store.start()
     return store
 
