@@ -470,8 +470,18 @@ class UploadRequest(server.Request):
         if picked is not None:
             protocol, mac = picked
             if length is None:
-                return self._refuse(http.LENGTH_REQUIRED, "Content-Length required", length)
-            size = length
+                # A chunked body: the signed size must be declared up front,
+                # and the final byte count must match it.
+                declared = (_header(self, b"x-upload-length") or "").strip()
+                if not declared.isdigit() or not declared.isascii():
+                    return self._refuse(
+                        http.LENGTH_REQUIRED,
+                        "Content-Length or X-Upload-Length required",
+                        length,
+                    )
+                size = int(declared)
+            else:
+                size = length
             if not auth.verify_hmac(protocol, fs.secret, relpath, size, content_type, mac):
                 return self._refuse(http.FORBIDDEN, "invalid MAC", length)
             if content_type is None:

@@ -427,6 +427,54 @@ class BearerTests(SynchronousTestCase):
         self.assertEqual(status(transport), http.FORBIDDEN)
 
 
+class DeclaredLengthTests(SynchronousTestCase):
+    """Chunked v/v2/token bodies with the signed size in X-Upload-Length."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root)
+
+    def head(self, size: int, declared: str, signed: int | None = None) -> bytes:
+        signed = size if signed is None else signed
+        return request_head(
+            "PUT",
+            "/upload/c.bin?" + v_query("c.bin", signed),
+            None,
+            ("Transfer-Encoding: chunked", f"X-Upload-Length: {declared}"),
+        )
+
+    def test_chunked_with_declared_length(self):
+        """The MAC is checked against X-Upload-Length and the final count must match."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(6, "6") + chunked(b"abc", b"def"))
+        self.assertEqual(status(transport), http.CREATED)
+        with open(os.path.join(self.root, "c.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"abcdef")
+
+    def test_declared_length_signed_differently(self):
+        """A declared length the MAC was not made for is 403, before the body."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(6, "7"))
+        self.assertEqual(status(transport), http.FORBIDDEN)
+
+    def test_body_shorter_or_longer_than_declared(self):
+        """Fewer bytes than declared: 400; more: the connection is cut; nothing kept."""
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(6, "6") + chunked(b"abc"))
+        self.assertEqual(status(transport), http.BAD_REQUEST)
+        channel, transport = self.server.connect()
+        channel.dataReceived(self.head(6, "6") + chunked(b"abcdefg"))
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_bad_declared_length(self):
+        """A declared length that is not a number is 411."""
+        for declared in ("", "-1", "6.0", "٦"):
+            channel, transport = self.server.connect()
+            channel.dataReceived(self.head(6, declared))
+            self.assertEqual(status(transport), http.LENGTH_REQUIRED, declared)
+
+
 class TwistedInternalsTests(SynchronousTestCase):
     """Regression guards for the HTTPChannel behaviour the upload depends on."""
 
