@@ -83,6 +83,7 @@ class Config:
     max_bytes_per_second: int = 0
     max_total_bytes_per_second: int = 0  # MaxTotalBytesPerSecond, shared by all uploads
     file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
+    resumable_ttl: int = 86400  # ResumableTTL: unfinished resumable uploads older than this go
     gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
     monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
     shutdown_grace: int = 30  # ShutdownGrace, seconds uploads may finish in at shutdown
@@ -141,6 +142,7 @@ KEYS: dict[str, str] = {
     "MaxBytesPerSecond": "max_bytes_per_second",
     "MaxTotalBytesPerSecond": "max_total_bytes_per_second",
     "FileTTL": "file_ttl",
+    "ResumableTTL": "resumable_ttl",
     "GCInterval": "gc_interval",
     "MonitorInterval": "monitor_interval",
     "ShutdownGrace": "shutdown_grace",
@@ -609,6 +611,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "MaxBytesPerSecond": _size(0),
     "MaxTotalBytesPerSecond": _size(0),
     "FileTTL": _duration,
+    "ResumableTTL": _duration,
     "GCInterval": _duration,
     "MonitorInterval": _duration,
     "ShutdownGrace": _duration,

@@ -84,6 +84,8 @@ class FileServer:
     # all uploads (MaxTotalBytesPerSecond).
     max_bytes_per_second: int = 0
     total_bandwidth: Any = None
+    # Paths whose resumable upload is receiving a chunk right now (one at a time).
+    resumable: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

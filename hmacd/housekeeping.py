@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from contextlib import suppress
 from functools import partial
 
 import psutil
@@ -29,6 +30,7 @@ __all__ = [
     "drain_uploads",
     "remove_stored",
     "sweep_partials",
+    "sweep_resumable",
 ]
 
 log = Logger()
@@ -61,6 +63,40 @@ def sweep_partials(store_dir: str, older_than: float) -> list[str]:
     return removed
 
 
+def sweep_resumable(store_dir: str, older_than: float) -> list[str]:
+    """
+    Remove resumable uploads (C{.hmacfs/partial/}) untouched since
+    C{older_than}: their clients gave up.
+
+    @return: the removed data files' names.
+    """
+    partial = os.path.join(store_dir, ".hmacfs", "partial")
+    removed = []
+    try:
+        names = os.listdir(partial)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        key = name[: -len(".json")]
+        data = os.path.join(partial, key + ".part")
+        try:
+            newest = max(
+                os.stat(p).st_mtime
+                for p in (data, os.path.join(partial, name))
+                if os.path.exists(p)
+            )
+        except (OSError, ValueError):
+            continue
+        if newest < older_than:
+            for path in (data, os.path.join(partial, name)):
+                with suppress(FileNotFoundError):
+                    os.unlink(path)
+            removed.append(key)
+    return removed
+
+
 class PartialSweep(TimerService):
     """
     Sweep abandoned temp files at start and every C{interval} seconds.
@@ -70,10 +106,17 @@ class PartialSweep(TimerService):
     that timeout, is abandoned whichever process it came from.
     """
 
-    def __init__(self, fs: FileServer, interval: float = 3600, maxAge: float = 600) -> None:
+    def __init__(
+        self,
+        fs: FileServer,
+        interval: float = 3600,
+        maxAge: float = 600,
+        resumableTTL: float = 86400,
+    ) -> None:
         super().__init__(interval, self.sweep)
         self.fs = fs
         self.maxAge = maxAge
+        self.resumableTTL = resumableTTL
         self.clock = fs.reactor
 
     _sweeping = False
@@ -85,16 +128,27 @@ class PartialSweep(TimerService):
         if self._sweeping:
             return
         self._sweeping = True
-        cutoff = self.fs.now() - self.maxAge
-        d = self.fs.blocking(lambda: sweep_partials(self.fs.store_dir, cutoff))
+        now = self.fs.now()
+        root = self.fs.store_dir
 
-        def report(removed: list[str]) -> None:
-            if removed:
+        def both() -> tuple[list[str], list[str]]:
+            return (
+                sweep_partials(root, now - self.maxAge),
+                sweep_resumable(root, now - self.resumableTTL),
+            )
+
+        d = self.fs.blocking(both)
+
+        def report(result: tuple[list[str], list[str]]) -> None:
+            temps, resumable = result
+            if temps:
                 log.info(
                     "removed {count} abandoned upload temp files: {files}",
-                    count=len(removed),
-                    files=", ".join(removed[:10]),
+                    count=len(temps),
+                    files=", ".join(temps[:10]),
                 )
+            if resumable:
+                log.info("removed {count} abandoned resumable uploads", count=len(resumable))
 
         def done(result):
             self._sweeping = False

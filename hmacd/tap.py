@@ -288,7 +288,7 @@ def build_service(
     listener._raiseSynchronously = True
     listener.setName("http")
     listener.setServiceParent(top)
-    PartialSweep(fs).setServiceParent(top)
+    PartialSweep(fs, resumableTTL=config.resumable_ttl).setServiceParent(top)
     ExpirySweep(fs).setServiceParent(top)
     if config.metrics_enabled:
         metrics = StreamServerEndpointService(

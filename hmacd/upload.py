@@ -19,9 +19,12 @@ A broken connection removes the temp file; nothing partial is ever visible.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import json
 import os
+import re
 import secrets
 from io import BytesIO
 from urllib.parse import parse_qs
@@ -69,6 +72,9 @@ PART_PREFIX, PART_SUFFIX = ".hmacfs-", ".part"
 INSUFFICIENT_STORAGE = 507
 TOO_MANY_REQUESTS = 429  # RFC 6585; not in twisted.web.http either
 
+# "Resume Incomplete": a resumable piece is stored, more are expected.
+RESUME_INCOMPLETE = 308
+
 # upload_errors_total{reason} for each refusal status of a PUT.
 _REASONS = {
     400: "bad_request",
@@ -78,6 +84,7 @@ _REASONS = {
     409: "conflict",
     411: "length_required",
     413: "too_large",
+    416: "range",
     500: "internal",
     429: "rate_limited",
     503: "store",
@@ -243,6 +250,180 @@ class _Upload:
         self._pruneDirectories()
 
 
+class OffsetMismatch(Exception):
+    """A resumable chunk does not start where the upload stands."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
+class ChunkInProgress(Exception):
+    """Another chunk of the same resumable upload is being received."""
+
+
+def received_range(offset: int) -> list[tuple[bytes, bytes]]:
+    """The Range header that tells a client how much of its upload we hold."""
+    return [(b"Range", b"bytes=0-%d" % (offset - 1))] if offset else []
+
+
+class _ResumableChunk(_Upload):
+    """
+    One C{Content-Range} piece of a resumable upload.
+
+    The upload's bytes so far live in C{StoreDir/.hmacfs/partial/<hash>.part}
+    (never served: a dot path), its facts in C{<hash>.json}; the offset is
+    the data file's size.  A chunk appends at exactly that offset; one that
+    breaks off keeps what arrived (the client asks for the offset and goes
+    on from there).  When the last byte lands the data file is hashed and
+    linked into place, like a whole upload.
+    """
+
+    def __init__(
+        self,
+        fs: FileServer,
+        relpath: str,
+        total: int,
+        start: int,
+        length: int,
+        content_type: str,
+        protocol: str,
+        uploader: str | None = None,
+        expires: float | None = None,
+    ) -> None:
+        self.fs = fs
+        self.relpath = relpath
+        self.total = total
+        self.start = start
+        self.size = length
+        self.received = 0
+        self._created = []
+        self.dest = store_path(fs.store_dir, relpath)
+        if os.path.lexists(self.dest):
+            raise Conflict()
+        if relpath in fs.resumable:
+            raise ChunkInProgress()
+        partial = os.path.join(fs.store_dir, ".hmacfs", "partial")
+        os.makedirs(partial, mode=0o700, exist_ok=True)
+        key = hashlib.sha256(relpath.encode("utf-8")).hexdigest()
+        self.data = os.path.join(partial, key + ".part")
+        self.state = os.path.join(partial, key + ".json")
+        facts = dict(
+            path=relpath,
+            total=total,
+            content_type=content_type,
+            protocol=protocol,
+            uploader=uploader,
+            expires=expires,
+        )
+        try:
+            with open(self.state, encoding="utf-8") as f:
+                known = json.load(f)
+        except FileNotFoundError:
+            known = None
+        if known is not None and (known["path"], known["total"]) != (relpath, total):
+            raise Conflict()
+        if known is not None:
+            facts = known  # the facts of the first chunk stand
+        offset = os.path.getsize(self.data) if os.path.exists(self.data) else 0
+        if start != offset:
+            raise OffsetMismatch(offset)
+        if known is None:
+            temp = self.state + ".tmp"
+            with open(temp, "w", encoding="utf-8") as f:
+                json.dump(facts, f)
+            os.replace(temp, self.state)
+        self.content_type = facts["content_type"]
+        self.protocol = facts["protocol"]
+        self.uploader = facts["uploader"]
+        self.expires = facts["expires"]
+        fd = os.open(self.data, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.lseek(fd, start, os.SEEK_SET)
+        self._file = open(fd, "wb", buffering=fs.chunk_size)
+        fs.resumable.add(relpath)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.received += len(data)
+
+    def discard(self) -> None:
+        """A broken chunk keeps the bytes that arrived: they are the next offset."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+    def release(self) -> None:
+        self.fs.resumable.discard(self.relpath)
+
+    def commit(self) -> FileRecord | int:
+        """
+        Make the chunk durable.  Runs in a worker thread.
+
+        @return: the new offset while the upload is incomplete; the record
+            once the last byte is in and the file is in place.
+        @raise Conflict: the name appeared meanwhile (the partial goes).
+        """
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        offset = self.start + self.received
+        if offset < self.total:
+            return offset
+        digest = hashlib.sha256()
+        with open(self.data, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        try:
+            self._makeParents(os.path.dirname(self.dest))
+            store_path(self.fs.store_dir, self.relpath)
+            os.link(self.data, self.dest)
+        except FileExistsError:
+            self._forget()
+            self._pruneDirectories()
+            raise Conflict() from None
+        self._forget()
+        return FileRecord(
+            path=self.relpath,
+            size=self.total,
+            content_type=self.content_type,
+            sha256=digest.hexdigest(),
+            created=self.fs.now(),
+            protocol=self.protocol,
+            uploader=self.uploader,
+            expires=self.expires,
+        )
+
+    def _forget(self) -> None:
+        for path in (self.data, self.state):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+_CONTENT_RANGE = re.compile(r"bytes +(?:([0-9]+)-([0-9]+)|\*)/([0-9]+)")
+
+
+def _parse_content_range(value: str) -> tuple[int, int, int] | tuple[int] | None:
+    """(first, last, total) of a piece, (total,) of an offset query, or None if malformed."""
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None:
+        return None
+    first, last, total = match.groups()
+    if first is None:
+        return (int(total),)
+    first, last, total = int(first), int(last), int(total)
+    if not first <= last < total:
+        return None
+    return first, last, total
+
+
+def partial_offset(fs: FileServer, relpath: str) -> int:
+    """How many bytes of a resumable upload of C{relpath} we hold."""
+    key = hashlib.sha256(relpath.encode("utf-8")).hexdigest()
+    try:
+        return os.path.getsize(os.path.join(fs.store_dir, ".hmacfs", "partial", key + ".part"))
+    except FileNotFoundError:
+        return 0
+
+
 def _servable_type(content_type: str) -> bool:
     """Whether a type can go back out verbatim as a Content-Type header."""
     return content_type.isascii() and content_type.isprintable()
@@ -271,6 +452,8 @@ class UploadRequest(server.Request):
         previous, self.__upload = self.__upload, upload
         if previous is not None:
             previous.fs.uploads.discard(self)
+            if isinstance(previous, _ResumableChunk):
+                previous.release()
         if upload is not None:
             upload.fs.uploads.add(self)
 
@@ -467,9 +650,18 @@ class UploadRequest(server.Request):
         }
         picked = auth.pick_protocol(args)
         uploader = expires = None
+        span = None
+        if _header(self, b"content-range") is not None:
+            # A resumable piece: the signed size is the total, not this
+            # request's Content-Length.
+            span = _parse_content_range(_header(self, b"content-range"))
+            if span is None:
+                return self._refuse(http.BAD_REQUEST, "bad Content-Range", length)
         if picked is not None:
             protocol, mac = picked
-            if length is None:
+            if span is not None:
+                size = span[-1]
+            elif length is None:
                 # A chunked body: the signed size must be declared up front,
                 # and the final byte count must match it.
                 declared = (_header(self, b"x-upload-length") or "").strip()
@@ -500,7 +692,11 @@ class UploadRequest(server.Request):
                 auth.check_bearer_path(slot, relpath)
             except auth.AuthError as e:
                 return self._refuse(http.FORBIDDEN, str(e), length)
-            if length is not None and length != slot.filesize:
+            if span is not None and span[-1] != slot.filesize:
+                return self._refuse(
+                    http.BAD_REQUEST, f"total differs from the slot's {slot.filesize}", length
+                )
+            if span is None and length is not None and length != slot.filesize:
                 code = http.REQUEST_ENTITY_TOO_LARGE if length > slot.filesize else http.BAD_REQUEST
                 return self._refuse(
                     code, f"Content-Length {length} differs from the slot's {slot.filesize}", length
@@ -534,9 +730,17 @@ class UploadRequest(server.Request):
                 [(b"Retry-After", RETRY_AFTER)],
             )
         try:
-            self._upload = _Upload(
-                fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
-            )
+            if span is not None:
+                chunk = self._resumableChunk(
+                    fs, relpath, span, length, content_type, protocol, uploader, expires
+                )
+                if chunk is None:
+                    return None  # answered already
+                self._upload = chunk
+            else:
+                self._upload = _Upload(
+                    fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
+                )
             self._acceptedAt = fs.reactor.seconds()
             if fs.max_bytes_per_second:
                 self._bandwidth = Bandwidth(fs.max_bytes_per_second, fs.reactor)
@@ -547,11 +751,48 @@ class UploadRequest(server.Request):
         except OSError as e:
             return self._refuse(*self._storageError(e), length)
 
+    def _resumableChunk(
+        self, fs, relpath, span, length, content_type, protocol, uploader, expires
+    ) -> _ResumableChunk | None:
+        """The chunk to receive, or None when the request has been answered."""
+        if len(span) == 1:
+            # "bytes */total": where does the upload stand?
+            if length not in (0, None):
+                self._refuse(http.BAD_REQUEST, "an offset query has no body", length)
+                return None
+            if os.path.lexists(store_path(fs.store_dir, relpath)):
+                self._refuse(http.CONFLICT, "file exists", length)
+                return None
+            offset = partial_offset(fs, relpath)
+            self._refuse(
+                RESUME_INCOMPLETE, f"{offset} bytes received", length, received_range(offset), False
+            )
+            return None
+        start, end, total = span
+        if length != end - start + 1:
+            self._refuse(http.BAD_REQUEST, "Content-Length must match Content-Range", length)
+            return None
+        try:
+            return _ResumableChunk(
+                fs, relpath, total, start, length, content_type, protocol, uploader,
+                fs.expiry(expires),
+            )  # fmt: skip
+        except ChunkInProgress:
+            self._refuse(http.CONFLICT, "another chunk of this upload is in progress", length)
+        except OffsetMismatch as e:
+            self._refuse(
+                http.REQUESTED_RANGE_NOT_SATISFIABLE,
+                f"the upload stands at {e.offset} bytes",
+                length,
+                received_range(e.offset),
+            )
+        return None
+
     # Answers -------------------------------------------------------------
 
     def _writeAnswer(self, code: int, message: str, headers=()) -> None:
         body = message.encode("utf-8") + b"\n"
-        self.setResponseCode(code)
+        self.setResponseCode(code, b"Resume Incomplete" if code == RESUME_INCOMPLETE else None)
         for name, value in headers:
             self.setHeader(name, value)
         self.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -568,7 +809,13 @@ class UploadRequest(server.Request):
         self.finish()
 
     def _refuse(
-        self, code: int, message: str, length: int | None, headers=(), duringBody: bool = False
+        self,
+        code: int,
+        message: str,
+        length: int | None,
+        headers=(),
+        error: bool = True,
+        duringBody: bool = False,
     ) -> None:
         """
         Answer now, before the body, and make sure the body is never stored.
@@ -578,7 +825,7 @@ class UploadRequest(server.Request):
         others, and clients waiting for 100 Continue, are cut off at once.
         """
         self._refused = True
-        if self.method == b"PUT":
+        if self.method == b"PUT" and error:
             self._failed(_REASONS.get(code, "other"))
         expect = _header(self, b"expect")
         self.requestHeaders.removeHeader(b"expect")
@@ -642,7 +889,12 @@ class UploadRequest(server.Request):
         if not self.finished and not self._disconnected:
             self.finish()
 
-    def _recordUpload(self, record: FileRecord, upload: _Upload):
+    def _recordUpload(self, record: FileRecord | int, upload: _Upload):
+        if isinstance(record, int):
+            # A resumable piece is in; the upload is not complete yet.
+            self._upload = None
+            self._respond(RESUME_INCOMPLETE, f"{record} bytes received", received_range(record))
+            return None
         d = self.site.fileServer.metadata.put(record)
 
         def published(_):

@@ -170,6 +170,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "MaxBytesPerSecond",
                 "MaxTotalBytesPerSecond",
                 "FileTTL",
+                "ResumableTTL",
                 "GCInterval",
                 "MonitorInterval",
                 "ShutdownGrace",
