@@ -769,12 +769,14 @@ class UploadRequest(server.Request):
             )
             return None
         start, end, total = span
-        if length != end - start + 1:
+        # A chunked piece (no Content-Length) is held to its range's length
+        # as it streams.
+        if length is not None and length != end - start + 1:
             self._refuse(http.BAD_REQUEST, "Content-Length must match Content-Range", length)
             return None
         try:
             return _ResumableChunk(
-                fs, relpath, total, start, length, content_type, protocol, uploader,
+                fs, relpath, total, start, end - start + 1, content_type, protocol, uploader,
                 fs.expiry(expires),
             )  # fmt: skip
         except ChunkInProgress:

@@ -164,6 +164,27 @@ class ResumableTests(SynchronousTestCase):
         self.assertEqual(status(t), 409)
         self.assertEqual(status(self.query()), 409)
 
+    def test_chunked_body_with_content_range(self):
+        """A chunked body whose size is its Content-Range's: the MAC covers the total."""
+        from tests.test_upload import chunked
+
+        head = request_head(
+            "PUT",
+            f"/upload/c.bin?{v_query('c.bin', TOTAL)}",
+            None,
+            ("Transfer-Encoding: chunked", f"Content-Range: bytes 0-{TOTAL - 1}/{TOTAL}"),
+        )
+        _, t = self.send(head + chunked(DATA[:5000], DATA[5000:]))
+        self.assertEqual(status(t), 201)
+        with open(os.path.join(self.root, "c.bin"), "rb") as f:
+            self.assertEqual(f.read(), DATA)
+        channel, t = self.server.connect()
+        head = head.replace(b"c.bin", b"d.bin").replace(
+            v_query("c.bin", TOTAL).encode(), v_query("d.bin", TOTAL).encode()
+        )
+        channel.dataReceived(head + chunked(DATA, b"extra"))
+        self.assertTrue(t.disconnected, "more than the range: cut off")
+
     def test_jwt_pieces(self):
         """A JWT slot's filesize is the total; pieces of it complete the upload."""
         self.server.clock.advance(1_800_000_000)
