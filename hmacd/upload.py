@@ -121,24 +121,28 @@ class _Upload:
         uploader: str | None = None,
         expires: float | None = None,
     ) -> None:
-        self.fs = fs
-        self.relpath = relpath
-        self.size = size
+        self._claim(fs, relpath, size)
         self.content_type = content_type
         self.protocol = protocol
         self.uploader = uploader
         self.expires = expires
-        self.received = 0
         self._sha256 = hashlib.sha256()
-        self._created: list[str] = []
-        self.dest = store_path(fs.store_dir, relpath)
-        if os.path.lexists(self.dest):
-            raise Conflict()
         try:
             self.temp = self._open()
         except BaseException:
             self._pruneDirectories()  # a refused upload leaves the store as it was
             raise
+
+    def _claim(self, fs: FileServer, relpath: str, size: int) -> None:
+        """Where the file will go; Conflict if something is there already."""
+        self.fs = fs
+        self.relpath = relpath
+        self.size = size
+        self.received = 0
+        self._created: list[str] = []
+        self.dest = store_path(fs.store_dir, relpath)
+        if os.path.lexists(self.dest):
+            raise Conflict()
 
     def _open(self) -> str:
         for attempt in (1, 2):
@@ -291,16 +295,9 @@ class _ResumableChunk(_Upload):
         uploader: str | None = None,
         expires: float | None = None,
     ) -> None:
-        self.fs = fs
-        self.relpath = relpath
+        self._claim(fs, relpath, length)
         self.total = total
         self.start = start
-        self.size = length
-        self.received = 0
-        self._created = []
-        self.dest = store_path(fs.store_dir, relpath)
-        if os.path.lexists(self.dest):
-            raise Conflict()
         if relpath in fs.resumable:
             raise ChunkInProgress()
         partial = os.path.join(fs.store_dir, ".hmacfs", "partial")
