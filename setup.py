@@ -23,6 +23,7 @@ setup(
         "PyJWT>=2.8,<3",
         "tqdm>=4.66",
     ],
+    entry_points={"console_scripts": ["hmacfs = hmacd.cli:run"]},
     extras_require={
         "test": ["hypothesis>=6.100"],
         "dev": ["hypothesis>=6.100", "ruff"],

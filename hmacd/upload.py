@@ -828,7 +828,11 @@ class UploadRequest(server.Request):
             self._failed(_REASONS.get(code, "other"))
         expect = _header(self, b"expect")
         self.requestHeaders.removeHeader(b"expect")
-        self.channel.persistent = False
+        if length != 0:
+            # The connection closes after the answer: what is left of it is a
+            # body nobody wants.  Say so, or a client's pool reuses it.
+            self.channel.persistent = False
+            headers = [*headers, (b"Connection", b"close")]
         self.setHeader(b"Server", server.version)
         self.setHeader(b"Date", http.datetimeToString())
         self._writeAnswer(code, message, headers)

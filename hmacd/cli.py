@@ -1,0 +1,217 @@
+"""
+The C{hmacfs} command: sign slots, upload files, check configs.
+
+    hmacfs sign [--config F] [--protocol v|v2|token|jwt] [--base-url URL] PATH SIZE [TYPE]
+    hmacfs upload FILE URL [--header 'Authorization: Bearer ...'] [--chunk-size N]
+    hmacfs check-config FILE
+
+User mistakes are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from urllib.parse import quote
+
+from hmacd import auth
+from hmacd.config import Config, ConfigError, load_config, parse_size
+from hmacd.secret import ENV_VAR, secret_file
+
+__all__ = ["main", "run", "signed_url", "upload_file"]
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message is the whole story."""
+
+
+def _config(path: str | None) -> Config:
+    try:
+        return load_config(path) if path else Config()
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def _secret(config: Config, given: str | None) -> bytes:
+    """The server's secret: --secret, HMACFS_SECRET, Secret, or the generated file."""
+    for value in (given, os.environ.get(ENV_VAR), config.secret):
+        if value:
+            return value.encode("utf-8")
+    path = secret_file(os.path.abspath(config.store_dir))
+    try:
+        with open(path, "rb") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise UserError(
+            f"no secret: give --secret, set {ENV_VAR}, set Secret in the config, "
+            f"or run where {path} is readable ({e.strerror})"
+        ) from None
+
+
+def _default_base_url(config: Config) -> str:
+    listen = config.listen_port
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or config.unix_socket or (":" in listen.split(":", 1)[0] and not host):
+        raise UserError(f"cannot tell a URL from ListenPort {listen!r}: give --base-url")
+    host = host.strip("[]") or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    prefix = f"{config.upload_subdir}/" if config.upload_subdir else ""
+    return f"http://{host}:{port}/{prefix}"
+
+
+def signed_url(
+    secret: bytes,
+    base_url: str,
+    path: str,
+    size: int,
+    content_type: str | None,
+    protocol: str,
+    now: float,
+    lifetime: int = 300,
+) -> tuple[str, dict[str, str]]:
+    """The PUT URL (and headers) for a slot, signed as an XMPP server would."""
+    url = base_url.rstrip("/") + "/" + quote(path)
+    if protocol == "jwt":
+        slot, _, filename = path.partition("/")
+        if not filename:
+            raise UserError("a JWT slot's PATH is SLOT/FILENAME")
+        token = auth.sign_jwt(
+            secret,
+            slot=slot,
+            filename=filename,
+            filesize=size,
+            filetype=content_type,
+            exp=int(now) + lifetime,
+            iat=int(now),
+        )
+        return url, {"Authorization": f"Bearer {token}"}
+    sign = {"v": auth.sign_v, "v2": auth.sign_v2, "token": auth.sign_token}[protocol]
+    mac = sign(secret, path, size) if protocol == "v" else sign(secret, path, size, content_type)
+    return f"{url}?{protocol}={mac}", {}
+
+
+def _sign(args) -> int:
+    config = _config(args.config)
+    secret = _secret(config, args.secret)
+    base = args.base_url or _default_base_url(config)
+    url, headers = signed_url(
+        secret, base, args.path, args.size, args.type, args.protocol, time.time(), args.lifetime
+    )
+    print(url)
+    for name, value in headers.items():
+        print(f"{name}: {value}")
+    return 0
+
+
+def _check_config(args) -> int:
+    config = _config(args.file)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in ("secret", "redis_password", "fallback_db_password") and value:
+            value = "***"
+        print(f"{field.name} = {value!r}")
+    print(f"listen endpoint = {config.listen_endpoint}")
+    return 0
+
+
+def _upload(args) -> int:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    headers = {}
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise UserError(f"--header {header!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    if not os.path.isfile(args.file):
+        raise UserError(f"{args.file}: no such file")
+    chunk = parse_size(args.chunk_size) if args.chunk_size else Config().chunk_size * 8
+    progress = sys.stderr.isatty() and not args.quiet
+    result: list[int] = []
+
+    async def run(reactor):
+        result.append(
+            await upload_file(reactor, args.file, args.url, headers, chunk, progress, args.type)
+        )
+
+    def go(reactor):
+        return Deferred.fromCoroutine(run(reactor))
+
+    try:
+        react(go)  # always ends in SystemExit
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return 1
+    return result[0] if result else 1
+
+
+async def upload_file(
+    reactor,
+    path: str,
+    url: str,
+    headers: dict[str, str],
+    chunk_size: int,
+    progress: bool = False,
+    content_type: str | None = None,
+    retries: int = 5,
+) -> int:
+    """
+    Upload C{path} to C{url}, streamed from disk; files larger than one
+    chunk go in resumable C{Content-Range} pieces, and a dropped connection
+    is resumed from the offset the server reports.  Returns 0, or 1 after
+    printing the HTTP status and reason.
+    """
+    from hmacd.client import Uploader, UploadFailed
+
+    uploader = Uploader(reactor, url, headers, content_type)
+    try:
+        await uploader.send(path, chunk_size, progress, retries)
+    except UploadFailed as e:
+        print(f"hmacfs upload: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hmacfs", description=__doc__.split("\n\n")[0].strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sign = commands.add_parser("sign", help="print a signed PUT URL for a slot")
+    sign.add_argument("--config", help="the server's TOML config (for Secret, ListenPort)")
+    sign.add_argument("--secret", help=f"the shared secret (default: {ENV_VAR}, the config)")
+    sign.add_argument("--protocol", choices=["v", "v2", "token", "jwt"], default="v2")
+    sign.add_argument("--base-url", help="upload base URL, e.g. https://host/upload/")
+    sign.add_argument("--lifetime", type=int, default=300, help="JWT lifetime, seconds")
+    sign.add_argument("path", help="slot path, e.g. 3f2a.../photo.jpg (JWT: SLOT/FILENAME)")
+    sign.add_argument("size", type=int, help="file size in bytes")
+    sign.add_argument("type", nargs="?", help="content type (signed by v2, token, jwt)")
+    sign.set_defaults(run=_sign)
+
+    upload = commands.add_parser("upload", help="upload a file to a signed URL")
+    upload.add_argument("file")
+    upload.add_argument("url")
+    upload.add_argument("--header", action="append", default=[], help="extra header, repeatable")
+    upload.add_argument("--chunk-size", help="resumable piece size, e.g. 8MB")
+    upload.add_argument("--type", help="Content-Type to send")
+    upload.add_argument("--quiet", action="store_true", help="no progress bar")
+    upload.set_defaults(run=_upload)
+
+    check = commands.add_parser("check-config", help="validate a config and show it")
+    check.add_argument("file")
+    check.set_defaults(run=_check_config)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"hmacfs {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    """The console script."""
+    sys.exit(main())
