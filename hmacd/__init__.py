@@ -1,0 +1,81 @@
+"""
+hmacfs: an HMAC-authenticated file server for XMPP HTTP File Upload.
+
+Embedding it in a Twisted program that runs already:
+
+    from hmacd import Config, make_service, sign_v2
+
+    service = make_service(Config(ListenPort...), reactor)     # its own port
+    service.setServiceParent(application)
+
+or inside a Site of the host's own, under /upload/:
+
+    service = make_service(config, reactor, listen=False)
+    mount(site, root, service.fileServer)
+
+C{sign_v}, C{sign_v2}, C{sign_token} and C{sign_jwt} issue slots exactly as
+Prosody, ejabberd and Metronome do.
+"""
+
+from __future__ import annotations
+
+import dataclasses as _dataclasses
+import os as _os
+
+from hmacd.auth import DEFAULT_CONTENT_TYPE, sign_jwt, sign_token, sign_v, sign_v2
+from hmacd.config import Config, ConfigError, load_config
+from hmacd.core import FileServer
+
+__all__ = [
+    "DEFAULT_CONTENT_TYPE",
+    "Config",
+    "ConfigError",
+    "FileServer",
+    "load_config",
+    "make_service",
+    "mount",
+    "sign_jwt",
+    "sign_token",
+    "sign_v",
+    "sign_v2",
+]
+
+
+def make_service(config: Config, reactor, secret: bytes | None = None, listen: bool = True):
+    """
+    The hmacfs services for C{config} as one C{IService} (a MultiService) to
+    add to the host's own.  The secret is C{secret}, else C{config.secret},
+    else the generated one under C{StoreDir/.hmacfs/secret}.  The service's
+    C{fileServer} attribute is the L{FileServer}, for L{mount}.
+    """
+    from hmacd.secret import resolve_secret
+    from hmacd.tap import build_service
+
+    config = _dataclasses.replace(config, store_dir=_os.path.abspath(config.store_dir))
+    _os.makedirs(config.store_dir, exist_ok=True)
+    origin = "the embedding program"
+    if secret is None:
+        secret, origin = resolve_secret(config.store_dir, config.secret, environ={})
+    return build_service(config, secret, reactor, origin, listen=listen)
+
+
+def mount(site, root, fileServer: FileServer) -> None:
+    """
+    Serve C{fileServer}'s upload space at C{/<UploadSubDir>/} of the host's
+    C{site}, whose root resource is C{root}.
+
+    What the host Site gets: L{hmacd.upload.UploadRequest} as its request
+    factory (uploads are judged and streamed before any resource is looked
+    up; every other request is an ordinary twisted.web request, which now
+    also carries the CORS and nosniff headers) and a C{fileServer}
+    attribute.  UploadSubDir must be one non-empty path segment.
+    """
+    from hmacd.download import StoreResource
+    from hmacd.upload import UploadRequest
+
+    prefix = fileServer.prefix
+    if not prefix or "/" in prefix:
+        raise ValueError(f"mount needs UploadSubDir to be one path segment, got {prefix!r}")
+    root.putChild(prefix.encode("utf-8"), StoreResource(fileServer))
+    site.requestFactory = UploadRequest
+    site.fileServer = fileServer

@@ -177,7 +177,9 @@ async def upload_file(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hmacfs", description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(
+        prog="hmacfs", description="Sign slots for, upload to, and check configs of hmacfs."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     sign = commands.add_parser("sign", help="print a signed PUT URL for a slot")

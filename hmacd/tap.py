@@ -251,8 +251,15 @@ def build_service(
     reactor,
     secretOrigin: str = "the caller",
     metadata: FailoverStore | None = None,
+    listen: bool = True,
 ) -> IService:
-    """The hmacfs services for C{config}, as one MultiService."""
+    """
+    The hmacfs services for C{config}, as one MultiService.
+
+    Its C{fileServer} attribute is the L{FileServer}; with C{listen=False}
+    there is no listener of its own (a host Site serves it, see
+    L{hmacd.mount}).
+    """
     if metadata is None:
         metadata = build_metadata(config, reactor)
     fs = FileServer(
@@ -282,12 +289,14 @@ def build_service(
     _Announce(config, secretOrigin, len(secret)).setServiceParent(top)
     StoreService(metadata, fs, config.shutdown_grace).setServiceParent(top)
     site = HmacfsSite(fs)
-    listener = StreamServerEndpointService(serverFromString(reactor, config.listen_endpoint), site)
-    # A port that cannot be bound stops start-up (twistd exits non-zero)
-    # instead of leaving a process that serves nothing.
-    listener._raiseSynchronously = True
-    listener.setName("http")
-    listener.setServiceParent(top)
+    if listen:
+        endpoint = serverFromString(reactor, config.listen_endpoint)
+        listener = StreamServerEndpointService(endpoint, site)
+        # A port that cannot be bound stops start-up (twistd exits non-zero)
+        # instead of leaving a process that serves nothing.
+        listener._raiseSynchronously = True
+        listener.setName("http")
+        listener.setServiceParent(top)
     PartialSweep(fs, resumableTTL=config.resumable_ttl).setServiceParent(top)
     ExpirySweep(fs).setServiceParent(top)
     if config.metrics_enabled:
@@ -301,6 +310,7 @@ def build_service(
         GarbageCollector(config.gc_interval, reactor).setServiceParent(top)
     if config.monitor_interval:
         SystemMonitor(fs, site, config.monitor_interval).setServiceParent(top)
+    top.fileServer = fs
     return top
 
 
