@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="hmacfs",
@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.11",
-    packages=["hmacd", "twisted.plugins"],
+    packages=[*find_packages(include=["hmacd", "hmacd.*"]), "twisted.plugins"],
     package_data={"twisted": ["plugins/hmacfs.py"]},
     install_requires=[
         # gotLength/handleContentChunk streaming relies on HTTPChannel internals

@@ -145,7 +145,13 @@ class Uploader:
 
     async def _pieces(self, path: str, size: int, chunk: int, bar, retries: int) -> None:
         attempt = 0
-        offset = await self._offset(size)
+        while True:
+            try:
+                offset = await self._offset(size)
+                break
+            except _BROKEN as e:
+                attempt += 1
+                await self._wait(attempt, retries, e)
         bar.update(offset)
         while True:
             last = min(offset + chunk, size) - 1
