@@ -166,3 +166,22 @@ class UploadTests(TestCase):
         self.assertEqual(code, 1)
         self.assertEqual(err.getvalue().strip(), "hmacfs upload: 403 Forbidden: invalid MAC")
         self.assertEqual(store_files(server.root), [])
+
+
+class ProgressTests(TestCase):
+    @inlineCallbacks
+    def test_progress_bar_on_request(self):
+        """With progress on (a terminal), a tqdm bar with the byte rate goes to stderr."""
+        server = LoopbackServer(self)
+        source = self.mktemp()
+        with open(source, "wb") as f:
+            f.write(b"p" * 300_000)
+        url, _ = cli.signed_url(SECRET, server.base + "/upload/", "p.bin", 300_000, None, "v", 0)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = yield Deferred.fromCoroutine(
+                cli.upload_file(reactor, source, url, {}, 100_000, progress=True)
+            )
+        self.assertEqual(code, 0)
+        self.assertIn("293k/293k", err.getvalue())
+        self.assertIn("B/s", err.getvalue())

@@ -889,9 +889,11 @@ class InstalledPackageTests(TestCase):
         # The tracked files only: a build/ left in the checkout by an earlier
         # install would hide a package missing from setup.py.
         source = os.path.abspath(self.mktemp())
-        tracked = subprocess.run(
-            ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
-        ).stdout.decode().split("\0")
+        tracked = (
+            subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
+            .stdout.decode()
+            .split("\0")
+        )
         for name in filter(None, tracked):
             os.makedirs(os.path.join(source, os.path.dirname(name)), exist_ok=True)
             shutil.copy2(os.path.join(REPO, name), os.path.join(source, name))
