@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from hmacd.core import FileServer
 from hmacd.paths import PathRefused, store_path
 from hmacd.store import StoreUnavailable
-from hmacd.upload import PART_PREFIX, PART_SUFFIX
+from hmacd.upload import PART_PREFIX, PART_SUFFIX, partial_dir
 
 __all__ = [
     "ExpirySweep",
@@ -70,7 +70,7 @@ def sweep_resumable(store_dir: str, older_than: float) -> list[str]:
 
     @return: the removed data files' names.
     """
-    partial = os.path.join(store_dir, ".hmacfs", "partial")
+    partial = partial_dir(store_dir)
     removed = []
     try:
         names = os.listdir(partial)

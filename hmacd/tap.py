@@ -223,9 +223,7 @@ class StoreService(Service):
 
     name = "metadata"
 
-    def __init__(
-        self, store: FailoverStore, fs: FileServer | None = None, grace: float = 0
-    ) -> None:
+    def __init__(self, store: FailoverStore, fs: FileServer, grace: float) -> None:
         self.store = store
         self.fs = fs
         self.grace = grace
@@ -238,8 +236,6 @@ class StoreService(Service):
 
     def stopService(self):
         super().stopService()
-        if self.fs is None:
-            return self.store.stop()
         d = Deferred.fromCoroutine(drain_uploads(self.fs, self.grace))
         d.addErrback(lambda f: log.failure("draining uploads failed", f))
         return d.addCallback(lambda _: self.store.stop())

@@ -300,11 +300,8 @@ class _ResumableChunk(_Upload):
         self.start = start
         if relpath in fs.resumable:
             raise ChunkInProgress()
-        partial = os.path.join(fs.store_dir, ".hmacfs", "partial")
-        os.makedirs(partial, mode=0o700, exist_ok=True)
-        key = hashlib.sha256(relpath.encode("utf-8")).hexdigest()
-        self.data = os.path.join(partial, key + ".part")
-        self.state = os.path.join(partial, key + ".json")
+        os.makedirs(partial_dir(fs.store_dir), mode=0o700, exist_ok=True)
+        self.data, self.state = partial_files(fs.store_dir, relpath)
         facts = dict(
             path=relpath,
             total=total,
@@ -412,11 +409,22 @@ def _parse_content_range(value: str) -> tuple[int, int, int] | tuple[int] | None
     return first, last, total
 
 
+def partial_dir(store_dir: str) -> str:
+    """Where resumable uploads keep their bytes so far: a dot path, never served."""
+    return os.path.join(store_dir, ".hmacfs", "partial")
+
+
+def partial_files(store_dir: str, relpath: str) -> tuple[str, str]:
+    """The data file and the facts file of a resumable upload of C{relpath}."""
+    key = hashlib.sha256(relpath.encode("utf-8")).hexdigest()
+    base = os.path.join(partial_dir(store_dir), key)
+    return base + ".part", base + ".json"
+
+
 def partial_offset(fs: FileServer, relpath: str) -> int:
     """How many bytes of a resumable upload of C{relpath} we hold."""
-    key = hashlib.sha256(relpath.encode("utf-8")).hexdigest()
     try:
-        return os.path.getsize(os.path.join(fs.store_dir, ".hmacfs", "partial", key + ".part"))
+        return os.path.getsize(partial_files(fs.store_dir, relpath)[0])
     except FileNotFoundError:
         return 0
 

@@ -69,11 +69,10 @@ class HmacfsSite(server.Site):
         ).inc()
         referrer = request.getHeader(b"referer")
         agent = request.getHeader(b"user-agent")
+        peer = request.getClientAddress()
         _access.info(
             '{client} - - "{method} {uri} {proto}" {code} {length} "{referrer}" "{agent}"',
-            client=request.getClientAddress().host
-            if hasattr(request.getClientAddress(), "host")
-            else "-",
+            client=getattr(peer, "host", "-"),
             method=(request.method or b"-").decode("ascii", "replace"),
             uri=censor(request.uri),
             proto=(request.clientproto or b"-").decode("ascii", "replace"),
