@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 from urllib.parse import quote
@@ -51,12 +52,20 @@ def _secret(config: Config, given: str | None) -> bytes:
         ) from None
 
 
+_TCP_ENDPOINT = re.compile(r"(tcp6?):([0-9]+)(?::interface=(.+))?")
+
+
 def _default_base_url(config: Config) -> str:
-    listen = config.listen_port
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit() or config.unix_socket or (":" in listen.split(":", 1)[0] and not host):
-        raise UserError(f"cannot tell a URL from ListenPort {listen!r}: give --base-url")
-    host = host.strip("[]") or "127.0.0.1"
+    """http://host:port/<UploadSubDir>/ of a TCP ListenPort, by the server's own parser."""
+    match = _TCP_ENDPOINT.fullmatch(config.listen_endpoint)
+    if match is None:
+        raise UserError(
+            f"cannot tell a URL from ListenPort {config.listen_port!r}: give --base-url"
+        )
+    kind, port, interface = match.groups()
+    host = (interface or "").replace("\\:", ":")
+    if host in ("", "0.0.0.0", "::"):  # every interface: loopback is one of them
+        host = "::1" if kind == "tcp6" else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     prefix = f"{config.upload_subdir}/" if config.upload_subdir else ""
     return f"http://{host}:{port}/{prefix}"

@@ -185,3 +185,25 @@ class ProgressTests(TestCase):
         self.assertEqual(code, 0)
         self.assertIn("293k/293k", err.getvalue())
         self.assertIn("B/s", err.getvalue())
+
+
+class BaseUrlTests(SynchronousTestCase):
+    def test_from_listen_port(self):
+        """The default base URL follows ListenPort in every TCP form; others need --base-url."""
+        from hmacd.config import Config
+
+        for listen, url in (
+            ("127.0.0.1:8080", "http://127.0.0.1:8080/upload/"),
+            (":8080", "http://127.0.0.1:8080/upload/"),
+            ("8080", "http://127.0.0.1:8080/upload/"),
+            ("tcp:8080", "http://127.0.0.1:8080/upload/"),
+            ("tcp:9000:interface=10.0.0.5", "http://10.0.0.5:9000/upload/"),
+            ("[::]:5050", "http://[::1]:5050/upload/"),
+            ("[::1]:5050", "http://[::1]:5050/upload/"),
+        ):
+            self.assertEqual(cli._default_base_url(Config(listen_port=listen)), url, listen)
+        for config in (
+            Config(listen_port="/run/hmacfs.sock", unix_socket=True),
+            Config(listen_port="ssl:8443:privateKey=k.pem"),
+        ):
+            self.assertRaises(cli.UserError, cli._default_base_url, config)
