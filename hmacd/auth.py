@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ __all__ = [
     "sign_token",
     "sign_v",
     "sign_v2",
+    "slot_put",
     "verify_hmac",
     "verify_jwt",
     "verify_token",
@@ -293,6 +295,53 @@ def sign_jwt(
     payload = {name: value for name, value in claims.items() if value is not None}
     with _short_secrets_allowed():
         return jwt.encode(payload, secret, algorithm=_JWT_ALGORITHM)
+
+
+def slot_put(
+    secret: bytes,
+    base_url: str,
+    path: str,
+    size: int,
+    content_type: str | None,
+    protocol: str,
+    now: float,
+    lifetime: int = 300,
+    sub: str | None = None,
+) -> tuple[str, dict[str, str]]:
+    """
+    The PUT URL of an upload slot and the headers to send with it, signed as an XMPP server
+    signs them: C{?v=}, C{?v2=} or C{?token=} on the URL, or (C{jwt}) an C{Authorization:
+    Bearer} header valid for C{lifetime} seconds, with C{sub} as the uploader's JID.
+
+    C{path} is the decoded store path (C{slot/name}); the URL carries it percent-encoded, so
+    that spaces, C{+}, C{%} and non-ASCII names arrive as signed.
+
+    @raise ValueError: a protocol we do not know, or a JWT path without a slot segment.
+    """
+    url = base_url.rstrip("/") + "/" + urllib.parse.quote(path)
+    if protocol == "jwt":
+        slot, _, filename = path.partition("/")
+        if not filename:
+            raise ValueError("a JWT slot's PATH is SLOT/FILENAME")
+        token = sign_jwt(
+            secret,
+            slot=slot,
+            filename=filename,
+            filesize=size,
+            filetype=content_type,
+            exp=int(now) + lifetime,
+            iat=int(now),
+            sub=sub,
+        )
+        return url, {"Authorization": f"Bearer {token}"}
+    signers = {"v": sign_v, "v2": sign_v2, "token": sign_token}
+    if protocol not in signers:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    if protocol == "v":
+        mac = sign_v(secret, path, size)
+    else:
+        mac = signers[protocol](secret, path, size, content_type)
+    return f"{url}?{protocol}={mac}", {}
 
 
 def _is_int(value: object) -> bool:

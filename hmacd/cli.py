@@ -16,10 +16,9 @@ import os
 import re
 import sys
 import time
-from urllib.parse import quote
 
 from hmacd import auth
-from hmacd.config import Config, ConfigError, load_config, parse_size
+from hmacd.config import SECRET_FIELDS, Config, ConfigError, load_config, parse_size
 from hmacd.secret import ENV_VAR, secret_file
 
 __all__ = ["main", "run", "signed_url", "upload_file"]
@@ -82,24 +81,10 @@ def signed_url(
     lifetime: int = 300,
 ) -> tuple[str, dict[str, str]]:
     """The PUT URL (and headers) for a slot, signed as an XMPP server would."""
-    url = base_url.rstrip("/") + "/" + quote(path)
-    if protocol == "jwt":
-        slot, _, filename = path.partition("/")
-        if not filename:
-            raise UserError("a JWT slot's PATH is SLOT/FILENAME")
-        token = auth.sign_jwt(
-            secret,
-            slot=slot,
-            filename=filename,
-            filesize=size,
-            filetype=content_type,
-            exp=int(now) + lifetime,
-            iat=int(now),
-        )
-        return url, {"Authorization": f"Bearer {token}"}
-    sign = {"v": auth.sign_v, "v2": auth.sign_v2, "token": auth.sign_token}[protocol]
-    mac = sign(secret, path, size) if protocol == "v" else sign(secret, path, size, content_type)
-    return f"{url}?{protocol}={mac}", {}
+    try:
+        return auth.slot_put(secret, base_url, path, size, content_type, protocol, now, lifetime)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _sign(args) -> int:
@@ -119,7 +104,7 @@ def _check_config(args) -> int:
     config = _config(args.file)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.name in ("secret", "redis_password", "fallback_db_password") and value:
+        if field.name in SECRET_FIELDS and value:
             value = "***"
         print(f"{field.name} = {value!r}")
     print(f"listen endpoint = {config.listen_endpoint}")

@@ -20,9 +20,11 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from fractions import Fraction
+from urllib.parse import urlsplit
 
 __all__ = [
     "KEYS",
+    "SECRET_FIELDS",
     "Config",
     "ConfigError",
     "listen_endpoint",
@@ -49,7 +51,7 @@ class ConfigError(Exception):
 
 
 # Fields whose values must never reach a log line, a traceback or an error message.
-_SECRET_FIELDS = frozenset({"secret", "redis_password", "fallback_db_password"})
+SECRET_FIELDS = frozenset({"secret", "redis_password", "fallback_db_password", "component_secret"})
 
 
 @dataclass(frozen=True, repr=False)
@@ -90,6 +92,13 @@ class Config:
     rate_limit_per_minute: int = 0  # RateLimitPerMinute, per client address; 0 = off
     rate_limit_burst: int = 0  # RateLimitBurst; 0 = as many as RateLimitPerMinute
     trusted_proxies: tuple[str, ...] = ()  # TrustedProxies: IPs/CIDRs whose X-Forwarded-For counts
+    # The XEP-0363 slot component (XEP-0114), on when ComponentJID is set.
+    component_jid: str = ""
+    component_secret: str = ""
+    component_server: str = ""  # host:port of the XMPP server's component listener
+    component_allowed_domains: tuple[str, ...] = ()  # () = the domain ComponentJID is under
+    component_protocol: str = "v2"  # how the component signs its slots: v, v2, token, jwt
+    public_url: str = ""  # the URL clients reach the upload space at, with UploadSubDir
     source: str | None = None
 
     @property
@@ -104,6 +113,20 @@ class Config:
         return listen_endpoint(self.metrics_port)
 
     @property
+    def upload_domains(self) -> tuple[str, ...]:
+        """Whose users the slot component serves: ComponentAllowedDomains, or else the domain
+        the component is under (``upload.example.org`` serves ``example.org``)."""
+        if self.component_allowed_domains:
+            return self.component_allowed_domains
+        return (self.component_jid.partition(".")[2],) if self.component_jid else ()
+
+    @property
+    def component_address(self) -> tuple[str, int]:
+        """ComponentServer as (host, port); the brackets of an IPv6 address removed."""
+        host, _, port = self.component_server.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
     def secret_bytes(self) -> bytes | None:
         """The HMAC key: Prosody and ejabberd key their MACs with the UTF-8 bytes of the secret."""
         return None if self.secret is None else self.secret.encode("utf-8")
@@ -113,7 +136,7 @@ class Config:
         parts = []
         for f in fields(self):
             value = getattr(self, f.name)
-            shown = "'***'" if f.name in _SECRET_FIELDS and value else repr(value)
+            shown = "'***'" if f.name in SECRET_FIELDS and value else repr(value)
             parts.append(f"{f.name}={shown}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
@@ -149,6 +172,12 @@ KEYS: dict[str, str] = {
     "RateLimitPerMinute": "rate_limit_per_minute",
     "RateLimitBurst": "rate_limit_burst",
     "TrustedProxies": "trusted_proxies",
+    "ComponentJID": "component_jid",
+    "ComponentSecret": "component_secret",
+    "ComponentServer": "component_server",
+    "ComponentAllowedDomains": "component_allowed_domains",
+    "ComponentProtocol": "component_protocol",
+    "PublicURL": "public_url",
 }
 
 _CANONICAL = {key.lower(): key for key in KEYS}
@@ -587,6 +616,69 @@ def _db_host(value: object) -> str:
     return text
 
 
+_DOMAIN_RE = re.compile(r"(?:[^\s@/.]+\.)*[^\s@/.]+")
+
+
+def _is_domain(text: str) -> bool:
+    """A bare XMPP domain (``upload.example.org``): no localpart, resource, spaces or empty
+    labels.  The XMPP server has the last word on its own names; this only catches typos."""
+    return len(text.encode("utf-8")) <= 1023 and _DOMAIN_RE.fullmatch(text) is not None
+
+
+def _domain_or_empty(value: object) -> str:
+    text = _string(value).strip().lower()
+    if text and not _is_domain(text):
+        raise _Invalid(
+            'must be a bare domain like "upload.example.org", or "" for no component', value
+        )
+    return text
+
+
+def _domains(value: object) -> tuple[str, ...]:
+    expected = 'a list of domains, like ["example.org", "chat.example.org"]'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _wrong_type(expected, value)
+    domains = tuple(entry.strip().lower() for entry in value)
+    for entry in domains:
+        if not _is_domain(entry):
+            raise _Invalid(f"must be {expected}; {entry!r} is not", value)
+    return domains
+
+
+def _component_server(value: object) -> str:
+    text = _string(value).strip()
+    if text:
+        try:
+            _host_port(text, port_required=True)
+        except ValueError:
+            raise _Invalid(
+                'must be "host:port" of the XMPP server\'s component port (e.g.'
+                ' "localhost:5347"), or "" for no component',
+                value,
+            ) from None
+    return text
+
+
+_component_protocol = _choice(
+    {"v": "v", "v1": "v", "v2": "v2", "token": "token", "jwt": "jwt"},
+    'must be one of "v", "v2", "token", "jwt"',
+)
+
+
+def _public_url(value: object) -> str:
+    text = _string(value).strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise _Invalid(
+            "must be the http(s) URL of the upload space, like"
+            ' "https://files.example.org/upload/" (no query or fragment)',
+            value,
+        )
+    return text if text.endswith("/") else text + "/"
+
+
 _CONVERTERS: dict[str, Callable[[object], object]] = {
     "ListenPort": _address,
     "UnixSocket": _boolean,
@@ -618,6 +710,12 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "RateLimitPerMinute": _nonnegative_int,
     "RateLimitBurst": _nonnegative_int,
     "TrustedProxies": _networks,
+    "ComponentJID": _domain_or_empty,
+    "ComponentSecret": _string,
+    "ComponentServer": _component_server,
+    "ComponentAllowedDomains": _domains,
+    "ComponentProtocol": _component_protocol,
+    "PublicURL": _public_url,
 }
 
 
@@ -630,7 +728,7 @@ def _error(source: str, key: str | None, reason: str) -> ConfigError:
 def _invalid(source: str, key: str, canonical: str, problem: _Invalid) -> ConfigError:
     reason = problem.reason
     if problem.got is not _NOTHING:
-        if KEYS[canonical] in _SECRET_FIELDS:
+        if KEYS[canonical] in SECRET_FIELDS:
             # Even a mistyped secret is a secret: name the type only.
             reason += f", got {_toml_type(problem.got)}"
         elif problem.wrong_type and isinstance(problem.got, (list, Mapping)):
@@ -701,6 +799,22 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
             endpoint()
         except ValueError as e:
             raise _error(source, name(canonical), str(e)) from None
+    component = ("ComponentJID", "ComponentSecret", "ComponentServer", "PublicURL")
+    if config.component_jid or config.component_secret or config.component_server:
+        for canonical in component:
+            if not getattr(config, KEYS[canonical]):
+                raise _error(
+                    source,
+                    name(canonical),
+                    "must be set for the XMPP component (" + ", ".join(component) + " go together)",
+                )
+        if not config.component_allowed_domains and "." not in config.component_jid:
+            raise _error(
+                source,
+                name("ComponentAllowedDomains"),
+                f"must list the domains whose users may upload: ComponentJID"
+                f" {config.component_jid!r} is not under one",
+            )
     if config.fallback_enabled and not config.fallback_db_name:
         raise _error(source, name("FallbackDBName"), "must be set when FallbackEnabled is true")
     return config

@@ -53,6 +53,14 @@ class Metrics:
         self.rate_limited = counter(
             "rate_limited", "Requests refused with 429 by the per-address request-rate limit."
         )
+        self.slots = counter(
+            "slots",
+            "Upload slots asked of the XMPP component: issued, or the stanza error refusing it.",
+            ["result"],
+        )
+        self.component_connected = gauge(
+            "component_connected", "1 while the XMPP component's stream is authenticated."
+        )
         self.threads = gauge("process_threads", "Threads of the server process.")
         self.rss = gauge("process_resident_memory_bytes", "Resident memory of the server process.")
         self.vms = gauge("process_virtual_memory_bytes", "Virtual memory of the server process.")

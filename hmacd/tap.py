@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from hmacd import logs
+from hmacd.component import ComponentService, SlotComponent, SlotIssuer
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
 from hmacd.housekeeping import (
@@ -302,12 +303,37 @@ def build_service(
         metrics._raiseSynchronously = True
         metrics.setName("metrics")
         metrics.setServiceParent(top)
+    if config.component_jid:
+        component_service(config, secret, fs, reactor).setServiceParent(top)
     if config.gc_interval:
         GarbageCollector(config.gc_interval, reactor).setServiceParent(top)
     if config.monitor_interval:
         SystemMonitor(fs, site, config.monitor_interval).setServiceParent(top)
     top.fileServer = fs
     return top
+
+
+def component_service(config: Config, secret: bytes, fs: FileServer, reactor):
+    """The XMPP slot component of C{config}, signing with C{secret} for C{fs}."""
+    issuer = SlotIssuer(
+        secret=secret,
+        public_url=config.public_url,
+        protocol=config.component_protocol,
+        max_size=config.upload_max_size,
+        domains=frozenset(config.upload_domains),
+        now=reactor.seconds,
+    )
+    slots = SlotComponent(issuer, counted=lambda result: fs.metrics.slots.labels(result).inc())
+    service = ComponentService(
+        config.component_jid,
+        config.component_secret,
+        config.component_address,
+        slots,
+        reactor,
+        onConnected=fs.metrics.component_connected.set,
+    )
+    service.setName("component")
+    return service
 
 
 def makeService(options: Options) -> IService:

@@ -88,12 +88,18 @@ class CommandLineErrors(SynchronousTestCase):
         """check-config prints the effective values with the secret masked."""
         config = self.mktemp()
         with open(config, "w") as f:
-            f.write('Secret = "very-secret"\nUploadMaxSize = "10MB"\n')
+            f.write(
+                'Secret = "very-secret"\nUploadMaxSize = "10MB"\nRedisPassword = "redis-pw"\n'
+                'ComponentJID = "upload.example.org"\nComponentSecret = "component-pw"\n'
+                'ComponentServer = "localhost:5347"\nPublicURL = "https://f.example.org/u/"\n'
+            )
         code, out, _ = run_cli("check-config", config)
         self.assertEqual(code, 0)
-        self.assertIn("secret = '***'", out)
+        for field in ("secret", "redis_password", "component_secret"):
+            self.assertIn(f"{field} = '***'", out)
         self.assertIn("upload_max_size = 10485760", out)
-        self.assertNotIn("very-secret", out)
+        for secret in ("very-secret", "redis-pw", "component-pw"):
+            self.assertNotIn(secret, out)
 
     def test_help_everywhere(self):
         """Every subcommand has --help."""

@@ -177,6 +177,12 @@ class DefaultsTests(ConfigFileTestCase):
                 "RateLimitPerMinute",
                 "RateLimitBurst",
                 "TrustedProxies",
+                "ComponentJID",
+                "ComponentSecret",
+                "ComponentServer",
+                "ComponentAllowedDomains",
+                "ComponentProtocol",
+                "PublicURL",
             ],
         )
         fields = [name for name in Config.__dataclass_fields__ if name != "source"]
@@ -932,3 +938,80 @@ class RateLimitConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(tomllib.loads(f"TrustedProxies = {value}"), "t.toml")
             self.assertIn("t.toml: TrustedProxies:", str(caught.exception), value)
+
+
+class ComponentConfigTests(SynchronousTestCase):
+    COMPONENT = (
+        'ComponentJID = "Upload.Example.org"\n'
+        'ComponentSecret = "s3cret"\n'
+        'ComponentServer = "xmpp.example.org:5347"\n'
+        'PublicURL = "https://files.example.org/upload"\n'
+    )
+
+    def parse(self, text: str) -> Config:
+        return parse_config(tomllib.loads(text), "t.toml")
+
+    def refused(self, text: str, key: str, fragment: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            self.parse(text)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith(f"t.toml: {key}:"), message)
+        self.assertIn(fragment, message)
+        return message
+
+    def test_component_keys(self) -> None:
+        """The four keys parse; the JID is lowercased, PublicURL gets its trailing slash."""
+        config = self.parse(self.COMPONENT)
+        self.assertEqual(
+            (config.component_jid, config.component_server, config.public_url),
+            ("upload.example.org", "xmpp.example.org:5347", "https://files.example.org/upload/"),
+        )
+        self.assertEqual(config.component_address, ("xmpp.example.org", 5347))
+        self.assertEqual(config.upload_domains, ("example.org",))
+        self.assertEqual(config.component_protocol, "v2")
+        self.assertNotIn("s3cret", repr(config))
+
+    def test_allowed_domains_and_protocol(self) -> None:
+        config = self.parse(
+            self.COMPONENT
+            + 'ComponentAllowedDomains = ["Example.org", "chat.example.net"]\n'
+            + 'ComponentProtocol = "JWT"\n'
+        )
+        self.assertEqual(config.upload_domains, ("example.org", "chat.example.net"))
+        self.assertEqual(config.component_protocol, "jwt")
+        ipv6 = self.parse(self.COMPONENT.replace("xmpp.example.org:5347", "[::1]:5347"))
+        self.assertEqual(ipv6.component_address, ("::1", 5347))
+
+    def test_keys_go_together(self) -> None:
+        """Any one of them without the others names the first one missing."""
+        lines = self.COMPONENT.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            key = line.split(" = ")[0]
+            self.refused("".join(lines[:i] + lines[i + 1 :]), key, "go together")
+
+    def test_bad_values(self) -> None:
+        cases = [
+            ('ComponentJID = "alice@example.org"', "ComponentJID", "bare domain"),
+            ('ComponentJID = "upload..example.org"', "ComponentJID", "bare domain"),
+            ('ComponentServer = "xmpp.example.org"', "ComponentServer", "host:port"),
+            ('ComponentServer = "xmpp.example.org:0"', "ComponentServer", "host:port"),
+            ('PublicURL = "ftp://files.example.org/"', "PublicURL", "http(s) URL"),
+            ('PublicURL = "https:///upload/"', "PublicURL", "http(s) URL"),
+            ('PublicURL = "https://f.example/upload/?x=1"', "PublicURL", "no query"),
+            ('ComponentProtocol = "v3"', "ComponentProtocol", '"v", "v2", "token", "jwt"'),
+            ('ComponentAllowedDomains = "example.org"', "ComponentAllowedDomains", "a list"),
+            ('ComponentAllowedDomains = ["a b"]', "ComponentAllowedDomains", "'a b' is not"),
+        ]
+        for line, key, fragment in cases:
+            self.refused(line + "\n", key, fragment)
+
+    def test_top_level_jid_needs_domains(self) -> None:
+        """A JID not under a domain (e.g. "uploads") must say whose users it serves."""
+        text = self.COMPONENT.replace("Upload.Example.org", "uploads")
+        self.refused(text, "ComponentAllowedDomains", "whose users")
+        config = self.parse(text + 'ComponentAllowedDomains = ["example.org"]\n')
+        self.assertEqual(config.upload_domains, ("example.org",))
+
+    def test_secret_never_in_errors(self) -> None:
+        message = self.refused('ComponentSecret = ["hunter2-secret"]\n', "ComponentSecret", "")
+        self.assertNotIn("hunter2", message)

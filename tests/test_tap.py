@@ -5,6 +5,7 @@ services, and the real `twistd hmacfs` command in a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import os
@@ -38,6 +39,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from hmacd import logs, tap
 from hmacd.auth import sign_v
+from hmacd.component import ComponentService
 from hmacd.config import Config
 from hmacd.housekeeping import ExpirySweep, GarbageCollector, PartialSweep, SystemMonitor
 from hmacd.secret import ENV_VAR, SecretError, resolve_secret, secret_file
@@ -506,6 +508,35 @@ class BuildServiceTests(TestCase):
             ("files", self.store, 12345, 4096, self.secret),
         )
         self.assertIs(fs.reactor, self.reactor)
+
+    def test_component(self) -> None:
+        """With ComponentJID set there is a "component" service signing for this server."""
+        self.assertRaises(KeyError, self.build().getServiceNamed, "component")
+        self.config = dataclasses.replace(
+            self.config,
+            component_jid="upload.example.org",
+            component_secret="component-secret",
+            component_server="xmpp.example.org:5347",
+            component_protocol="jwt",
+            public_url="https://files.example.org/files/",
+        )
+        top = self.build()
+        component = top.getServiceNamed("component")
+        self.assertIsInstance(component, ComponentService)
+        self.assertEqual(
+            (component.jid, component.address), ("upload.example.org", ("xmpp.example.org", 5347))
+        )
+        issuer = component.slots.issuer
+        self.assertEqual(
+            (issuer.secret, issuer.public_url, issuer.protocol, issuer.max_size, issuer.domains),
+            (self.secret, "https://files.example.org/files/", "jwt", 12345, {"example.org"}),
+        )
+        fs = top.fileServer
+        component.slots.counted("issued")
+        component._onConnected(True)
+        scrape = fs.metrics.render().decode()
+        self.assertIn('hmac_file_server_slots_total{result="issued"} 1.0', scrape)
+        self.assertIn("hmac_file_server_component_connected 1.0", scrape)
 
     def test_listens_on_configured_endpoint(self) -> None:
         """Starting the service listens on the configured port and interface."""

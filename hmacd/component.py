@@ -1,0 +1,388 @@
+"""
+The XEP-0363 slot component: hmacfs handing out its own upload slots over XMPP.
+
+An XMPP server without an upload module of its own (or an admin who wants uploads on another
+host) lets hmacfs connect as an external component (XEP-0114, the ``jabber:component:accept``
+stream of C{twisted.words}).  Users' clients find it by service discovery, ask it for a slot,
+and get GET/PUT URLs under C{PublicURL} signed with hmacfs's own secret, so the file server
+below checks them like any slot Prosody or ejabberd signed.
+
+L{SlotIssuer} decides (pure: no stream, clock injected); L{SlotComponent} answers the IQs of one
+stream; L{ComponentService} keeps the connection up, reconnecting with backoff when the XMPP
+server restarts.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+from twisted.words.protocols.jabber import component, error, xmlstream
+from twisted.words.protocols.jabber.jid import JID, InvalidFormat
+from twisted.words.xish import domish
+from twisted.words.xish.xmlstream import STREAM_ERROR_EVENT
+
+from hmacd import auth
+from hmacd.paths import PathRefused, check_relative
+
+__all__ = [
+    "NS_UPLOAD",
+    "ComponentService",
+    "Slot",
+    "SlotComponent",
+    "SlotIssuer",
+    "SlotRefused",
+]
+
+NS_UPLOAD = "urn:xmpp:http:upload:0"
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+NS_DATA = "jabber:x:data"
+NS_PING = "urn:xmpp:ping"
+
+# RFC 6838 type/subtype, optionally with parameters; no control characters anywhere.  The type
+# goes into v2/token MACs and JWT claims, and comes back as a download's Content-Type.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_CONTENT_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[\x20-\x7e\t]*)?")
+_MAX_CONTENT_TYPE = 255
+
+
+def _random_slot() -> str:
+    # 144 bits, URL-safe, never starting with "." (which the file server refuses).
+    return secrets.token_urlsafe(18)
+
+
+class SlotRefused(Exception):
+    """
+    A slot request the component says no to, as the XMPP stanza error to answer with.
+
+    C{text} goes to the user's client as is.
+    """
+
+    def __init__(
+        self,
+        condition: str,
+        type: str,
+        text: str,
+        app: domish.Element | None = None,
+    ) -> None:
+        super().__init__(text)
+        self.condition = condition
+        self.type = type
+        self.text = text
+        self.app = app
+
+    def stanzaError(self) -> error.StanzaError:
+        return error.StanzaError(self.condition, self.type, self.text, appCondition=self.app)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where to PUT (with which headers) and where the file will then be fetched from."""
+
+    get: str
+    put: str
+    headers: dict[str, str]
+
+
+@dataclass
+class SlotIssuer:
+    """
+    Decides slot requests and signs the slots, the way Prosody's upload modules do.
+
+    @ivar secret: the file server's HMAC key.
+    @ivar public_url: the upload space as clients reach it, ending in C{/}.
+    @ivar protocol: C{v}, C{v2}, C{token} or C{jwt}.
+    @ivar max_size: the largest file a slot is given for; 0 is no limit.
+    @ivar domains: the domains whose users may ask.
+    @ivar now: the clock, for JWT C{iat} and C{exp}.
+    """
+
+    secret: bytes
+    public_url: str
+    protocol: str
+    max_size: int
+    domains: frozenset[str]
+    now: Callable[[], float]
+    random_slot: Callable[[], str] = field(default=_random_slot)
+    jwt_lifetime: int = 300
+
+    def issue(
+        self,
+        requester: str | None,
+        filename: str | None,
+        size: str | None,
+        content_type: str | None,
+    ) -> Slot:
+        """
+        A slot for C{requester} (the request's C{from}) to upload C{filename} of C{size} bytes.
+
+        @raise SlotRefused: the request is not one to give a slot for.
+        """
+        try:
+            user = JID(requester) if requester else None
+        except InvalidFormat:
+            user = None
+        if user is None or user.host not in self.domains:
+            raise SlotRefused("forbidden", "auth", "Uploads here are not for your domain")
+        if not filename:
+            raise SlotRefused("bad-request", "modify", "Missing file name")
+        if "/" in filename:
+            raise SlotRefused("bad-request", "modify", "Invalid file name: '/' in it")
+        if not size or not size.isascii() or not size.isdigit():
+            raise SlotRefused("bad-request", "modify", "File size must be a whole number")
+        nbytes = int(size)
+        if self.max_size and nbytes > self.max_size:
+            raise SlotRefused(
+                "not-acceptable",
+                "modify",
+                f"File too large: the limit is {self.max_size} bytes",
+                _file_too_large(self.max_size),
+            )
+        content_type = content_type or auth.DEFAULT_CONTENT_TYPE
+        if len(content_type) > _MAX_CONTENT_TYPE or not _CONTENT_TYPE.fullmatch(content_type):
+            raise SlotRefused("bad-request", "modify", "Invalid content type")
+        path = f"{self.random_slot()}/{filename}"
+        try:
+            check_relative(path)
+        except PathRefused as e:
+            raise SlotRefused("bad-request", "modify", f"Invalid file name: {e}") from None
+        put, headers = auth.slot_put(
+            self.secret,
+            self.public_url,
+            path,
+            nbytes,
+            content_type,
+            self.protocol,
+            self.now(),
+            self.jwt_lifetime,
+            sub=user.userhost(),
+        )
+        return Slot(get=put.partition("?")[0], put=put, headers=headers)
+
+
+def _file_too_large(limit: int) -> domish.Element:
+    # XEP-0363 names the limit <max-file-size>; Prosody's upload_external module (and the
+    # protocol's older namespace) say <max-size>.  Clients read the one they know.
+    app = domish.Element((NS_UPLOAD, "file-too-large"))
+    app.addElement("max-file-size", content=str(limit))
+    app.addElement("max-size", content=str(limit))
+    return app
+
+
+class SlotComponent:
+    """
+    The component's side of one authenticated stream: answers every IQ addressed to it.
+
+    Service discovery shows a C{store/file} identity, the upload feature and, with a limit,
+    the C{max-file-size} form; slot requests get a slot or a stanza error; XEP-0199 pings a
+    result; every other get or set C{service-unavailable}, as RFC 6120 asks.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        issuer: SlotIssuer,
+        name: str = "HTTP File Upload",
+        counted: Callable[[str], None] = lambda result: None,
+    ) -> None:
+        self.issuer = issuer
+        self.name = name
+        self.counted = counted
+
+    def attach(self, xs: xmlstream.XmlStream) -> None:
+        xs.addObserver("/iq", lambda iq: self.onIq(xs, iq))
+
+    def onIq(self, xs: xmlstream.XmlStream, iq: domish.Element) -> None:
+        if iq.getAttribute("type") not in ("get", "set"):
+            return
+        try:
+            response = self.respond(iq)
+        except Exception:
+            self.log.failure("Answering an IQ failed")
+            response = error.StanzaError("internal-server-error").toResponse(iq)
+        xs.send(response)
+
+    def respond(self, iq: domish.Element) -> domish.Element:
+        query = next(iq.elements(), None)
+        kind = iq.getAttribute("type")
+        if query is None or query.getAttribute("node"):
+            return error.StanzaError("service-unavailable").toResponse(iq)
+        key = (kind, query.uri, query.name)
+        if key == ("get", NS_DISCO_INFO, "query"):
+            return self._disco_info(iq)
+        if key == ("get", NS_DISCO_ITEMS, "query"):
+            response = xmlstream.toResponse(iq, "result")
+            response.addElement((NS_DISCO_ITEMS, "query"))
+            return response
+        if key == ("get", NS_PING, "ping"):
+            return xmlstream.toResponse(iq, "result")
+        if key == ("get", NS_UPLOAD, "request"):
+            return self._slot(iq, query)
+        return error.StanzaError("service-unavailable").toResponse(iq)
+
+    def _disco_info(self, iq: domish.Element) -> domish.Element:
+        response = xmlstream.toResponse(iq, "result")
+        query = response.addElement((NS_DISCO_INFO, "query"))
+        identity = query.addElement("identity")
+        identity["category"], identity["type"], identity["name"] = "store", "file", self.name
+        for feature in (NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_UPLOAD):
+            query.addElement("feature")["var"] = feature
+        if self.issuer.max_size:
+            form = query.addElement((NS_DATA, "x"))
+            form["type"] = "result"
+            for var, kind, value in (
+                ("FORM_TYPE", "hidden", NS_UPLOAD),
+                ("max-file-size", None, str(self.issuer.max_size)),
+            ):
+                field_ = form.addElement("field")
+                field_["var"] = var
+                if kind:
+                    field_["type"] = kind
+                field_.addElement("value", content=value)
+        return response
+
+    def _slot(self, iq: domish.Element, request: domish.Element) -> domish.Element:
+        requester = iq.getAttribute("from")
+        try:
+            slot = self.issuer.issue(
+                requester,
+                request.getAttribute("filename"),
+                request.getAttribute("size"),
+                request.getAttribute("content-type"),
+            )
+        except SlotRefused as refused:
+            self.log.debug(
+                "Slot refused to {requester}: {reason}", requester=requester, reason=refused.text
+            )
+            self.counted(refused.condition)
+            return refused.stanzaError().toResponse(iq)
+        # The PUT URL carries the MAC: log the GET URL only.
+        self.log.debug("Slot for {requester}: {url}", requester=requester, url=slot.get)
+        self.counted("issued")
+        response = xmlstream.toResponse(iq, "result")
+        element = response.addElement((NS_UPLOAD, "slot"))
+        put = element.addElement("put")
+        put["url"] = slot.put
+        for name, value in slot.headers.items():
+            element_ = put.addElement("header", content=value)
+            element_["name"] = name
+        element.addElement("get")["url"] = slot.get
+        return response
+
+
+class ComponentService(Service):
+    """
+    Keeps hmacfs connected to the XMPP server as C{jid}: connects at start, reconnects with
+    backoff whenever the connection drops or the server refuses it, and closes the stream
+    cleanly at stop.
+
+    @ivar connected: whether a stream is authenticated right now.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        jid: str,
+        password: str,
+        address: tuple[str, int],
+        slots: SlotComponent,
+        reactor,
+        retryPolicy: Callable[[int], float] | None = None,
+        onConnected: Callable[[bool], None] = lambda connected: None,
+    ) -> None:
+        self.jid = jid
+        self.address = address
+        self.slots = slots
+        self.connected = False
+        self._onConnected = onConnected
+        self._stream: xmlstream.XmlStream | None = None
+        self._waiting: list = []
+        factory = component.componentFactory(jid, password)
+        factory.addBootstrap(xmlstream.STREAM_CONNECTED_EVENT, self._streamConnected)
+        factory.addBootstrap(xmlstream.STREAM_AUTHD_EVENT, self._authenticated)
+        factory.addBootstrap(STREAM_ERROR_EVENT, self._streamError)
+        factory.addBootstrap(xmlstream.STREAM_END_EVENT, self._streamEnded)
+        host, port = address
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+        self._client = ClientService(
+            endpoint,
+            factory,
+            retryPolicy=retryPolicy or backoffPolicy(initialDelay=1.0, maxDelay=60.0),
+            clock=reactor,
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "XMPP component {jid}: connecting to {host}:{port}",
+            jid=self.jid,
+            host=self.address[0],
+            port=self.address[1],
+        )
+        self._client.startService()
+
+    def stopService(self):
+        super().stopService()
+        if self._stream is not None and self.connected:
+            self._stream.sendFooter()
+        return self._client.stopService()
+
+    def whenConnected(self):
+        """A Deferred that fires with the stream once one is authenticated (now or later)."""
+        if self.connected:
+            return succeed(self._stream)
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _streamConnected(self, xs: xmlstream.XmlStream) -> None:
+        self._stream = xs
+
+    def _authenticated(self, xs: xmlstream.XmlStream) -> None:
+        self.connected = True
+        self._onConnected(True)
+        self.slots.attach(xs)
+        self.log.info(
+            "XMPP component {jid} is connected to {host}:{port}",
+            jid=self.jid,
+            host=self.address[0],
+            port=self.address[1],
+        )
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(xs)
+
+    def _streamError(self, reason) -> None:
+        condition = getattr(reason.value, "condition", str(reason.value))
+        hint = {
+            "not-authorized": ": check ComponentSecret against the XMPP server's",
+            "host-unknown": ": the XMPP server has no component of this name",
+            "conflict": ": another component is connected as this JID",
+        }.get(condition, "")
+        self.log.error(
+            "XMPP server refused component {jid}: {condition}{hint}",
+            jid=self.jid,
+            condition=condition,
+            hint=hint,
+        )
+
+    def _streamEnded(self, reason) -> None:
+        was = self.connected
+        self.connected = False
+        self._stream = None
+        if was:
+            self._onConnected(False)
+            if self.running:
+                self.log.warn(
+                    "XMPP component {jid} lost its connection; reconnecting", jid=self.jid
+                )

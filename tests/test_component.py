@@ -1,0 +1,446 @@
+"""
+The XEP-0363 slot component: its decisions, its stanzas, and its connection to an XMPP server.
+
+The server here is Twisted's own XEP-0114 router, in process, so that connects, refusals and
+reconnects run in milliseconds; tests/test_xmpp.py runs the same component against Prosody.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.words.protocols.jabber import component, xmlstream
+from twisted.words.xish import domish, utility
+
+from hmacd import auth
+from hmacd.component import (
+    NS_DATA,
+    NS_DISCO_INFO,
+    NS_UPLOAD,
+    ComponentService,
+    SlotComponent,
+    SlotIssuer,
+    SlotRefused,
+)
+from tests.support import SECRET, LoopbackServer
+
+NOW = 1_800_000_000
+ALICE = "alice@example.org/phone"
+
+
+def issuer(**changes) -> SlotIssuer:
+    fields = dict(
+        secret=SECRET,
+        public_url="https://files.example.org/upload/",
+        protocol="v2",
+        max_size=1000,
+        domains=frozenset({"example.org"}),
+        now=lambda: NOW,
+        random_slot=lambda: "SLOT",
+    )
+    fields.update(changes)
+    return SlotIssuer(**fields)
+
+
+def parse(xml: str) -> domish.Element:
+    """One element from its XML text, parsed as a stanza of a component stream."""
+    found = []
+    stream = domish.elementStream()
+    stream.DocumentStartEvent = lambda root: None
+    stream.ElementEvent = found.append
+    stream.DocumentEndEvent = lambda: None
+    stream.parse(f"<stream xmlns='jabber:component:accept'>{xml}</stream>")
+    return found[0]
+
+
+def slot_request(filename="a.txt", size="10", content_type=None, sender=ALICE, kind="get"):
+    iq = domish.Element((None, "iq"))
+    iq["type"], iq["id"], iq["to"] = kind, "q1", "upload.example.org"
+    if sender is not None:
+        iq["from"] = sender
+    request = iq.addElement((NS_UPLOAD, "request"))
+    for name, value in (("filename", filename), ("size", size), ("content-type", content_type)):
+        if value is not None:
+            request[name] = value
+    return iq
+
+
+def error_of(response: domish.Element) -> tuple[str, str]:
+    """(type, condition) of an error response."""
+    error = next(response.elements(None, "error"))
+    condition = next(e.name for e in error.elements() if e.name != "text")
+    return error["type"], condition
+
+
+class IssuerTests(TestCase):
+    """What a slot request is answered with, before any stanza is involved."""
+
+    def test_v2_slot(self) -> None:
+        """The PUT URL is the GET URL plus the MAC over slot/name, size and type."""
+        slot = issuer().issue(ALICE, "hello world.txt", "10", "text/plain")
+        self.assertEqual(slot.get, "https://files.example.org/upload/SLOT/hello%20world.txt")
+        mac = auth.sign_v2(SECRET, "SLOT/hello world.txt", 10, "text/plain")
+        self.assertEqual(slot.put, f"{slot.get}?v2={mac}")
+        self.assertEqual(slot.headers, {})
+
+    def test_default_content_type(self) -> None:
+        """No content-type in the request means the one Prosody signs then."""
+        slot = issuer().issue(ALICE, "a", "1", None)
+        mac = auth.sign_v2(SECRET, "SLOT/a", 1, auth.DEFAULT_CONTENT_TYPE)
+        self.assertTrue(slot.put.endswith(f"?v2={mac}"))
+
+    def test_jwt_slot(self) -> None:
+        """A JWT slot: the bare URL for both, a Bearer token naming the uploader."""
+        slot = issuer(protocol="jwt").issue(ALICE, "a b.png", "10", "image/png")
+        self.assertEqual(slot.put, slot.get)
+        token = auth.bearer_token(slot.headers["Authorization"])
+        claims = auth.verify_jwt(SECRET, token, now=NOW)
+        self.assertEqual(
+            (claims.slot, claims.filename, claims.filesize, claims.filetype, claims.exp),
+            ("SLOT", "a b.png", 10, "image/png", NOW + 300),
+        )
+        self.assertEqual(claims.sub, "alice@example.org")
+
+    def test_random_slots(self) -> None:
+        """By default every slot gets a fresh 24-character random directory."""
+        real = issuer(random_slot=SlotIssuer.__dataclass_fields__["random_slot"].default)
+        slots = {urlsplit(real.issue(ALICE, "a", "1", None).get).path for _ in range(50)}
+        self.assertEqual(len(slots), 50)
+        for path in slots:
+            segment = path.split("/")[2]
+            self.assertEqual(len(segment), 24)
+            self.assertFalse(segment.startswith("."))
+
+    def refused(self, condition: str, *args, **changes) -> SlotRefused:
+        e = self.assertRaises(SlotRefused, issuer(**changes).issue, *args)
+        self.assertEqual(e.condition, condition)
+        return e
+
+    def test_other_domain(self) -> None:
+        """Users of domains not listed get forbidden, as do requests without a sender."""
+        self.refused("forbidden", "mallory@evil.example/x", "a", "1", None)
+        self.refused("forbidden", "example.org.evil.example", "a", "1", None)
+        self.refused("forbidden", None, "a", "1", None)
+        self.refused("forbidden", "@@", "a", "1", None)
+
+    def test_listed_domains(self) -> None:
+        """Every listed domain is served; JIDs compare case-insensitively."""
+        many = frozenset({"example.org", "chat.example.net"})
+        issuer(domains=many).issue("Bob@CHAT.example.NET", "a", "1", None)
+
+    def test_bad_names(self) -> None:
+        """Names the file server would refuse get bad-request before a slot exists."""
+        for name in ("", None, "a/b", ".hidden", "..", "tab\there", "back\\slash", "x" * 256):
+            self.refused("bad-request", ALICE, name, "1", None)
+
+    def test_awkward_names(self) -> None:
+        """Spaces, non-ASCII, +, % and 255-byte names are fine, percent-encoded once."""
+        for name in ("a b", "naïve+%20.txt", "日本語.pdf", "é" * 127):
+            slot = issuer().issue(ALICE, name, "1", None)
+            self.assertEqual(unquote(urlsplit(slot.get).path), f"/upload/SLOT/{name}")
+
+    def test_bad_sizes(self) -> None:
+        for size in (None, "", "-1", "1.5", "1e3", " 1", "١٢"):
+            self.refused("bad-request", ALICE, "a", size, None)
+
+    def test_too_large(self) -> None:
+        """Over UploadMaxSize: not-acceptable, with the limit under both of its names."""
+        e = self.refused("not-acceptable", ALICE, "a", "1001", None)
+        self.assertEqual(e.type, "modify")
+        self.assertEqual(
+            e.app.toXml(),
+            f"<file-too-large xmlns='{NS_UPLOAD}'><max-file-size>1000</max-file-size>"
+            "<max-size>1000</max-size></file-too-large>",
+        )
+        issuer().issue(ALICE, "a", "1000", None)
+        issuer(max_size=0).issue(ALICE, "a", str(10**15), None)
+
+    def test_bad_content_types(self) -> None:
+        for kind in ("text", "text/plain\r\nX: y", "a b/c", "x/" + "y" * 300, "/plain"):
+            self.refused("bad-request", ALICE, "a", "1", kind)
+        issuer().issue(ALICE, "a", "1", "text/plain; charset=utf-8")
+
+
+class UploadThroughSlotTests(TestCase):
+    """Slots the component signs are uploads the file server takes, in every protocol."""
+
+    def setUp(self) -> None:
+        self.server = LoopbackServer(self)
+
+    @defer.inlineCallbacks
+    def test_every_protocol(self):
+        for protocol in ("v", "v2", "token", "jwt"):
+            slots = issuer(
+                public_url=self.server.base + "/upload/",
+                protocol=protocol,
+                random_slot=lambda p=protocol: f"slot-{p}",
+                now=reactor.seconds,
+            )
+            name = "my file+100%é.txt"
+            slot = slots.issue(ALICE, name, "5", "text/plain")
+            headers = {"Content-Type": "text/plain", **slot.headers}
+            response = yield self.server.http.put(slot.put, b"hello", headers=headers)
+            self.assertEqual(response.code, 201, protocol)
+            yield response.content()
+            response = yield self.server.http.get(slot.get)
+            self.assertEqual((yield response.content()), b"hello")
+            self.assertEqual(
+                response.headers.getRawHeaders("content-type"), ["text/plain"], protocol
+            )
+
+
+class StanzaTests(TestCase):
+    """The IQs the component answers, as XML."""
+
+    def setUp(self) -> None:
+        self.counts: list[str] = []
+        self.component = SlotComponent(issuer(), counted=self.counts.append)
+
+    def test_disco_info(self) -> None:
+        iq = parse(
+            "<iq type='get' id='d1' from='alice@example.org/x' to='upload.example.org'>"
+            "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        )
+        response = self.component.respond(iq)
+        self.assertEqual(
+            (response["type"], response["id"], response["to"], response["from"]),
+            ("result", "d1", "alice@example.org/x", "upload.example.org"),
+        )
+        query = next(response.elements())
+        identity = next(query.elements(NS_DISCO_INFO, "identity"))
+        self.assertEqual(
+            (identity["category"], identity["type"], identity["name"]),
+            ("store", "file", "HTTP File Upload"),
+        )
+        features = [f["var"] for f in query.elements(NS_DISCO_INFO, "feature")]
+        self.assertIn(NS_UPLOAD, features)
+        self.assertIn("http://jabber.org/protocol/disco#info", features)
+        form = next(query.elements("jabber:x:data", "x"))
+        fields = {f["var"]: str(next(f.elements(NS_DATA, "value"))) for f in form.elements()}
+        self.assertEqual(fields, {"FORM_TYPE": NS_UPLOAD, "max-file-size": "1000"})
+
+    def test_disco_info_unlimited(self) -> None:
+        """Without a size limit there is no form: XEP-0363 advertises only a real limit."""
+        self.component = SlotComponent(issuer(max_size=0))
+        iq = parse(
+            "<iq type='get' id='d1' from='a@example.org' to='upload.example.org'>"
+            "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        )
+        query = next(self.component.respond(iq).elements())
+        self.assertEqual(list(query.elements("jabber:x:data", "x")), [])
+
+    def test_disco_items_and_ping(self) -> None:
+        for xml in (
+            "<query xmlns='http://jabber.org/protocol/disco#items'/>",
+            "<ping xmlns='urn:xmpp:ping'/>",
+        ):
+            iq = parse(
+                f"<iq type='get' id='p' from='a@example.org' to='upload.example.org'>{xml}</iq>"
+            )
+            response = self.component.respond(iq)
+            self.assertEqual(response["type"], "result")
+
+    def test_slot(self) -> None:
+        response = self.component.respond(slot_request("a b.txt", "10", "text/plain"))
+        self.assertEqual(response["type"], "result")
+        slot = next(response.elements(NS_UPLOAD, "slot"))
+        put = next(slot.elements(NS_UPLOAD, "put"))
+        get = next(slot.elements(NS_UPLOAD, "get"))
+        self.assertEqual(get["url"], "https://files.example.org/upload/SLOT/a%20b.txt")
+        mac = auth.sign_v2(SECRET, "SLOT/a b.txt", 10, "text/plain")
+        self.assertEqual(put["url"], f"{get['url']}?v2={mac}")
+        self.assertEqual(list(put.elements()), [])
+        self.assertEqual(self.counts, ["issued"])
+
+    def test_jwt_slot_header(self) -> None:
+        self.component = SlotComponent(issuer(protocol="jwt"))
+        response = self.component.respond(slot_request("a", "1"))
+        put = next(next(response.elements(NS_UPLOAD, "slot")).elements(NS_UPLOAD, "put"))
+        header = next(put.elements(NS_UPLOAD, "header"))
+        self.assertEqual(header["name"], "Authorization")
+        self.assertTrue(str(header).startswith("Bearer "))
+
+    def test_refusals(self) -> None:
+        cases = [
+            (slot_request(sender="eve@evil.example"), ("auth", "forbidden")),
+            (slot_request(filename="../x"), ("modify", "bad-request")),
+            (slot_request(size="many"), ("modify", "bad-request")),
+            (slot_request(size="5000"), ("modify", "not-acceptable")),
+            (slot_request(kind="set"), ("cancel", "service-unavailable")),
+        ]
+        for iq, expected in cases:
+            response = self.component.respond(iq)
+            self.assertEqual(response["type"], "error")
+            self.assertEqual(error_of(response), expected, iq.toXml())
+        self.assertEqual(self.counts, ["forbidden", "bad-request", "bad-request", "not-acceptable"])
+
+    def test_too_large_names_the_limit(self) -> None:
+        response = self.component.respond(slot_request(size="5000"))
+        error = next(response.elements(None, "error"))
+        too_large = next(error.elements(NS_UPLOAD, "file-too-large"))
+        self.assertEqual(str(next(too_large.elements(NS_UPLOAD, "max-file-size"))), "1000")
+
+    def test_unknown(self) -> None:
+        """Every get or set we do not serve is service-unavailable, as RFC 6120 asks."""
+        for xml in (
+            "<query xmlns='jabber:iq:version'/>",
+            "<query xmlns='http://jabber.org/protocol/disco#info' node='x'/>",
+            "<request xmlns='urn:xmpp:http:upload'><filename>a</filename></request>",
+            "",
+        ):
+            iq = parse(
+                f"<iq type='get' id='u' from='a@example.org' to='upload.example.org'>{xml}</iq>"
+            )
+            self.assertEqual(
+                error_of(self.component.respond(iq)), ("cancel", "service-unavailable")
+            )
+
+    def test_results_and_errors_are_not_answered(self) -> None:
+        sent = []
+        stream = utility.EventDispatcher()
+        stream.send = sent.append
+        for kind in ("result", "error"):
+            self.component.onIq(stream, slot_request(kind=kind))
+        self.assertEqual(sent, [])
+        self.component.onIq(stream, slot_request())
+        self.assertEqual(len(sent), 1)
+
+    def test_crash_is_internal_server_error(self) -> None:
+        """A bug while answering still answers, and is logged."""
+        sent = []
+        stream = utility.EventDispatcher()
+        stream.send = sent.append
+        self.component.issuer = None  # the bug
+        self.component.onIq(stream, slot_request())
+        self.assertEqual(error_of(sent[0]), ("wait", "internal-server-error"))
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+
+class FakeXMPPServer:
+    """Twisted's XEP-0114 router on a spare port, with one "client" route that records."""
+
+    def __init__(self, testCase, secret: str = "component-secret", port: int = 0) -> None:
+        self.router = component.Router()
+        self.received: list[domish.Element] = []
+        self.waiting: list[defer.Deferred] = []
+        client = utility.EventDispatcher()
+        client.send = self._received
+        self.router.addRoute("example.org", client)
+        self.factory = component.XMPPComponentServerFactory(self.router, secret)
+        self.streams: list[xmlstream.XmlStream] = []
+        self.factory.addBootstrap(xmlstream.STREAM_CONNECTED_EVENT, self.streams.append)
+        self.listen(port)
+        testCase.addCleanup(self.stop)
+
+    def listen(self, port: int) -> None:
+        self.port = reactor.listenTCP(port, self.factory, interface="127.0.0.1")
+        self.portNumber = self.port.getHost().port
+
+    def _received(self, stanza) -> None:
+        self.received.append(stanza)
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(stanza)
+
+    def ask(self, stanza: domish.Element) -> defer.Deferred:
+        """Route stanza to the component; fires with its answer."""
+        d = defer.Deferred()
+        self.waiting.append(d)
+        self.router.route(stanza)
+        return d
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """Stop listening and drop every component connection, like a server going down."""
+        if self.port is not None:
+            yield self.port.stopListening()
+            self.port = None
+        for xs in self.streams:
+            if xs.transport is not None:
+                xs.transport.abortConnection()
+        self.streams.clear()
+
+
+class ComponentServiceTests(TestCase):
+    """The connection: handshake, refusal, reconnect, clean stop."""
+
+    def service(self, server: FakeXMPPServer, password: str = "component-secret"):
+        service = ComponentService(
+            "upload.example.org",
+            password,
+            ("127.0.0.1", server.portNumber),
+            SlotComponent(issuer()),
+            reactor,
+            retryPolicy=lambda attempt: 0.05,
+        )
+        self.states: list[bool] = []
+        service._onConnected = self.states.append
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        return service
+
+    def events(self) -> list[dict]:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    @defer.inlineCallbacks
+    def test_connects_and_answers(self):
+        server = FakeXMPPServer(self)
+        service = self.service(server)
+        yield service.whenConnected()
+        self.assertTrue(service.connected)
+        answer = yield server.ask(slot_request("a.txt", "3"))
+        self.assertEqual(answer["type"], "result")
+        self.assertEqual(answer["to"], ALICE)
+        self.assertEqual(self.states, [True])
+
+    @defer.inlineCallbacks
+    def test_reconnects_after_server_restart(self):
+        server = FakeXMPPServer(self)
+        service = self.service(server)
+        yield service.whenConnected()
+        events = self.events()
+        port = server.portNumber
+        yield server.stop()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(service.connected)
+        server.listen(port)
+        yield service.whenConnected()
+        answer = yield server.ask(slot_request("b.txt", "3"))
+        self.assertEqual(answer["type"], "result")
+        self.assertEqual(self.states, [True, False, True])
+        texts = [e.get("log_format", "") for e in events]
+        self.assertIn("XMPP component {jid} lost its connection; reconnecting", texts)
+
+    @defer.inlineCallbacks
+    def test_wrong_secret(self):
+        """A refused handshake is logged with a hint (never the secret), and retried."""
+        events = self.events()
+        server = FakeXMPPServer(self)
+        service = self.service(server, password="wrong-password-123")
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(service.connected)
+        refusals = [e for e in events if e.get("condition") == "not-authorized"]
+        self.assertGreaterEqual(len(refusals), 2)  # retried
+        self.assertIn("check ComponentSecret", refusals[0]["hint"])
+        for event in events:
+            self.assertNotIn("wrong-password-123", repr(event))
+        yield service.stopService()
+        self.assertEqual(self.states, [])
+
+    @defer.inlineCallbacks
+    def test_stop_closes_the_stream(self):
+        server = FakeXMPPServer(self)
+        service = self.service(server)
+        yield service.whenConnected()
+        ended = defer.Deferred()
+        server.streams[0].addObserver(xmlstream.STREAM_END_EVENT, lambda _: ended.callback(None))
+        yield service.stopService()
+        yield ended
+        self.assertFalse(service.connected)
+        self.assertEqual(self.states, [True, False])
