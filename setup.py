@@ -25,8 +25,10 @@ setup(
     ],
     entry_points={"console_scripts": ["hmacfs = hmacd.cli:run"]},
     extras_require={
-        "test": ["hypothesis>=6.100"],
-        "dev": ["hypothesis>=6.100", "ruff"],
+        # slixmpp (and the aiohttp its XEP-0363 plugin uploads with) is the real XMPP
+        # client of tests/test_xmpp.py.
+        "test": ["hypothesis>=6.100", "slixmpp>=1.8", "aiohttp>=3.9"],
+        "dev": ["hypothesis>=6.100", "slixmpp>=1.8", "aiohttp>=3.9", "ruff"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -262,3 +262,118 @@ class PrivatePostgres:
             except (subprocess.SubprocessError, AssertionError):
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def lua_string(value: str | bytes) -> str:
+    """A Lua string literal of value's bytes (UTF-8 for str), safe for any byte."""
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    out = []
+    for byte in data:
+        char = chr(byte)
+        if 0x20 <= byte < 0x7F and char not in '"\\':
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03d}")
+    return '"' + "".join(out) + '"'
+
+
+class ProsodyServer:
+    """
+    A Prosody of a test's own: loopback only, spare ports, no TLS, plain authentication,
+    in the foreground, killed at cleanup.
+
+    ``hosts`` maps each VirtualHost to its users' passwords; ``components`` is Lua for the
+    Component sections (the caller knows the ports and secrets they need).  Accounts are
+    written where mod_auth_internal_plain keeps them, because ``prosodyctl register`` as root
+    drops to the prosody user, who cannot write into a test's temporary directory.
+    """
+
+    def __init__(self, testCase, hosts: dict[str, dict[str, str]], components: str) -> None:
+        self.binary = shutil.which("prosody")
+        if self.binary is None:
+            require_service("prosody", "not installed (apt-get install prosody prosody-modules)")
+        if not os.path.exists("/usr/lib/prosody/modules/mod_http_upload_external"):
+            require_service("prosody-modules", "mod_http_upload_external is not installed")
+        self.dir = os.path.abspath(testCase.mktemp())
+        os.makedirs(os.path.join(self.dir, "data"))
+        os.makedirs(os.path.join(self.dir, "certs"))
+        self.c2s_port = free_port()
+        self.component_port = free_port()
+        self.config = os.path.join(self.dir, "prosody.cfg.lua")
+        self.log = os.path.join(self.dir, "prosody.log")
+        virtual_hosts = "".join(f"VirtualHost {lua_string(host)}\n" for host in hosts)
+        with open(self.config, "w", encoding="utf-8") as f:
+            f.write(
+                f"daemonize = false\n"
+                # CI and these sandboxes run as root; Prosody refuses that unless told.
+                f"run_as_root = {'true' if os.geteuid() == 0 else 'false'}\n"
+                f"pidfile = {lua_string(os.path.join(self.dir, 'prosody.pid'))}\n"
+                f"data_path = {lua_string(os.path.join(self.dir, 'data'))}\n"
+                f"certificates = {lua_string(os.path.join(self.dir, 'certs'))}\n"
+                f"admin_socket = {lua_string(os.path.join(self.dir, 'admin.sock'))}\n"
+                f'interfaces = {{ "127.0.0.1" }}\n'
+                f"c2s_ports = {{ {self.c2s_port} }}\n"
+                f"c2s_direct_tls_ports = {{}}\n"
+                f"s2s_ports = {{}}\n"
+                f"http_ports = {{}}\n"
+                f"https_ports = {{}}\n"
+                f'component_interfaces = {{ "127.0.0.1" }}\n'
+                f"component_ports = {{ {self.component_port} }}\n"
+                f"log = {{ debug = {lua_string(self.log)} }}\n"
+                f'authentication = "internal_plain"\n'
+                f"c2s_require_encryption = false\n"
+                f"allow_unencrypted_plain_auth = true\n"
+                f'modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping" }}\n'
+                f'modules_disabled = {{ "s2s"; "tls" }}\n'
+                f"{virtual_hosts}\n{components}"
+            )
+        for host, users in hosts.items():
+            accounts = os.path.join(self.dir, "data", _prosody_encode(host), "accounts")
+            os.makedirs(accounts)
+            for user, password in users.items():
+                with open(os.path.join(accounts, f"{_prosody_encode(user)}.dat"), "w") as f:
+                    f.write(f'return {{\n\t["password"] = {lua_string(password)};\n}};\n')
+        self.process: subprocess.Popen | None = None
+        testCase.addCleanup(self.cleanup)
+        self.start()
+
+    def start(self) -> None:
+        """Start and wait until both the client and the component port answer."""
+        self.process = subprocess.Popen(
+            [self.binary, "--config", self.config, "-F"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + DEADLINE
+        while not (_answers(self.c2s_port) and _answers(self.component_port)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"prosody did not start: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM, as an admin's restart does: Prosody closes its streams and exits."""
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(timeout=DEADLINE)
+        self.process = None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()[-n:]
+        except OSError as e:
+            return f"(no log: {e})"
+
+    def cleanup(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+            self.process = None
+
+
+def _prosody_encode(name: str) -> str:
+    # util.datamanager's encode(): every byte but [A-Za-z0-9] as %xx, lowercase hex.
+    return "".join(
+        c if c.isascii() and c.isalnum() else "".join(f"%{b:02x}" for b in c.encode()) for c in name
+    )
