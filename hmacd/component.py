@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.words.protocols.jabber import component, error, xmlstream
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
@@ -114,6 +116,10 @@ class SlotIssuer:
     random_slot: Callable[[], str] = field(default=_random_slot)
     jwt_lifetime: int = 300
 
+    def ping_target(self) -> str:
+        """A domain the XMPP server hosts (one we serve), for keepalive pings."""
+        return min(self.domains)
+
     def issue(
         self,
         requester: str | None,
@@ -136,7 +142,7 @@ class SlotIssuer:
             raise SlotRefused("bad-request", "modify", "Missing file name")
         if "/" in filename:
             raise SlotRefused("bad-request", "modify", "Invalid file name: '/' in it")
-        if not size or not size.isascii() or not size.isdigit():
+        if not size or len(size) > 20 or not size.isascii() or not size.isdigit():
             raise SlotRefused("bad-request", "modify", "File size must be a whole number")
         nbytes = int(size)
         if self.max_size and nbytes > self.max_size:
@@ -208,15 +214,19 @@ class SlotComponent:
             response = self.respond(iq)
         except Exception:
             self.log.failure("Answering an IQ failed")
-            response = error.StanzaError("internal-server-error").toResponse(iq)
+            response = error.StanzaError("internal-server-error", "cancel").toResponse(iq)
         xs.send(response)
 
     def respond(self, iq: domish.Element) -> domish.Element:
-        query = next(iq.elements(), None)
-        kind = iq.getAttribute("type")
-        if query is None or query.getAttribute("node"):
+        payload = list(iq.elements())
+        if len(payload) > 1:  # RFC 6120 8.2.3: a get or set has exactly one child
+            return error.StanzaError("bad-request", "modify").toResponse(iq)
+        if not payload:
             return error.StanzaError("service-unavailable").toResponse(iq)
-        key = (kind, query.uri, query.name)
+        query = payload[0]
+        key = (iq.getAttribute("type"), query.uri, query.name)
+        if query.getAttribute("node") and query.uri in (NS_DISCO_INFO, NS_DISCO_ITEMS):
+            return error.StanzaError("item-not-found").toResponse(iq)
         if key == ("get", NS_DISCO_INFO, "query"):
             return self._disco_info(iq)
         if key == ("get", NS_DISCO_ITEMS, "query"):
@@ -285,7 +295,14 @@ class ComponentService(Service):
     backoff whenever the connection drops or the server refuses it, and closes the stream
     cleanly at stop.
 
+    A connection that does not complete the handshake within C{handshakeTimeout} seconds is
+    dropped and retried.  Once connected, the component pings (XEP-0199) a domain it serves
+    every C{pingInterval} seconds; any answer, even an error, shows the link is alive, and
+    none within C{pingTimeout} drops it, so a link a NAT or firewall silently forgot does not
+    leave the component deaf.
+
     @ivar connected: whether a stream is authenticated right now.
+    @ivar pongs: keepalive pings answered so far.
     """
 
     log = Logger()
@@ -299,14 +316,30 @@ class ComponentService(Service):
         reactor,
         retryPolicy: Callable[[int], float] | None = None,
         onConnected: Callable[[bool], None] = lambda connected: None,
+        handshakeTimeout: float = 30,
+        pingInterval: float = 60,
+        pingTimeout: float = 30,
     ) -> None:
         self.jid = jid
         self.address = address
         self.slots = slots
         self.connected = False
         self._onConnected = onConnected
+        self._clock = reactor
         self._stream: xmlstream.XmlStream | None = None
-        self._waiting: list = []
+        self._waiting: list[Deferred] = []
+        self._handshakeTimeout = handshakeTimeout
+        self._pingInterval = pingInterval
+        self._pingTimeout = pingTimeout
+        self._deadline: IDelayedCall | None = None
+        self._pinger: LoopingCall | None = None
+        self._pingId: str | None = None
+        self.pongs = 0
+        # Streams in a row that ended before the handshake succeeded.  ClientService counts
+        # failed TCP connects only, and the server accepts TCP before it refuses a wrong
+        # secret, so without this a refusal would be retried at the first delay forever.
+        self._refusals = 0
+        policy = retryPolicy or backoffPolicy(initialDelay=1.0, maxDelay=60.0)
         factory = component.componentFactory(jid, password)
         factory.addBootstrap(xmlstream.STREAM_CONNECTED_EVENT, self._streamConnected)
         factory.addBootstrap(xmlstream.STREAM_AUTHD_EVENT, self._authenticated)
@@ -317,7 +350,7 @@ class ComponentService(Service):
         self._client = ClientService(
             endpoint,
             factory,
-            retryPolicy=retryPolicy or backoffPolicy(initialDelay=1.0, maxDelay=60.0),
+            retryPolicy=lambda attempt: policy(max(attempt, self._refusals)),
             clock=reactor,
         )
 
@@ -335,23 +368,51 @@ class ComponentService(Service):
         super().stopService()
         if self._stream is not None and self.connected:
             self._stream.sendFooter()
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(CancelledError("the XMPP component was stopped"))
         return self._client.stopService()
 
-    def whenConnected(self):
-        """A Deferred that fires with the stream once one is authenticated (now or later)."""
+    def whenConnected(self) -> Deferred:
+        """
+        A Deferred that fires with the stream once one is authenticated (now or later), or
+        fails with L{CancelledError} if the service stops first.
+        """
         if self.connected:
             return succeed(self._stream)
+        if not self.running:
+            return fail(CancelledError("the XMPP component is not running"))
         d = Deferred()
         self._waiting.append(d)
         return d
 
     def _streamConnected(self, xs: xmlstream.XmlStream) -> None:
         self._stream = xs
+        self._deadline = self._clock.callLater(self._handshakeTimeout, self._handshakeTooSlow, xs)
+
+    def _handshakeTooSlow(self, xs: xmlstream.XmlStream) -> None:
+        self._deadline = None
+        self.log.error(
+            "XMPP component {jid}: no handshake from {host}:{port} within {seconds} s;"
+            " is that the server's component port?",
+            jid=self.jid,
+            host=self.address[0],
+            port=self.address[1],
+            seconds=self._handshakeTimeout,
+        )
+        xs.transport.abortConnection()
 
     def _authenticated(self, xs: xmlstream.XmlStream) -> None:
+        self._cancelDeadline()
+        self._refusals = 0
         self.connected = True
         self._onConnected(True)
         self.slots.attach(xs)
+        xs.addObserver("/iq", self._pong)
+        if self._pingInterval:
+            self._pinger = LoopingCall(self._ping, xs)
+            self._pinger.clock = self._clock
+            self._pinger.start(self._pingInterval, now=False)
         self.log.info(
             "XMPP component {jid} is connected to {host}:{port}",
             jid=self.jid,
@@ -362,8 +423,46 @@ class ComponentService(Service):
         for d in waiting:
             d.callback(xs)
 
+    def _ping(self, xs: xmlstream.XmlStream) -> None:
+        if self._pingId is not None:
+            return  # the previous one is still within its timeout
+        iq = domish.Element((None, "iq"))
+        self._pingId = iq["id"] = f"hmacfs-ping-{secrets.token_hex(6)}"
+        iq["type"], iq["from"] = "get", self.jid
+        iq["to"] = self.slots.issuer.ping_target()
+        iq.addElement((NS_PING, "ping"))
+        xs.send(iq)
+        self._deadline = self._clock.callLater(self._pingTimeout, self._pingLost, xs)
+
+    def _pong(self, iq: domish.Element) -> None:
+        if iq.getAttribute("type") in ("result", "error") and iq.getAttribute("id") == self._pingId:
+            self._pingId = None
+            self.pongs += 1
+            self._cancelDeadline()
+
+    def _pingLost(self, xs: xmlstream.XmlStream) -> None:
+        self._deadline = None
+        self.log.warn(
+            "XMPP component {jid}: no answer to a ping in {seconds} s; reconnecting",
+            jid=self.jid,
+            seconds=self._pingTimeout,
+        )
+        xs.transport.abortConnection()
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
     def _streamError(self, reason) -> None:
         condition = getattr(reason.value, "condition", str(reason.value))
+        if self.connected:
+            self.log.warn(
+                "XMPP server closed the stream of component {jid}: {condition}",
+                jid=self.jid,
+                condition=condition,
+            )
+            return
         hint = {
             "not-authorized": ": check ComponentSecret against the XMPP server's",
             "host-unknown": ": the XMPP server has no component of this name",
@@ -377,12 +476,17 @@ class ComponentService(Service):
         )
 
     def _streamEnded(self, reason) -> None:
+        self._cancelDeadline()
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self._pinger = None
+        self._pingId = None
         was = self.connected
         self.connected = False
         self._stream = None
-        if was:
-            self._onConnected(False)
-            if self.running:
-                self.log.warn(
-                    "XMPP component {jid} lost its connection; reconnecting", jid=self.jid
-                )
+        if not was:
+            self._refusals += 1
+            return
+        self._onConnected(False)
+        if self.running:
+            self.log.warn("XMPP component {jid} lost its connection; reconnecting", jid=self.jid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import encodings.idna
 import ipaddress
 import json
 import re
@@ -616,33 +617,58 @@ def _db_host(value: object) -> str:
     return text
 
 
-_DOMAIN_RE = re.compile(r"(?:[^\s@/.]+\.)*[^\s@/.]+")
+# RFC 3491 nameprep with the STD3 ASCII rules, as twisted.words' JID parsing applies them:
+# in a label only letters, digits, hyphens (not first or last) and non-ASCII characters.
+_LABEL_PROHIBITED = re.compile(r"[\x00-\x2c\x2e\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]")
 
 
-def _is_domain(text: str) -> bool:
-    """A bare XMPP domain (``upload.example.org``): no localpart, resource, spaces or empty
-    labels.  The XMPP server has the last word on its own names; this only catches typos."""
-    return len(text.encode("utf-8")) <= 1023 and _DOMAIN_RE.fullmatch(text) is not None
+def _domain(text: str) -> str | None:
+    """The normalised form of a bare XMPP domain (``Upload.Example.org`` ->
+    ``upload.example.org``, ``straße.example`` -> ``strasse.example``), or None when it is not
+    one: a localpart, resource, port, wildcard, empty label or forbidden character."""
+    labels = []
+    for label in text.split("."):
+        try:
+            label = encodings.idna.nameprep(label)
+        except UnicodeError:
+            return None
+        if not label or _LABEL_PROHIBITED.search(label) or label[0] == "-" or label[-1] == "-":
+            return None
+        labels.append(label)
+    domain = ".".join(labels)
+    return domain if len(domain.encode("utf-8")) <= 1023 else None
 
 
 def _domain_or_empty(value: object) -> str:
-    text = _string(value).strip().lower()
-    if text and not _is_domain(text):
+    text = _string(value).strip()
+    if not text:
+        return ""
+    domain = _domain(text)
+    if domain is None:
         raise _Invalid(
             'must be a bare domain like "upload.example.org", or "" for no component', value
         )
-    return text
+    return domain
 
 
 def _domains(value: object) -> tuple[str, ...]:
     expected = 'a list of domains, like ["example.org", "chat.example.org"]'
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _wrong_type(expected, value)
-    domains = tuple(entry.strip().lower() for entry in value)
-    for entry in domains:
-        if not _is_domain(entry):
+    domains = []
+    for entry in value:
+        domain = _domain(entry.strip())
+        if domain is None:
             raise _Invalid(f"must be {expected}; {entry!r} is not", value)
-    return domains
+        domains.append(domain)
+    return tuple(domains)
+
+
+def _component_secret(value: object) -> str:
+    text = _string(value)
+    if text and not text.strip():
+        raise _Invalid('must not be blank; leave it "" when there is no component')
+    return text
 
 
 def _component_server(value: object) -> str:
@@ -669,13 +695,25 @@ def _public_url(value: object) -> str:
     text = _string(value).strip()
     if not text:
         return ""
+    problem = None
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise _Invalid(
-            "must be the http(s) URL of the upload space, like"
-            ' "https://files.example.org/upload/" (no query or fragment)',
-            value,
-        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problem = "must be the http(s) URL of the upload space"
+    elif parts.query or parts.fragment or text.endswith(("?", "#")):
+        problem = "must have no query or fragment"
+    elif "@" in parts.netloc:
+        problem = "must have no user or password"
+    elif any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        problem = "must have no spaces or control characters (percent-encode them)"
+    else:
+        try:
+            port = parts.port  # ValueError when out of range
+        except ValueError:
+            port = 0
+        if port == 0:
+            problem = "must have a port from 1 to 65535"
+    if problem is not None:
+        raise _Invalid(f'{problem}, like "https://files.example.org/upload/"', value)
     return text if text.endswith("/") else text + "/"
 
 
@@ -711,7 +749,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "RateLimitBurst": _nonnegative_int,
     "TrustedProxies": _networks,
     "ComponentJID": _domain_or_empty,
-    "ComponentSecret": _string,
+    "ComponentSecret": _component_secret,
     "ComponentServer": _component_server,
     "ComponentAllowedDomains": _domains,
     "ComponentProtocol": _component_protocol,
@@ -800,7 +838,7 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
         except ValueError as e:
             raise _error(source, name(canonical), str(e)) from None
     component = ("ComponentJID", "ComponentSecret", "ComponentServer", "PublicURL")
-    if config.component_jid or config.component_secret or config.component_server:
+    if any(getattr(config, KEYS[key]) for key in (*component, "ComponentAllowedDomains")):
         for canonical in component:
             if not getattr(config, KEYS[canonical]):
                 raise _error(

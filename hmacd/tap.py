@@ -313,8 +313,11 @@ def build_service(
     return top
 
 
-def component_service(config: Config, secret: bytes, fs: FileServer, reactor):
-    """The XMPP slot component of C{config}, signing with C{secret} for C{fs}."""
+def component_service(config: Config, secret: bytes, fs: FileServer, reactor, **options):
+    """
+    The XMPP slot component of C{config}, signing with C{secret} for C{fs}; C{options} go
+    to L{ComponentService} (timeouts, retry policy).
+    """
     issuer = SlotIssuer(
         secret=secret,
         public_url=config.public_url,
@@ -331,6 +334,7 @@ def component_service(config: Config, secret: bytes, fs: FileServer, reactor):
         slots,
         reactor,
         onConnected=fs.metrics.component_connected.set,
+        **options,
     )
     service.setName("component")
     return service

@@ -25,6 +25,7 @@ from hmacd.component import (
     SlotIssuer,
     SlotRefused,
 )
+from tests.servers import free_port
 from tests.support import SECRET, LoopbackServer
 
 NOW = 1_800_000_000
@@ -143,7 +144,7 @@ class IssuerTests(TestCase):
             self.assertEqual(unquote(urlsplit(slot.get).path), f"/upload/SLOT/{name}")
 
     def test_bad_sizes(self) -> None:
-        for size in (None, "", "-1", "1.5", "1e3", " 1", "١٢"):
+        for size in (None, "", "-1", "1.5", "1e3", " 1", "١٢", "1" * 21, "9" * 5000):
             self.refused("bad-request", ALICE, "a", size, None)
 
     def test_too_large(self) -> None:
@@ -283,20 +284,31 @@ class StanzaTests(TestCase):
         too_large = next(error.elements(NS_UPLOAD, "file-too-large"))
         self.assertEqual(str(next(too_large.elements(NS_UPLOAD, "max-file-size"))), "1000")
 
+    def ask(self, payload: str) -> tuple[str, str]:
+        iq = parse(
+            f"<iq type='get' id='u' from='a@example.org' to='upload.example.org'>{payload}</iq>"
+        )
+        return error_of(self.component.respond(iq))
+
     def test_unknown(self) -> None:
         """Every get or set we do not serve is service-unavailable, as RFC 6120 asks."""
         for xml in (
             "<query xmlns='jabber:iq:version'/>",
-            "<query xmlns='http://jabber.org/protocol/disco#info' node='x'/>",
             "<request xmlns='urn:xmpp:http:upload'><filename>a</filename></request>",
             "",
         ):
-            iq = parse(
-                f"<iq type='get' id='u' from='a@example.org' to='upload.example.org'>{xml}</iq>"
-            )
-            self.assertEqual(
-                error_of(self.component.respond(iq)), ("cancel", "service-unavailable")
-            )
+            self.assertEqual(self.ask(xml), ("cancel", "service-unavailable"), xml)
+
+    def test_disco_nodes(self) -> None:
+        """We have no disco nodes: item-not-found, as XEP-0030 asks."""
+        for ns in ("info", "items"):
+            xml = f"<query xmlns='http://jabber.org/protocol/disco#{ns}' node='x'/>"
+            self.assertEqual(self.ask(xml), ("cancel", "item-not-found"))
+
+    def test_two_payloads(self) -> None:
+        """An IQ get carries exactly one payload; two is a bad request."""
+        xml = "<ping xmlns='urn:xmpp:ping'/><ping xmlns='urn:xmpp:ping'/>"
+        self.assertEqual(self.ask(xml), ("modify", "bad-request"))
 
     def test_results_and_errors_are_not_answered(self) -> None:
         sent = []
@@ -315,7 +327,7 @@ class StanzaTests(TestCase):
         stream.send = sent.append
         self.component.issuer = None  # the bug
         self.component.onIq(stream, slot_request())
-        self.assertEqual(error_of(sent[0]), ("wait", "internal-server-error"))
+        self.assertEqual(error_of(sent[0]), ("cancel", "internal-server-error"))
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
 
 
@@ -325,13 +337,15 @@ class FakeXMPPServer:
     def __init__(self, testCase, secret: str = "component-secret", port: int = 0) -> None:
         self.router = component.Router()
         self.received: list[domish.Element] = []
+        self.footers = 0  # streams the component closed with </stream:stream>
+        self.answerPings = True
         self.waiting: list[defer.Deferred] = []
         client = utility.EventDispatcher()
         client.send = self._received
         self.router.addRoute("example.org", client)
         self.factory = component.XMPPComponentServerFactory(self.router, secret)
         self.streams: list[xmlstream.XmlStream] = []
-        self.factory.addBootstrap(xmlstream.STREAM_CONNECTED_EVENT, self.streams.append)
+        self.factory.addBootstrap(xmlstream.STREAM_CONNECTED_EVENT, self._connected)
         self.listen(port)
         testCase.addCleanup(self.stop)
 
@@ -339,7 +353,23 @@ class FakeXMPPServer:
         self.port = reactor.listenTCP(port, self.factory, interface="127.0.0.1")
         self.portNumber = self.port.getHost().port
 
+    def _connected(self, xs: xmlstream.XmlStream) -> None:
+        self.streams.append(xs)
+        received = []
+
+        def rawIn(data: bytes) -> None:
+            received.append(data)
+            if b"</stream:stream>" in b"".join(received[-2:]):
+                self.footers += 1
+
+        xs.rawDataInFn = rawIn
+
     def _received(self, stanza) -> None:
+        if stanza.firstChildElement() is not None and stanza.firstChildElement().name == "ping":
+            self.pings = getattr(self, "pings", 0) + 1
+            if self.answerPings:
+                self.router.route(xmlstream.toResponse(stanza, "result"))
+            return
         self.received.append(stanza)
         waiting, self.waiting = self.waiting, []
         for d in waiting:
@@ -367,14 +397,23 @@ class FakeXMPPServer:
 class ComponentServiceTests(TestCase):
     """The connection: handshake, refusal, reconnect, clean stop."""
 
-    def service(self, server: FakeXMPPServer, password: str = "component-secret"):
+    def service(self, server, password: str = "component-secret", **options):
+        self.attempts: list[int] = []
+
+        def policy(attempt: int) -> float:
+            self.attempts.append(attempt)
+            return 0.05
+
+        port = server if isinstance(server, int) else server.portNumber
+        options.setdefault("pingInterval", 0)
         service = ComponentService(
             "upload.example.org",
             password,
-            ("127.0.0.1", server.portNumber),
+            ("127.0.0.1", port),
             SlotComponent(issuer()),
             reactor,
-            retryPolicy=lambda attempt: 0.05,
+            retryPolicy=policy,
+            **options,
         )
         self.states: list[bool] = []
         service._onConnected = self.states.append
@@ -427,6 +466,8 @@ class ComponentServiceTests(TestCase):
         self.assertFalse(service.connected)
         refusals = [e for e in events if e.get("condition") == "not-authorized"]
         self.assertGreaterEqual(len(refusals), 2)  # retried
+        # ... with the backoff growing, although every TCP connect succeeded.
+        self.assertEqual(self.attempts, list(range(1, len(self.attempts) + 1)))
         self.assertIn("check ComponentSecret", refusals[0]["hint"])
         for event in events:
             self.assertNotIn("wrong-password-123", repr(event))
@@ -442,5 +483,53 @@ class ComponentServiceTests(TestCase):
         server.streams[0].addObserver(xmlstream.STREAM_END_EVENT, lambda _: ended.callback(None))
         yield service.stopService()
         yield ended
+        self.assertEqual(server.footers, 1)
         self.assertFalse(service.connected)
         self.assertEqual(self.states, [True, False])
+
+    @defer.inlineCallbacks
+    def test_waiters_released_at_stop(self):
+        """whenConnected() fails with CancelledError when the service stops before it connects."""
+        service = self.service(free_port())  # nothing listens there
+        waiting = service.whenConnected()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        yield service.stopService()
+        yield self.assertFailure(waiting, defer.CancelledError)
+        yield self.assertFailure(service.whenConnected(), defer.CancelledError)
+
+    @defer.inlineCallbacks
+    def test_silent_server(self):
+        """A peer that accepts TCP but never speaks XMPP is dropped and retried."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        connections = []
+
+        class Silent(Protocol):
+            def connectionMade(self):
+                connections.append(self)
+
+        listening = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        events = self.events()
+        service = self.service(listening.getHost().port, handshakeTimeout=0.1)
+        yield task.deferLater(reactor, 0.6, lambda: None)
+        yield service.stopService()
+        self.assertGreaterEqual(len(connections), 2)
+        self.assertFalse(service.connected)
+        self.assertTrue(any("no handshake" in e.get("log_format", "") for e in events))
+
+    @defer.inlineCallbacks
+    def test_keepalive(self):
+        """Answered pings keep the link; an unanswered one drops it, and it reconnects."""
+        server = FakeXMPPServer(self)
+        service = self.service(server, pingInterval=0.05, pingTimeout=0.1)
+        yield service.whenConnected()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertGreaterEqual(server.pings, 3)
+        self.assertEqual(self.states, [True])
+        server.answerPings = False
+        yield task.deferLater(reactor, 0.4, lambda: None)
+        self.assertIn(False, self.states)
+        server.answerPings = True
+        yield service.whenConnected()
+        self.assertEqual(self.states[-1], True)

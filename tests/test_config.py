@@ -1001,9 +1001,34 @@ class ComponentConfigTests(SynchronousTestCase):
             ('ComponentProtocol = "v3"', "ComponentProtocol", '"v", "v2", "token", "jwt"'),
             ('ComponentAllowedDomains = "example.org"', "ComponentAllowedDomains", "a list"),
             ('ComponentAllowedDomains = ["a b"]', "ComponentAllowedDomains", "'a b' is not"),
+            ('ComponentJID = "upload.example.org:5347"', "ComponentJID", "bare domain"),
+            ('ComponentJID = "*.example.org"', "ComponentJID", "bare domain"),
+            ('ComponentJID = "up_load.example.org"', "ComponentJID", "bare domain"),
+            ('ComponentJID = "-upload.example.org"', "ComponentJID", "bare domain"),
+            ('ComponentJID = "upload\\u0000.example.org"', "ComponentJID", "bare domain"),
+            ('ComponentSecret = "   "', "ComponentSecret", "blank"),
+            ('PublicURL = "https://f.example:99999/u/"', "PublicURL", "port from 1 to 65535"),
+            ('PublicURL = "https://f.example:0/u/"', "PublicURL", "port from 1 to 65535"),
+            ('PublicURL = "https://u:pw@f.example/u/"', "PublicURL", "no user or password"),
+            ('PublicURL = "https://f.example/my files/"', "PublicURL", "no spaces"),
+            ('PublicURL = "https://f.example/u/#"', "PublicURL", "no query or fragment"),
         ]
         for line, key, fragment in cases:
             self.refused(line + "\n", key, fragment)
+
+    def test_domains_normalised_as_jids_are(self) -> None:
+        """Domains get the nameprep JIDs get, so a configured domain matches its users."""
+        config = self.parse(
+            self.COMPONENT.replace("Upload.Example.org", "Upload.Straße.example")
+            + 'ComponentAllowedDomains = ["STRASSE.example", "Bücher.example"]\n'
+        )
+        self.assertEqual(config.component_jid, "upload.strasse.example")
+        self.assertEqual(config.upload_domains, ("strasse.example", "bücher.example"))
+
+    def test_component_keys_alone(self) -> None:
+        """PublicURL or ComponentAllowedDomains without a component is a mistake, not a no-op."""
+        for line in ('PublicURL = "https://f.example/u/"', 'ComponentAllowedDomains = ["a.b"]'):
+            self.refused(line + "\n", "ComponentJID", "go together")
 
     def test_top_level_jid_needs_domains(self) -> None:
         """A JID not under a domain (e.g. "uploads") must say whose users it serves."""

@@ -68,7 +68,7 @@ class ProsodyInteropTests(TestCase):
             hosts={"localhost": {"alice": "alice-pw"}, "other.localhost": {"bob": "bob-pw"}},
             components=self.components(base),
         )
-        config = Config(
+        self.config = config = Config(
             upload_max_size=MAX_SIZE,
             component_jid="hmacfs.localhost",
             component_secret=COMPONENT_SECRET,
@@ -272,6 +272,20 @@ class ProsodyInteropTests(TestCase):
             password="bob-pw",
         )
         self.assertEqual((bob["error"], bob["type"]), ("forbidden", "auth"))
+
+    @defer.inlineCallbacks
+    def test_component_keepalive(self):
+        """Prosody answers the component's keepalive pings, and the link stays up."""
+        yield self.component.stopService()
+        self.component = tap.component_service(
+            self.config, SECRET, self.server.fs, reactor, pingInterval=0.1, pingTimeout=2
+        )
+        self.component.startService()
+        self.addCleanup(self.component.stopService)
+        yield self.connected()
+        yield task.deferLater(reactor, 1, lambda: None)
+        self.assertGreaterEqual(self.component.pongs, 5)
+        self.assertTrue(self.component.connected)
 
     @defer.inlineCallbacks
     def test_component_reconnects(self):
