@@ -21,7 +21,7 @@ from hmacd import auth
 from hmacd.config import SECRET_FIELDS, Config, ConfigError, load_config, parse_size
 from hmacd.secret import ENV_VAR, secret_file
 
-__all__ = ["main", "run", "signed_url", "upload_file"]
+__all__ = ["main", "run", "upload_file"]
 
 
 class UserError(Exception):
@@ -70,30 +70,16 @@ def _default_base_url(config: Config) -> str:
     return f"http://{host}:{port}/{prefix}"
 
 
-def signed_url(
-    secret: bytes,
-    base_url: str,
-    path: str,
-    size: int,
-    content_type: str | None,
-    protocol: str,
-    now: float,
-    lifetime: int = 300,
-) -> tuple[str, dict[str, str]]:
-    """The PUT URL (and headers) for a slot, signed as an XMPP server would."""
-    try:
-        return auth.slot_put(secret, base_url, path, size, content_type, protocol, now, lifetime)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def _sign(args) -> int:
     config = _config(args.config)
     secret = _secret(config, args.secret)
     base = args.base_url or _default_base_url(config)
-    url, headers = signed_url(
-        secret, base, args.path, args.size, args.type, args.protocol, time.time(), args.lifetime
-    )
+    try:
+        url, headers = auth.slot_put(
+            secret, base, args.path, args.size, args.type, args.protocol, time.time(), args.lifetime
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
     print(url)
     for name, value in headers.items():
         print(f"{name}: {value}")

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from hmacd import cli
+from hmacd import auth, cli
 from hmacd.upload import UploadRequest
 from tests.support import SECRET, LoopbackServer, store_files
 from tests.test_http import body_of, raw_request
@@ -113,7 +113,7 @@ class UploadTests(TestCase):
     timeout = 60
 
     def signed(self, server, name: str, size: int) -> str:
-        url, _ = cli.signed_url(SECRET, server.base + "/upload/", name, size, None, "v", 0)
+        url, _ = auth.slot_put(SECRET, server.base + "/upload/", name, size, None, "v", 0)
         return url
 
     def upload(self, *args, **kwargs):
@@ -182,7 +182,7 @@ class ProgressTests(TestCase):
         source = self.mktemp()
         with open(source, "wb") as f:
             f.write(b"p" * 300_000)
-        url, _ = cli.signed_url(SECRET, server.base + "/upload/", "p.bin", 300_000, None, "v", 0)
+        url, _ = auth.slot_put(SECRET, server.base + "/upload/", "p.bin", 300_000, None, "v", 0)
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             code = yield Deferred.fromCoroutine(
