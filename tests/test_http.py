@@ -609,3 +609,117 @@ class H2Tests(TestCase):
         """ALPN never offers h2: the streaming upload needs HTTP/1.1 semantics."""
         server = LoopbackServer(self)
         self.assertEqual(server.site.acceptableProtocols(), [b"http/1.1"])
+
+
+class DownloadPathTests(TestCase):
+    """How bytes leave: sendfile for large files, one write for small ones, a record cache."""
+
+    def setUp(self) -> None:
+        self.server = LoopbackServer(self)
+        self.sent: list[int] = []
+        real = os.sendfile
+
+        def spy(out_fd, in_fd, offset, count):
+            n = real(out_fd, in_fd, offset, count)
+            self.sent.append(n)
+            return n
+
+        self.patch(os, "sendfile", spy)
+
+    @inlineCallbacks
+    def put(self, name: str, data: bytes, content_type: str = "application/octet-stream"):
+        response = yield self.server.http.put(
+            self.server.url(name, v2_query(name, len(data), content_type)),
+            data,
+            headers={"Content-Type": content_type},
+        )
+        self.assertEqual(response.code, 201)
+        yield readBody(response)
+
+    @inlineCallbacks
+    def test_large_by_sendfile(self):
+        """A large GET arrives intact, most of it by sendfile; so does a Range from its middle."""
+        data = body_of(24 * 1024 * 1024, "large")
+        yield self.put("large.bin", data)
+        response = yield self.server.http.get(self.server.url("large.bin"))
+        self.assertEqual((yield readBody(response)), data)
+        self.assertGreater(sum(self.sent), len(data) // 2)
+        self.sent.clear()
+        response = yield self.server.http.get(
+            self.server.url("large.bin"), headers={"Range": "bytes=1000001-5000000"}
+        )
+        self.assertEqual(response.code, 206)
+        self.assertEqual((yield readBody(response)), data[1000001:5000001])
+
+    @inlineCallbacks
+    def test_slow_reader_gets_every_byte(self):
+        """Flow control holds with sendfile: a reader that lags gets the bytes, in order."""
+        data = body_of(6 * 1024 * 1024, "slow")
+        yield self.put("slow.bin", data)
+
+        def read_slowly():
+            s = socket.create_connection((self.server.host, self.server.portNumber))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            s.sendall(b"GET /upload/slow.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = []
+            with s:
+                while chunk := s.recv(65536):
+                    received.append(chunk)
+                    if len(received) % 16 == 0:
+                        time.sleep(0.01)
+            return b"".join(received)
+
+        raw = yield deferToThread(read_slowly)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head[:100])
+        self.assertEqual(body, data)
+
+    @inlineCallbacks
+    def test_small_in_one_write(self):
+        """A small file is one write: no sendfile, no producer."""
+        yield self.put("small.txt", b"hello there", "text/plain")
+        response = yield self.server.http.get(self.server.url("small.txt"))
+        self.assertEqual((yield readBody(response)), b"hello there")
+        self.assertEqual(self.sent, [])
+
+    @inlineCallbacks
+    def test_record_cache(self):
+        """
+        The record is looked up once per file; a name deleted and uploaded again (a new
+        inode) is looked up afresh, so its new type is served.
+        """
+        lookups = []
+        store = self.server.fs.metadata
+        real_get = store.get
+        self.patch(store, "get", lambda path: (lookups.append(path), real_get(path))[1])
+        yield self.put("doc.txt", b"first", "text/plain")
+        for _ in range(3):
+            response = yield self.server.http.get(self.server.url("doc.txt"))
+            yield readBody(response)
+            self.assertEqual(header(response, "Content-Type"), "text/plain")
+        self.assertEqual(lookups, ["doc.txt"])
+        os.unlink(os.path.join(self.server.root, "doc.txt"))
+        yield store.delete("doc.txt")
+        yield self.put("doc.txt", b"second", "image/png")
+        response = yield self.server.http.get(self.server.url("doc.txt"))
+        self.assertEqual((yield readBody(response)), b"second")
+        self.assertEqual(header(response, "Content-Type"), "image/png")
+        self.assertEqual(lookups, ["doc.txt", "doc.txt"])
+
+    @inlineCallbacks
+    def test_client_gone_during_lookup(self):
+        """A client that leaves while the record is looked up costs nothing but the lookup."""
+        from twisted.internet.defer import Deferred
+
+        yield self.put("wait.bin", b"x" * 10)
+        pending = Deferred()
+        store = self.server.fs.metadata
+        self.patch(store, "get", lambda path: pending)
+        s = socket.create_connection((self.server.host, self.server.portNumber))
+        s.sendall(b"GET /upload/wait.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield deferLater(reactor, 0.2, lambda: None)
+        s.close()
+        yield deferLater(reactor, 0.2, lambda: None)
+        record = yield self.server.fs.metadata.__class__.get(store, "wait.bin")
+        pending.callback(record)
+        self.assertEqual(self.flushLoggedErrors(), [])
