@@ -147,10 +147,12 @@ class _Upload:
     def _open(self) -> str:
         for attempt in (1, 2):
             try:
+                created = len(self._created)
                 self._makeParents(os.path.dirname(self.dest))
-                # Re-check now that the directories exist: a symlink placed
-                # on the way must not lead the temp file out of the store.
-                store_path(self.fs.store_dir, self.relpath)
+                if len(self._created) != created:
+                    # Re-check now that the directories exist: a symlink placed
+                    # on the way must not lead the temp file out of the store.
+                    store_path(self.fs.store_dir, self.relpath)
                 temp = os.path.join(
                     os.path.dirname(self.dest), PART_PREFIX + secrets.token_hex(8) + PART_SUFFIX
                 )

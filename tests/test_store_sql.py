@@ -187,10 +187,14 @@ class SQLiteStoreTests(StoreContract, SQLChecks, TestCase):
 
     @inlineCallbacks
     def test_private_directory_and_wal(self):
-        """start() creates the parent directory 0700 and puts the database in WAL mode."""
+        """
+        start() creates the parent directory 0700 and puts the database in WAL mode, with
+        synchronous=NORMAL (1) on every connection: no log fsync per commit.
+        """
         directory = os.path.dirname(self.dbfile)
         self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode) & 0o077, 0)
         self.assertEqual((yield self.store.pool.runQuery("PRAGMA journal_mode")), [("wal",)])
+        self.assertEqual((yield self.store.pool.runQuery("PRAGMA synchronous")), [(1,)])
         self.assertEqual(self.store.name, "sqlite")
 
     @inlineCallbacks
