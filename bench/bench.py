@@ -374,14 +374,20 @@ async def _slow_upload(port: int, target: str, size: int, rate: int, results: di
     sent = 0
     loop = asyncio.get_running_loop()
     start = loop.time()
-    while sent < size:
-        n = min(piece, size - sent)
-        writer.write(b"s" * n)
-        await writer.drain()
-        sent += n
-        await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
-    status = await reader.readline()
-    writer.close()
+    try:
+        while sent < size:
+            n = min(piece, size - sent)
+            writer.write(b"s" * n)
+            await writer.drain()
+            sent += n
+            await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
+        status = await reader.readline()
+    except OSError as e:
+        results["broken"] += 1
+        results["errors"].append(f"after {sent} bytes: {e}")
+        return
+    finally:
+        writer.close()
     if b" 201 " in status:
         results["created"] += 1
     else:
@@ -394,7 +400,7 @@ def slow_uploads_with_puts(
     """count uploads paced at rate B/s, started together, while small_puts runs."""
     size = int(rate * (seconds + 4))  # they outlast the small PUTs by a few seconds
     targets = [server.url(f"slow/{run}/{i}.bin", size)[len(server.base) :] for i in range(count)]
-    results = {"connected": 0, "refused": 0, "created": 0, "errors": []}
+    results = {"connected": 0, "refused": 0, "broken": 0, "created": 0, "errors": []}
     peak = [server.rss()]
 
     async def main():

@@ -101,6 +101,16 @@ class Conflict(Exception):
     """The destination exists already (or a parent of it is a file)."""
 
 
+# Each upload in progress holds its write buffer: 500 slow uploads with ChunkSize's default
+# 1 MiB each held ~370 MiB of half-filled buffers.  Socket reads are at most 64 KiB anyway.
+MAX_WRITE_BUFFER = 64 * 1024
+
+
+def write_buffer(fs: FileServer) -> int:
+    """Bytes an upload buffers before writing to disk: ChunkSize, at most 64 KiB."""
+    return min(fs.chunk_size, MAX_WRITE_BUFFER)
+
+
 class _Upload:
     """
     One accepted body on its way to disk.
@@ -165,7 +175,7 @@ class _Upload:
                 continue
             except (FileExistsError, NotADirectoryError):
                 raise Conflict() from None
-            self._file = open(fd, "wb", buffering=self.fs.chunk_size)
+            self._file = open(fd, "wb", buffering=write_buffer(self.fs))
             return temp
         raise AssertionError("unreachable")
 
@@ -335,7 +345,7 @@ class _ResumableChunk(_Upload):
         self.expires = facts["expires"]
         fd = os.open(self.data, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         os.lseek(fd, start, os.SEEK_SET)
-        self._file = open(fd, "wb", buffering=fs.chunk_size)
+        self._file = open(fd, "wb", buffering=write_buffer(fs))
         fs.resumable.add(relpath)
 
     def write(self, data: bytes) -> None:

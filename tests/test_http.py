@@ -442,6 +442,45 @@ class StreamingTests(TestCase):
     timeout = 300
 
     @inlineCallbacks
+    def test_many_slow_uploads_memory_flat(self):
+        """
+        200 uploads half-way through their bodies hold no more than a small write buffer
+        each (with a 1 MiB ChunkSize each held its half-filled 1 MiB buffer).
+        """
+        server = LoopbackServer(self, chunk_size=1 << 20)
+        count, size, sent = 200, 1 << 20, 512 * 1024
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before, _ = tracemalloc.get_traced_memory()
+        sockets = []
+
+        def send_halves():
+            for i in range(count):
+                s = socket.create_connection((server.host, server.portNumber))
+                sockets.append(s)
+                target = server.url(f"slow/{i}.bin", v_query(f"slow/{i}.bin", size))
+                path = target[len(server.base) :]
+                s.sendall(
+                    f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+                )
+                s.sendall(b"s" * sent)
+
+        yield deferToThread(send_halves)
+        self.addCleanup(lambda: [s.close() for s in sockets])
+
+        def received():
+            return sum(r._upload.received for r in server.fs.uploads if r._upload is not None)
+
+        for _ in range(100):  # until the server has read what was sent
+            if received() >= count * sent:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(received(), count * sent)
+        now, _ = tracemalloc.get_traced_memory()
+        growth = now - before
+        self.assertLess(growth, 32 * 1024 * 1024, f"{growth / 2**20:.1f} MiB for {count} uploads")
+
+    @inlineCallbacks
     def test_200mib_upload_memory_flat(self):
         """A 200 MiB upload streams through with Python memory far below the file size."""
         server = LoopbackServer(self)
