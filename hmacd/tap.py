@@ -287,7 +287,7 @@ def build_service(
     StoreService(metadata, fs, config.shutdown_grace).setServiceParent(top)
     site = HmacfsSite(fs)
     if listen:
-        endpoint = serverFromString(reactor, config.listen_endpoint)
+        endpoint = serverFromString(reactor, with_backlog(config.listen_endpoint))
         listener = StreamServerEndpointService(endpoint, site)
         # A port that cannot be bound stops start-up (twistd exits non-zero)
         # instead of leaving a process that serves nothing.
@@ -311,6 +311,20 @@ def build_service(
         SystemMonitor(fs, site, config.monitor_interval).setServiceParent(top)
     top.fileServer = fs
     return top
+
+
+# Twisted listens with a backlog of 50: 500 clients connecting at once overflowed it, and the
+# kernel reset some of them after their handshake (bench/run's slow uploads).  The kernel
+# caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """A listening endpoint description with LISTEN_BACKLOG, unless it names a backlog."""
+    kind = description.partition(":")[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 def component_service(config: Config, secret: bytes, fs: FileServer, reactor, **options):

@@ -543,9 +543,20 @@ class BuildServiceTests(TestCase):
         top = self.build()
         self.start(top)
         self.assertEqual(len(self.reactor.tcpServers), 1)
-        port, factory, _backlog, interface = self.reactor.tcpServers[0]
-        self.assertEqual((port, interface), (8443, "127.0.0.1"))
+        port, factory, backlog, interface = self.reactor.tcpServers[0]
+        self.assertEqual((port, interface, backlog), (8443, "127.0.0.1", tap.LISTEN_BACKLOG))
         self.assertIs(factory, top.getServiceNamed("http").factory)
+
+    def test_backlog(self) -> None:
+        """A backlog for many clients at once, unless the endpoint string names its own."""
+        self.assertEqual(tap.with_backlog("tcp:80"), "tcp:80:backlog=1024")
+        self.assertEqual(tap.with_backlog("unix:/run/s"), "unix:/run/s:backlog=1024")
+        for given in (
+            "tcp:80:backlog=5",
+            "ssl:443:privateKey=k.pem",
+            "systemd:domain=INET:index=0",
+        ):
+            self.assertEqual(tap.with_backlog(given), given)
 
     def test_nothing_listens_before_start(self) -> None:
         """Building the services opens no listener; only starting them does."""
