@@ -517,7 +517,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="large upload rounds (odd)")
     parser.add_argument("--seconds", type=int, default=6, help="each wrk run")
     parser.add_argument("--slow", type=int, default=500, help="slow uploads")
-    parser.add_argument("--workers", type=int, default=None, help="Workers for the server")
     parser.add_argument("--cap", default="8GB", help="MaxBytesPerSecond when on")
     parser.add_argument("--dir", default=None, help="scratch directory (needs ~3x --size)")
     parser.add_argument(
@@ -529,7 +528,7 @@ def main(argv=None) -> int:
             parser.error(f"{tool} is not installed (bench/run installs it)")
     workdir = args.dir or tempfile.mkdtemp(prefix="hmacfs-bench-")
     os.makedirs(workdir, exist_ok=True)
-    common = {} if args.workers is None else {"Workers": args.workers}
+    common: dict[str, object] = {}
     started = time.time()
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
