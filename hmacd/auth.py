@@ -334,13 +334,14 @@ def slot_put(
             sub=sub,
         )
         return url, {"Authorization": f"Bearer {token}"}
-    signers = {"v": sign_v, "v2": sign_v2, "token": sign_token}
-    if protocol not in signers:
-        raise ValueError(f"unknown protocol {protocol!r}")
     if protocol == "v":
         mac = sign_v(secret, path, size)
+    elif protocol == "v2":
+        mac = sign_v2(secret, path, size, content_type)
+    elif protocol == "token":
+        mac = sign_token(secret, path, size, content_type)
     else:
-        mac = signers[protocol](secret, path, size, content_type)
+        raise ValueError(f"unknown protocol {protocol!r}")
     return f"{url}?{protocol}={mac}", {}
 
 
