@@ -17,8 +17,7 @@ import os
 import sys
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet import defer, reactor, task
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import defer, reactor, task, utils
 from twisted.trial.unittest import TestCase
 
 from hmacd import tap
@@ -117,7 +116,12 @@ class ProsodyInteropTests(TestCase):
             "port": self.prosody.c2s_port,
             "steps": steps,
         }
-        out, err, code = yield _run_client(json.dumps(plan).encode())
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump(plan, f)
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, [CLIENT, path], env=dict(os.environ)
+        )
         if code != 0:
             self.fail(
                 f"xmpp client exited {code}: {err.decode()[-3000:]}\n{self.prosody.log_tail()}"
@@ -299,28 +303,3 @@ class ProsodyInteropTests(TestCase):
         self.prosody.start()
         yield self.connected()
         yield self.upload_all(SERVICES["component"])
-
-
-def _run_client(plan: bytes):
-    """Run tests/xmpp_client.py with plan on stdin: (stdout, stderr, exit code)."""
-    done = defer.Deferred()
-
-    class Collect(ProcessProtocol):
-        def __init__(self) -> None:
-            self.out, self.err = [], []
-
-        def connectionMade(self) -> None:
-            self.transport.write(plan)
-            self.transport.closeStdin()
-
-        def outReceived(self, data: bytes) -> None:
-            self.out.append(data)
-
-        def errReceived(self, data: bytes) -> None:
-            self.err.append(data)
-
-        def processEnded(self, reason) -> None:
-            done.callback((b"".join(self.out), b"".join(self.err), reason.value.exitCode))
-
-    reactor.spawnProcess(Collect(), sys.executable, [sys.executable, CLIENT], env=dict(os.environ))
-    return done

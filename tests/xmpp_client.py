@@ -1,8 +1,8 @@
 """
 A real XMPP client for the interop tests: slixmpp and its XEP-0363 plugin, in its own process.
 
-slixmpp runs on asyncio and the tests on Twisted, so the tests start this script, give it a
-plan as JSON on stdin and read one JSON document from stdout.  The plan names the account, the
+slixmpp runs on asyncio and the tests on Twisted, so the tests start this script with the path
+of a plan in JSON and read one JSON document from stdout.  The plan names the account, the
 address of the XMPP server and a list of steps:
 
 - ``{"op": "disco", "service": JID}``: the service's disco#info (identities, features, and the
@@ -132,4 +132,6 @@ async def main(plan: dict) -> list[dict]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    json.dump(asyncio.run(main(json.load(sys.stdin))), sys.stdout)
+    with open(sys.argv[1]) as f:
+        plan = json.load(f)
+    json.dump(asyncio.run(main(plan)), sys.stdout)
