@@ -193,19 +193,29 @@ class Server:
         put, _ = auth.slot_put(SECRET, self.base + "/upload/", path, size, content_type, "v", 0)
         return put
 
+    def target(self, path: str, size: int) -> str:
+        """The signed request target (path and query) of a slot, for raw HTTP clients."""
+        return self.url(path, size)[len(self.base) :]
+
+    def put_file(self, path: str, src: str) -> None:
+        """One upload of the file src through curl -T, asserting its 201."""
+        code = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", src,
+             self.url(path, os.path.getsize(src))],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        if code != "201":
+            raise RuntimeError(f"PUT {path}: HTTP {code}")
+
     def put(self, path: str, data: bytes) -> None:
-        """One upload through curl (a file of data), asserting its 201."""
+        """One upload of data (through a file, for curl)."""
         src = os.path.join(self.dir, "put.tmp")
         with open(src, "wb") as f:
             f.write(data)
-        code = subprocess.run(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", src,
-             self.url(path, len(data))],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        os.unlink(src)
-        if code != "201":
-            raise RuntimeError(f"PUT {path}: {code}")
+        try:
+            self.put_file(path, src)
+        finally:
+            os.unlink(src)
 
 
 def fsync_path(path: str) -> None:
@@ -259,15 +269,9 @@ def curl_once(server: Server, src: str, name: str) -> tuple[float, int, int]:
     reset_peak(pid)
     size = os.path.getsize(src)
     start = time.perf_counter()
-    code = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", src,
-         server.url(f"big/{name}", size)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    server.put_file(f"big/{name}", src)
     elapsed = time.perf_counter() - start
     peak = proc_status(pid)["VmHWM"]
-    if code != "201":
-        raise RuntimeError(f"large upload: HTTP {code}")
     stored = os.path.join(server.store, "big", name)
     if os.path.getsize(stored) != size:
         raise RuntimeError("large upload: wrong size stored")
@@ -338,8 +342,7 @@ def presign(server: Server, workdir: str, run: str, count: int, size: int) -> st
     path = os.path.join(workdir, f"paths-{run}.txt")
     with open(path, "w") as f:
         for i in range(count):
-            url = server.url(f"small/{run}/{i:07d}.bin", size)
-            f.write(url[len(server.base) :] + "\n")
+            f.write(server.target(f"small/{run}/{i:07d}.bin", size) + "\n")
     return path
 
 
@@ -399,7 +402,7 @@ def slow_uploads_with_puts(
 ) -> dict:
     """count uploads paced at rate B/s, started together, while small_puts runs."""
     size = int(rate * (seconds + 4))  # they outlast the small PUTs by a few seconds
-    targets = [server.url(f"slow/{run}/{i}.bin", size)[len(server.base) :] for i in range(count)]
+    targets = [server.target(f"slow/{run}/{i}.bin", size) for i in range(count)]
     results = {"connected": 0, "refused": 0, "broken": 0, "created": 0, "errors": []}
     peak = [server.rss()]
 
