@@ -90,6 +90,7 @@ class Config:
     gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
     monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
     shutdown_grace: int = 30  # ShutdownGrace, seconds uploads may finish in at shutdown
+    workers: int = 1  # Workers: processes accepting on the upload port (hmacd.workers)
     rate_limit_per_minute: int = 0  # RateLimitPerMinute, per client address; 0 = off
     rate_limit_burst: int = 0  # RateLimitBurst; 0 = as many as RateLimitPerMinute
     trusted_proxies: tuple[str, ...] = ()  # TrustedProxies: IPs/CIDRs whose X-Forwarded-For counts
@@ -170,6 +171,7 @@ KEYS: dict[str, str] = {
     "GCInterval": "gc_interval",
     "MonitorInterval": "monitor_interval",
     "ShutdownGrace": "shutdown_grace",
+    "Workers": "workers",
     "RateLimitPerMinute": "rate_limit_per_minute",
     "RateLimitBurst": "rate_limit_burst",
     "TrustedProxies": "trusted_proxies",
@@ -466,6 +468,17 @@ def _nonnegative_int(value: object) -> int:
     return value
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type(f"an integer from 1 to {MAX_WORKERS}", value)
+    if not 1 <= value <= MAX_WORKERS:
+        raise _Invalid(f"must be an integer from 1 to {MAX_WORKERS}", value)
+    return value
+
+
 def _size(minimum: int) -> Callable[[object], int]:
     expected = f'a size >= {minimum} (bytes, or a string like "10GB")'
 
@@ -745,6 +758,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "GCInterval": _duration,
     "MonitorInterval": _duration,
     "ShutdownGrace": _duration,
+    "Workers": _workers,
     "RateLimitPerMinute": _nonnegative_int,
     "RateLimitBurst": _nonnegative_int,
     "TrustedProxies": _networks,
@@ -853,6 +867,15 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
                 f"must list the domains whose users may upload: ComponentJID"
                 f" {config.component_jid!r} is not under one",
             )
+    if config.workers > 1:
+        # Their counters live in each process: N workers would let N times the limit through.
+        for canonical in ("RateLimitPerMinute", "MaxTotalBytesPerSecond"):
+            if getattr(config, KEYS[canonical]):
+                raise _error(
+                    source,
+                    name(canonical),
+                    "cannot be enforced across processes: use it with Workers = 1",
+                )
     if config.fallback_enabled and not config.fallback_db_name:
         raise _error(source, name("FallbackDBName"), "must be set when FallbackEnabled is true")
     return config

@@ -89,7 +89,6 @@ class FileServer:
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
-        self.metrics.uploads_in_progress.set_function(lambda: len(self.uploads))
         if self.clock is None:
             self.clock = self.reactor
         if self.blocking is None:

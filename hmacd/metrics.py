@@ -7,12 +7,22 @@ first three are those of the Go HMAC File Server, which dashboards use.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import glob
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web import resource, server
 
-__all__ = ["UPLOAD_BUCKETS", "Metrics", "MetricsResource", "metrics_site"]
+__all__ = [
+    "UPLOAD_BUCKETS",
+    "Metrics",
+    "MetricsResource",
+    "forget_process",
+    "metrics_site",
+    "share_between_processes",
+]
 
 PREFIX = "hmac_file_server_"
 
@@ -21,17 +31,42 @@ PREFIX = "hmac_file_server_"
 UPLOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
-class Metrics:
-    """The registry and every metric hmacfs reports."""
+def share_between_processes(directory: str) -> None:
+    """
+    Keep the values of the metrics made from now on in prometheus_client's multiprocess files
+    under C{directory}, where L{Metrics.render} of any process adds them up (Workers > 1).
 
-    def __init__(self) -> None:
+    prometheus_client decides this per process, from the environment and a module global; a
+    worker calls this before it makes its L{Metrics}, the main process too (hmacd.workers).
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+
+
+def forget_process(directory: str, pid: int) -> None:
+    """Drop the gauges of a process that has exited; its counters keep counting in the sum."""
+    for path in glob.glob(os.path.join(directory, f"gauge_live*_{pid}.db")):
+        os.remove(path)
+
+
+class Metrics:
+    """
+    The registry and every metric hmacfs reports.
+
+    With C{shared} (a directory given to L{share_between_processes}), values are those of every
+    process writing there: gauges of processes are summed (the largest reactor lag is kept).
+    """
+
+    def __init__(self, shared: str | None = None) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.shared = shared
+        self._stores: list[_StoreCollector] = []
 
         def counter(name, doc, labels=()):
             return Counter(PREFIX + name, doc, labels, registry=registry)
 
-        def gauge(name, doc, labels=()):
-            return Gauge(PREFIX + name, doc, labels, registry=registry)
+        def gauge(name, doc, labels=(), mode="livesum"):
+            return Gauge(PREFIX + name, doc, labels, registry=registry, multiprocess_mode=mode)
 
         self.upload_duration = Histogram(
             PREFIX + "upload_duration_seconds",
@@ -68,15 +103,28 @@ class Metrics:
         self.fds = gauge("process_open_fds", "Open file descriptors of the server process.")
         self.connections = gauge("open_connections", "Open HTTP connections on the upload port.")
         self.reactor_lag = gauge(
-            "reactor_lag_seconds", "How late the reactor ran a call scheduled for now."
+            "reactor_lag_seconds",
+            "How late the reactor ran a call scheduled for now.",
+            mode="livemax",
         )
 
     def watch_stores(self, store) -> None:
         """Report the breaker state of a FailoverStore's backends at each scrape."""
-        self.registry.register(_StoreCollector(store))
+        collector = _StoreCollector(store)
+        self._stores.append(collector)
+        self.registry.register(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        # Each scrape reads the files afresh; the store breakers are this process's own.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.shared)
+        for collector in self._stores:
+            registry.register(collector)
+        return generate_latest(registry)
 
 
 class _StoreCollector:

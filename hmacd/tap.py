@@ -28,11 +28,12 @@ from hmacd.housekeeping import (
     SystemMonitor,
     drain_uploads,
 )
-from hmacd.metrics import metrics_site
+from hmacd.metrics import Metrics, metrics_site, share_between_processes
 from hmacd.secret import SecretError, resolve_secret, secret_file
 from hmacd.store.failover import FailoverStore
 from hmacd.throttle import Bandwidth, RateLimiter, parse_networks
 from hmacd.web import HmacfsSite
+from hmacd.workers import WorkerPool, metrics_directory
 
 __all__ = ["Options", "build_service", "makeService"]
 
@@ -101,6 +102,12 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if not hadState and os.path.isdir(state):
             created += [state, secret_file(config.store_dir)]
+        self.metricsDir = None
+        if config.workers > 1:
+            # Made here so that it can be handed to --uid with the rest: workers run as that
+            # user and write their metrics into it.
+            self.metricsDir = metrics_directory(config.store_dir)
+            created.append(self.metricsDir)
         if config.log_file:
             created += _checkLogFile(where, config.log_file)
         elif parent is not None and parent.get("logfile") == "-" and not parent.get("nodaemon"):
@@ -249,6 +256,8 @@ def build_service(
     secretOrigin: str = "the caller",
     metadata: FailoverStore | None = None,
     listen: bool = True,
+    worker: tuple[int, int] | None = None,
+    metricsDir: str | None = None,
 ) -> IService:
     """
     The hmacfs services for C{config}, as one MultiService.
@@ -256,9 +265,20 @@ def build_service(
     Its C{fileServer} attribute is the L{FileServer}; with C{listen=False}
     there is no listener of its own (a host Site serves it, see
     L{hmacd.mount}).
+
+    With C{Workers} above 1 (and C{listen}), the listener is a
+    L{WorkerPool}, and prometheus_client is switched, for this whole process,
+    to its multiprocess files in C{metricsDir} (made under StoreDir when not
+    given).  C{worker}, a listening descriptor and its address family, makes
+    the services of a worker process: it serves that socket and runs no
+    sweep, metrics listener or component (L{hmacd.workers}).
     """
     if metadata is None:
         metadata = build_metadata(config, reactor)
+    pool = listen and worker is None and config.workers > 1
+    if pool:
+        metricsDir = metricsDir or metrics_directory(config.store_dir)
+        share_between_processes(metricsDir)
     fs = FileServer(
         secret=secret,
         store_dir=config.store_dir,
@@ -280,19 +300,29 @@ def build_service(
             if config.max_total_bytes_per_second
             else None
         ),
+        metrics=Metrics(shared=metricsDir if pool else None),
     )
     fs.metrics.watch_stores(metadata)
     top = MultiService()
-    _Announce(config, secretOrigin, len(secret)).setServiceParent(top)
+    top.fileServer = fs
+    if worker is None:
+        _Announce(config, secretOrigin, len(secret)).setServiceParent(top)
     StoreService(metadata, fs, config.shutdown_grace).setServiceParent(top)
     site = HmacfsSite(fs)
+    if worker is not None:
+        _Adopted(reactor, *worker, site).setServiceParent(top)
+        _background(config, fs, site, reactor, top)
+        return top
     if listen:
         endpoint = serverFromString(reactor, with_backlog(config.listen_endpoint))
-        listener = StreamServerEndpointService(endpoint, site)
-        # A port that cannot be bound stops start-up (twistd exits non-zero)
-        # instead of leaving a process that serves nothing.
-        listener._raiseSynchronously = True
-        listener.setName("http")
+        if pool:
+            listener = WorkerPool(endpoint, site, config, secret, reactor, metricsDir)
+        else:
+            listener = StreamServerEndpointService(endpoint, site)
+            # A port that cannot be bound stops start-up (twistd exits non-zero)
+            # instead of leaving a process that serves nothing.
+            listener._raiseSynchronously = True
+            listener.setName("http")
         listener.setServiceParent(top)
     PartialSweep(fs, resumableTTL=config.resumable_ttl).setServiceParent(top)
     ExpirySweep(fs).setServiceParent(top)
@@ -305,12 +335,38 @@ def build_service(
         metrics.setServiceParent(top)
     if config.component_jid:
         component_service(config, secret, fs, reactor).setServiceParent(top)
+    _background(config, fs, site, reactor, top)
+    return top
+
+
+def _background(config: Config, fs: FileServer, site, reactor, top: MultiService) -> None:
+    """The timers every serving process runs for itself."""
     if config.gc_interval:
         GarbageCollector(config.gc_interval, reactor).setServiceParent(top)
     if config.monitor_interval:
         SystemMonitor(fs, site, config.monitor_interval).setServiceParent(top)
-    top.fileServer = fs
-    return top
+
+
+class _Adopted(Service):
+    """A worker's listener: the main process's listening socket, adopted."""
+
+    name = "http"
+    port = None
+
+    def __init__(self, reactor, fd: int, family: int, site) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.site = site
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.site)
+        os.close(self.fd)  # the port has a duplicate of it
+
+    def stopService(self):
+        super().stopService()
+        return self.port.stopListening()
 
 
 # Twisted listens with a backlog of 50: 500 clients connecting at once overflowed it, and the
@@ -357,4 +413,10 @@ def component_service(config: Config, secret: bytes, fs: FileServer, reactor, **
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return build_service(options.config, options.secret, reactor, options.secretOrigin)
+    return build_service(
+        options.config,
+        options.secret,
+        reactor,
+        options.secretOrigin,
+        metricsDir=options.metricsDir,
+    )

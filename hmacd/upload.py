@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -369,6 +370,17 @@ class _ResumableChunk(_Upload):
         self.uploader = facts["uploader"]
         self.expires = facts["expires"]
         fd = os.open(self.data, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            # fs.resumable is this process's; with Workers another process may be receiving a
+            # chunk of the same upload: the lock goes with the descriptor, at commit or discard.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ChunkInProgress() from None
+        offset = os.fstat(fd).st_size  # what that other process left
+        if start != offset:
+            os.close(fd)
+            raise OffsetMismatch(offset)
         os.lseek(fd, start, os.SEEK_SET)
         self._file = open(fd, "wb", buffering=write_buffer(fs))
         fs.resumable.add(relpath)
@@ -494,10 +506,14 @@ class UploadRequest(server.Request):
         previous, self.__upload = self.__upload, upload
         if previous is not None:
             previous.fs.uploads.discard(self)
+            previous.fs.metrics.uploads_in_progress.set(len(previous.fs.uploads))
             if isinstance(previous, _ResumableChunk):
                 previous.release()
         if upload is not None:
             upload.fs.uploads.add(self)
+            # Set, not a function read at scrape time: with Workers the scrape is in another
+            # process.
+            upload.fs.metrics.uploads_in_progress.set(len(upload.fs.uploads))
 
     _refused = False
     _acceptedAt = 0.0

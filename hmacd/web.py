@@ -40,15 +40,17 @@ class HmacfsSite(server.Site):
         super().__init__(StoreResource(fileServer), reactor=reactor or fileServer.reactor, **kwargs)
         self.fileServer = fileServer
         self.openConnections = 0
-        fileServer.metrics.connections.set_function(lambda: self.openConnections)
+        self._connections = fileServer.metrics.connections
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
         self.openConnections += 1
+        self._connections.inc()
         connectionLost = protocol.connectionLost
 
         def lost(reason):
             self.openConnections -= 1
+            self._connections.dec()
             return connectionLost(reason)
 
         protocol.connectionLost = lost

@@ -174,6 +174,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "GCInterval",
                 "MonitorInterval",
                 "ShutdownGrace",
+                "Workers",
                 "RateLimitPerMinute",
                 "RateLimitBurst",
                 "TrustedProxies",
@@ -915,6 +916,31 @@ class DurationTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(tomllib.loads(f"FileTTL = {value}"), "t.toml")
             self.assertIn("t.toml: FileTTL:", str(caught.exception), value)
+
+
+class WorkersConfigTests(ConfigFileTestCase):
+    def test_workers(self) -> None:
+        """Workers is a number of processes, from 1 to 64."""
+        self.assertEqual(self.load("Workers = 4\n")[1].workers, 4)
+        self.assertEqual(self.load("workers = 64\n")[1].workers, 64)
+        for value in ("0", "65", "-1"):
+            self.assertConfigError(
+                f"Workers = {value}\n", "Workers", "must be an integer from 1 to 64", value
+            )
+        for value in ('"2"', "true", "1.5"):
+            self.assertConfigError(f"Workers = {value}\n", "Workers", "integer from 1 to 64")
+
+    def test_limits_kept_per_process_refused(self) -> None:
+        """Limits counted in each process would let N times through: refused with Workers."""
+        for key in ("RateLimitPerMinute", "MaxTotalBytesPerSecond"):
+            self.assertConfigError(
+                f"Workers = 2\n{key} = 100\n",
+                key,
+                "cannot be enforced across processes: use it with Workers = 1",
+            )
+            self.assertEqual(self.load(f"Workers = 1\n{key} = 100\n")[1].workers, 1)
+        config = self.load('Workers = 2\nMaxBytesPerSecond = "1MB"\n')[1]
+        self.assertEqual((config.workers, config.max_bytes_per_second), (2, 1 << 20))
 
 
 class RateLimitConfigTests(SynchronousTestCase):

@@ -156,6 +156,26 @@ class ResumableTests(SynchronousTestCase):
         first.dataReceived(piece("f.bin", 0, 4095, total)[-100:])
         self.assertEqual(status(t1), 308)
 
+    def test_one_piece_at_a_time_across_processes(self):
+        """
+        Another server on the same StoreDir (a worker process: its own record of pieces in
+        progress) gets 409 while a piece is arriving here, then takes up from its offset.
+        """
+        total = len(DATA)
+        other = MemoryServer(self.root)
+        first, t1 = self.server.connect()
+        first.dataReceived(piece("f.bin", 0, 4095, total)[:-100])
+        channel, t2 = other.connect()
+        channel.dataReceived(piece("f.bin", 0, 4095, total))
+        self.assertEqual(status(t2), 409)
+        first.dataReceived(piece("f.bin", 0, 4095, total)[-100:])
+        self.assertEqual(status(t1), 308)
+        channel, t3 = other.connect()
+        channel.dataReceived(piece("f.bin", 4096, total - 1, total))
+        self.assertEqual(status(t3), 201)
+        with open(os.path.join(self.root, "f.bin"), "rb") as f:
+            self.assertEqual(f.read(), DATA)
+
     def test_existing_file(self):
         """Pieces for a name that exists are 409, and an offset query too."""
         with open(os.path.join(self.root, "f.bin"), "wb") as f:

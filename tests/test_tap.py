@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import io
+import json
 import os
 import pwd
 import shutil
@@ -109,9 +110,9 @@ def _http(port: int, method: str, url: str, body: bytes | None = None, headers=N
         conn.close()
 
 
-def _secret_config(tmp: str, **keys: str) -> str:
-    """A TOML file of string keys in tmp."""
-    lines = "".join(f'{key} = "{value}"\n' for key, value in keys.items())
+def _secret_config(tmp: str, **keys: str | int) -> str:
+    """A TOML file of string and integer keys in tmp."""
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
     return _write(os.path.join(tmp, "cfg.toml"), lines)
 
 
@@ -592,8 +593,8 @@ class BuildServiceTests(TestCase):
         self.assertEqual(self.warnings(b"0123456789abcdef"), [])
 
 
-class TwistdTests(TestCase):
-    """The real `twistd hmacfs` command, as users run it, in a subprocess."""
+class TwistdHarness(TestCase):
+    """Runs the real `twistd hmacfs` command, as users run it, in a subprocess."""
 
     def setUp(self) -> None:
         if not os.path.exists(TWISTD):
@@ -647,7 +648,7 @@ class TwistdTests(TestCase):
         # twistd re-raises the signal that stopped it.
         self.assertIn(proc.returncode, (0, -signal.SIGTERM), _read(self.output))
 
-    def config(self, port: int, **extra: str) -> str:
+    def config(self, port: int, **extra: str | int) -> str:
         keys = {"ListenPort": f"127.0.0.1:{port}", "StoreDir": "store", **extra}
         return _secret_config(self.cwd, **keys)
 
@@ -666,6 +667,10 @@ class TwistdTests(TestCase):
         self.assertEqual(status, 201)
         self.assertEqual(_http(port, "GET", f"/upload/{path}"), (200, body))
         return mac
+
+
+class TwistdTests(TwistdHarness):
+    """The real `twistd hmacfs` command, as users run it, in a subprocess."""
 
     def test_foreground_serves_and_logs_censored(self) -> None:
         """twistd -n hmacfs serves a signed PUT and GET, and its LogFile shows no secret or MAC."""

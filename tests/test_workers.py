@@ -1,0 +1,257 @@
+"""
+Workers = N: the real `twistd hmacfs` with worker processes sharing its listening socket.
+
+Which process accepts a connection is the kernel's choice; the tests make it the worker's by
+stopping the main process (SIGSTOP) while they connect.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from twisted.trial.unittest import SkipTest
+
+from hmacd.auth import sign_v
+from tests.test_tap import DEADLINE, REPO, TwistdHarness, _free_port, _read
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _runs_as(uid: int, gid: int, executable: str) -> bool:
+    """Whether that user can run this interpreter and import hmacd with it."""
+
+    def switch():
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+    try:
+        result = subprocess.run(
+            [executable, "-c", "import hmacd.workers"],
+            preexec_fn=switch,
+            capture_output=True,
+            cwd="/",
+            env={"PYTHONPATH": REPO},
+            timeout=DEADLINE,
+        )
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
+class WorkersTests(TwistdHarness):
+    """twistd -n hmacfs with Workers = 2."""
+
+    def start(self, **extra) -> subprocess.Popen:
+        self.port = _free_port()
+        self.metricsPort = _free_port()
+        cfg = self.config(
+            self.port,
+            Workers=2,
+            LogFile="hmacfs.log",
+            MetricsEnabled=True,
+            MetricsPort=f"127.0.0.1:{self.metricsPort}",
+            **extra,
+        )
+        proc = self.spawn("-n", "hmacfs", "--config", cfg)
+        self.waitListening(self.port, proc)
+        self.worker = self.waitWorker(proc)
+        return proc
+
+    def waitWorker(self, proc: subprocess.Popen, other_than: int | None = None) -> int:
+        """The pid of the worker, once it is serving (it says so in the log)."""
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            pids = [p for p in _children(proc.pid) if p != other_than and _alive(p)]
+            if pids and f"worker 1 serving, pid {pids[0]}" in self.log():
+                return pids[0]
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.fail(f"no worker serving:\n{_read(self.output)}\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        path = os.path.join(self.cwd, "hmacfs.log")
+        return _read(path) if os.path.exists(path) else ""
+
+    def stopped(self, proc: subprocess.Popen):
+        """Context: the main process stopped, so only the worker accepts."""
+        test = self
+
+        class Stopped:
+            def __enter__(self):
+                os.kill(proc.pid, signal.SIGSTOP)
+                test.addCleanup(self.__exit__)
+
+            def __exit__(self, *exc):
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGCONT)
+
+        return Stopped()
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metricsPort}/metrics", timeout=DEADLINE
+        ) as response:
+            text = response.read().decode()
+        match = re.search(rf"^hmac_file_server_{name} (\S+)$", text, re.M)
+        self.assertIsNotNone(match, text)
+        return float(match.group(1))
+
+    def waitGone(self, pid: int) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                self.fail(f"process {pid} still there after {DEADLINE}s")
+            time.sleep(0.05)
+
+    def test_worker_serves_and_is_counted(self) -> None:
+        """
+        The worker accepts on the shared socket and serves uploads and downloads; its log
+        lines reach LogFile marked as its own, and the main process's /metrics counts its
+        uploads with those of the main process.
+        """
+        proc = self.start()
+        secret = self.secret()
+        with self.stopped(proc):
+            self.putAndGet(self.port, secret, "by-worker.txt")
+        self.putAndGet(self.port, secret, "by-either.txt")
+        self.assertEqual(self.metric("uploads_total"), 2)
+        self.assertEqual(self.metric('requests_total{method="PUT",status="201"}'), 2)
+        self.terminate(proc)
+        self.waitGone(self.worker)
+        self.waitClosed(self.port)
+        log = self.log()
+        self.assertRegex(log, r"\[worker 1\] 127\.0\.0\.1 .*PUT /upload/tapdir/by-worker\.txt")
+        self.assertIn("[worker 1] SIGTERM: stopping", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_dead_worker_is_replaced(self) -> None:
+        """A worker that dies is started again, and the new one serves."""
+        proc = self.start()
+        os.kill(self.worker, signal.SIGKILL)
+        replacement = self.waitWorker(proc, other_than=self.worker)
+        self.assertIn(f"worker 1 (pid {self.worker}) ended", self.log())
+        with self.stopped(proc):
+            self.putAndGet(self.port, self.secret())
+        self.assertIn(f"worker 1 serving, pid {replacement}", self.log())
+        self.terminate(proc)
+        self.waitGone(replacement)
+
+    def test_worker_leaves_with_main_process(self) -> None:
+        """A main process killed outright takes its worker with it: nothing is left listening."""
+        proc = self.start()
+        proc.kill()
+        proc.wait(timeout=DEADLINE)
+        self.waitGone(self.worker)
+        self.waitClosed(self.port)
+
+    def test_worker_finishes_upload_at_shutdown(self) -> None:
+        """At SIGTERM an upload in progress in a worker gets its 201, then everything stops."""
+        proc = self.start()
+        secret = self.secret()
+        body = os.urandom(100_000)
+        path = "tapdir/slow.bin"
+        mac = sign_v(secret, path, len(body))
+        head = (
+            f"PUT /upload/{path}?v={mac} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(body)}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        directory = os.path.join(self.cwd, "store", "tapdir")
+        with self.stopped(proc):
+            conn = socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE)
+            self.addCleanup(conn.close)
+            conn.sendall(head + body[:50_000])
+            deadline = time.monotonic() + DEADLINE
+            while not (os.path.isdir(directory) and os.listdir(directory)):
+                self.assertLess(time.monotonic(), deadline, "the worker took no upload")
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the worker has its SIGTERM and waits for the body
+        conn.sendall(body[50_000:])
+        self.assertRegex(conn.recv(4096), rb"^HTTP/1.1 201 ")
+        proc.wait(timeout=DEADLINE)
+        self.waitGone(self.worker)
+        with open(os.path.join(directory, "slow.bin"), "rb") as f:
+            self.assertEqual(f.read(), body)
+
+    def test_uid_switch(self) -> None:
+        """With --uid the worker runs as that user too, and its metrics are counted."""
+        if os.geteuid() != 0:
+            raise SkipTest("switching uid needs root")
+        nobody = pwd.getpwnam("nobody")
+        self.cwd = tempfile.mkdtemp(prefix="hmacfs-uid-")
+        os.chmod(self.cwd, 0o755)
+        self.addCleanup(shutil.rmtree, self.cwd, True)
+        self.port = _free_port()
+        self.metricsPort = _free_port()
+        cfg = self.config(
+            self.port,
+            Workers=2,
+            LogFile="hmacfs.log",
+            MetricsEnabled=True,
+            MetricsPort=f"127.0.0.1:{self.metricsPort}",
+        )
+        proc = self.spawn(
+            "-n", "--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid),
+            "hmacfs", "--config", cfg,
+        )  # fmt: skip
+        if not _runs_as(nobody.pw_uid, nobody.pw_gid, sys.executable):
+            # This interpreter (under /root, say) cannot be run by that user: start-up
+            # must stop with a line saying so, not run with fewer processes than configured.
+            self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+            self.assertIn(
+                f"as uid {nobody.pw_uid}: Permission denied (the interpreter and hmacfs must",
+                self.log(),
+            )
+            return
+        self.waitListening(self.port, proc)
+        worker = self.waitWorker(proc)
+        self.assertEqual(os.stat(f"/proc/{worker}").st_uid, nobody.pw_uid)
+        with self.stopped(proc):
+            self.putAndGet(self.port, self.secret())
+        self.assertEqual(self.metric("uploads_total"), 1)
+        self.terminate(proc)
+
+
+class WorkersRefusedTests(TwistdHarness):
+    """Settings that Workers cannot honour stop start-up with one line."""
+
+    def test_rate_limit_refused(self) -> None:
+        cfg = self.config(_free_port(), Workers=2, RateLimitPerMinute=60)
+        proc = self.spawn("-n", "hmacfs", "--config", cfg)
+        self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        self.assertIn("RateLimitPerMinute: cannot be enforced across processes", _read(self.output))
+
+    def test_port_in_use_exits_nonzero(self) -> None:
+        """A port that cannot be bound stops start-up, as with one process; no worker starts."""
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            cfg = self.config(busy.getsockname()[1], Workers=2)
+            proc = self.spawn("-n", "hmacfs", "--config", cfg)
+            self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        self.assertNotIn("worker 1 started", _read(self.output))
