@@ -120,9 +120,11 @@ class _Upload:
     final link is atomic and the temp file can never be served.
 
     A body no larger than the write buffer would sit in that buffer until
-    commit anyway: its temp file is created at commit, in the worker thread,
-    with everything else that touches the file system.  Creating files was a
-    quarter of the reactor thread's time under many small uploads.
+    commit anyway: nothing about it touches the file system before commit,
+    which runs in a worker thread.  Under many small uploads the reactor
+    thread had spent a third of its time in the lstat()s of realpath and the
+    open(O_CREAT) of the temp file, waiting on a directory that the commits
+    of other uploads kept locked while they waited for the journal.
     """
 
     committing = False
@@ -138,16 +140,22 @@ class _Upload:
         protocol: str,
         uploader: str | None = None,
         expires: float | None = None,
+        checkNow: bool = False,
     ) -> None:
-        self._claim(fs, relpath, size)
+        """
+        @param checkNow: check the name now even for a small body (a client that asked for
+            100-continue waits to hear before it sends).
+        """
         self.content_type = content_type
         self.protocol = protocol
         self.uploader = uploader
         self.expires = expires
         self._sha256 = hashlib.sha256()
-        if size <= write_buffer(fs):
+        if size <= write_buffer(fs) and not checkNow:
+            self._claim(fs, relpath, size, check=False)
             self._held: list[bytes] | None = []
             return
+        self._claim(fs, relpath, size)
         self._held = None
         try:
             self.temp = self._open()
@@ -155,27 +163,30 @@ class _Upload:
             self._pruneDirectories()  # a refused upload leaves the store as it was
             raise
 
-    def _claim(self, fs: FileServer, relpath: str, size: int) -> None:
-        """Where the file will go; Conflict if something is there already."""
+    def _claim(self, fs: FileServer, relpath: str, size: int, check: bool = True) -> None:
+        """
+        Where the file will go; Conflict if something is there already.  Without C{check},
+        only the facts: L{_check} comes later.
+        """
         self.fs = fs
         self.relpath = relpath
         self.size = size
         self.received = 0
         self._created: list[str] = []
-        self.dest = store_path(fs.store_dir, relpath)
+        if check:
+            self._check()
+
+    def _check(self) -> None:
+        self.dest = store_path(self.fs.store_dir, self.relpath)
         if os.path.lexists(self.dest):
             raise Conflict()
 
-    def _open(self, recheck: bool = False) -> str:
-        """
-        Create the temp file.  C{recheck}: check the path again even if no directory had to
-        be made, because time has passed since L{_claim} checked it.
-        """
+    def _open(self) -> str:
         for attempt in (1, 2):
             try:
                 created = len(self._created)
                 self._makeParents(os.path.dirname(self.dest))
-                if recheck or len(self._created) != created:
+                if len(self._created) != created:
                     # Re-check now that the directories exist: a symlink placed
                     # on the way must not lead the temp file out of the store.
                     store_path(self.fs.store_dir, self.relpath)
@@ -249,8 +260,8 @@ class _Upload:
         """
         try:
             if self._held is not None:
-                # The body took its time: a symlink may have been placed on the way since.
-                self.temp = self._open(recheck=True)
+                self._check()
+                self.temp = self._open()
                 self._file.write(b"".join(self._held))
                 self._held = None
             self._file.flush()
@@ -797,7 +808,14 @@ class UploadRequest(server.Request):
                 self._upload = chunk
             else:
                 self._upload = _Upload(
-                    fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
+                    fs,
+                    relpath,
+                    size,
+                    content_type,
+                    protocol,
+                    uploader,
+                    fs.expiry(expires),
+                    checkNow=_header(self, b"expect") is not None,
                 )
             self._acceptedAt = fs.reactor.seconds()
             if fs.max_bytes_per_second:
