@@ -30,6 +30,7 @@ import secrets
 from io import BytesIO
 from urllib.parse import parse_qs
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -102,6 +103,14 @@ class Conflict(Exception):
     """The destination exists already (or a parent of it is a file)."""
 
 
+# A large body's bytes not yet written by the worker thread: above SPOOL_HIGH the request
+# stops reading from the client, at SPOOL_LOW it reads on.  Bounds what one fast upload holds.
+SPOOL_HIGH = 4 * 1024 * 1024
+# What a large upload's connection reads at a time, and Twisted's default.
+READ_SIZE = 1024 * 1024
+DEFAULT_READ_SIZE = 64 * 1024
+SPOOL_LOW = 1024 * 1024
+
 # Each upload in progress holds its write buffer: 500 slow uploads with ChunkSize's default
 # 1 MiB each held ~370 MiB of half-filled buffers.  Socket reads are at most 64 KiB anyway.
 MAX_WRITE_BUFFER = 64 * 1024
@@ -130,6 +139,18 @@ class _Upload:
     committing = False
     temp: str | None = None
     _file = None
+    _held: list[bytes] | None = None
+    # A larger body is written and hashed in a worker thread while the reactor reads on:
+    # bytes given to write() and not yet written, waiting (_pending) or in the thread.
+    _pending: list[bytes] | None = None
+    _backlog = 0
+    _busy = False  # a batch is in the thread
+    _failure: OSError | None = None
+    _closeAfterBatch = False
+    _draining = False
+    # Called (in the reactor thread) when the backlog has fallen to SPOOL_LOW after write()
+    # said it was over SPOOL_HIGH; the request resumes reading.
+    onRelief = None
 
     def __init__(
         self,
@@ -156,12 +177,13 @@ class _Upload:
             self._held: list[bytes] | None = []
             return
         self._claim(fs, relpath, size)
-        self._held = None
         try:
             self.temp = self._open()
         except BaseException:
             self._pruneDirectories()  # a refused upload leaves the store as it was
             raise
+        self._pending = []
+        self._waiters: list[Deferred] = []
 
     def _claim(self, fs: FileServer, relpath: str, size: int, check: bool = True) -> None:
         """
@@ -222,21 +244,99 @@ class _Upload:
             else:
                 self._created.append(d)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bool:
+        """
+        Take the next bytes of the body.  True when the bytes not yet on disk exceed
+        SPOOL_HIGH: the caller should stop reading until L{onRelief}.
+
+        @raise OSError: writing what came before failed.
+        """
+        self.received += len(data)
         if self._held is not None:
             self._held.append(data)
-        else:
-            self._file.write(data)
-        self._sha256.update(data)
-        self.received += len(data)
+            self._sha256.update(data)
+            return False
+        if self._failure is not None:
+            raise self._failure
+        self._pending.append(data)
+        self._backlog += len(data)
+        if not self._busy and self._backlog >= write_buffer(self.fs):
+            self._dispatch()
+        return self._backlog > SPOOL_HIGH
 
-    def discard(self) -> None:
-        """Remove every trace of this upload: temp file and new directories."""
+    def _dispatch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._busy = True
+        d = self.fs.blocking(lambda: self._spool(batch))
+        d.addBoth(self._spooled, sum(map(len, batch)))
+
+    def _spool(self, batch: list[bytes]) -> None:
+        # In a worker thread: file writes and hashlib release the GIL.
+        for data in batch:
+            self._file.write(data)
+            self._sha256.update(data)
+
+    def _spooled(self, result, count: int) -> None:
+        self._busy = False
+        self._backlog -= count
+        if isinstance(result, Failure):
+            if not result.check(OSError):
+                log.failure("writing {path} failed", result, path=self.relpath)
+                self._failure = OSError(errno.EIO, "write failed")
+            else:
+                self._failure = result.value
+        if self._closeAfterBatch:
+            self._closeFile()
+            return
+        if (
+            self._failure is None
+            and self._pending
+            and (self._draining or self._backlog >= write_buffer(self.fs))
+        ):
+            self._dispatch()
+        elif self._draining and (self._failure is not None or not self._pending):
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                if self._failure is not None:
+                    d.errback(self._failure)
+                else:
+                    d.callback(None)
+        if self.onRelief is not None and self._backlog <= SPOOL_LOW:
+            self.onRelief()
+
+    def drained(self) -> Deferred:
+        """
+        Fires once every byte given to L{write} is in the file (not yet durable: that is
+        L{commit}'s), or fails with the error writing met.
+        """
+        if self._pending is None:
+            return succeed(None)
+        self._draining = True
+        if self._failure is not None:
+            return fail(self._failure)
+        if not self._busy and self._pending:
+            self._dispatch()
+        if not self._busy:
+            return succeed(None)
+        d = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _closeFile(self) -> None:
         if self._file is not None:
             try:
                 self._file.close()
             except OSError:
                 pass
+
+    def discard(self) -> None:
+        """Remove every trace of this upload: temp file and new directories."""
+        self.onRelief = None
+        if self._busy:
+            # The thread is writing to it: closed when its batch is done.
+            self._closeAfterBatch = True
+        else:
+            self._closeFile()
         if self.temp is not None:
             try:
                 os.unlink(self.temp)
@@ -527,6 +627,7 @@ class UploadRequest(server.Request):
             upload.fs.metrics.uploads_in_progress.set(len(upload.fs.uploads))
 
     _refused = False
+    _diskPaused = False  # reading paused while the upload's backlog is written
     _acceptedAt = 0.0
     _bandwidth: Bandwidth | None = None  # MaxBytesPerSecond of this upload
     _resume = None  # the pending end of a throttling pause
@@ -616,13 +717,25 @@ class UploadRequest(server.Request):
             self.channel.transport.abortConnection()
             return
         try:
-            upload.write(data)
+            behind = upload.write(data)
         except OSError as e:
             self._upload = None
             upload.discard()
             self._refuse(*self._storageError(e), None, duringBody=True)
             return
+        if behind and not self._diskPaused:
+            # The disk is behind the client: stop reading until the backlog is written.
+            self._diskPaused = True
+            self.channel.transport.pauseProducing()
         self._throttle(len(data))
+
+    def _diskCaughtUp(self) -> None:
+        if not self._diskPaused:
+            return
+        self._diskPaused = False
+        channel = getattr(self, "channel", None)
+        if channel is not None and not self._disconnected and self._resume is None:
+            channel.transport.resumeProducing()
 
     def _throttle(self, count: int) -> None:
         """Pause reading while this upload (or all of them) is ahead of its rate."""
@@ -641,7 +754,8 @@ class UploadRequest(server.Request):
         channel = getattr(self, "channel", None)  # gone once the request has finished
         if channel is not None and not self._disconnected:
             channel.setTimeout(self._savedTimeout)
-            channel.transport.resumeProducing()
+            if not self._diskPaused:
+                channel.transport.resumeProducing()
 
     def _endThrottle(self) -> None:
         """The body is complete (or lost): no more pauses; undo a pending one now."""
@@ -672,9 +786,17 @@ class UploadRequest(server.Request):
                 f"body has {upload.received} bytes, the slot is for {upload.size}",
             )
             return
+        self._diskCaughtUp()  # the body is complete: nothing more to hold back
+        upload.onRelief = None
         upload.committing = True
         fs = self.site.fileServer
-        d = fs.blocking(upload.commit)
+
+        def unwritten(failure: Failure) -> Failure:
+            upload.discard()
+            return failure
+
+        d = upload.drained()
+        d.addCallbacks(lambda _: fs.blocking(upload.commit), unwritten)
         d.addCallback(self._recordUpload, upload)
         d.addErrback(self._commitFailed, upload)
 
@@ -818,8 +940,16 @@ class UploadRequest(server.Request):
                     checkNow=_header(self, b"expect") is not None,
                 )
             self._acceptedAt = fs.reactor.seconds()
+            self._upload.onRelief = self._diskCaughtUp
             if fs.max_bytes_per_second:
                 self._bandwidth = Bandwidth(fs.max_bytes_per_second, fs.reactor)
+            if size > READ_SIZE:
+                # Fewer, larger reads: a sixteenth of the calls through the HTTP parser.  A
+                # bandwidth limit reads at most a sixteenth of a second's worth, or the
+                # last read, which nothing pauses after, would carry it past its rate.
+                limits = [b.rate for b in (self._bandwidth, fs.total_bandwidth) if b is not None]
+                read = min([READ_SIZE] + [int(rate) // 16 for rate in limits])
+                self.channel.transport.bufferSize = max(read, DEFAULT_READ_SIZE)
         except Conflict:
             return self._refuse(http.CONFLICT, "file exists", length)
         except PathRefused as e:

@@ -11,7 +11,7 @@ import hashlib
 import os
 from urllib.parse import quote
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,6 +23,8 @@ from hmacd.upload import (
     DRAIN_LIMIT,
     INSUFFICIENT_STORAGE,
     MAX_WRITE_BUFFER,
+    READ_SIZE,
+    SPOOL_HIGH,
     UploadRequest,
     _Upload,
 )
@@ -562,3 +564,123 @@ class TwistedInternalsTests(SynchronousTestCase):
         self.assertEqual(
             seen, [(b"PUT", b"/upload/a.txt?" + v_query("a.txt", 3).encode(), b"HTTP/1.1", 3)]
         )
+
+
+class _HeldThreads:
+    """A FileServer.blocking whose calls wait until the test runs them, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, Deferred]] = []
+
+    def __call__(self, f) -> Deferred:
+        d = Deferred()
+        self.calls.append((f, d))
+        return d
+
+    def runOne(self) -> None:
+        f, d = self.calls.pop(0)
+        try:
+            result = f()
+        except BaseException:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def runAll(self) -> None:
+        while self.calls:
+            self.runOne()
+
+
+class SpoolTests(SynchronousTestCase):
+    """A large body is written and hashed in a worker thread while the reactor reads on."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.threads = _HeldThreads()
+        self.server = MemoryServer(self.root)
+        self.server.fs.blocking = self.threads
+        self.size = SPOOL_HIGH + 3 * MAX_WRITE_BUFFER
+        self.body = os.urandom(self.size)
+        self.channel, self.transport = self.server.connect()
+        self.channel.dataReceived(put_head("big.bin", self.size, v_query("big.bin", self.size)))
+
+    def test_backlog_pauses_reading(self):
+        """
+        Past SPOOL_HIGH bytes not yet written, reading pauses; once the thread has written
+        down to SPOOL_LOW it goes on, and the file is whole, hashed from the thread.
+        """
+        self.assertEqual(self.transport.bufferSize, READ_SIZE)
+        step = MAX_WRITE_BUFFER
+        sent = 0
+        while self.transport.producerState == "producing":
+            self.channel.dataReceived(self.body[sent : sent + step])
+            sent += step
+        self.assertEqual(sent, SPOOL_HIGH + step)
+        self.threads.runOne()  # the first 64 KiB batch: still far behind
+        self.assertEqual(self.transport.producerState, "paused")
+        self.threads.runAll()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(self.body[sent:])
+        self.threads.runAll()
+        self.server.clock.advance(0)
+        self.assertEqual(status(self.transport), http.CREATED)
+        with open(os.path.join(self.root, "big.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.body)
+        record = self.successResultOf(self.server.fs.metadata.get("big.bin"))
+        self.assertEqual(record.sha256, hashlib.sha256(self.body).hexdigest())
+
+    def test_write_error_in_thread(self):
+        """A disk full met by the thread is 507 at the next bytes, and nothing is left."""
+
+        def full(self, batch):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(_Upload, "_spool", full)
+        self.channel.dataReceived(self.body[:MAX_WRITE_BUFFER])
+        self.threads.runAll()
+        self.channel.dataReceived(self.body[MAX_WRITE_BUFFER : 2 * MAX_WRITE_BUFFER])
+        self.server.clock.advance(0)
+        self.assertEqual(status(self.transport), INSUFFICIENT_STORAGE)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_write_error_on_last_batch(self):
+        """A write failing after the last byte came is 507 too, and nothing is left."""
+        self.channel.dataReceived(self.body[:-1])
+        self.threads.runAll()
+
+        def full(self, batch):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(_Upload, "_spool", full)
+        self.channel.dataReceived(self.body[-1:])
+        self.threads.runAll()
+        self.server.clock.advance(0)
+        self.assertEqual(status(self.transport), INSUFFICIENT_STORAGE)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_client_gone_while_thread_writes(self):
+        """
+        A client lost while a batch is in the thread: the temp file goes at once, its
+        descriptor only once the thread is done with it.
+        """
+        self.channel.dataReceived(self.body[: 2 * MAX_WRITE_BUFFER])
+        self.assertEqual(len(self.threads.calls), 1)
+        (request,) = self.server.fs.uploads
+        upload = request._upload
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(store_files(self.root), [])
+        self.assertFalse(upload._file.closed)
+        self.threads.runAll()
+        self.assertTrue(upload._file.closed)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_read_size_under_a_bandwidth_limit(self):
+        """Under MaxBytesPerSecond a large upload reads a sixteenth of a second's worth."""
+        self.server.fs.max_bytes_per_second = 4 * READ_SIZE
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("b.bin", self.size, v_query("b.bin", self.size)))
+        self.assertEqual(transport.bufferSize, READ_SIZE // 4)
+        self.server.fs.max_bytes_per_second = 1000
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("c.bin", self.size, v_query("c.bin", self.size)))
+        self.assertEqual(transport.bufferSize, 64 * 1024)
