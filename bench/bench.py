@@ -3,15 +3,17 @@ hmacfs benchmarks: the running server (twistd, as deployed) measured from outsid
 beside the limit or target it is judged by.  Run through ``bench/run``; see README.rst.
 
 1. One large upload (``curl -T``), alternated with the same bytes through socat (loopback and
-   disk, no HTTP): medians, the ratio, and the server's RSS before and its peak during.
+   disk, no HTTP): medians, the ratio, and the server's RSS before and its peak during.  Beside
+   them, what curl alone sends to a server that drops the bytes: curl is not the bottleneck.
 2. Small uploads: 4 KiB PUTs, each to its own pre-signed URL, wrk with 64 connections.
 3. Downloads: wrk GETs of a 4 KiB file and of a 64 MiB file, 64 connections.
 4. Concurrency: 500 uploads paced at 64 KiB/s each while (2) runs: every one must get its 201,
    none may be refused, and the server's RSS must stay below 200 MiB.
 
 Every figure is taken with MaxBytesPerSecond off and on (on: a per-upload cap high enough not
-to bind, so the figure shows what the throttle's bookkeeping costs).  The table goes to stdout,
-everything to a JSON file so that runs can be compared.
+to bind, so the figure shows what the throttle's bookkeeping costs), with ``--workers N`` for
+the server's Workers.  The table goes to stdout, everything to a JSON file so that runs can be
+compared.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 from hmacd import auth
@@ -283,6 +286,45 @@ def curl_once(server: Server, src: str, name: str) -> tuple[float, int, int]:
     return elapsed, sum(before.values()), growth
 
 
+def curl_ceiling(src: str) -> float:
+    """
+    Seconds for curl -T of src to a server that reads and drops the body: what curl alone
+    can send here, whatever the server.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def sink():
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            lines, _, body = head.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in lines.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if b"100-continue" in lines.lower():
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            left, buffer = length - len(body), bytearray(MiB)
+            while left > 0:
+                left -= conn.recv_into(buffer)
+            conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    start = time.perf_counter()
+    subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-T", src, f"http://127.0.0.1:{port}/x"], check=True
+    )
+    elapsed = time.perf_counter() - start
+    thread.join()
+    listener.close()
+    return elapsed
+
+
 def large_upload(server: Server, workdir: str, size: int, rounds: int) -> dict:
     src = os.path.join(workdir, f"random-{size}.bin")
     if not os.path.exists(src) or os.path.getsize(src) != size:
@@ -293,13 +335,14 @@ def large_upload(server: Server, workdir: str, size: int, rounds: int) -> dict:
                 f.write(chunk)
                 left -= len(chunk)
         os.replace(src + ".tmp", src)
-    limits, ours, befores, growths = [], [], [], []
+    limits, ours, ceilings, befores, growths = [], [], [], [], []
     for i in range(rounds):
         limits.append(socat_once(src, os.path.join(workdir, "socat.out")))
         elapsed, before, growth = curl_once(server, src, f"{i}.bin")
         ours.append(elapsed)
         befores.append(before)
         growths.append(growth)
+        ceilings.append(curl_ceiling(src))
     mb = size / 1e6
     limit = mb / statistics.median(limits)
     hmacfs = mb / statistics.median(ours)
@@ -311,6 +354,8 @@ def large_upload(server: Server, workdir: str, size: int, rounds: int) -> dict:
         "socat_median_MBps": round(limit, 1),
         "hmacfs_median_MBps": round(hmacfs, 1),
         "ratio": round(hmacfs / limit, 3),
+        "curl_ceiling_MBps": [round(mb / t, 1) for t in ceilings],
+        "curl_ceiling_median_MBps": round(mb / statistics.median(ceilings), 1),
         "rss_before_MiB": round(max(befores) / MiB, 1),
         "rss_growth_MiB": round(max(growths) / MiB, 1),
     }
@@ -485,9 +530,14 @@ def table(results: dict) -> str:
     big_label = f"{big / 2**30:g} GiB" if big >= 2**30 else f"{big / 2**20:g} MiB"
     slow = first["slow"]["uploads"]
     row(
-        f"{big_label} PUT, MB/s (median)",
+        f"{big_label} PUT by curl -T, MB/s (median)",
         "",
         lambda v: f"{v['large_upload']['hmacfs_median_MBps']}",
+    )
+    row(
+        "  curl alone, to a sink",
+        "",
+        lambda v: f"{v['large_upload']['curl_ceiling_median_MBps']}",
     )
     row("socat limit, MB/s (median)", "", lambda v: f"{v['large_upload']['socat_median_MBps']}")
     row(
@@ -564,6 +614,7 @@ def main(argv=None) -> int:
             "memory_GiB": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
         },
         "targets": TARGETS,
+        "workers": args.workers,
         "variants": {},
     }
     try:
@@ -582,7 +633,8 @@ def main(argv=None) -> int:
     print(
         textwrap.dedent(f"""\
         hmacfs benchmark, {results["date"]}: {m["cpus"]} CPUs, {m["memory_GiB"]} GiB,
-        Python {m["python"]}, Linux {m["kernel"]}; {results["seconds"]} s; JSON: {args.json}
+        Python {m["python"]}, Linux {m["kernel"]}; Workers = {results["workers"]};
+        {results["seconds"]} s; JSON: {args.json}
         """)
     )
     print(table(results))

@@ -128,20 +128,16 @@ class _Upload:
     The temp file is a dot file in the destination's own directory, so the
     final link is atomic and the temp file can never be served.
 
-    A body no larger than the write buffer would sit in that buffer until
-    commit anyway: nothing about it touches the file system before commit,
-    which runs in a worker thread.  Under many small uploads the reactor
-    thread had spent a third of its time in the lstat()s of realpath and the
-    open(O_CREAT) of the temp file, waiting on a directory that the commits
-    of other uploads kept locked while they waited for the journal.
+    The bytes are written and hashed in a worker thread, in batches of at
+    least the write buffer, while the reactor reads on; what is left at the
+    end (all of a small body) is written by L{commit}, in the thread it runs
+    in anyway.
     """
 
     committing = False
     temp: str | None = None
     _file = None
-    _held: list[bytes] | None = None
-    # A larger body is written and hashed in a worker thread while the reactor reads on:
-    # bytes given to write() and not yet written, waiting (_pending) or in the thread.
+    # Bytes given to write() and not yet written, waiting (_pending) or in the thread.
     _pending: list[bytes] | None = None
     _backlog = 0
     _busy = False  # a batch is in the thread
@@ -161,22 +157,13 @@ class _Upload:
         protocol: str,
         uploader: str | None = None,
         expires: float | None = None,
-        checkNow: bool = False,
     ) -> None:
-        """
-        @param checkNow: check the name now even for a small body (a client that asked for
-            100-continue waits to hear before it sends).
-        """
+        self._claim(fs, relpath, size)
         self.content_type = content_type
         self.protocol = protocol
         self.uploader = uploader
         self.expires = expires
         self._sha256 = hashlib.sha256()
-        if size <= write_buffer(fs) and not checkNow:
-            self._claim(fs, relpath, size, check=False)
-            self._held: list[bytes] | None = []
-            return
-        self._claim(fs, relpath, size)
         try:
             self.temp = self._open()
         except BaseException:
@@ -185,21 +172,14 @@ class _Upload:
         self._pending = []
         self._waiters: list[Deferred] = []
 
-    def _claim(self, fs: FileServer, relpath: str, size: int, check: bool = True) -> None:
-        """
-        Where the file will go; Conflict if something is there already.  Without C{check},
-        only the facts: L{_check} comes later.
-        """
+    def _claim(self, fs: FileServer, relpath: str, size: int) -> None:
+        """Where the file will go; Conflict if something is there already."""
         self.fs = fs
         self.relpath = relpath
         self.size = size
         self.received = 0
         self._created: list[str] = []
-        if check:
-            self._check()
-
-    def _check(self) -> None:
-        self.dest = store_path(self.fs.store_dir, self.relpath)
+        self.dest = store_path(fs.store_dir, relpath)
         if os.path.lexists(self.dest):
             raise Conflict()
 
@@ -224,7 +204,10 @@ class _Upload:
                 continue
             except (FileExistsError, NotADirectoryError):
                 raise Conflict() from None
-            self._file = open(fd, "wb", buffering=write_buffer(self.fs))
+            # Unbuffered: what reaches the file comes in batches of at least the write buffer
+            # (or the rest, at commit), and 500 slow uploads held 32 MiB of idle
+            # BufferedWriters.
+            self._file = open(fd, "wb", buffering=0)
             return temp
         raise AssertionError("unreachable")
 
@@ -252,10 +235,6 @@ class _Upload:
         @raise OSError: writing what came before failed.
         """
         self.received += len(data)
-        if self._held is not None:
-            self._held.append(data)
-            self._sha256.update(data)
-            return False
         if self._failure is not None:
             raise self._failure
         self._pending.append(data)
@@ -273,8 +252,13 @@ class _Upload:
     def _spool(self, batch: list[bytes]) -> None:
         # In a worker thread: file writes and hashlib release the GIL.
         for data in batch:
-            self._file.write(data)
+            self._writeAll(data)
             self._sha256.update(data)
+
+    def _writeAll(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
 
     def _spooled(self, result, count: int) -> None:
         self._busy = False
@@ -288,13 +272,9 @@ class _Upload:
         if self._closeAfterBatch:
             self._closeFile()
             return
-        if (
-            self._failure is None
-            and self._pending
-            and (self._draining or self._backlog >= write_buffer(self.fs))
-        ):
+        if self._failure is None and self._backlog >= write_buffer(self.fs):
             self._dispatch()
-        elif self._draining and (self._failure is not None or not self._pending):
+        elif self._draining:
             waiters, self._waiters = self._waiters, []
             for d in waiters:
                 if self._failure is not None:
@@ -306,16 +286,14 @@ class _Upload:
 
     def drained(self) -> Deferred:
         """
-        Fires once every byte given to L{write} is in the file (not yet durable: that is
-        L{commit}'s), or fails with the error writing met.
+        Fires once no batch is in the thread (L{commit} writes the rest), or fails with the
+        error writing met.
         """
         if self._pending is None:
             return succeed(None)
         self._draining = True
         if self._failure is not None:
             return fail(self._failure)
-        if not self._busy and self._pending:
-            self._dispatch()
         if not self._busy:
             return succeed(None)
         d = Deferred()
@@ -359,11 +337,8 @@ class _Upload:
         @raise Conflict: the name appeared while we were receiving.
         """
         try:
-            if self._held is not None:
-                self._check()
-                self.temp = self._open()
-                self._file.write(b"".join(self._held))
-                self._held = None
+            self._spool(self._pending)
+            self._pending = []
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -937,7 +912,6 @@ class UploadRequest(server.Request):
                     protocol,
                     uploader,
                     fs.expiry(expires),
-                    checkNow=_header(self, b"expect") is not None,
                 )
             self._acceptedAt = fs.reactor.seconds()
             self._upload.onRelief = self._diskCaughtUp
@@ -1152,10 +1126,6 @@ class UploadRequest(server.Request):
         if failure.check(Conflict):
             self._failed("conflict")
             self._respond(http.CONFLICT, "file exists")
-        elif failure.check(PathRefused):
-            # A small body's temp file is made at commit: a symlink placed meanwhile.
-            self._failed("bad_request")
-            self._respond(http.BAD_REQUEST, str(failure.value))
         elif failure.check(_Answered):
             self._failed("store")
             self._respond(*failure.value.args)

@@ -648,6 +648,16 @@ class TwistdHarness(TestCase):
         # twistd re-raises the signal that stopped it.
         self.assertIn(proc.returncode, (0, -signal.SIGTERM), _read(self.output))
 
+    def switchingToNobody(self) -> pwd.struct_passwd:
+        """For a test of --uid: skipped unless root; self.cwd one that nobody can reach."""
+        if os.geteuid() != 0:
+            raise SkipTest("switching uid needs root")
+        # A directory the unprivileged user can reach, whatever holds the checkout.
+        self.cwd = tempfile.mkdtemp(prefix="hmacfs-uid-")
+        os.chmod(self.cwd, 0o755)
+        self.addCleanup(shutil.rmtree, self.cwd, True)
+        return pwd.getpwnam("nobody")
+
     def config(self, port: int, **extra: str | int) -> str:
         keys = {"ListenPort": f"127.0.0.1:{port}", "StoreDir": "store", **extra}
         return _secret_config(self.cwd, **keys)
@@ -860,13 +870,7 @@ class TwistdTests(TwistdHarness):
 
     def test_uid_switch(self) -> None:
         """With --uid/--gid, what start-up creates belongs to that user, and uploads work."""
-        if os.geteuid() != 0:
-            raise SkipTest("switching uid needs root")
-        nobody = pwd.getpwnam("nobody")
-        # A directory the unprivileged user can reach, whatever holds the checkout.
-        self.cwd = tempfile.mkdtemp(prefix="hmacfs-uid-")
-        os.chmod(self.cwd, 0o755)
-        self.addCleanup(shutil.rmtree, self.cwd, True)
+        nobody = self.switchingToNobody()
         port = _free_port()
         cfg = self.config(port, LogFile="hmacfs.log")
         pidfile = os.path.join(self.cwd, "tw.pid")

@@ -328,10 +328,7 @@ class StreamingTests(SynchronousTestCase):
         self.assertEqual(store_files(self.root), [])
 
     def test_temp_open_failure_leaves_no_directories(self):
-        """
-        If the temp file cannot be opened, the directories made for it are removed again:
-        before the body for a large upload, at commit for one that fits the write buffer.
-        """
+        """If the temp file cannot be opened, the directories made for it are removed again."""
         realOpen = os.open
 
         def noDescriptors(path, flags, *args):
@@ -340,67 +337,11 @@ class StreamingTests(SynchronousTestCase):
             return realOpen(path, flags, *args)
 
         self.patch(os, "open", noDescriptors)
-        large = MAX_WRITE_BUFFER + 1
-        channel, transport = self.server.connect()
-        channel.dataReceived(put_head("n/e/w.bin", large, v_query("n/e/w.bin", large)))
-        self.assertEqual(status(transport), http.INTERNAL_SERVER_ERROR)
-        self.assertEqual(store_files(self.root), [])
         channel, transport = self.server.connect()
         channel.dataReceived(put_head("n/e/w.bin", 3, v_query("n/e/w.bin", 3)))
-        self.assertEqual(transport.value(), b"")  # the body is awaited
-        channel.dataReceived(b"abc")
-        self.server.clock.advance(0)
         self.assertEqual(status(transport), http.INTERNAL_SERVER_ERROR)
         self.assertEqual(store_files(self.root), [])
         self.flushLoggedErrors()
-
-    def test_small_body_file_made_at_commit(self):
-        """
-        A body that fits the write buffer makes no temp file before its last byte: what
-        arrived is held (no more than the buffer would), the file is made, written and linked
-        at commit.
-        """
-        root = self.mktemp()
-        server = MemoryServer(root)  # ChunkSize 1 MiB: a 64 KiB write buffer
-        body = os.urandom(MAX_WRITE_BUFFER)
-        channel, transport = server.connect()
-        channel.dataReceived(put_head("s/m/all.bin", len(body), v_query("s/m/all.bin", len(body))))
-        channel.dataReceived(body[:-1])
-        self.assertEqual(store_files(root), [])
-        channel.dataReceived(body[-1:])
-        server.clock.advance(0)
-        self.assertEqual(status(transport), http.CREATED)
-        self.assertEqual(store_files(root), ["s", "s/m", "s/m/all.bin"])
-        with open(os.path.join(root, "s", "m", "all.bin"), "rb") as f:
-            self.assertEqual(f.read(), body)
-        record = self.successResultOf(server.fs.metadata.get("s/m/all.bin"))
-        self.assertEqual(record.sha256, hashlib.sha256(body).hexdigest())
-
-    def test_small_body_under_a_file_is_conflict(self):
-        """A small body whose directory is a file gets 409 at commit, and the file stays."""
-        with open(os.path.join(self.root, "plain"), "wb") as f:
-            f.write(b"I am a file")
-        channel, transport = self.server.connect()
-        channel.dataReceived(put_head("plain/x.bin", 3, v_query("plain/x.bin", 3)) + b"abc")
-        self.server.clock.advance(0)
-        self.assertEqual(status(transport), http.CONFLICT)
-        with open(os.path.join(self.root, "plain"), "rb") as f:
-            self.assertEqual(f.read(), b"I am a file")
-
-    def test_small_body_symlink_placed_meanwhile(self):
-        """
-        A symlink out of the store placed on a small body's way while it arrives: 400 at
-        commit, and nothing is written where the link points.
-        """
-        outside = os.path.abspath(self.mktemp())
-        os.makedirs(outside)
-        channel, transport = self.server.connect()
-        channel.dataReceived(put_head("d/x.bin", 3, v_query("d/x.bin", 3)) + b"ab")
-        os.symlink(outside, os.path.join(self.root, "d"))
-        channel.dataReceived(b"c")
-        self.server.clock.advance(0)
-        self.assertEqual(status(transport), http.BAD_REQUEST)
-        self.assertEqual(os.listdir(outside), [])
 
     def test_record_failure_withdraws_file(self):
         """If the record cannot be written, the file is taken back and the client told 503."""

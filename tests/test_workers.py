@@ -8,18 +8,13 @@ stopping the main process (SIGSTOP) while they connect.
 from __future__ import annotations
 
 import os
-import pwd
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-
-from twisted.trial.unittest import SkipTest
 
 from hmacd.auth import sign_v
 from tests.test_tap import DEADLINE, REPO, TwistdHarness, _free_port, _read
@@ -66,7 +61,8 @@ def _runs_as(uid: int, gid: int, executable: str) -> bool:
 class WorkersTests(TwistdHarness):
     """twistd -n hmacfs with Workers = 2."""
 
-    def start(self, **extra) -> subprocess.Popen:
+    def launch(self, *twistd: str) -> subprocess.Popen:
+        """twistd -n [options] hmacfs with Workers = 2, LogFile and metrics; not waited for."""
         self.port = _free_port()
         self.metricsPort = _free_port()
         cfg = self.config(
@@ -75,9 +71,12 @@ class WorkersTests(TwistdHarness):
             LogFile="hmacfs.log",
             MetricsEnabled=True,
             MetricsPort=f"127.0.0.1:{self.metricsPort}",
-            **extra,
         )
-        proc = self.spawn("-n", "hmacfs", "--config", cfg)
+        return self.spawn("-n", *twistd, "hmacfs", "--config", cfg)
+
+    def start(self) -> subprocess.Popen:
+        """L{launch}, once the worker serves; its pid in self.worker."""
+        proc = self.launch()
         self.waitListening(self.port, proc)
         self.worker = self.waitWorker(proc)
         return proc
@@ -200,25 +199,8 @@ class WorkersTests(TwistdHarness):
 
     def test_uid_switch(self) -> None:
         """With --uid the worker runs as that user too, and its metrics are counted."""
-        if os.geteuid() != 0:
-            raise SkipTest("switching uid needs root")
-        nobody = pwd.getpwnam("nobody")
-        self.cwd = tempfile.mkdtemp(prefix="hmacfs-uid-")
-        os.chmod(self.cwd, 0o755)
-        self.addCleanup(shutil.rmtree, self.cwd, True)
-        self.port = _free_port()
-        self.metricsPort = _free_port()
-        cfg = self.config(
-            self.port,
-            Workers=2,
-            LogFile="hmacfs.log",
-            MetricsEnabled=True,
-            MetricsPort=f"127.0.0.1:{self.metricsPort}",
-        )
-        proc = self.spawn(
-            "-n", "--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid),
-            "hmacfs", "--config", cfg,
-        )  # fmt: skip
+        nobody = self.switchingToNobody()
+        proc = self.launch("--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid))
         if not _runs_as(nobody.pw_uid, nobody.pw_gid, sys.executable):
             # This interpreter (under /root, say) cannot be run by that user: start-up
             # must stop with a line saying so, not run with fewer processes than configured.
