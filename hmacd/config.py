@@ -868,6 +868,14 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
                 f" {config.component_jid!r} is not under one",
             )
     if config.workers > 1:
+        if config.listen_endpoint.partition(":")[0] not in ("tcp", "tcp6"):
+            # A worker adopts the bare socket: TLS would reach it as plain HTTP, and a
+            # worker stopping would unlink a unix socket's path from under the others.
+            raise _error(
+                source,
+                name("ListenPort"),
+                "Workers above 1 need a plain TCP listener (no UnixSocket, ssl: or systemd:)",
+            )
         # Their counters live in each process: N workers would let N times the limit through.
         for canonical in ("RateLimitPerMinute", "MaxTotalBytesPerSecond"):
             if getattr(config, KEYS[canonical]):

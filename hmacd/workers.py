@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet import error
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import (
     FilteringLogObserver,
@@ -45,6 +45,7 @@ from twisted.logger import (
 
 from hmacd.config import Config
 from hmacd.metrics import forget_process, share_between_processes
+from hmacd.secret import ENV_VAR as SECRET_ENV
 
 __all__ = ["WorkerError", "WorkerPool", "metrics_directory", "run_worker"]
 
@@ -166,7 +167,8 @@ class WorkerPool(Service):
             worker,
             self.executable,
             [self.executable, "-m", "hmacd.workers"],
-            env=dict(os.environ),
+            # The secret goes on the pipe; not in the environment either, if it came from there.
+            env={k: v for k, v in os.environ.items() if k != SECRET_ENV},
             childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.port.fileno()},
         )
         data = pickle.dumps(job)
@@ -201,11 +203,13 @@ class WorkerPool(Service):
             worker.stop(self.config.shutdown_grace + self.stopTimeout)
             for worker in list(self.workers.values())
         ]
-        d = DeferredList(stopping)
+        # This process stops accepting now, as with Workers = 1; the workers have the socket
+        # open until they have stopped accepting too.
+        closed = []
         if self.port is not None:
             port, self.port = self.port, None
-            d.addCallback(lambda _: port.stopListening())
-        return d
+            closed.append(maybeDeferred(port.stopListening))
+        return DeferredList(closed + stopping)
 
 
 class _Worker(ProcessProtocol):

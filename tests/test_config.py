@@ -939,6 +939,16 @@ class WorkersConfigTests(ConfigFileTestCase):
                 "cannot be enforced across processes: use it with Workers = 1",
             )
             self.assertEqual(self.load(f"Workers = 1\n{key} = 100\n")[1].workers, 1)
+        for listen in (
+            'UnixSocket = true\nListenPort = "/run/hmacfs.sock"',
+            'ListenPort = "ssl:8443:privateKey=k.pem"',
+            'ListenPort = "systemd:domain=INET:index=0"',
+        ):
+            self.assertConfigError(
+                f"Workers = 2\n{listen}\n", "ListenPort", "need a plain TCP listener"
+            )
+        for listen in ('"[::1]:8080"', '"tcp:8080:interface=127.0.0.1"', "8080"):
+            self.assertEqual(self.load(f"Workers = 2\nListenPort = {listen}\n")[1].workers, 2)
         config = self.load('Workers = 2\nMaxBytesPerSecond = "1MB"\n')[1]
         self.assertEqual((config.workers, config.max_bytes_per_second), (2, 1 << 20))
 
