@@ -77,6 +77,13 @@ def sweep_resumable(store_dir: str, older_than: float) -> list[str]:
     except FileNotFoundError:
         return removed
     for name in names:
+        if name.endswith(".tmp"):
+            # A state file a crash left half-written.
+            path = os.path.join(partial, name)
+            with suppress(OSError):
+                if os.stat(path).st_mtime < older_than:
+                    os.unlink(path)
+            continue
         if not name.endswith(".json"):
             continue
         key = name[: -len(".json")]

@@ -281,7 +281,8 @@ class _Upload:
                     d.errback(self._failure)
                 else:
                     d.callback(None)
-        if self.onRelief is not None and self._backlog <= SPOOL_LOW:
+        if self.onRelief is not None and (self._backlog <= SPOOL_LOW or self._failure):
+            # After a failure too: the request reads on, and its next bytes meet the error.
             self.onRelief()
 
     def drained(self) -> Deferred:
@@ -447,7 +448,8 @@ class _ResumableChunk(_Upload):
         if start != offset:
             raise OffsetMismatch(offset)
         if known is None:
-            temp = self.state + ".tmp"
+            # A name of its own: with Workers, a retried first piece may be here twice at once.
+            temp = f"{self.state}.{secrets.token_hex(8)}.tmp"
             with open(temp, "w", encoding="utf-8") as f:
                 json.dump(facts, f)
             os.replace(temp, self.state)

@@ -233,9 +233,15 @@ class ResumableTests(SynchronousTestCase):
         old = hashlib.sha256(b"old.bin").hexdigest()
         for suffix in (".part", ".json"):
             os.utime(os.path.join(partial, old + suffix), (1000, 1000))
+        # State files a crash left half-written: the old one goes, a fresh one may be in use.
+        for name, when in ((old + ".json.0123.tmp", 1000), ("fresh.json.4567.tmp", 3000)):
+            with open(os.path.join(partial, name), "w") as f:
+                f.write("{")
+            os.utime(os.path.join(partial, name), (when, when))
         removed = sweep_resumable(os.path.abspath(self.root), older_than=2000)
         self.assertEqual(removed, [old])
-        self.assertEqual(len(os.listdir(partial)), 2)
+        self.assertEqual(len(os.listdir(partial)), 3)
+        self.assertIn("fresh.json.4567.tmp", os.listdir(partial))
         self.assertEqual(status(self.query("new.bin")), 308)
 
 

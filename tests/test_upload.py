@@ -625,3 +625,28 @@ class SpoolTests(SynchronousTestCase):
         channel, transport = self.server.connect()
         channel.dataReceived(put_head("c.bin", self.size, v_query("c.bin", self.size)))
         self.assertEqual(transport.bufferSize, 64 * 1024)
+
+
+class SpoolFailureWhilePausedTests(SynchronousTestCase):
+    def test_write_error_while_paused_for_the_disk(self):
+        """
+        A write failing while reading is paused for the disk resumes reading, so that the
+        next bytes meet the error and get 507, not a connection left paused until it idles
+        out.
+        """
+        root = self.mktemp()
+        threads = _HeldThreads()
+        server = MemoryServer(root)
+        server.fs.blocking = threads
+        size = 2 * SPOOL_HIGH
+        channel, transport = server.connect()
+        channel.dataReceived(put_head("f.bin", size, v_query("f.bin", size)))
+        while transport.producerState == "producing":
+            channel.dataReceived(b"x" * MAX_WRITE_BUFFER)
+        _, d = threads.calls.pop(0)
+        d.errback(Failure(OSError(errno.ENOSPC, "No space left on device")))
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(b"x" * MAX_WRITE_BUFFER)
+        server.clock.advance(0)
+        self.assertEqual(status(transport), INSUFFICIENT_STORAGE)
+        self.assertEqual(store_files(root), [])
