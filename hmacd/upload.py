@@ -30,6 +30,7 @@ import secrets
 from io import BytesIO
 from urllib.parse import parse_qs
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,10 +107,9 @@ class Conflict(Exception):
 # A large body's bytes not yet written by the worker thread: above SPOOL_HIGH the request
 # stops reading from the client, at SPOOL_LOW it reads on.  Bounds what one fast upload holds.
 SPOOL_HIGH = 4 * 1024 * 1024
-# What a large upload's connection reads at a time, and Twisted's default.
-READ_SIZE = 1024 * 1024
-DEFAULT_READ_SIZE = 64 * 1024
 SPOOL_LOW = 1024 * 1024
+# What a large upload's connection reads at a time (Twisted's default is 64 KiB).
+READ_SIZE = 1024 * 1024
 
 # Each upload in progress holds its write buffer: 500 slow uploads with ChunkSize's default
 # 1 MiB each held ~370 MiB of half-filled buffers.  Socket reads are at most 64 KiB anyway.
@@ -604,7 +604,7 @@ class UploadRequest(server.Request):
             upload.fs.metrics.uploads_in_progress.set(len(upload.fs.uploads))
 
     _refused = False
-    _diskPaused = False  # reading paused while the upload's backlog is written
+    _pausedFor: frozenset[str] = frozenset()  # why reading is paused: "disk", "rate"
     _acceptedAt = 0.0
     _bandwidth: Bandwidth | None = None  # MaxBytesPerSecond of this upload
     _resume = None  # the pending end of a throttling pause
@@ -700,19 +700,28 @@ class UploadRequest(server.Request):
             upload.discard()
             self._refuse(*self._storageError(e), None, duringBody=True)
             return
-        if behind and not self._diskPaused:
+        if behind:
             # The disk is behind the client: stop reading until the backlog is written.
-            self._diskPaused = True
-            self.channel.transport.pauseProducing()
+            self._pause("disk")
         self._throttle(len(data))
 
-    def _diskCaughtUp(self) -> None:
-        if not self._diskPaused:
+    def _pause(self, reason: str) -> None:
+        """Stop reading from the client, for C{reason}, until L{_unpause} of it."""
+        if not self._pausedFor:
+            self.channel.transport.pauseProducing()
+        self._pausedFor |= {reason}
+
+    def _unpause(self, reason: str) -> None:
+        """Read on, unless another reason still holds reading back."""
+        if reason not in self._pausedFor:
             return
-        self._diskPaused = False
-        channel = getattr(self, "channel", None)
-        if channel is not None and not self._disconnected and self._resume is None:
+        self._pausedFor -= {reason}
+        channel = getattr(self, "channel", None)  # gone once the request has finished
+        if not self._pausedFor and channel is not None and not self._disconnected:
             channel.transport.resumeProducing()
+
+    def _diskCaughtUp(self) -> None:
+        self._unpause("disk")
 
     def _throttle(self, count: int) -> None:
         """Pause reading while this upload (or all of them) is ahead of its rate."""
@@ -721,7 +730,7 @@ class UploadRequest(server.Request):
         wait = max(waits, default=0.0)
         if wait <= 0 or self._resume is not None:
             return
-        self.channel.transport.pauseProducing()
+        self._pause("rate")
         # A deliberate pause is not an idle client: no timeout while it lasts.
         self._savedTimeout = self.channel.setTimeout(None)
         self._resume = fs.reactor.callLater(wait, self._unthrottle)
@@ -731,8 +740,7 @@ class UploadRequest(server.Request):
         channel = getattr(self, "channel", None)  # gone once the request has finished
         if channel is not None and not self._disconnected:
             channel.setTimeout(self._savedTimeout)
-            if not self._diskPaused:
-                channel.transport.resumeProducing()
+        self._unpause("rate")
 
     def _endThrottle(self) -> None:
         """The body is complete (or lost): no more pauses; undo a pending one now."""
@@ -907,13 +915,7 @@ class UploadRequest(server.Request):
                 self._upload = chunk
             else:
                 self._upload = _Upload(
-                    fs,
-                    relpath,
-                    size,
-                    content_type,
-                    protocol,
-                    uploader,
-                    fs.expiry(expires),
+                    fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
                 )
             self._acceptedAt = fs.reactor.seconds()
             self._upload.onRelief = self._diskCaughtUp
@@ -925,7 +927,7 @@ class UploadRequest(server.Request):
                 # last read, which nothing pauses after, would carry it past its rate.
                 limits = [b.rate for b in (self._bandwidth, fs.total_bandwidth) if b is not None]
                 read = min([READ_SIZE] + [int(rate) // 16 for rate in limits])
-                self.channel.transport.bufferSize = max(read, DEFAULT_READ_SIZE)
+                self.channel.transport.bufferSize = max(read, FileDescriptor.bufferSize)
         except Conflict:
             return self._refuse(http.CONFLICT, "file exists", length)
         except PathRefused as e:

@@ -626,27 +626,37 @@ class SpoolTests(SynchronousTestCase):
         channel.dataReceived(put_head("c.bin", self.size, v_query("c.bin", self.size)))
         self.assertEqual(transport.bufferSize, 64 * 1024)
 
-
-class SpoolFailureWhilePausedTests(SynchronousTestCase):
     def test_write_error_while_paused_for_the_disk(self):
         """
         A write failing while reading is paused for the disk resumes reading, so that the
         next bytes meet the error and get 507, not a connection left paused until it idles
         out.
         """
-        root = self.mktemp()
-        threads = _HeldThreads()
-        server = MemoryServer(root)
-        server.fs.blocking = threads
-        size = 2 * SPOOL_HIGH
-        channel, transport = server.connect()
-        channel.dataReceived(put_head("f.bin", size, v_query("f.bin", size)))
-        while transport.producerState == "producing":
-            channel.dataReceived(b"x" * MAX_WRITE_BUFFER)
-        _, d = threads.calls.pop(0)
+        sent = 0
+        while self.transport.producerState == "producing":
+            self.channel.dataReceived(self.body[sent : sent + MAX_WRITE_BUFFER])
+            sent += MAX_WRITE_BUFFER
+        _, d = self.threads.calls.pop(0)
         d.errback(Failure(OSError(errno.ENOSPC, "No space left on device")))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(self.body[sent : sent + MAX_WRITE_BUFFER])
+        self.server.clock.advance(0)
+        self.assertEqual(status(self.transport), INSUFFICIENT_STORAGE)
+        self.assertEqual(store_files(self.root), [])
+
+    def test_disk_and_rate_pauses_together(self):
+        """
+        Reading held back for the disk and for MaxBytesPerSecond at once goes on only when
+        neither holds it any more, whichever ends first.
+        """
+        self.server.fs.max_bytes_per_second = 1_000_000
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head("both.bin", self.size, v_query("both.bin", self.size)))
+        for start in range(0, SPOOL_HIGH + MAX_WRITE_BUFFER, MAX_WRITE_BUFFER):
+            # StringTransport delivers what the test sends, paused or not.
+            channel.dataReceived(self.body[start : start + MAX_WRITE_BUFFER])
+        self.assertEqual(transport.producerState, "paused")
+        self.threads.runAll()  # the disk has caught up; the rate has not
+        self.assertEqual(transport.producerState, "paused")
+        self.server.clock.advance(60)
         self.assertEqual(transport.producerState, "producing")
-        channel.dataReceived(b"x" * MAX_WRITE_BUFFER)
-        server.clock.advance(0)
-        self.assertEqual(status(transport), INSUFFICIENT_STORAGE)
-        self.assertEqual(store_files(root), [])
