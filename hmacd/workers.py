@@ -229,32 +229,31 @@ class _Worker(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         # jsonFileLogObserver: one event per line (JSON escapes every newline in it).
-        self._out += data
-        *lines, self._out = self._out.split(b"\n")
+        *lines, self._out = (self._out + data).split(b"\n")
         for line in lines:
-            self._event(line.lstrip(b"\x1e"))
+            self._event(line)
+
+    def errReceived(self, data: bytes) -> None:
+        # A worker that fails before its logging is set up says so on stderr.
+        *lines, self._err = (self._err + data).split(b"\n")
+        for line in lines:
+            self._said(line)
 
     def _event(self, line: bytes) -> None:
+        line = line.lstrip(b"\x1e")
         if not line.strip():
             return
         try:
             event = eventFromJSON(line.decode("utf-8"))
         except ValueError:
-            log.error(
-                "worker {index}: {line}", index=self.index, line=line.decode("utf-8", "replace")
-            )
+            self._said(line)
             return
         event["log_system"] = f"worker {self.index}"
         globalLogPublisher(event)
 
-    def errReceived(self, data: bytes) -> None:
-        # A worker that fails before its logging is set up says so on stderr.
-        self._err += data
-        *lines, self._err = self._err.split(b"\n")
-        for line in lines:
-            log.error(
-                "worker {index}: {line}", index=self.index, line=line.decode("utf-8", "replace")
-            )
+    def _said(self, line: bytes) -> None:
+        """A line of the worker's that is no log event of its own."""
+        log.error("worker {index}: {line}", index=self.index, line=line.decode("utf-8", "replace"))
 
     def stop(self, timeout: float) -> Deferred:
         """SIGTERM; SIGKILL after C{timeout} seconds.  Fires when the process has ended."""
@@ -277,9 +276,9 @@ class _Worker(ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         if self._out:
-            self._event(self._out.lstrip(b"\x1e"))
+            self._event(self._out)
         if self._err:
-            self.errReceived(b"\n")
+            self._said(self._err)
         if self._kill is not None and self._kill.active():
             self._kill.cancel()
         self.pool._ended(self, reason)

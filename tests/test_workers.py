@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 from hmacd.auth import sign_v
 from tests.test_tap import DEADLINE, REPO, TwistdHarness, _free_port, _read
@@ -96,20 +97,15 @@ class WorkersTests(TwistdHarness):
         path = os.path.join(self.cwd, "hmacfs.log")
         return _read(path) if os.path.exists(path) else ""
 
+    @contextmanager
     def stopped(self, proc: subprocess.Popen):
-        """Context: the main process stopped, so only the worker accepts."""
-        test = self
-
-        class Stopped:
-            def __enter__(self):
-                os.kill(proc.pid, signal.SIGSTOP)
-                test.addCleanup(self.__exit__)
-
-            def __exit__(self, *exc):
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGCONT)
-
-        return Stopped()
+        """The main process stopped meanwhile, so only the worker accepts."""
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(
