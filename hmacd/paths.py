@@ -9,7 +9,9 @@ Prosody signs the raw file name (C{hello world.txt}) and sends it encoded
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 from urllib.parse import unquote_to_bytes
 
 __all__ = ["MAX_SEGMENT_BYTES", "PathRefused", "relative_path", "store_path"]
@@ -86,11 +88,35 @@ def store_path(root: str, relpath: str) -> str:
     C{relpath} must already have passed L{check_relative}; this adds the
     check that no symbolic link on the way leads out of C{root}.
 
+    Every upload and download asks this, so it does not resolve the whole
+    name each time (C{os.path.realpath} costs an C{lstat} and a good deal of
+    Python per component, root included): the root is resolved once per
+    process, and the components under it are looked at one by one until the
+    first that does not exist.  Only when one of them is a symbolic link is
+    the whole name resolved and judged.
+
     @raise PathRefused: the path resolves outside C{root}.
     """
-    real_root = os.path.realpath(root)
+    real_root = _resolved_root(root)
     target = os.path.join(real_root, *relpath.split("/"))
-    resolved = os.path.realpath(target)
-    if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
-        raise PathRefused("path leads outside the store")
+    current = real_root
+    for segment in relpath.split("/"):
+        current = os.path.join(current, segment)
+        try:
+            mode = os.lstat(current).st_mode
+        except OSError:
+            # Missing, or under a file, or not searchable: nothing below it can be a link
+            # that we would follow.
+            return target
+        if stat.S_ISLNK(mode):
+            resolved = os.path.realpath(target)
+            if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
+                raise PathRefused("path leads outside the store")
+            return target
     return target
+
+
+@functools.lru_cache(maxsize=32)
+def _resolved_root(root: str) -> str:
+    """C{root} with its symbolic links resolved, once: it is the operator's StoreDir."""
+    return os.path.realpath(root)

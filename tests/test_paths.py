@@ -311,6 +311,65 @@ class StorePathTests(SynchronousTestCase):
         self.assertEqual(result, os.path.join(os.path.realpath(self.root), "a", "b.txt"))
 
 
+def resolved_store_path(root: str, relpath: str) -> str:
+    """store_path's definition, resolving the whole name every time: what it must agree with."""
+    real_root = os.path.realpath(root)
+    target = os.path.join(real_root, *relpath.split("/"))
+    resolved = os.path.realpath(target)
+    if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
+        raise PathRefused("path leads outside the store")
+    return target
+
+
+# What a name in the generated trees is: a directory, a file, or a link to somewhere in or
+# out of the root (absolute or relative), to the root itself, or to nothing.
+_NAMES = ("a", "b", "c")
+_KINDS = ("dir", "file", "link-in", "link-out", "link-up", "link-root", "link-missing", "none")
+
+
+class StorePathAgreementTests(SynchronousTestCase):
+    """store_path looks only at the components under the root; it decides as realpath would."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_KINDS)), max_size=6),
+        st.lists(st.sampled_from((*_NAMES, "x")), min_size=1, max_size=4),
+    )
+    def test_agrees_with_realpath(self, layout, relpath) -> None:
+        base = os.path.abspath(self.mktemp())
+        root, outside = os.path.join(base, "root"), os.path.join(base, "outside")
+        os.makedirs(os.path.join(outside, "a"))
+        os.makedirs(root)
+        # Each entry makes its name in the directory the previous directory entry made.
+        here = root
+        for name, kind in layout:
+            path = os.path.join(here, name)
+            if os.path.lexists(path):
+                continue
+            if kind == "dir":
+                os.mkdir(path)
+                here = path
+            elif kind == "file":
+                open(path, "w").close()
+            elif kind == "link-in":
+                os.symlink(root, path)
+            elif kind == "link-out":
+                os.symlink(outside, path)
+            elif kind == "link-up":
+                os.symlink(os.path.relpath(base, here), path)
+            elif kind == "link-root":
+                os.symlink(os.path.relpath(root, here), path)
+            elif kind == "link-missing":
+                os.symlink(os.path.join(outside, "missing"), path)
+        name = "/".join(relpath)
+        try:
+            expected = resolved_store_path(root, name)
+        except PathRefused:
+            self.assertRaises(PathRefused, store_path, root, name)
+        else:
+            self.assertEqual(store_path(root, name), expected)
+
+
 # Segments a careful signer could name: any text without "/" (surrogates cannot be in a URL).
 segments = st.text(
     st.characters(exclude_categories=("Cs",), exclude_characters="/"), min_size=1, max_size=40
