@@ -86,6 +86,8 @@ class FileServer:
     total_bandwidth: Any = None
     # Paths whose resumable upload is receiving a chunk right now (one at a time).
     resumable: set = field(default_factory=set)
+    # The hmacd.upload.GroupCommit that finished uploads are committed through.
+    committer: Any = None
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

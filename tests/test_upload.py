@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
+from hmacd import upload as upload_module
 from hmacd.store.failover import FailoverStore
 from hmacd.upload import (
     DRAIN_LIMIT,
@@ -25,6 +26,7 @@ from hmacd.upload import (
     MAX_WRITE_BUFFER,
     READ_SIZE,
     SPOOL_HIGH,
+    GroupCommit,
     UploadRequest,
     _Upload,
 )
@@ -530,6 +532,77 @@ class _HeldThreads:
     def runAll(self) -> None:
         while self.calls:
             self.runOne()
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """Uploads finishing while every commit lane is busy are committed together."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.threads = _HeldThreads()
+        self.server = MemoryServer(self.root)
+        self.server.fs.blocking = self.threads
+        self.server.fs.committer = GroupCommit(self.server.fs)
+        self.server.fs.committer.lanes = 1
+        self.synced: list[str] = []
+        fsync_directory = upload_module.fsync_directory
+
+        def counting(directory):
+            self.synced.append(directory)
+            fsync_directory(directory)
+
+        self.patch(upload_module, "fsync_directory", counting)
+
+    def put(self, name: str, body: bytes):
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head(name, len(body), v_query(name, len(body))) + body)
+        return transport
+
+    def test_batch(self):
+        """
+        The first upload takes the lane; the two finishing meanwhile go to it together, in one
+        hand-off, with one fsync of the directory they share; every one gets its 201.
+        """
+        first = self.put("d/a.txt", b"aaa")
+        self.assertEqual(len(self.threads.calls), 1)
+        second, third = self.put("d/b.txt", b"bb"), self.put("d/c.txt", b"c")
+        self.assertEqual(len(self.threads.calls), 1)  # they wait for the lane
+        self.threads.runOne()
+        self.assertEqual(len(self.threads.calls), 1)  # b and c, together
+        self.assertEqual(len(self.synced), 1)
+        self.threads.runOne()
+        self.server.clock.advance(0)
+        self.assertEqual(self.synced, [os.path.join(self.server.fs.store_dir, "d")] * 2)
+        self.assertEqual([status(t) for t in (first, second, third)], [http.CREATED] * 3)
+        self.assertEqual(store_files(self.root), ["d", "d/a.txt", "d/b.txt", "d/c.txt"])
+        record = self.successResultOf(self.server.fs.metadata.get("d/c.txt"))
+        self.assertEqual(record.sha256, hashlib.sha256(b"c").hexdigest())
+
+    def test_conflict_in_batch(self):
+        """One upload of a batch meeting an existing name gets its 409; the others are stored."""
+        first = self.put("a.txt", b"aaa")
+        second, third = self.put("b.txt", b"bb"), self.put("c.txt", b"c")
+        with open(os.path.join(self.root, "b.txt"), "wb") as f:
+            f.write(b"already")
+        self.threads.runAll()
+        self.server.clock.advance(0)
+        self.assertEqual(
+            [status(t) for t in (first, second, third)], [http.CREATED, http.CONFLICT, http.CREATED]
+        )
+        with open(os.path.join(self.root, "b.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"already")
+        self.assertEqual(store_files(self.root), ["a.txt", "b.txt", "c.txt"])
+
+    def test_lanes(self):
+        """With lanes free, each upload is committed at once, in a hand-off of its own."""
+        self.server.fs.committer.lanes = 2
+        self.put("a.txt", b"a")
+        self.put("b.txt", b"b")
+        self.assertEqual(len(self.threads.calls), 2)
+        self.put("c.txt", b"c")
+        self.assertEqual(len(self.threads.calls), 2)
+        self.threads.runAll()
+        self.assertEqual(store_files(self.root), ["a.txt", "b.txt", "c.txt"])
 
 
 class SpoolTests(SynchronousTestCase):
