@@ -14,7 +14,7 @@ import time
 import uuid
 from functools import cache
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hmacd.config import Config
@@ -139,6 +139,45 @@ class SQLChecks:
         self.assertEqual([r.path for r in (yield self.store.expired(10.0, 10))], ["from/other"])
         yield self.store.delete("from/other")
         self.assertIsNone((yield other.get("from/other")))
+
+    def countInteractions(self) -> list:
+        calls: list = []
+        pool = self.store.pool
+        real = pool.runWithConnection
+
+        def counting(*args, **kwargs):
+            calls.append(args)
+            return real(*args, **kwargs)
+
+        self.patch(pool, "runWithConnection", counting)
+        return calls
+
+    @inlineCallbacks
+    def test_puts_together(self):
+        """
+        Puts made while one runs go together in one transaction, and every record lands;
+        of two puts of one path in a batch the later wins.
+        """
+        calls = self.countInteractions()
+        records = [record(f"many/{i}", size=i) for i in range(20)] + [record("many/3", size=99)]
+        yield gatherResults([self.store.put(r) for r in records])
+        self.assertEqual(len(calls), 2)  # the first alone, then the 20 that waited for it
+        for i in range(20):
+            got = yield self.store.get(f"many/{i}")
+            self.assertEqual(got, record(f"many/{i}", size=99 if i == 3 else i))
+
+    @inlineCallbacks
+    def test_refused_record_fails_alone(self):
+        """A record the database refuses fails its own put, not those batched with it."""
+        first = self.store.put(record("first"))
+        good = self.store.put(record("good"))
+        bad = self.store.put(record("bad", size=2**70))  # more than a BIGINT holds
+        other = self.store.put(record("other"))
+        yield gatherResults([first, good, other])
+        yield self.assertFailure(bad, Exception)
+        for path in ("first", "good", "other"):
+            self.assertEqual((yield self.store.get(path)), record(path))
+        self.assertIsNone((yield self.store.get("bad")))
 
     @inlineCallbacks
     def test_floats_and_sizes_round_trip(self):

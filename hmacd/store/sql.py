@@ -365,6 +365,9 @@ class SQLStore:
         except ImportError as e:
             self._missing = e
         self._down: tuple[type[BaseException], ...] = (adbapi.ConnectionLost,)
+        # Puts waiting for the one running (see put).
+        self._puts: list[tuple[tuple[Any, ...], Deferred[None]]] = []
+        self._putting = False
         self._statements = self._prepare()
 
     # -- construction -------------------------------------------------------------------------
@@ -545,7 +548,12 @@ class SQLStore:
         return pool.closeInBackground(pool._reactor)
 
     def put(self, record: FileRecord) -> Deferred[None]:
-        """Insert C{record}, replacing any record for its path."""
+        """
+        Insert C{record}, replacing any record for its path.
+
+        Puts made while another is running wait for it and then go together, in one
+        transaction: under load one pool hand-off and one commit serve many uploads.
+        """
         params = (
             _path_hash(record.path),
             record.path,
@@ -557,7 +565,46 @@ class SQLStore:
             record.uploader,
             record.expires,
         )
-        return self._call(self._statements["put"], params).addCallback(lambda _: None)
+        d: Deferred[None] = Deferred()
+        self._puts.append((params, d))
+        if not self._putting:
+            self._putBatch()
+        return d
+
+    def _putBatch(self) -> None:
+        batch, self._puts = self._puts, []
+        self._putting = True
+        statement = self._statements["put"]
+        pool = self.pool
+        if pool is None:
+            done: Deferred[Any] = fail(
+                StoreUnavailable(f"{self.name} at {self._where}: not started")
+            )
+        else:
+            done = pool.runWithConnection(self._attemptMany, statement, [p for p, _ in batch])
+            done.addErrback(self._unavailable)
+
+        def finished(result: object) -> None:
+            self._putting = False
+            if (
+                isinstance(result, Failure)
+                and len(batch) > 1
+                and not result.check(StoreUnavailable)
+            ):
+                # One record the database refuses must not take the others down with it:
+                # each goes again on its own, and fails alone.
+                for params, waiter in batch:
+                    self._call(statement, params).addCallback(lambda _: None).chainDeferred(waiter)
+            else:
+                for _, waiter in batch:
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(None)
+            if self._puts and not self._putting:  # a waiter may have put again already
+                self._putBatch()
+
+        done.addBoth(finished)
 
     def get(self, path: str) -> Deferred[FileRecord | None]:
         """The record for C{path}, or None."""
@@ -640,6 +687,21 @@ class SQLStore:
             # statement is idempotent, so reconnect this thread and run it once more.
             connection.reconnect()
             return self._execute(connection, statement, params, fetch)
+
+    def _attemptMany(self, connection: Any, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        def many() -> None:
+            cursor = connection.cursor()
+            try:
+                cursor.executemany(statement, rows)
+            finally:
+                with suppress(Exception):
+                    cursor.close()
+
+        try:
+            many()
+        except self._down:
+            connection.reconnect()  # as in _attempt: the statement is an idempotent upsert
+            many()
 
     def _call(self, statement: str, params: Sequence[Any], *, fetch: bool = False) -> Deferred[Any]:
         pool = self.pool
