@@ -5,7 +5,9 @@ beside the limit or target it is judged by.  Run through ``bench/run``; see READ
 1. One large upload (``curl -T``), alternated with the same bytes through socat (loopback and
    disk, no HTTP): medians, the ratio, and the server's RSS before and its peak during.  Beside
    them, what curl alone sends to a server that drops the bytes: curl is not the bottleneck.
-2. Small uploads: 4 KiB PUTs, each to its own pre-signed URL, wrk with 64 connections.
+2. Small uploads: 4 KiB PUTs, each to its own pre-signed URL, wrk with 64 connections.  Beside
+   them, how many 4 KiB files Python threads alone make durable here the way an upload is
+   (create, write, fsync, link, directory fsync): the file system's part of the limit.
 3. Downloads: wrk GETs of a 4 KiB file and of a 64 MiB file, 64 connections.
 4. Concurrency: 500 uploads paced at 64 KiB/s each while (2) runs: every one must get its 201,
    none may be refused, and the server's RSS must stay below 200 MiB.
@@ -393,6 +395,44 @@ def presign(server: Server, workdir: str, run: str, count: int, size: int) -> st
     return path
 
 
+def durable_files(directory: str, count: int = 4000, threads: int = 10) -> float:
+    """
+    Files per second that threads make durable in one directory, each as an upload is committed
+    (a dot temp file created, 4 KiB written, fsync, link to its name, unlink, directory fsync),
+    with no HTTP.  Nothing is removed: on ext4 without a journal, inodes freed in the last
+    minutes make every creation scan past them (the kernel's recently_deleted()).
+    """
+    os.makedirs(directory)
+    data = b"x" * 4096
+    names = iter(range(count))
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                i = next(names, None)
+            if i is None:
+                return
+            temp = os.path.join(directory, f".{i}.part")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            os.link(temp, os.path.join(directory, f"{i}.bin"))
+            os.unlink(temp)
+            dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dirfd)
+            os.close(dirfd)
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return round(count / (time.perf_counter() - start), 1)
+
+
 def small_puts(server: Server, workdir: str, run: str, seconds: float) -> dict:
     paths = presign(server, workdir, run, 250_000, 4096)
     return run_wrk(server.base, paths, "PUT", 4096, seconds, workdir)
@@ -495,6 +535,7 @@ def variant(args, workdir: str, name: str, extra: dict) -> dict:
         result["large_upload"] = large_upload(server, workdir, args.size, args.rounds)
         print(f"[{name}] small PUTs ...", file=sys.stderr, flush=True)
         result["small_puts"] = small_puts(server, workdir, "a", args.seconds)
+        result["durable_files_per_s"] = durable_files(os.path.join(workdir, f"files-{name}"))
         print(f"[{name}] GETs ...", file=sys.stderr, flush=True)
         result["get_4k"] = gets(server, workdir, 4096, args.seconds)
         result["get_64m"] = gets(server, workdir, 64 * MiB, args.seconds)
@@ -562,6 +603,12 @@ def table(results: dict) -> str:
             "",
             lambda v, k=key: f"{v[k]['requests']} ({v[k]['failed']})",
         )
+        if key == "small_puts":
+            row(
+                "  files made durable, no HTTP, /s",
+                "",
+                lambda v: f"{v['durable_files_per_s']:.0f}",
+            )
     row("64 MiB GETs, MB/s", f">= {t['big_get_mbps']}", lambda v: f"{v['get_64m']['MBps']:.0f}")
     row(
         f"{slow} slow PUTs: 201 / refused",
