@@ -575,14 +575,7 @@ class SQLStore:
         batch, self._puts = self._puts, []
         self._putting = True
         statement = self._statements["put"]
-        pool = self.pool
-        if pool is None:
-            done: Deferred[Any] = fail(
-                StoreUnavailable(f"{self.name} at {self._where}: not started")
-            )
-        else:
-            done = pool.runWithConnection(self._attemptMany, statement, [p for p, _ in batch])
-            done.addErrback(self._unavailable)
+        done = self._run(self._executeMany, statement, [params for params, _ in batch])
 
         def finished(result: object) -> None:
             self._putting = False
@@ -679,36 +672,34 @@ class SQLStore:
             with suppress(Exception):
                 cursor.close()
 
-    def _attempt(self, connection: Any, statement: str, params: Sequence[Any], fetch: bool) -> Any:
+    @staticmethod
+    def _executeMany(connection: Any, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        cursor = connection.cursor()
         try:
-            return self._execute(connection, statement, params, fetch)
+            cursor.executemany(statement, rows)
+        finally:
+            with suppress(Exception):
+                cursor.close()
+
+    def _attempt(self, connection: Any, execute: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return execute(connection, *args)
         except self._down:
             # The first query after the server dropped us fails even with cp_reconnect; the
-            # statement is idempotent, so reconnect this thread and run it once more.
+            # statements are idempotent, so reconnect this thread and run it once more.
             connection.reconnect()
-            return self._execute(connection, statement, params, fetch)
+            return execute(connection, *args)
 
-    def _attemptMany(self, connection: Any, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        def many() -> None:
-            cursor = connection.cursor()
-            try:
-                cursor.executemany(statement, rows)
-            finally:
-                with suppress(Exception):
-                    cursor.close()
-
-        try:
-            many()
-        except self._down:
-            connection.reconnect()  # as in _attempt: the statement is an idempotent upsert
-            many()
-
-    def _call(self, statement: str, params: Sequence[Any], *, fetch: bool = False) -> Deferred[Any]:
+    def _run(self, execute: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """C{execute(connection, *args)} in the pool, retried once on a lost connection."""
         pool = self.pool
         if pool is None:
             return fail(StoreUnavailable(f"{self.name} at {self._where}: not started"))
-        d: Deferred[Any] = pool.runWithConnection(self._attempt, statement, params, fetch)
+        d: Deferred[Any] = pool.runWithConnection(self._attempt, execute, *args)
         return d.addErrback(self._unavailable)
+
+    def _call(self, statement: str, params: Sequence[Any], *, fetch: bool = False) -> Deferred[Any]:
+        return self._run(self._execute, statement, params, fetch)
 
     def _unavailable(self, failure: Failure) -> Failure:
         if failure.check(*self._down):
