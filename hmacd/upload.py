@@ -331,12 +331,11 @@ class _Upload:
             except OSError:
                 break  # not empty: another upload uses it now
 
-    def commit(self, sync_directory: bool = True) -> FileRecord:
+    def commit(self) -> FileRecord:
         """
-        Make the file durable and visible.  Runs in a worker thread.
+        Make the file durable and visible.  Runs in a worker thread, through L{GroupCommit},
+        which then fsyncs the directory (once for every upload committed into it).
 
-        @param sync_directory: fsync the directory too, making the new name durable; the
-            caller does it otherwise (L{GroupCommit}, once for every upload in the directory).
         @raise Conflict: the name appeared while we were receiving.
         """
         try:
@@ -353,8 +352,6 @@ class _Upload:
             self.discard()
             raise
         os.unlink(self.temp)
-        if sync_directory:
-            fsync_directory(os.path.dirname(self.dest))
         return FileRecord(
             path=self.relpath,
             size=self.received,
@@ -439,7 +436,7 @@ def _commitAll(uploads: list[_Upload]) -> list:
     directories = set()
     for upload in uploads:
         try:
-            result = upload.commit(sync_directory=False)
+            result = upload.commit()
         except BaseException:
             results.append(Failure())
             continue
@@ -565,11 +562,10 @@ class _ResumableChunk(_Upload):
     def release(self) -> None:
         self.fs.resumable.discard(self.relpath)
 
-    def commit(self, sync_directory: bool = True) -> FileRecord | int:
+    def commit(self) -> FileRecord | int:
         """
-        Make the chunk durable.  Runs in a worker thread.
+        Make the chunk durable.  Runs in a worker thread, as L{_Upload.commit} does.
 
-        @param sync_directory: as for L{_Upload.commit}, once the file is in place.
         @return: the new offset while the upload is incomplete; the record
             once the last byte is in and the file is in place.
         @raise Conflict: the name appeared meanwhile (the partial goes).
@@ -593,8 +589,6 @@ class _ResumableChunk(_Upload):
             self._pruneDirectories()
             raise Conflict() from None
         self._forget()
-        if sync_directory:
-            fsync_directory(os.path.dirname(self.dest))
         return FileRecord(
             path=self.relpath,
             size=self.total,
