@@ -1,7 +1,7 @@
 """
 Tests for hmacd.auth: the signed messages of v / v2 / token / JWT uploads and their checks.
 
-The slots in ../shared/vectors/xmpp-slots.json were handed out by real Prosody and ejabberd
+The slots in tests/vectors/xmpp-slots.json were handed out by real Prosody and ejabberd
 servers; they are the ground truth that the message builders must reproduce byte for byte.
 """
 
@@ -45,10 +45,7 @@ from hmacd.auth import (
     verify_v,
     verify_v2,
 )
-
-VECTORS_PATH = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "vectors", "xmpp-slots.json"
-)
+from tests.support import VECTORS_FILE as VECTORS_PATH
 
 KNOWN_SECRET = b"mysecret"
 KNOWN_PATH = "thomas/abc/catmetal.jpg"
@@ -111,7 +108,7 @@ def signed_compact(header: bytes, payload: bytes, secret: bytes = JWT_SECRET) ->
 
 
 def load_vectors(testcase: SynchronousTestCase) -> dict[str, Any]:
-    """The shared slot vectors; their absence is a failure, never a skip."""
+    """The project's slot vectors; their absence is a failure, never a skip."""
     if not os.path.exists(VECTORS_PATH):
         testcase.fail(f"test vectors missing: {os.path.normpath(VECTORS_PATH)}")
     with open(VECTORS_PATH, encoding="utf-8") as f:

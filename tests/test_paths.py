@@ -49,7 +49,7 @@ ACCEPTED: list[tuple[bytes, str, str | None]] = [
     # Dots that do not lead a segment are ordinary.
     (b"/upload/a..b", PREFIX, "a..b"),
     (b"/upload/a./b.", PREFIX, "a./b."),
-    # Real slots (../shared/vectors/xmpp-slots.json): Prosody v1/v2, mod_http_file_share, ejabberd.
+    # Real slots (tests/vectors/xmpp-slots.json): Prosody v1/v2, mod_http_file_share, ejabberd.
     (
         b"/upload/5fa167cb-419c-4437-84ee-5c77927d6fa4/"
         b"h%c3%a4llo%20w%c3%b6rld%20%e6%97%a5%e6%9c%ac.png",

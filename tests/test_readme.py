@@ -32,3 +32,26 @@ class ReadmeTests(SynchronousTestCase):
         """.ci/run ends by running exactly the README's test command."""
         lines = [line.strip() for line in read(".ci/run").splitlines() if line.strip()]
         self.assertEqual(lines[-1], TEST)
+
+    def test_ci_runs_from_a_lone_clone(self):
+        """.ci/run runs the suite in a fresh clone with nothing beside it."""
+        script = read(".ci/run")
+        clone = script.index("git clone -q . ")
+        self.assertLess(clone, script.index(TEST))
+        self.assertIn('cd "$alone/hmacfs"', script)
+
+    def test_nothing_reads_outside_the_checkout(self):
+        """No source, test or script names a path beside the checkout (such as ../shared)."""
+        offenders = []
+        for top in ("hmacd", "tests", "bench", "examples", ".ci", "twisted"):
+            for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+                for name in files:
+                    if name.endswith((".pyc", ".json")):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    with open(path, encoding="utf-8", errors="replace") as f:
+                        text = f.read()
+                    if "../shared" in text or '"..", "..", "shared"' in text:
+                        offenders.append(os.path.relpath(path, ROOT))
+        offenders.remove(os.path.join("tests", "test_readme.py"))  # this test's own needles
+        self.assertEqual(offenders, [])
