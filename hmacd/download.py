@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from hmacd.core import FileServer, guess_type, is_inline_type
+from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
@@ -168,7 +169,7 @@ class _FileSender:
     def _stalled(self) -> None:
         self._deadline = None
         if self.request is not None:
-            log.info("client stopped reading {path}; dropping it", path=self.request.path)
+            log.info("client stopped reading {path}; dropping it", path=escape(self.request.path))
             self.request.transport.abortConnection()
 
     def _stop(self) -> None:
@@ -288,7 +289,7 @@ class StoreResource(Resource):
             # must not turn into failed downloads.  (The outage itself is
             # logged once, by the store.)
             if not failure.check(StoreUnavailable):
-                log.failure("metadata lookup for {path} failed", failure, path=relpath)
+                log.failure("metadata lookup for {path} failed", failure, path=escape(relpath))
             return None
 
         def found(record):
