@@ -258,6 +258,16 @@ class StoreResource(Resource):
         # inode, also when another process did it).
         self._records: OrderedDict[str, tuple[tuple[int, int, int], FileRecord]] = OrderedDict()
 
+    def render(self, request):
+        body = super().render(request)
+        if request.method == b"HEAD" and isinstance(body, bytes) and body:
+            # Every answer a GET would get with a body (404 and whatever else a
+            # render_* returns) is headers only for HEAD, with the GET's length:
+            # handed a body, twisted.web drops it but logs a warning each time.
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return b""
+        return body
+
     def render_OPTIONS(self, request) -> bytes:
         request.setHeader(b"Content-Length", b"0")
         return b""

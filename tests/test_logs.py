@@ -6,6 +6,7 @@ rendered for HEAD, and the access log's byte count the bytes that were sent.
 
 from __future__ import annotations
 
+import os
 import socket
 from urllib.parse import quote
 
@@ -22,6 +23,7 @@ from twisted.web.client import readBody
 
 from hmacd import auth
 from hmacd.logs import censor, censoring_formatter, escape
+from hmacd.throttle import RateLimiter
 from hmacd.upload import UploadRequest
 from tests.support import SECRET, LoopbackServer, MemoryServer, v2_query
 
@@ -244,6 +246,66 @@ class OwnMessagesTests(TestCase):
         self.assertIn('refused PUT /upload/a\\x9b2Jb\\x85\\"c.txt: 400', refused)
         for line in [refused, *captured.access()]:
             self.assertTrue(line.isprintable(), line)
+
+
+class HeadTests(SynchronousTestCase):
+    """A HEAD never renders a body: twisted.web's "I think I'll eat it" never appears."""
+
+    def setUp(self) -> None:
+        self.server = MemoryServer(self.mktemp())
+        self.captured = Captured(self)
+
+    def exchange(self, method: bytes, target: bytes, channel=None) -> bytes:
+        if channel is None:
+            channel, transport = self.server.connect()
+        else:
+            transport = channel.transport
+        transport.clear()
+        channel.dataReceived(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        return transport.value()
+
+    def assertNoEating(self) -> None:
+        for line in self.captured.lines():
+            self.assertNotIn("eat it", line)
+
+    def test_missing_file(self) -> None:
+        """HEAD of a missing file: 404 with the GET's Content-Length, no body, no warning."""
+        get = self.exchange(b"GET", b"/upload/missing.txt")
+        head = self.exchange(b"HEAD", b"/upload/missing.txt")
+        self.assertTrue(head.startswith(b"HTTP/1.1 404 "), head)
+        _, _, getBody = get.partition(b"\r\n\r\n")
+        headHead, _, headBody = head.partition(b"\r\n\r\n")
+        self.assertEqual(headBody, b"")
+        self.assertIn(b"Content-Length: %d\r\n" % len(getBody), headHead + b"\r\n")
+        self.assertNoEating()
+
+    def test_every_not_found(self) -> None:
+        """Outside the upload space, a dot file, a directory, a refused path: no body either."""
+        os.makedirs(os.path.join(self.server.fs.store_dir, "dir"))
+        for target in (b"/elsewhere", b"/upload/.hmacfs/secret", b"/upload/dir", b"/upload/../x"):
+            head = self.exchange(b"HEAD", target)
+            self.assertTrue(head.startswith(b"HTTP/1.1 404 "), (target, head))
+            self.assertEqual(head.partition(b"\r\n\r\n")[2], b"", target)
+        self.assertNoEating()
+
+    def test_refused_head(self) -> None:
+        """A HEAD refused before any resource (rate limit) has no body and no warning."""
+        self.server.fs.limiter = RateLimiter(1, 1, self.server.clock)
+        self.assertTrue(self.exchange(b"GET", b"/upload/a").startswith(b"HTTP/1.1 404 "))
+        head = self.exchange(b"HEAD", b"/upload/a")
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 "), head)
+        self.assertEqual(head.partition(b"\r\n\r\n")[2], b"")
+        self.assertNoEating()
+
+    def test_existing_file(self) -> None:
+        """HEAD of a file still answers 200 with its length and no body."""
+        with open(os.path.join(self.server.fs.store_dir, "f.txt"), "wb") as f:
+            f.write(b"12345")
+        head = self.exchange(b"HEAD", b"/upload/f.txt")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"Content-Length: 5\r\n", head)
+        self.assertEqual(head.partition(b"\r\n\r\n")[2], b"")
+        self.assertNoEating()
 
 
 class HostileClientTests(TestCase):
