@@ -153,6 +153,7 @@ class _FileSender:
         self._paused = False
         self._producing = False
         self._wrote = False
+        self._abandoned = None
         self._socket = _sendfile_socket(request.transport)
 
     def start(self) -> None:
@@ -214,6 +215,9 @@ class _FileSender:
                     # The peer went away; connectionLost will stop us.
                     return
             if sent:
+                # Bytes sendfile moved never pass request.write, which is what counts
+                # sentLength, the access log's figure.
+                self.request.sentLength += sent
                 self._moved(sent)
                 continue
             # The socket is full (or sendfile is not for this transport): one ordinary
@@ -235,7 +239,28 @@ class _FileSender:
 
     def stopProducing(self) -> None:
         if self.request is not None:
+            # The transport stops its producer before the request hears of the loss.
+            self._abandoned = self.request
             self._stop()
+
+    def connectionLost(self) -> None:
+        """
+        The client went away before the last byte: log the request, with the bytes
+        that left for the client (twisted.web logs only finished requests).
+        """
+        request, self._abandoned = self.request or self._abandoned, None
+        if request is None:
+            return
+        if self.request is not None:
+            self._stop()
+        transport = request.transport
+        if all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
+            # What is still in Twisted's buffer was counted when written, never sent.
+            unsent = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            request.sentLength = max(0, request.sentLength - unsent)
+        site = getattr(request, "site", None)
+        if site is not None:
+            site.log(request)
 
 
 class StoreResource(Resource):
@@ -405,7 +430,7 @@ class StoreResource(Resource):
         sender = _FileSender(
             request, f, offset, length, self.fs.reactor, stallTimeout, self.fs.metrics
         )
-        request.notifyFinish().addErrback(lambda _: sender.stopProducing())
+        request.notifyFinish().addErrback(lambda _: sender.connectionLost())
         sender.start()
 
     @staticmethod

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from urllib.parse import quote
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import StringTransport
@@ -306,6 +308,125 @@ class HeadTests(SynchronousTestCase):
         self.assertIn(b"Content-Length: 5\r\n", head)
         self.assertEqual(head.partition(b"\r\n\r\n")[2], b"")
         self.assertNoEating()
+
+
+def logged_length(line: str) -> int:
+    """The byte count of a combined-format access line ("-" is 0)."""
+    field = line.split('" ', 1)[1].split()[1]
+    return 0 if field == "-" else int(field)
+
+
+class SentLengthTests(TestCase):
+    """The access log's byte count is what was sent, also when sendfile sent it."""
+
+    def setUp(self) -> None:
+        self.server = LoopbackServer(self)
+        self.captured = Captured(self)
+        self.sendfiles: list[int] = []
+        real = os.sendfile
+
+        def counting(*args):
+            n = real(*args)
+            self.sendfiles.append(n)
+            return n
+
+        self.patch(os, "sendfile", counting)
+
+    def store(self, name: str, size: int) -> bytes:
+        data = os.urandom(size)
+        with open(os.path.join(self.server.root, name), "wb") as f:
+            f.write(data)
+        return data
+
+    def line_for(self, method: str, name: str) -> str:
+        lines = [line for line in self.captured.access() if f'"{method} /upload/{name} ' in line]
+        self.assertEqual(len(lines), 1, lines)
+        return lines[0]
+
+    @inlineCallbacks
+    def test_full_downloads(self):
+        """A 307,678-byte image and a 1 MiB file are logged with their sizes, not 262144."""
+        for name, size in (("image.jpg", 307_678), ("file.bin", 1024 * 1024)):
+            data = self.store(name, size)
+            response = yield self.server.http.get(self.server.url(name))
+            self.assertEqual((yield readBody(response)), data)
+            line = self.line_for("GET", name)
+            self.assertIn(" 200 ", line)
+            self.assertEqual(logged_length(line), size, line)
+        self.assertGreater(sum(self.sendfiles), 0)  # else the test proves nothing
+
+    @inlineCallbacks
+    def test_range(self):
+        """A 206 is logged with the length of its range."""
+        data = self.store("range.bin", 2 * 1024 * 1024)
+        response = yield self.server.http.get(
+            self.server.url("range.bin"), headers={"Range": "bytes=100-1500099"}
+        )
+        self.assertEqual(response.code, 206)
+        self.assertEqual((yield readBody(response)), data[100:1500100])
+        self.assertEqual(logged_length(self.line_for("GET", "range.bin")), 1_500_000)
+        self.assertGreater(sum(self.sendfiles), 0)
+
+    @inlineCallbacks
+    def test_aborted_download(self):
+        """A client that hangs up mid-way is logged, with no more than was sent to it."""
+        size = 64 * 1024 * 1024
+        self.store("big.bin", size)
+        sent_before = self.server.fs.metrics.download_bytes._value.get()
+
+        def read_some_and_hang_up() -> int:
+            s = socket.create_connection((self.server.host, self.server.portNumber))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET /upload/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = 0
+            while received < 2 * 1024 * 1024:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+            s.close()
+            return received
+
+        received = yield deferToThread(read_some_and_hang_up)
+        deadline = time.monotonic() + 10
+        while not [line for line in self.captured.access() if "big.bin" in line]:
+            self.assertLess(time.monotonic(), deadline, "no access-log line for the download")
+            yield deferLater(0.05)
+        line = self.line_for("GET", "big.bin")
+        sent = self.server.fs.metrics.download_bytes._value.get() - sent_before
+        logged = logged_length(line)
+        self.assertGreater(logged, received - 1024)  # the client read that much body
+        self.assertLessEqual(logged, sent)
+        self.assertLess(logged, size)
+
+    @inlineCallbacks
+    def test_stalled_client_hangs_up(self):
+        """Bytes still in Twisted's buffer when the client goes are not counted as sent."""
+        self.store("stall.bin", 64 * 1024 * 1024)
+        sent_before = self.server.fs.metrics.download_bytes._value.get()
+
+        def stall_and_hang_up() -> None:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((self.server.host, self.server.portNumber))
+            s.sendall(b"GET /upload/stall.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.5)
+            s.close()
+
+        yield deferToThread(stall_and_hang_up)
+        deadline = time.monotonic() + 10
+        while not [line for line in self.captured.access() if "stall.bin" in line]:
+            self.assertLess(time.monotonic(), deadline, "no access-log line for the download")
+            yield deferLater(0.05)
+        sent = self.server.fs.metrics.download_bytes._value.get() - sent_before
+        # The file sender's last write (up to 256 KiB) waits in Twisted's buffer.
+        self.assertLess(logged_length(self.line_for("GET", "stall.bin")), sent)
+
+
+def deferLater(seconds: float):
+    from twisted.internet.task import deferLater as later
+
+    return later(reactor, seconds, lambda: None)
 
 
 class HostileClientTests(TestCase):
