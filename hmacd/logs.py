@@ -161,6 +161,8 @@ class _CensoredRequest:
         return headers
 
     def getHeader(self, name: bytes | str) -> bytes | None:
+        if isinstance(name, str):
+            name = name.encode("latin-1")
         values = self.requestHeaders.getRawHeaders(name)
         return None if values is None else values[-1]
 
