@@ -69,13 +69,20 @@ def mount(site, root, fileServer: FileServer) -> None:
     up; every other request is an ordinary twisted.web request, which now
     also carries the CORS and nosniff headers) and a C{fileServer}
     attribute.  UploadSubDir must be one non-empty path segment.
+
+    The Site's access-log formatter is wrapped so that no MAC or bearer token
+    reaches the log and every line is one printable line
+    (L{hmacd.web.censor_access_log}); a Site whose class overrides C{log()}
+    is refused with L{ValueError}.
     """
     from hmacd.download import StoreResource
     from hmacd.upload import UploadRequest
+    from hmacd.web import censor_access_log
 
     prefix = fileServer.prefix
     if not prefix or "/" in prefix:
         raise ValueError(f"mount needs UploadSubDir to be one path segment, got {prefix!r}")
+    censor_access_log(site)
     root.putChild(prefix.encode("utf-8"), StoreResource(fileServer))
     site.requestFactory = UploadRequest
     site.fileServer = fileServer

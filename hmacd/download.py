@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from hmacd.core import FileServer, guess_type, is_inline_type
+from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
@@ -152,6 +153,7 @@ class _FileSender:
         self._paused = False
         self._producing = False
         self._wrote = False
+        self._abandoned = None
         self._socket = _sendfile_socket(request.transport)
 
     def start(self) -> None:
@@ -168,7 +170,7 @@ class _FileSender:
     def _stalled(self) -> None:
         self._deadline = None
         if self.request is not None:
-            log.info("client stopped reading {path}; dropping it", path=self.request.path)
+            log.info("client stopped reading {path}; dropping it", path=escape(self.request.path))
             self.request.transport.abortConnection()
 
     def _stop(self) -> None:
@@ -213,6 +215,9 @@ class _FileSender:
                     # The peer went away; connectionLost will stop us.
                     return
             if sent:
+                # Bytes sendfile moved never pass request.write, which is what counts
+                # sentLength, the access log's figure.
+                self.request.sentLength += sent
                 self._moved(sent)
                 continue
             # The socket is full (or sendfile is not for this transport): one ordinary
@@ -234,7 +239,28 @@ class _FileSender:
 
     def stopProducing(self) -> None:
         if self.request is not None:
+            # The transport stops its producer before the request hears of the loss.
+            self._abandoned = self.request
             self._stop()
+
+    def connectionLost(self) -> None:
+        """
+        The client went away before the last byte: log the request, with the bytes
+        that left for the client (twisted.web logs only finished requests).
+        """
+        request, self._abandoned = self.request or self._abandoned, None
+        if request is None:
+            return
+        if self.request is not None:
+            self._stop()
+        transport = request.transport
+        if all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
+            # What is still in Twisted's buffer was counted when written, never sent.
+            unsent = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            request.sentLength = max(0, request.sentLength - unsent)
+        site = getattr(request, "site", None)
+        if site is not None:
+            site.log(request)
 
 
 class StoreResource(Resource):
@@ -256,6 +282,16 @@ class StoreResource(Resource):
         # was fetched for, the record stands (a name deleted and uploaded again is a new
         # inode, also when another process did it).
         self._records: OrderedDict[str, tuple[tuple[int, int, int], FileRecord]] = OrderedDict()
+
+    def render(self, request):
+        body = super().render(request)
+        if request.method == b"HEAD" and isinstance(body, bytes) and body:
+            # Every answer a GET would get with a body (404 and whatever else a
+            # render_* returns) is headers only for HEAD, with the GET's length:
+            # handed a body, twisted.web drops it but logs a warning each time.
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return b""
+        return body
 
     def render_OPTIONS(self, request) -> bytes:
         request.setHeader(b"Content-Length", b"0")
@@ -288,7 +324,7 @@ class StoreResource(Resource):
             # must not turn into failed downloads.  (The outage itself is
             # logged once, by the store.)
             if not failure.check(StoreUnavailable):
-                log.failure("metadata lookup for {path} failed", failure, path=relpath)
+                log.failure("metadata lookup for {path} failed", failure, path=escape(relpath))
             return None
 
         def found(record):
@@ -394,7 +430,7 @@ class StoreResource(Resource):
         sender = _FileSender(
             request, f, offset, length, self.fs.reactor, stallTimeout, self.fs.metrics
         )
-        request.notifyFinish().addErrback(lambda _: sender.stopProducing())
+        request.notifyFinish().addErrback(lambda _: sender.connectionLost())
         sender.start()
 
     @staticmethod

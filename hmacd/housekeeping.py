@@ -18,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hmacd.core import FileServer
+from hmacd.logs import escape
 from hmacd.paths import PathRefused, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.upload import PART_PREFIX, PART_SUFFIX, partial_dir
@@ -346,7 +347,7 @@ async def drain_uploads(fs: FileServer, grace: float, poll: float = 0.1) -> None
     while fs.uploads and fs.reactor.seconds() < deadline:
         await deferLater(fs.reactor, poll, lambda: None)
     for request in list(fs.uploads):
-        log.warn("shutting down: aborting the upload of {path}", path=request.path)
+        log.warn("shutting down: aborting the upload of {path}", path=escape(request.path))
         request.abortUpload()
     if fs.uploads:
         await deferLater(fs.reactor, 0, lambda: None)  # let connectionLost run

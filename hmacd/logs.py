@@ -1,5 +1,6 @@
 """
-LogLevel and LogFile, on top of twisted.logger.
+LogLevel and LogFile, on top of twisted.logger; and what makes a value a
+client sent fit for a log line (L{escape}, L{censor}, L{censoring_formatter}).
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
+from twisted.web.http_headers import Headers
 
-__all__ = ["LEVELS", "censor", "for_twistd", "make_observer", "twistd_observer", "twistd_sink"]
+__all__ = [
+    "LEVELS",
+    "censor",
+    "censoring_formatter",
+    "escape",
+    "for_twistd",
+    "make_observer",
+    "twistd_observer",
+    "twistd_sink",
+]
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -41,13 +52,146 @@ def _redact(match: re.Match[bytes]) -> bytes:
     return match.group(1) + match.group(2) + b"=<redacted>"
 
 
-def censor(uri: bytes | None) -> str:
-    """A URI fit for a log: the values of v, v2 and token are replaced, the path is kept."""
-    if not uri:
+# Bytes: printable ASCII stays, every other byte is \xNN; the backslash and the
+# double quote are escaped so that the escaping reads back unambiguously, and a
+# quoted field of a log line ends where it seems to.
+_BYTE_ESCAPES = {
+    code: (
+        chr(code)
+        if 0x20 <= code < 0x7F and chr(code) not in '\\"'
+        else "\\" + chr(code)
+        if chr(code) in '\\"'
+        else f"\\x{code:02x}"
+    )
+    for code in range(256)
+}
+
+_UNSAFE_BYTE = re.compile(rb"[^ !#-\[\]-~]")
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape(value: bytes | str | None, quote: bool = True) -> str:
+    """
+    C{value}, from a client, as one line of printable characters for a log.
+
+    Bytes keep printable ASCII; every other byte becomes C{\\xNN} (C0 and C1
+    controls, DEL, and the bytes of UTF-8 alike).  Text keeps printable
+    characters; C0/C1 controls, DEL, line and paragraph separators and every
+    other character Python does not call printable become C{\\xNN},
+    C{\\uNNNN} or C{\\UNNNNNNNN}.  With C{quote} (the default) a backslash
+    and a double quote are escaped too, so that an escaped value reads back
+    unambiguously inside double quotes.  L{None} is C{"-"}.
+    """
+    if value is None:
         return "-"
+    if isinstance(value, bytes | bytearray):
+        if not _UNSAFE_BYTE.search(value):
+            return value.decode("ascii")  # the common case, at a fraction of the cost
+        return bytes(value).decode("latin-1").translate(_BYTE_ESCAPES)
+    if value.isprintable() and (not quote or ("\\" not in value and '"' not in value)):
+        return value
+    return "".join(
+        ("\\" + char if quote else char)
+        if char in '\\"'
+        else char
+        if char.isprintable()
+        else _escape_char(char)
+        for char in value
+    )
+
+
+def _censored(uri: bytes) -> bytes:
     # File names may hold "&v=" (mod_http_file_share sends them raw): only the query counts.
     path, mark, query = uri.partition(b"?")
-    return (path + _QUERY_PARAM.sub(_redact, mark + query)).decode("ascii", "backslashreplace")
+    return path + _QUERY_PARAM.sub(_redact, mark + query)
+
+
+def censor(uri: bytes | None) -> str:
+    """
+    A URI fit for a log: the values of v, v2 and token are replaced, the path
+    is kept, and the whole is L{escape}d.
+    """
+    if not uri:
+        return "-"
+    return escape(_censored(uri))
+
+
+class _CensoredRequest:
+    """
+    What a host Site's own access-log formatter sees of a request: the request,
+    except that the MACs in its URI, query arguments and Referer are replaced
+    and its Authorization header (a bearer token) is gone.
+    """
+
+    def __init__(self, request) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str):
+        return getattr(self._request, name)
+
+    @property
+    def uri(self) -> bytes:
+        uri = self._request.uri
+        return _censored(uri) if uri else uri
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:
+        args = getattr(self._request, "args", None) or {}
+        return {
+            name: [b"<redacted>"] * len(values)
+            if unquote_to_bytes(name.replace(b"+", b" ")).lower() in _SECRET_NAMES
+            else values
+            for name, values in args.items()
+        }
+
+    @property
+    def requestHeaders(self) -> Headers:
+        headers = Headers()
+        for name, values in self._request.requestHeaders.getAllRawHeaders():
+            lower = name.lower()
+            if lower == b"authorization":
+                continue
+            if lower == b"referer":
+                values = [_censored(value) for value in values]
+            headers.setRawHeaders(name, values)
+        return headers
+
+    def getHeader(self, name: bytes | str) -> bytes | None:
+        if isinstance(name, str):
+            name = name.encode("latin-1")
+        values = self.requestHeaders.getRawHeaders(name)
+        return None if values is None else values[-1]
+
+    def getAllHeaders(self) -> dict[bytes, bytes]:
+        return {name.lower(): values[-1] for name, values in self.requestHeaders.getAllRawHeaders()}
+
+
+def censoring_formatter(formatter: Callable[[str, object], str]) -> Callable[[str, object], str]:
+    """
+    An access-log formatter (C{(timestamp, request) -> str}) that gives
+    C{formatter} the request with its MACs and bearer token hidden, and makes
+    its line one line of printable characters.
+
+    The line's own quoting stays C{formatter}'s: only characters that are not
+    printable are escaped in it (twisted.web's own formatters escape the rest).
+    """
+    if getattr(formatter, "censorsMACs", False):
+        return formatter
+
+    def censoring(timestamp: str, request) -> str:
+        return escape(formatter(timestamp, _CensoredRequest(request)), quote=False)
+
+    censoring.censorsMACs = True  # type: ignore[attr-defined]
+    censoring.wrapped = formatter  # type: ignore[attr-defined]
+    return censoring
 
 
 def _file_observer(path: str, rotateOnSignal: bool = False) -> ILogObserver:

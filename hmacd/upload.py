@@ -38,7 +38,7 @@ from twisted.web import http, server
 
 from hmacd import auth
 from hmacd.core import FileServer, guess_type
-from hmacd.logs import censor
+from hmacd.logs import censor, escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
@@ -265,7 +265,7 @@ class _Upload:
         self._backlog -= count
         if isinstance(result, Failure):
             if not result.check(OSError):
-                log.failure("writing {path} failed", result, path=self.relpath)
+                log.failure("writing {path} failed", result, path=escape(self.relpath))
                 self._failure = OSError(errno.EIO, "write failed")
             else:
                 self._failure = result.value
@@ -762,7 +762,9 @@ class UploadRequest(server.Request):
             return
         if upload.received + len(data) > upload.size:
             # Only possible with chunked transfer: more than was signed.
-            log.info("upload of {path} exceeds its signed size; aborting", path=upload.relpath)
+            log.info(
+                "upload of {path} exceeds its signed size; aborting", path=escape(upload.relpath)
+            )
             self._upload = None
             self._refused = True  # the rest of the body, if any, is dropped
             upload.discard()
@@ -873,7 +875,7 @@ class UploadRequest(server.Request):
             self._failed("aborted")
             log.info(
                 "upload of {path} broken off after {received} of {size} bytes",
-                path=upload.relpath,
+                path=escape(upload.relpath),
                 received=upload.received,
                 size=upload.size,
             )
@@ -1102,8 +1104,8 @@ class UploadRequest(server.Request):
         self._writeAnswer(code, message, headers)
         log.debug(
             "refused {method} {path}: {code} {message}",
-            method=self.method,
-            path=self.path,
+            method=escape(self.method),
+            path=escape(self.path),
             code=code,
             message=message,
         )
@@ -1139,7 +1141,7 @@ class UploadRequest(server.Request):
         self._site().log(self)
 
     def _storageError(self, error: OSError) -> tuple[int, str]:
-        log.error("cannot store {path}: {error}", path=self.path, error=error)
+        log.error("cannot store {path}: {error}", path=escape(self.path), error=error)
         if error.errno in _STORAGE_FULL:
             return INSUFFICIENT_STORAGE, "insufficient storage"
         return http.INTERNAL_SERVER_ERROR, "cannot store the file"
@@ -1174,7 +1176,7 @@ class UploadRequest(server.Request):
             )
             log.info(
                 "stored {path} ({size} bytes, {type}, {protocol})",
-                path=record.path,
+                path=escape(record.path),
                 size=record.size,
                 type=record.content_type,
                 protocol=record.protocol,
@@ -1185,11 +1187,13 @@ class UploadRequest(server.Request):
             if failure.check(StoreUnavailable):
                 log.warn(
                     "cannot record {path} ({why}); upload withdrawn",
-                    path=record.path,
+                    path=escape(record.path),
                     why=failure.value,
                 )
             else:
-                log.failure("cannot record {path}; upload withdrawn", failure, path=record.path)
+                log.failure(
+                    "cannot record {path}; upload withdrawn", failure, path=escape(record.path)
+                )
             upload.unpublish()
             # The write may still land later (a timed-out query cannot be
             # recalled): try to take it back too, so no record outlives its file.
@@ -1212,11 +1216,13 @@ class UploadRequest(server.Request):
             self._respond(*failure.value.args)
         elif failure.check(OSError) and failure.value.errno in _STORAGE_FULL:
             self._failed("disk")
-            log.error("cannot store {path}: {error}", path=upload.relpath, error=failure.value)
+            log.error(
+                "cannot store {path}: {error}", path=escape(upload.relpath), error=failure.value
+            )
             self._respond(INSUFFICIENT_STORAGE, "insufficient storage")
         else:
             self._failed("internal")
-            log.failure("cannot store {path}", failure, path=upload.relpath)
+            log.failure("cannot store {path}", failure, path=escape(upload.relpath))
             self._respond(http.INTERNAL_SERVER_ERROR, "cannot store the file")
 
 

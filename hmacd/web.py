@@ -9,14 +9,14 @@ which MACs never appear.
 from __future__ import annotations
 
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 
 from hmacd.core import FileServer
 from hmacd.download import StoreResource
-from hmacd.logs import censor
+from hmacd.logs import censor, censoring_formatter, escape
 from hmacd.upload import UploadRequest
 
-__all__ = ["HmacfsSite"]
+__all__ = ["HmacfsSite", "censor_access_log"]
 
 # Module level: a Logger class attribute would take the class's name as its
 # namespace, and access-log filters want a stable one.
@@ -34,6 +34,8 @@ class HmacfsSite(server.Site):
 
     requestFactory = UploadRequest
     displayTracebacks = False
+    # log() below writes a censored, escaped line of its own.
+    censorsAccessLog = True
 
     def __init__(self, fileServer: FileServer, reactor=None, timeout: float | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
@@ -75,11 +77,41 @@ class HmacfsSite(server.Site):
         _access.info(
             '{client} - - "{method} {uri} {proto}" {code} {length} "{referrer}" "{agent}"',
             client=getattr(peer, "host", "-"),
-            method=(request.method or b"-").decode("ascii", "replace"),
+            method=escape(request.method),
             uri=censor(request.uri),
-            proto=(request.clientproto or b"-").decode("ascii", "replace"),
+            proto=escape(request.clientproto),
             code=request.code,
             length=request.sentLength or "-",
             referrer=censor(referrer),
-            agent=(agent or b"-").decode("latin-1"),
+            agent=escape(agent),
         )
+
+
+def censor_access_log(site: http.HTTPFactory) -> None:
+    """
+    Keep MACs and bearer tokens out of C{site}'s access log, and make each of
+    its lines one printable line, whatever formatter the host gave it.
+
+    twisted.web writes the access log with C{site._logFormatter} (public only
+    as the C{logFormatter} argument of the constructor): this is the one
+    place that reaches for it.  The host's formatter stays, wrapped by
+    L{censoring_formatter}.  A Site whose class writes its log with a
+    C{log()} of its own cannot be made safe from here, and is refused.
+
+    @raise ValueError: C{site} logs requests in a way hmacfs cannot censor.
+    """
+    if getattr(site, "censorsAccessLog", False):
+        return
+    if type(site).log is not http.HTTPFactory.log:
+        raise ValueError(
+            f"{type(site).__qualname__} writes its access log with a log() of its own, "
+            "which hmacfs cannot keep MACs out of; use the logFormatter argument of "
+            "twisted.web.server.Site instead"
+        )
+    formatter = getattr(site, "_logFormatter", None)
+    if not callable(formatter):
+        raise ValueError(
+            "this version of Twisted keeps no _logFormatter on its Site: "
+            "hmacfs cannot censor its access log"
+        )
+    site._logFormatter = censoring_formatter(formatter)

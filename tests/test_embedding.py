@@ -16,6 +16,7 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import hmacd
@@ -71,6 +72,118 @@ class PublicAPITests(SynchronousTestCase):
             self.assertRaises(ValueError, hmacd.mount, server.Site(root), root, fs)
 
 
+def _signed_put(site, path: str, mac: str) -> bytes:
+    """One signed v2 PUT through the host Site's own protocol; the raw answer."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4711))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4711))
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        f"PUT /upload/{path}?v2={mac} HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"User-Agent: ua\x1b[2J\x9b\r\nContent-Type: text/plain\r\n"
+        + b"Content-Length: 5\r\n\r\nhello"
+    )
+    return transport.value()
+
+
+class HostSiteLogTests(SynchronousTestCase):
+    """mount() keeps MACs and raw control bytes out of the host Site's access log."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.web import resource
+
+        from tests.support import memory_metadata, synchronous
+
+        self.clock = Clock()
+        self.root = resource.Resource()
+        self.fs = hmacd.FileServer(
+            secret=SECRET,
+            store_dir=self.mktemp(),
+            reactor=self.clock,
+            metadata=memory_metadata(self.clock),
+            blocking=synchronous,
+            prefix="upload",
+        )
+        os.makedirs(self.fs.store_dir)
+        self.logPath = os.path.abspath(self.mktemp())
+
+    def logged_put(self, site) -> str:
+        """Mount into site, make one signed PUT, and give back its access log."""
+        hmacd.mount(site, self.root, self.fs)
+        site.startFactory()
+        self.addCleanup(site.stopFactory)
+        self.mac = hmacd.sign_v2(SECRET, "u/hello.txt", 5, "text/plain")
+        answer = _signed_put(site, "u/hello.txt", self.mac)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+        site.stopFactory()
+        with open(self.logPath, encoding="utf-8") as f:
+            return f.read()
+
+    def test_host_site_log_censored(self):
+        """A plain host Site logs the signed PUT with <redacted>, never the MAC, one line."""
+        from twisted.web import server
+
+        log = self.logged_put(server.Site(self.root, logPath=self.logPath, reactor=self.clock))
+        self.assertNotIn(self.mac, log)
+        self.assertIn("PUT /upload/u/hello.txt?v2=<redacted> HTTP/1.1", log)
+        [line] = log.splitlines()
+        self.assertTrue(line.isprintable(), line)
+
+    def test_host_formatter_kept_and_censored(self):
+        """The host's own formatter still writes the line, given the censored request."""
+        from twisted.web import server
+
+        def formatter(timestamp, request):
+            agent = request.getHeader(b"user-agent").decode("latin-1")
+            return "host-format " + request.uri.decode("latin-1") + " " + agent
+
+        site = server.Site(
+            self.root, logPath=self.logPath, logFormatter=formatter, reactor=self.clock
+        )
+        log = self.logged_put(site)
+        self.assertNotIn(self.mac, log)
+        self.assertEqual(log, "host-format /upload/u/hello.txt?v2=<redacted> ua\\x1b[2J\\x9b\n")
+
+    def test_twisted_keeps_the_formatter_where_mount_reaches(self):
+        """Twisted's Site keeps its logFormatter where censor_access_log replaces it."""
+        from twisted.web import http, server
+
+        from hmacd.web import censor_access_log
+
+        site = server.Site(self.root, logFormatter=http.proxiedLogFormatter)
+        self.assertIs(site._logFormatter, http.proxiedLogFormatter)
+        censor_access_log(site)
+        self.assertIs(site._logFormatter.wrapped, http.proxiedLogFormatter)
+        censor_access_log(site)  # mounting twice wraps once
+        self.assertIs(site._logFormatter.wrapped, http.proxiedLogFormatter)
+
+    def test_site_with_own_log_refused(self):
+        """A Site subclass that writes its log itself is refused, and left unchanged."""
+        from twisted.web import server
+
+        class Chatty(server.Site):
+            def log(self, request):
+                print(request.uri)
+
+        site = Chatty(self.root)
+        error = self.assertRaises(ValueError, hmacd.mount, site, self.root, self.fs)
+        self.assertIn("log()", str(error))
+        self.assertNotIn(b"upload", self.root.children)
+        self.assertIsNot(site.requestFactory, __import__("hmacd.upload").upload.UploadRequest)
+
+    def test_hmacfs_site_accepted(self):
+        """HmacfsSite writes a censored log of its own: mount leaves it as it is."""
+        from hmacd.web import HmacfsSite
+
+        site = HmacfsSite(self.fs)
+        formatter = site._logFormatter
+        hmacd.mount(site, self.root, self.fs)
+        self.assertIs(site._logFormatter, formatter)
+
+
 class WebAppExampleTests(TestCase):
     """examples/webapp.py: the host's page and hmacfs on one port."""
 
@@ -80,6 +193,9 @@ class WebAppExampleTests(TestCase):
         webapp = load_example("webapp")
         port = _free_port()
         top, _ = webapp.build(reactor, port, self.mktemp(), secret=SECRET)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         top.startService()
         self.addCleanup(top.stopService)
         status, body = yield deferToThread(_http, port, "GET", "/")
@@ -95,6 +211,11 @@ class WebAppExampleTests(TestCase):
         self.assertEqual(
             (yield deferToThread(_http, port, "GET", "/upload/u/hello.txt")), (200, b"hello")
         )
+        # The host Site's own access log (twisted.web's, into the global log).
+        logged = [e["log_io"] for e in events if "/upload/u/hello.txt?" in e.get("log_io", "")]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertNotIn(mac, logged[0])
+        self.assertIn('"PUT /upload/u/hello.txt?v2=<redacted> HTTP/1.1" 201', logged[0])
 
     def test_as_a_program(self):
         """Run as its README says: starts, takes an upload, serves it, stops on SIGINT."""
