@@ -457,3 +457,23 @@ class HostileClientTests(TestCase):
         self.assertIn("\\x1b[31m\\x07\\x9b2J\\x85next", line)
         self.assertIn('"http://r/\\x1b]0;x\\x07"', line)
         self.assertIn(quote("w/a.txt"), line)
+
+
+class MethodLabelTests(SynchronousTestCase):
+    """requests_total labels only the methods hmacfs knows; made-up ones share one series."""
+
+    def test_made_up_methods_share_one_label(self):
+        """A thousand invented methods add one series, method="other", not a thousand."""
+        server = MemoryServer(self.mktemp())
+        for i in range(1000):
+            channel, transport = server.connect()
+            channel.dataReceived(b"M%04dX /upload/a HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+            self.assertIn(b" 405 ", transport.value().split(b"\r\n", 1)[0] + b" ")
+        families = {
+            tuple(sorted(sample.labels.items()))
+            for metric in server.fs.metrics.registry.collect()
+            if metric.name.endswith("requests")
+            for sample in metric.samples
+            if sample.name.endswith("requests_total")
+        }
+        self.assertEqual(families, {(("method", "other"), ("status", "405"))})
