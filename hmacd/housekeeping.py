@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from hmacd.claims import sweep_claims
 from hmacd.core import FileServer
 from hmacd.paths import PathRefused, store_path
 from hmacd.store import StoreUnavailable
@@ -140,8 +139,6 @@ class PartialSweep(TimerService):
         root = self.fs.store_dir
 
         def both() -> tuple[list[str], list[str]]:
-            # Lock files a killed process left: they claim nothing and are never used again.
-            sweep_claims(root, now - self.maxAge)
             return (
                 sweep_partials(root, now - self.maxAge),
                 sweep_resumable(root, now - self.resumableTTL),

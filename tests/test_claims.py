@@ -19,16 +19,28 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
 from twisted.web.client import FileBodyProducer, readBody
 
-from hmacd import claims
-from hmacd.claims import PathBusy, claim, claims_dir, sweep_claims
-from hmacd.housekeeping import PartialSweep
+from hmacd.claims import PathBusy, claim, claims_file
 from hmacd.upload import _Upload
 from tests.support import LoopbackServer, MemoryServer, store_files, v_query
-from tests.test_housekeeping import clocked_server
 from tests.test_resumable import piece
 from tests.test_upload import chunked, put_head, request_head, status
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Children import this checkout's hmacd, not the installed copy.
+CHILD_ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def holds_elsewhere(store_dir: str, relpath: str) -> bool:
+    """Whether another process sees relpath claimed: the lock is there for other processes."""
+    code = (
+        "import sys\n"
+        "from hmacd.claims import PathBusy, claim\n"
+        "try:\n"
+        "    claim(sys.argv[1], sys.argv[2]).release()\n"
+        "except PathBusy:\n"
+        "    sys.exit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, store_dir, relpath], env=CHILD_ENV)
+    return result.returncode == 3
 
 
 def temp_files(root: str) -> list[str]:
@@ -58,36 +70,35 @@ class ClaimTests(SynchronousTestCase):
         second.release()
         other.release()
 
-    def test_release_removes_lock_file(self):
-        """Released claims leave no file behind; release twice is harmless."""
-        held = claim(self.root, "x")
-        self.assertEqual(len(os.listdir(claims_dir(self.root))), 1)
-        held.release()
-        held.release()
-        self.assertFalse(held.held)
-        self.assertEqual(os.listdir(claims_dir(self.root)), [])
-
-    def test_released_between_open_and_lock(self):
-        """
-        A claim released after our open and before our lock does not count as ours: we would
-        hold a removed file while the next claimant makes a new one.
-        """
-        holder = claim(self.root, "x")
-        realFlock = claims.fcntl.flock
-
-        class Racing:
-            LOCK_EX, LOCK_NB = claims.fcntl.LOCK_EX, claims.fcntl.LOCK_NB
-
-            @staticmethod
-            def flock(fd, op):
-                holder.release()  # no-op after the first time
-                return realFlock(fd, op)
-
-        self.patch(claims, "fcntl", Racing)
-        mine = claim(self.root, "x")
-        self.assertTrue(os.path.exists(mine.path))
+    def test_release_twice(self):
+        """A second release does nothing: it does not free a claim someone took meanwhile."""
+        first = claim(self.root, "x")
+        first.release()
+        second = claim(self.root, "x")
+        first.release()
+        self.assertFalse(first.held)
         self.assertRaises(PathBusy, claim, self.root, "x")
-        mine.release()
+        second.release()
+
+    def test_no_file_per_upload(self):
+        """Claims are locks on one empty file: nothing is created or left per path."""
+        held = [claim(self.root, f"d/{n}.bin") for n in range(50)]
+        for c in held:
+            c.release()
+        self.assertEqual(os.listdir(os.path.dirname(claims_file(self.root))), ["claims"])
+        self.assertEqual(os.path.getsize(claims_file(self.root)), 0)
+
+    def test_many_stores(self):
+        """A process claiming in many StoreDirs keeps few descriptors; no held claim drops."""
+        kept = claim(self.root, "kept")
+        before = len(os.listdir("/proc/self/fd"))
+        for n in range(60):
+            claim(os.path.join(self.mktemp(), str(n)), "p").release()
+        self.assertLess(len(os.listdir("/proc/self/fd")), before + 20)
+        self.assertRaises(PathBusy, claim, self.root, "kept")
+        self.assertTrue(holds_elsewhere(self.root, "kept"))
+        kept.release()
+        self.assertFalse(holds_elsewhere(self.root, "kept"))
 
     def test_claim_dies_with_its_process(self):
         """A path claimed by a process is busy for us; once that process is killed, it is free."""
@@ -98,49 +109,18 @@ class ClaimTests(SynchronousTestCase):
             "print('held', flush=True)\n"
             "time.sleep(60)\n"
         )
-        env = dict(os.environ, PYTHONPATH=CHECKOUT)
         proc = subprocess.Popen(
-            [sys.executable, "-c", code, self.root], stdout=subprocess.PIPE, env=env
+            [sys.executable, "-c", code, self.root], stdout=subprocess.PIPE, env=CHILD_ENV
         )
         self.addCleanup(proc.stdout.close)
         try:
             self.assertEqual(proc.stdout.readline(), b"held\n")
             self.assertRaises(PathBusy, claim, self.root, "p/q.bin")
+            claim(self.root, "p/other.bin").release()
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         claim(self.root, "p/q.bin").release()
-
-    def test_sweep_removes_only_unheld(self):
-        """The sweep removes old lock files nobody holds (a killed process's), no held one."""
-        held = claim(self.root, "held")
-        stale = os.path.join(claims_dir(self.root), "0" * 64)
-        fresh = os.path.join(claims_dir(self.root), "1" * 64)
-        for path in (stale, fresh):
-            open(path, "w").close()
-        old = os.stat(fresh).st_mtime - 3600
-        for path in (held.path, stale):
-            os.utime(path, (old, old))
-        self.assertEqual(sweep_claims(self.root, old + 60), 1)
-        self.assertEqual(
-            sorted(os.listdir(claims_dir(self.root))),
-            sorted([os.path.basename(held.path), "1" * 64]),
-        )
-        self.assertRaises(PathBusy, claim, self.root, "held")
-        held.release()
-        self.assertEqual(sweep_claims(self.mktemp(), old + 60), 0)
-
-    def test_swept_by_the_partial_sweep(self):
-        """The temp-file sweep of housekeeping removes stale lock files too."""
-        clock, fs = clocked_server(self.root)
-        os.makedirs(claims_dir(self.root))
-        stale = os.path.join(claims_dir(self.root), "0" * 64)
-        open(stale, "w").close()
-        os.utime(stale, (clock.seconds() - 7200, clock.seconds() - 7200))
-        service = PartialSweep(fs, interval=3600, maxAge=600)
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.assertEqual(os.listdir(claims_dir(self.root)), [])
 
 
 class OneUploadPerPathTests(SynchronousTestCase):
@@ -180,10 +160,37 @@ class OneUploadPerPathTests(SynchronousTestCase):
         self.assertEqual(status(t2), http.CONFLICT)
         self.assertIn(b"file exists", t2.value())
 
-    def test_across_processes(self):
-        """Another server on the same StoreDir (a worker process) refuses it the same way."""
+    def test_another_server(self):
+        """Another server on the same StoreDir in this process refuses it the same way."""
         self.start()
         self.assertRefusedBeforeBody(MemoryServer(self.root))
+
+    def test_across_processes(self):
+        """An upload of the path in progress in another process (a worker) is respected too."""
+        code = (
+            "import sys\n"
+            "from hmacd.claims import claim\n"
+            "c = claim(sys.argv[1], 's/f.bin')\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, self.root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=CHILD_ENV,
+        )
+        self.addCleanup(proc.stdout.close)
+        try:
+            self.assertEqual(proc.stdout.readline(), b"held\n")
+            channel, transport = self.server.connect()
+            channel.dataReceived(self.head)
+            self.assertEqual(status(transport), http.CONFLICT)
+            self.assertEqual(temp_files(self.root), [])
+        finally:
+            proc.stdin.close()  # the holder ends: its claim goes with it
+            proc.wait()
+        self.assertRetryWorks()
 
     def assertRetryWorks(self):
         """The same URL is accepted again at once, and stores its body."""
@@ -267,7 +274,8 @@ class OneUploadPerPathTests(SynchronousTestCase):
             channel, transport = self.server.connect()
             channel.dataReceived(self.head + b"0123456789")
             self.assertEqual(status(transport), http.CONFLICT)
-        self.assertEqual(os.listdir(claims_dir(self.root)), [])
+        self.assertFalse(holds_elsewhere(self.root, "s/f.bin"))
+        claim(self.root, "s/f.bin").release()
 
     def test_resumable_piece_and_whole_upload_exclude_each_other(self):
         """A resumable piece in progress blocks a whole PUT of its path, and the other way."""
@@ -351,4 +359,4 @@ class ConcurrentPutsOverSocketsTests(TestCase):
         with open(os.path.join(server.root, "one", "slot.bin"), "rb") as f:
             self.assertEqual(f.read(), body)
         self.assertEqual(store_files(server.root), ["one", "one/slot.bin"])
-        self.assertEqual(os.listdir(claims_dir(server.root)), [])
+        claim(server.root, "one/slot.bin").release()
