@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 
@@ -52,7 +53,15 @@ class _ClaimsFile:
 _open: dict[str, _ClaimsFile] = {}
 
 
+@functools.lru_cache(maxsize=64)
+def _real(store_dir: str) -> str:
+    # One entry per directory, however it is spelled: two descriptors of one claims file
+    # would not exclude each other's uploads, and closing one would drop the other's locks.
+    return os.path.realpath(store_dir)
+
+
 def _claims(store_dir: str) -> _ClaimsFile:
+    store_dir = _real(store_dir)
     found = _open.get(store_dir)
     if found is not None:
         return found

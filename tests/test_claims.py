@@ -80,6 +80,16 @@ class ClaimTests(SynchronousTestCase):
         self.assertRaises(PathBusy, claim, self.root, "x")
         second.release()
 
+    def test_one_directory_however_spelled(self):
+        """The same StoreDir named two ways (relative, through a link) is one set of claims."""
+        link = os.path.abspath(self.mktemp())
+        os.symlink(os.path.abspath(self.root), link)
+        held = claim(self.root, "x")
+        self.assertRaises(PathBusy, claim, os.path.abspath(self.root), "x")
+        self.assertRaises(PathBusy, claim, link, "x")
+        held.release()
+        claim(link, "x").release()
+
     def test_no_file_per_upload(self):
         """Claims are locks on one empty file: nothing is created or left per path."""
         held = [claim(self.root, f"d/{n}.bin") for n in range(50)]
