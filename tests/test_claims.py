@@ -20,7 +20,7 @@ from twisted.web import http
 from twisted.web.client import FileBodyProducer, readBody
 
 from hmacd.claims import PathBusy, claim, claims_file
-from hmacd.upload import _Upload
+from hmacd.upload import DRAIN_LIMIT, _Upload
 from tests.support import LoopbackServer, MemoryServer, store_files, v_query
 from tests.test_resumable import piece
 from tests.test_upload import chunked, put_head, request_head, status
@@ -344,7 +344,9 @@ class ConcurrentPutsOverSocketsTests(TestCase):
     def test_one_body_streamed(self):
         """One 201 and nine 409s; only the winner's bytes ever reach a temp file."""
         server = LoopbackServer(self)
-        size = 2 * 1024 * 1024
+        # Bodies a refusal drains: a larger one is cut off, and the reset can beat the 409
+        # to the client (bench/one_slot.py shows 2 MiB with curl).
+        size = DRAIN_LIMIT
         written = []
         realWrite = _Upload.write
 
@@ -359,8 +361,6 @@ class ConcurrentPutsOverSocketsTests(TestCase):
         def put():
             d = server.http.put(url, data=FileBodyProducer(BytesIO(body)))
             d.addCallback(lambda r: readBody(r).addCallback(lambda _: r.code))
-            # A refused client may see its connection closed before it has sent its body.
-            d.addErrback(lambda f: "closed")
             return d
 
         codes = yield gatherResults([put() for _ in range(10)])
