@@ -86,7 +86,8 @@ def store_path(root: str, relpath: str) -> str:
     The absolute file name of C{relpath} under C{root}.
 
     C{relpath} must already have passed L{check_relative}; this adds the
-    check that no symbolic link on the way leads out of C{root}.
+    check that no symbolic link on the way leads out of C{root}, to C{root}
+    itself, or to a dot name under it.
 
     Every upload and download asks this, so it does not resolve the whole
     name each time (C{os.path.realpath} costs an C{lstat} and a good deal of
@@ -95,7 +96,8 @@ def store_path(root: str, relpath: str) -> str:
     first that does not exist.  Only when one of them is a symbolic link is
     the whole name resolved and judged.
 
-    @raise PathRefused: the path resolves outside C{root}.
+    @raise PathRefused: the path resolves outside C{root}, or to a name with
+        a component starting with ".".
     """
     real_root = _resolved_root(root)
     target = os.path.join(real_root, *relpath.split("/"))
@@ -109,11 +111,23 @@ def store_path(root: str, relpath: str) -> str:
             # that we would follow.
             return target
         if stat.S_ISLNK(mode):
-            resolved = os.path.realpath(target)
-            if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
-                raise PathRefused("path leads outside the store")
+            _judge_resolved(real_root, os.path.realpath(target))
             return target
     return target
+
+
+def _judge_resolved(real_root: str, resolved: str) -> None:
+    """
+    Refuse a fully resolved name that is not an ordinary name under C{real_root}.
+
+    The dot rule of L{check_relative} holds for where a link leads as well as for the
+    URL: a link to C{.hmacfs/} (or to a temp file, or to any dot name) must not serve
+    the metadata database or take an upload into our internals.
+    """
+    if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
+        raise PathRefused("path leads outside the store")
+    if any(part.startswith(".") for part in os.path.relpath(resolved, real_root).split(os.sep)):
+        raise PathRefused("path leads to an internal name")
 
 
 @functools.lru_cache(maxsize=32)

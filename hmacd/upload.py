@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from hmacd import auth
+from hmacd.claims import Claim, PathBusy, claim
 from hmacd.core import FileServer, guess_type
 from hmacd.logs import censor, escape
 from hmacd.metadata import FileRecord
@@ -137,6 +138,7 @@ class _Upload:
     committing = False
     temp: str | None = None
     _file = None
+    _hold: Claim | None = None  # this upload's claim on its path (hmacd.claims)
     # Bytes given to write() and not yet written, waiting (_pending) or in the thread.
     _pending: list[bytes] | None = None
     _backlog = 0
@@ -168,20 +170,34 @@ class _Upload:
             self.temp = self._open()
         except BaseException:
             self._pruneDirectories()  # a refused upload leaves the store as it was
+            self.releaseClaim()
             raise
         self._pending = []
         self._waiters: list[Deferred] = []
 
     def _claim(self, fs: FileServer, relpath: str, size: int) -> None:
-        """Where the file will go; Conflict if something is there already."""
+        """
+        Where the file will go, claimed for this upload until L{releaseClaim}.
+
+        @raise PathBusy: another upload of the path is in progress.
+        @raise Conflict: something is there already.
+        """
         self.fs = fs
         self.relpath = relpath
         self.size = size
         self.received = 0
         self._created: list[str] = []
         self.dest = store_path(fs.store_dir, relpath)
+        self._hold = claim(fs.store_dir, relpath)
+        # After the claim: an upload that held it has linked its file by the time it let go.
         if os.path.lexists(self.dest):
+            self.releaseClaim()
             raise Conflict()
+
+    def releaseClaim(self) -> None:
+        """Let the next upload of this path in (idempotent)."""
+        if self._hold is not None:
+            self._hold.release()
 
     def _open(self) -> str:
         for attempt in (1, 2):
@@ -322,14 +338,23 @@ class _Upload:
             except FileNotFoundError:
                 pass
         self._pruneDirectories()
+        self.releaseClaim()  # after the cleanup: a retry finds the store as it was
 
     def _pruneDirectories(self) -> None:
-        """Remove the directories this upload created, innermost first."""
-        for d in reversed(self._created):
+        """
+        Remove the directories of this upload's path that it leaves empty, innermost first.
+
+        Not only those it created: of two uploads into a new directory that both break off,
+        the one that created it may go first, while the other's temp file is still in it.
+        The store root is never removed: only the path's own parents are tried.
+        """
+        directory = os.path.dirname(self.dest)
+        for _ in range(self.relpath.count("/")):
             try:
-                os.rmdir(d)
+                os.rmdir(directory)
             except OSError:
                 break  # not empty: another upload uses it now
+            directory = os.path.dirname(directory)
 
     def commit(self) -> FileRecord:
         """
@@ -352,6 +377,7 @@ class _Upload:
             self.discard()
             raise
         os.unlink(self.temp)
+        self.releaseClaim()  # the name is taken now: a later upload of it meets the file
         return FileRecord(
             path=self.relpath,
             size=self.received,
@@ -498,6 +524,14 @@ class _ResumableChunk(_Upload):
         expires: float | None = None,
     ) -> None:
         self._claim(fs, relpath, length)
+        try:
+            self._begin(total, start, content_type, protocol, uploader, expires)
+        except BaseException:
+            self.releaseClaim()
+            raise
+
+    def _begin(self, total, start, content_type, protocol, uploader, expires) -> None:
+        fs, relpath = self.fs, self.relpath
         self.total = total
         self.start = start
         if relpath in fs.resumable:
@@ -558,6 +592,7 @@ class _ResumableChunk(_Upload):
         """A broken chunk keeps the bytes that arrived: they are the next offset."""
         with contextlib.suppress(OSError):
             self._file.close()
+        self.releaseClaim()
 
     def release(self) -> None:
         self.fs.resumable.discard(self.relpath)
@@ -670,6 +705,8 @@ class UploadRequest(server.Request):
     def _upload(self, upload: _Upload | None) -> None:
         previous, self.__upload = self.__upload, upload
         if previous is not None:
+            # Done with, however it ended: its path is free (a no-op after commit or discard).
+            previous.releaseClaim()
             previous.fs.uploads.discard(self)
             previous.fs.metrics.uploads_in_progress.set(len(previous.fs.uploads))
             if isinstance(previous, _ResumableChunk):
@@ -1009,6 +1046,8 @@ class UploadRequest(server.Request):
                 self.channel.transport.bufferSize = max(read, FileDescriptor.bufferSize)
         except Conflict:
             return self._refuse(http.CONFLICT, "file exists", length)
+        except PathBusy:
+            return self._refuse(http.CONFLICT, "an upload of this path is in progress", length)
         except PathRefused as e:
             return self._refuse(http.BAD_REQUEST, str(e), length)
         except OSError as e:

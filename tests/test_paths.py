@@ -303,6 +303,31 @@ class StorePathTests(SynchronousTestCase):
         for relpath in ("alias/file.txt", "relalias/file.txt", "alias"):
             self.assertTrue(inside(self.root, store_path(self.root, relpath)), relpath)
 
+    def test_symlink_to_internals(self) -> None:
+        """A link into .hmacfs/ (or to any dot name) refuses paths through it, read or write."""
+        internals = os.path.join(self.root, ".hmacfs")
+        os.makedirs(internals)
+        open(os.path.join(internals, "meta.sqlite3-wal"), "w").close()
+        open(os.path.join(self.root, ".hmacfs-0123.part"), "w").close()
+        os.symlink(internals, os.path.join(self.root, "l"))
+        os.symlink(".hmacfs", os.path.join(self.root, "rel"))
+        os.symlink(".hmacfs-0123.part", os.path.join(self.root, "temp"))
+        os.symlink(".missing", os.path.join(self.root, "dangling"))
+        os.makedirs(os.path.join(self.root, "a"))
+        os.symlink(os.path.join("..", ".hmacfs"), os.path.join(self.root, "a", "up"))
+        for relpath in (
+            "l/meta.sqlite3-wal",
+            "l/x.txt",
+            "l/new/x.txt",
+            "l",
+            "rel/meta.sqlite3-wal",
+            "temp",
+            "dangling/x.txt",
+            "a/up/meta.sqlite3-wal",
+        ):
+            exc = self.assertRaises(PathRefused, store_path, self.root, relpath)
+            self.assertEqual(str(exc), "path leads to an internal name", relpath)
+
     def test_root_behind_symlink(self) -> None:
         """A root that is itself a symlink works: paths are judged against its real location."""
         link = os.path.abspath(self.mktemp())
@@ -318,13 +343,29 @@ def resolved_store_path(root: str, relpath: str) -> str:
     resolved = os.path.realpath(target)
     if os.path.commonpath([real_root, resolved]) != real_root or resolved == real_root:
         raise PathRefused("path leads outside the store")
+    if any(part.startswith(".") for part in os.path.relpath(resolved, real_root).split(os.sep)):
+        raise PathRefused("path leads to an internal name")
     return target
 
 
 # What a name in the generated trees is: a directory, a file, or a link to somewhere in or
-# out of the root (absolute or relative), to the root itself, or to nothing.
+# out of the root (absolute or relative), to the root itself, to nothing, or to a dot name
+# under the root (our .hmacfs/ directory, a file in it, a temp file, a missing dot name).
 _NAMES = ("a", "b", "c")
-_KINDS = ("dir", "file", "link-in", "link-out", "link-up", "link-root", "link-missing", "none")
+_KINDS = (
+    "dir",
+    "file",
+    "link-in",
+    "link-out",
+    "link-up",
+    "link-root",
+    "link-missing",
+    "link-internal",
+    "link-internal-file",
+    "link-temp",
+    "link-dot-missing",
+    "none",
+)
 
 
 class StorePathAgreementTests(SynchronousTestCase):
@@ -336,10 +377,13 @@ class StorePathAgreementTests(SynchronousTestCase):
         st.lists(st.sampled_from((*_NAMES, "x")), min_size=1, max_size=4),
     )
     def test_agrees_with_realpath(self, layout, relpath) -> None:
+        """In any tree of directories, files and links, store_path decides as the definition."""
         base = os.path.abspath(self.mktemp())
         root, outside = os.path.join(base, "root"), os.path.join(base, "outside")
         os.makedirs(os.path.join(outside, "a"))
-        os.makedirs(root)
+        os.makedirs(os.path.join(root, ".hmacfs", "a"))
+        open(os.path.join(root, ".hmacfs", "b"), "w").close()
+        open(os.path.join(root, ".hmacfs-0.part"), "w").close()
         # Each entry makes its name in the directory the previous directory entry made.
         here = root
         for name, kind in layout:
@@ -361,6 +405,14 @@ class StorePathAgreementTests(SynchronousTestCase):
                 os.symlink(os.path.relpath(root, here), path)
             elif kind == "link-missing":
                 os.symlink(os.path.join(outside, "missing"), path)
+            elif kind == "link-internal":
+                os.symlink(os.path.relpath(os.path.join(root, ".hmacfs"), here), path)
+            elif kind == "link-internal-file":
+                os.symlink(os.path.join(root, ".hmacfs", "b"), path)
+            elif kind == "link-temp":
+                os.symlink(os.path.relpath(os.path.join(root, ".hmacfs-0.part"), here), path)
+            elif kind == "link-dot-missing":
+                os.symlink(os.path.join(root, ".nothing"), path)
         name = "/".join(relpath)
         try:
             expected = resolved_store_path(root, name)

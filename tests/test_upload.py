@@ -300,18 +300,34 @@ class StreamingTests(SynchronousTestCase):
         self.assertEqual(os.path.getsize(os.path.join(self.root, "empty.txt")), 0)
 
     def test_race_for_one_name(self):
-        """Two accepted uploads of one name: the first to finish wins, the other gets 409."""
+        """A second upload of a name in progress is 409 before its body; the first wins."""
         head = put_head("same.txt", 5, v_query("same.txt", 5))
         first, firstTransport = self.server.connect()
         second, secondTransport = self.server.connect()
         first.dataReceived(head)
         second.dataReceived(head)
+        self.assertEqual(status(secondTransport), http.CONFLICT)
+        second.dataReceived(b"22222")
+        first.dataReceived(b"11111")
+        self.assertEqual(status(firstTransport), http.CREATED)
+        self.assertEqual(store_files(self.root), ["same.txt"])
+        with open(os.path.join(self.root, "same.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"11111")
+
+    def test_race_for_one_file_under_two_names(self):
+        """Two names of one file (a link in the store): the first to finish wins, then 409."""
+        os.makedirs(os.path.join(self.root, "d"))
+        os.symlink("d", os.path.join(self.root, "alias"))
+        first, firstTransport = self.server.connect()
+        second, secondTransport = self.server.connect()
+        first.dataReceived(put_head("d/same.txt", 5, v_query("d/same.txt", 5)))
+        second.dataReceived(put_head("alias/same.txt", 5, v_query("alias/same.txt", 5)))
         second.dataReceived(b"22222")
         first.dataReceived(b"11111")
         self.assertEqual(status(secondTransport), http.CREATED)
         self.assertEqual(status(firstTransport), http.CONFLICT)
-        self.assertEqual(store_files(self.root), ["same.txt"])
-        with open(os.path.join(self.root, "same.txt"), "rb") as f:
+        self.assertEqual(store_files(self.root), ["alias", "d", "d/same.txt"])
+        with open(os.path.join(self.root, "d", "same.txt"), "rb") as f:
             self.assertEqual(f.read(), b"22222")
 
     def test_disk_full_mid_body(self):
