@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from hmacd import logs
+from hmacd.claims import claims_file
 from hmacd.component import ComponentService, SlotComponent, SlotIssuer
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
@@ -113,6 +114,7 @@ class Options(usage.Options):
         elif parent is not None and parent.get("logfile") == "-" and not parent.get("nodaemon"):
             raise usage.UsageError("a daemon cannot log to stdout: use -n or another --logfile")
         if runAs is not None:
+            created += _makeClaimsFile(where, config.store_dir)
             _handOver(where, created, config.store_dir, runAs)
         self.config = config
         self._takeOverLogging()
@@ -159,11 +161,30 @@ def _handOver(where: str, created: list[str], storeDir: str, runAs: tuple[int, i
     if os.geteuid() == 0:
         for path in created:
             os.chown(path, uid, gid)
-    for directory in (storeDir, os.path.join(storeDir, ".hmacfs")):
-        if os.path.isdir(directory) and not _writableBy(directory, uid, gid):
+    state = os.path.join(storeDir, ".hmacfs")
+    # The files every upload writes, too: left by an earlier run as another user (root
+    # without --uid), they would fail each upload with a 500 instead of start-up once.
+    for path in (storeDir, state, claims_file(storeDir), os.path.join(state, "meta.sqlite3")):
+        if os.path.exists(path) and not _writableBy(path, uid, gid):
             raise usage.UsageError(
-                f"{where}: StoreDir: {directory} is not writable by uid {uid} (--uid)"
+                f"{where}: StoreDir: {path} is not writable by uid {uid} (--uid)"
             )
+
+
+def _makeClaimsFile(where: str, storeDir: str) -> list[str]:
+    """Create the claims file of uploads in progress now, so that --uid gets it with the rest."""
+    path = claims_file(storeDir)
+    if os.path.exists(path):
+        return []
+    made = []
+    try:
+        if not os.path.isdir(os.path.dirname(path)):
+            os.mkdir(os.path.dirname(path), 0o700)
+            made.append(os.path.dirname(path))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+    except OSError as e:
+        raise usage.UsageError(f"{where}: StoreDir: cannot create {path}: {e.strerror}") from None
+    return [*made, path]
 
 
 def _writableBy(path: str, uid: int, gid: int) -> bool:

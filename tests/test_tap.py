@@ -893,6 +893,7 @@ class TwistdTests(TwistdHarness):
             store,
             os.path.join(store, ".hmacfs"),
             os.path.join(store, ".hmacfs", "secret"),
+            os.path.join(store, ".hmacfs", "claims"),
         ):
             self.assertEqual(os.stat(path).st_uid, nobody.pw_uid, path)
         self.putAndGet(port, self.secret())
@@ -914,6 +915,21 @@ class TwistdTests(TwistdHarness):
         )
         self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
         self.assertIn("is not writable by uid", _read(self.output))
+
+    def test_uid_with_state_left_by_root_refused(self) -> None:
+        """A claims file an earlier root run left is named at start-up, not a 500 per upload."""
+        if os.geteuid() != 0:
+            raise SkipTest("switching uid needs root")
+        state = os.path.join(self.cwd, "store", ".hmacfs")
+        os.makedirs(state)
+        os.chmod(os.path.join(self.cwd, "store"), 0o777)
+        os.chmod(state, 0o777)
+        with open(os.path.join(state, "claims"), "w"):
+            pass
+        os.chmod(os.path.join(state, "claims"), 0o600)
+        proc = self.spawn("-n", "--uid", "nobody", "hmacfs", "--config", self.config(_free_port()))
+        self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        self.assertIn("claims is not writable by uid", _read(self.output))
 
 
 def _kill_daemon(pidfile: str) -> None:
