@@ -289,6 +289,27 @@ class SlotComponent:
         return response
 
 
+def _refusal_hint(condition: str, jid: str) -> str:
+    """
+    What an operator should check when the XMPP server refuses the handshake with condition.
+
+    Prosody answers an unknown JID with host-unknown, but ejabberd with not-authorized, the
+    same as a wrong secret: that answer has to point at both keys.  Never the secret itself.
+    """
+    listed = (
+        f"the XMPP server's config must list {jid} as a component with ComponentSecret as its"
+        f' password (Prosody: Component "{jid}" with component_secret;'
+        f' ejabberd: listen: module ejabberd_service, hosts: "{jid}" with password)'
+    )
+    if condition == "not-authorized":
+        return f": check ComponentSecret and ComponentJID: {listed}"
+    if condition == "host-unknown":
+        return f": check ComponentJID, the XMPP server has no component of this name: {listed}"
+    if condition == "conflict":
+        return ": another component is connected as this JID"
+    return ""
+
+
 class ComponentService(Service):
     """
     Keeps hmacfs connected to the XMPP server as C{jid}: connects at start, reconnects with
@@ -463,11 +484,7 @@ class ComponentService(Service):
                 condition=condition,
             )
             return
-        hint = {
-            "not-authorized": ": check ComponentSecret against the XMPP server's",
-            "host-unknown": ": the XMPP server has no component of this name",
-            "conflict": ": another component is connected as this JID",
-        }.get(condition, "")
+        hint = _refusal_hint(condition, self.jid)
         self.log.error(
             "XMPP server refused component {jid}: {condition}{hint}",
             jid=self.jid,

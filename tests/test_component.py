@@ -7,15 +7,18 @@ reconnects run in milliseconds; tests/test_xmpp.py runs the same component again
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import globalLogPublisher
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.words.protocols.jabber import component, xmlstream
 from twisted.words.xish import domish, utility
 
-from hmacd import auth
+from hmacd import auth, tap
 from hmacd.component import (
     NS_DATA,
     NS_DISCO_INFO,
@@ -25,8 +28,9 @@ from hmacd.component import (
     SlotIssuer,
     SlotRefused,
 )
+from hmacd.config import Config
 from tests.servers import free_port
-from tests.support import SECRET, LoopbackServer
+from tests.support import SECRET, LoopbackServer, MemoryServer
 
 NOW = 1_800_000_000
 ALICE = "alice@example.org/phone"
@@ -533,3 +537,109 @@ class ComponentServiceTests(TestCase):
         server.answerPings = True
         yield service.whenConnected()
         self.assertEqual(self.states[-1], True)
+
+
+# What the XMPP server sends a component before and after its handshake (XEP-0114).
+STREAM_HEADER = (
+    b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'"
+    b" xmlns='jabber:component:accept' from='upload.example.org' id='s1'>"
+)
+COMPONENT_CONFIG = dict(
+    component_jid="upload.example.org",
+    component_secret="component-s3cr3t-on-a-clock",
+    component_server="xmpp.example.org:5347",
+    public_url="https://files.example.org/upload/",
+)
+
+
+class ComponentOnClock:
+    """
+    The component as tap.py builds it from a Config, on a MemoryReactorClock: each connection
+    it opens gets a StringTransport, and the test speaks for the XMPP server.
+    """
+
+    RETRY = 1.0  # seconds before each reconnect
+
+    def __init__(self, testCase, **config) -> None:
+        self.config = Config(**{**COMPONENT_CONFIG, **config})
+        server = MemoryServer(testCase.mktemp())
+        self.clock = server.clock
+        self.service = tap.component_service(
+            self.config, SECRET, server.fs, self.clock, retryPolicy=lambda attempt: self.RETRY
+        )
+        self.states: list[bool] = []
+        self.service._onConnected = self.states.append
+        self.pings: list[str] = []  # ids of the pings sent on the current connection
+        self.service.startService()
+        testCase.addCleanup(lambda: self.service.running and self.service.stopService())
+
+    def connect(self, handshake: bytes = b"<handshake/>") -> None:
+        """Accept the newest connection attempt and answer the handshake with handshake."""
+        self.clock.advance(0)
+        _, port, factory, _, _ = self.clock.tcpClients[-1]
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        self.transport = StringTransportWithDisconnection()
+        self.transport.protocol = self.protocol
+        self.protocol.makeConnection(self.transport)
+        self.pings = []
+        self.protocol.dataReceived(STREAM_HEADER)
+        self.protocol.dataReceived(handshake)
+
+    def sent_pings(self) -> list[str]:
+        """The ids of every ping sent on this connection so far."""
+        text = self.transport.value().decode("utf-8")
+        return re.findall(r"<iq [^>]*id='(hmacfs-ping-[0-9a-f]+)'", text)
+
+    def answer(self, ping_id: str) -> None:
+        self.protocol.dataReceived(
+            f"<iq type='result' id='{ping_id}' from='example.org'"
+            f" to='upload.example.org'/>".encode()
+        )
+
+    @property
+    def dropped(self) -> bool:
+        return self.transport.disconnected
+
+
+class RefusalHintTests(TestCase):
+    """A refused handshake is logged with what to check on both sides, never the secret."""
+
+    def refused(self, condition: str) -> str:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        link = ComponentOnClock(self)
+        link.connect(
+            b"<stream:error><"
+            + condition.encode()
+            + b" xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            b"</stream:error></stream:stream>"
+        )
+        self.assertFalse(link.service.connected)
+        for event in events:
+            self.assertNotIn(link.config.component_secret, repr(event))
+            self.assertNotIn(link.config.component_secret, formatEvent(event))
+        (refusal,) = [e for e in events if e.get("condition") == condition]
+        return " ".join(formatEvent(refusal).split())
+
+    def assertNamesServerConfig(self, text: str) -> None:
+        # What the XMPP server's config must list, for both servers the README shows.
+        self.assertIn('Prosody: Component "upload.example.org" with component_secret', text)
+        self.assertIn(
+            'ejabberd: listen: module ejabberd_service, hosts: "upload.example.org" with password',
+            text,
+        )
+
+    def test_not_authorized(self) -> None:
+        """not-authorized (a wrong secret, or at ejabberd an unknown JID) names both keys."""
+        text = self.refused("not-authorized")
+        self.assertIn("XMPP server refused component upload.example.org: not-authorized", text)
+        self.assertIn("check ComponentSecret and ComponentJID", text)
+        self.assertNamesServerConfig(text)
+
+    def test_host_unknown(self) -> None:
+        """host-unknown (Prosody's answer for an unknown JID) points at ComponentJID."""
+        text = self.refused("host-unknown")
+        self.assertIn("XMPP server refused component upload.example.org: host-unknown", text)
+        self.assertIn("check ComponentJID", text)
+        self.assertNamesServerConfig(text)
