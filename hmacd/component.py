@@ -318,9 +318,11 @@ class ComponentService(Service):
 
     A connection that does not complete the handshake within C{handshakeTimeout} seconds is
     dropped and retried.  Once connected, the component pings (XEP-0199) a domain it serves
-    every C{pingInterval} seconds; any answer, even an error, shows the link is alive, and
-    none within C{pingTimeout} drops it, so a link a NAT or firewall silently forgot does not
-    leave the component deaf.
+    every C{pingInterval} seconds (0: never); any answer, even an error, shows the link is
+    alive, and none within C{pingTimeout} drops it, so a link a NAT or firewall silently forgot
+    does not leave the component deaf.  The next ping goes out at most C{pingInterval} after
+    the last answer, so a link that falls silent is dropped (and a reconnect begins) at most
+    C{pingInterval + pingTimeout} seconds after it last answered.
 
     @ivar connected: whether a stream is authenticated right now.
     @ivar pongs: keepalive pings answered so far.
@@ -338,8 +340,8 @@ class ComponentService(Service):
         retryPolicy: Callable[[int], float] | None = None,
         onConnected: Callable[[bool], None] = lambda connected: None,
         handshakeTimeout: float = 30,
-        pingInterval: float = 60,
-        pingTimeout: float = 30,
+        pingInterval: float = 15,
+        pingTimeout: float = 15,
     ) -> None:
         self.jid = jid
         self.address = address

@@ -7,6 +7,7 @@ reconnects run in milliseconds; tests/test_xmpp.py runs the same component again
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import unquote, urlsplit
 
@@ -31,6 +32,8 @@ from hmacd.component import (
 from hmacd.config import Config
 from tests.servers import free_port
 from tests.support import SECRET, LoopbackServer, MemoryServer
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.rst")
 
 NOW = 1_800_000_000
 ALICE = "alice@example.org/phone"
@@ -573,6 +576,11 @@ class ComponentOnClock:
         self.service.startService()
         testCase.addCleanup(lambda: self.service.running and self.service.stopService())
 
+    @property
+    def bound(self) -> float:
+        """How long a silent link may last: what README promises, from the config."""
+        return self.config.component_ping_interval + self.config.component_ping_timeout
+
     def connect(self, handshake: bytes = b"<handshake/>") -> None:
         """Accept the newest connection attempt and answer the handshake with handshake."""
         self.clock.advance(0)
@@ -599,6 +607,111 @@ class ComponentOnClock:
     @property
     def dropped(self) -> bool:
         return self.transport.disconnected
+
+
+class KeepaliveOnClockTests(TestCase):
+    """A link that stops answering is dropped within the bound the config sets, never later."""
+
+    STEP = 0.25
+
+    def run_for(self, link: ComponentOnClock, seconds: float, answer_after: float | None) -> None:
+        """Advance the clock in steps; answer each new ping answer_after s later (None: never)."""
+        due: list[tuple[float, str]] = []
+        seen = set()
+        for _ in range(round(seconds / self.STEP)):
+            link.clock.advance(self.STEP)
+            if link.dropped:
+                return
+            for ping_id in link.sent_pings():
+                if ping_id not in seen and answer_after is not None:
+                    seen.add(ping_id)
+                    due.append((link.clock.seconds() + answer_after, ping_id))
+            while due and due[0][0] <= link.clock.seconds():
+                link.answer(due.pop(0)[1])
+                self.last_answer = link.clock.seconds()
+
+    def test_defaults_are_the_readme_bound(self) -> None:
+        """By default a ping every 15 s with 15 s to answer: 30 s, as README says."""
+        link = ComponentOnClock(self)
+        self.assertEqual(
+            (link.config.component_ping_interval, link.config.component_ping_timeout), (15, 15)
+        )
+        self.assertEqual(link.bound, 30)
+        with open(README, encoding="utf-8") as f:
+            readme = " ".join(f.read().split())
+        for promise in (
+            "within ``ComponentPingInterval`` + ``ComponentPingTimeout`` seconds of its last"
+            " answer",
+            f"That is {link.bound} s by default;",
+        ):
+            self.assertTrue(promise in readme, f"README does not say {promise!r}")
+
+    def test_silent_link_dropped_at_the_bound(self) -> None:
+        """A link silent right after an answered ping is dropped exactly interval + timeout later,
+        and a reconnect follows."""
+        for interval, timeout in ((15, 15), (5, 2), (2, 5), (60, 30)):
+            link = ComponentOnClock(
+                self, component_ping_interval=interval, component_ping_timeout=timeout
+            )
+            link.connect()
+            self.assertEqual(link.states, [True])
+            # Answered at once for a while: the last answer comes the moment its ping went out.
+            self.run_for(link, 4 * interval, answer_after=0)
+            self.assertFalse(link.dropped, (interval, timeout))
+            pings = link.sent_pings()
+            self.assertGreaterEqual(len(pings), 3)
+            self.assertEqual(link.service.pongs, len(pings))
+            # The last ping went out, and was answered, just now; from here on the XMPP
+            # server says nothing.
+            self.assertEqual(self.last_answer, link.clock.seconds())
+            self.run_for(link, link.bound - self.STEP, None)
+            self.assertFalse(link.dropped, (interval, timeout))
+            self.assertTrue(link.service.connected)
+            link.clock.advance(self.STEP)
+            self.assertTrue(link.dropped, (interval, timeout))
+            self.assertFalse(link.service.connected)
+            self.assertEqual(link.states, [True, False])
+            self.assertEqual(len(link.clock.tcpClients), 1)
+            link.clock.advance(link.RETRY)
+            self.assertEqual(len(link.clock.tcpClients), 2, "no reconnect")
+            link.connect()
+            self.assertEqual(link.states, [True, False, True])
+            link.service.stopService()
+
+    def test_answering_link_is_never_dropped(self) -> None:
+        """However late within the timeout the answers come, a link that answers stays up."""
+        for interval, timeout in ((15, 15), (5, 2), (2, 5)):
+            for answer_after in (0, timeout / 2, timeout - self.STEP):
+                link = ComponentOnClock(
+                    self, component_ping_interval=interval, component_ping_timeout=timeout
+                )
+                link.connect()
+                self.run_for(link, 50 * (interval + timeout), answer_after)
+                self.assertFalse(link.dropped, (interval, timeout, answer_after))
+                self.assertEqual(link.states, [True])
+                self.assertGreaterEqual(link.service.pongs, 25)
+                link.service.stopService()
+
+    def test_late_answer_then_silence(self) -> None:
+        """Silence after a late answer is still noticed within the bound of that answer."""
+        link = ComponentOnClock(self, component_ping_interval=5, component_ping_timeout=8)
+        link.connect()
+        self.run_for(link, 40, answer_after=7)
+        pongs = link.service.pongs
+        self.run_for(link, link.bound + self.STEP, answer_after=None)
+        self.assertEqual(link.service.pongs, pongs)
+        self.assertTrue(link.dropped)
+        silent = link.clock.seconds() - self.last_answer
+        self.assertGreater(silent, link.config.component_ping_timeout)
+        self.assertLessEqual(silent, link.bound)
+
+    def test_no_pings_when_off(self) -> None:
+        """ComponentPingInterval = 0 sends no pings and never drops a quiet link."""
+        link = ComponentOnClock(self, component_ping_interval=0)
+        link.connect()
+        self.run_for(link, 3600, answer_after=None)
+        self.assertEqual(link.sent_pings(), [])
+        self.assertFalse(link.dropped)
 
 
 class RefusalHintTests(TestCase):
