@@ -20,7 +20,7 @@ import sys
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, reactor, task, utils
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from hmacd import tap
@@ -336,6 +336,32 @@ class ProsodyInteropTests(TestCase):
         self.assertLess(silent, interval + timeout + 1.0)
         yield self.connected(max(30, 2 * (interval + timeout)))
         self.assertTrue(self.component.connected)
+
+    @defer.inlineCallbacks
+    def test_component_unknown_jid(self):
+        """Prosody refuses a JID it has no Component for with host-unknown; the log says to
+        check ComponentJID and what Prosody's config must list, and never the secret."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = dataclasses.replace(self.config, component_jid="unknown.localhost")
+        refused = tap.component_service(config, SECRET, self.server.fs, reactor)
+        refused.startService()
+        self.addCleanup(refused.stopService)
+        for _ in range(600):
+            refusals = [
+                e for e in events if e.get("condition") and e.get("jid") == config.component_jid
+            ]
+            if refusals:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(refused.connected)
+        text = formatEvent(refusals[0])
+        self.assertIn("refused component unknown.localhost: host-unknown", text)
+        self.assertIn("check ComponentJID", text)
+        self.assertIn('Prosody: Component "unknown.localhost" with component_secret', text)
+        for event in events:
+            self.assertNotIn(COMPONENT_SECRET, formatEvent(event))
 
     @defer.inlineCallbacks
     def test_component_reconnects(self):
