@@ -764,8 +764,9 @@ class TwistdTests(TwistdHarness):
         self.assertNotIn("GET /upload", logged)
 
     def test_embedded_defaults_on_a_spare_port(self) -> None:
-        """Only ListenPort set (to a free port): ./uploads, a generated 0600 secret kept across
-        restarts, served; the defaults themselves are checked as data in EmbeddedDefaultsTests."""
+        """Only ListenPort set, to a free port: ./uploads, a 0600 secret kept across restarts."""
+        # The defaults themselves, port 8080 included, are checked as data in
+        # EmbeddedDefaultsTests: anything may hold 8080 on a developer's machine.
         port = _free_port()
         cfg = os.path.basename(_secret_config(self.cwd, ListenPort=f"127.0.0.1:{port}"))
         proc = self.spawn("-n", "hmacfs", "--config", cfg, output="first.out")

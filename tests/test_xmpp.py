@@ -299,10 +299,7 @@ class ProsodyInteropTests(TestCase):
 
     @defer.inlineCallbacks
     def test_component_notices_frozen_server(self):
-        """
-        Prosody frozen (SIGSTOP) just after answering a ping: the component drops the link
-        within ComponentPingInterval + ComponentPingTimeout, and is back once Prosody thaws.
-        """
+        """Prosody frozen after a ping's answer: dropped within interval + timeout, back after."""
         # 1 s + 1 s here; HMACFS_FROZEN_PING="15,15" measures the defaults README quotes.
         interval, timeout = (int(n) for n in os.environ.get("HMACFS_FROZEN_PING", "1,1").split(","))
         yield self.component.stopService()
@@ -339,8 +336,7 @@ class ProsodyInteropTests(TestCase):
 
     @defer.inlineCallbacks
     def test_component_unknown_jid(self):
-        """Prosody refuses a JID it has no Component for with host-unknown; the log says to
-        check ComponentJID and what Prosody's config must list, and never the secret."""
+        """Prosody's host-unknown for an unknown JID is logged with what to list, not the secret."""
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
