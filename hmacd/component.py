@@ -289,6 +289,27 @@ class SlotComponent:
         return response
 
 
+def _refusal_hint(condition: str, jid: str) -> str:
+    """
+    What an operator should check when the XMPP server refuses the handshake with condition.
+
+    Prosody answers an unknown JID with host-unknown, but ejabberd with not-authorized, the
+    same as a wrong secret: that answer has to point at both keys.  Never the secret itself.
+    """
+    listed = (
+        f"the XMPP server's config must list {jid} as a component with ComponentSecret as its"
+        f' password (Prosody: Component "{jid}" with component_secret;'
+        f' ejabberd: listen: module ejabberd_service, hosts: "{jid}" with password)'
+    )
+    if condition == "not-authorized":
+        return f": check ComponentSecret and ComponentJID: {listed}"
+    if condition == "host-unknown":
+        return f": check ComponentJID, the XMPP server has no component of this name: {listed}"
+    if condition == "conflict":
+        return ": another component is connected as this JID"
+    return ""
+
+
 class ComponentService(Service):
     """
     Keeps hmacfs connected to the XMPP server as C{jid}: connects at start, reconnects with
@@ -297,9 +318,11 @@ class ComponentService(Service):
 
     A connection that does not complete the handshake within C{handshakeTimeout} seconds is
     dropped and retried.  Once connected, the component pings (XEP-0199) a domain it serves
-    every C{pingInterval} seconds; any answer, even an error, shows the link is alive, and
-    none within C{pingTimeout} drops it, so a link a NAT or firewall silently forgot does not
-    leave the component deaf.
+    every C{pingInterval} seconds (0: never); any answer, even an error, shows the link is
+    alive, and none within C{pingTimeout} drops it, so a link a NAT or firewall silently forgot
+    does not leave the component deaf.  The next ping goes out at most C{pingInterval} after
+    the last answer, so a link that falls silent is dropped (and a reconnect begins) at most
+    C{pingInterval + pingTimeout} seconds after it last answered.
 
     @ivar connected: whether a stream is authenticated right now.
     @ivar pongs: keepalive pings answered so far.
@@ -317,8 +340,8 @@ class ComponentService(Service):
         retryPolicy: Callable[[int], float] | None = None,
         onConnected: Callable[[bool], None] = lambda connected: None,
         handshakeTimeout: float = 30,
-        pingInterval: float = 60,
-        pingTimeout: float = 30,
+        pingInterval: float = 15,
+        pingTimeout: float = 15,
     ) -> None:
         self.jid = jid
         self.address = address
@@ -463,11 +486,7 @@ class ComponentService(Service):
                 condition=condition,
             )
             return
-        hint = {
-            "not-authorized": ": check ComponentSecret against the XMPP server's",
-            "host-unknown": ": the XMPP server has no component of this name",
-            "conflict": ": another component is connected as this JID",
-        }.get(condition, "")
+        hint = _refusal_hint(condition, self.jid)
         self.log.error(
             "XMPP server refused component {jid}: {condition}{hint}",
             jid=self.jid,

@@ -100,6 +100,9 @@ class Config:
     component_server: str = ""  # host:port of the XMPP server's component listener
     component_allowed_domains: tuple[str, ...] = ()  # () = the domain ComponentJID is under
     component_protocol: str = "v2"  # how the component signs its slots: v, v2, token, jwt
+    # A link that stops answering is noticed within interval + timeout seconds (README says 30).
+    component_ping_interval: int = 15  # ComponentPingInterval, seconds; 0 = no keepalive pings
+    component_ping_timeout: int = 15  # ComponentPingTimeout, seconds a ping may go unanswered
     public_url: str = ""  # the URL clients reach the upload space at, with UploadSubDir
     source: str | None = None
 
@@ -180,6 +183,8 @@ KEYS: dict[str, str] = {
     "ComponentServer": "component_server",
     "ComponentAllowedDomains": "component_allowed_domains",
     "ComponentProtocol": "component_protocol",
+    "ComponentPingInterval": "component_ping_interval",
+    "ComponentPingTimeout": "component_ping_timeout",
     "PublicURL": "public_url",
 }
 
@@ -704,6 +709,18 @@ _component_protocol = _choice(
 )
 
 
+def _ping_timeout(value: object) -> int:
+    # 0 would drop every link at its first ping; no pings at all is ComponentPingInterval = 0.
+    seconds = _duration(value)
+    if seconds < 1:
+        raise _Invalid(
+            'must be a duration >= 1 s (seconds, or a string like "30s", "1m"); to send no'
+            " pings set ComponentPingInterval = 0",
+            value,
+        )
+    return seconds
+
+
 def _public_url(value: object) -> str:
     text = _string(value).strip()
     if not text:
@@ -767,6 +784,8 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "ComponentServer": _component_server,
     "ComponentAllowedDomains": _domains,
     "ComponentProtocol": _component_protocol,
+    "ComponentPingInterval": _duration,
+    "ComponentPingTimeout": _ping_timeout,
     "PublicURL": _public_url,
 }
 

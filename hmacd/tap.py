@@ -407,8 +407,13 @@ def with_backlog(description: str) -> str:
 def component_service(config: Config, secret: bytes, fs: FileServer, reactor, **options):
     """
     The XMPP slot component of C{config}, signing with C{secret} for C{fs}; C{options} go
-    to L{ComponentService} (timeouts, retry policy).
+    to L{ComponentService} (timeouts, retry policy) and override the config's ping timing.
     """
+    options = {
+        "pingInterval": config.component_ping_interval,
+        "pingTimeout": config.component_ping_timeout,
+        **options,
+    }
     issuer = SlotIssuer(
         secret=secret,
         public_url=config.public_url,

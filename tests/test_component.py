@@ -7,15 +7,19 @@ reconnects run in milliseconds; tests/test_xmpp.py runs the same component again
 
 from __future__ import annotations
 
+import os
+import re
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import globalLogPublisher
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.words.protocols.jabber import component, xmlstream
 from twisted.words.xish import domish, utility
 
-from hmacd import auth
+from hmacd import auth, tap
 from hmacd.component import (
     NS_DATA,
     NS_DISCO_INFO,
@@ -25,8 +29,11 @@ from hmacd.component import (
     SlotIssuer,
     SlotRefused,
 )
+from hmacd.config import Config
 from tests.servers import free_port
-from tests.support import SECRET, LoopbackServer
+from tests.support import SECRET, LoopbackServer, MemoryServer
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.rst")
 
 NOW = 1_800_000_000
 ALICE = "alice@example.org/phone"
@@ -533,3 +540,218 @@ class ComponentServiceTests(TestCase):
         server.answerPings = True
         yield service.whenConnected()
         self.assertEqual(self.states[-1], True)
+
+
+# What the XMPP server sends a component before and after its handshake (XEP-0114).
+STREAM_HEADER = (
+    b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'"
+    b" xmlns='jabber:component:accept' from='upload.example.org' id='s1'>"
+)
+COMPONENT_CONFIG = dict(
+    component_jid="upload.example.org",
+    component_secret="component-s3cr3t-on-a-clock",
+    component_server="xmpp.example.org:5347",
+    public_url="https://files.example.org/upload/",
+)
+
+
+class ComponentOnClock:
+    """
+    The component as tap.py builds it from a Config, on a MemoryReactorClock: each connection
+    it opens gets a StringTransport, and the test speaks for the XMPP server.
+    """
+
+    RETRY = 1.0  # seconds before each reconnect
+
+    def __init__(self, testCase, **config) -> None:
+        self.config = Config(**{**COMPONENT_CONFIG, **config})
+        server = MemoryServer(testCase.mktemp())
+        self.clock = server.clock
+        self.service = tap.component_service(
+            self.config, SECRET, server.fs, self.clock, retryPolicy=lambda attempt: self.RETRY
+        )
+        self.states: list[bool] = []
+        self.service._onConnected = self.states.append
+        self.pings: list[str] = []  # ids of the pings sent on the current connection
+        self.service.startService()
+        testCase.addCleanup(lambda: self.service.running and self.service.stopService())
+
+    @property
+    def bound(self) -> float:
+        """How long a silent link may last: what README promises, from the config."""
+        return self.config.component_ping_interval + self.config.component_ping_timeout
+
+    def connect(self, handshake: bytes = b"<handshake/>") -> None:
+        """Accept the newest connection attempt and answer the handshake with handshake."""
+        self.clock.advance(0)
+        _, port, factory, _, _ = self.clock.tcpClients[-1]
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        self.transport = StringTransportWithDisconnection()
+        self.transport.protocol = self.protocol
+        self.protocol.makeConnection(self.transport)
+        self.pings = []
+        self.protocol.dataReceived(STREAM_HEADER)
+        self.protocol.dataReceived(handshake)
+
+    def sent_pings(self) -> list[str]:
+        """The ids of every ping sent on this connection so far."""
+        text = self.transport.value().decode("utf-8")
+        return re.findall(r"<iq [^>]*id='(hmacfs-ping-[0-9a-f]+)'", text)
+
+    def answer(self, ping_id: str) -> None:
+        self.protocol.dataReceived(
+            f"<iq type='result' id='{ping_id}' from='example.org'"
+            f" to='upload.example.org'/>".encode()
+        )
+
+    @property
+    def dropped(self) -> bool:
+        return self.transport.disconnected
+
+
+class KeepaliveOnClockTests(TestCase):
+    """A link that stops answering is dropped within the bound the config sets, never later."""
+
+    STEP = 0.25
+
+    def run_for(self, link: ComponentOnClock, seconds: float, answer_after: float | None) -> None:
+        """Advance the clock in steps; answer each new ping answer_after s later (None: never)."""
+        due: list[tuple[float, str]] = []
+        seen = set()
+        for _ in range(round(seconds / self.STEP)):
+            link.clock.advance(self.STEP)
+            if link.dropped:
+                return
+            for ping_id in link.sent_pings():
+                if ping_id not in seen and answer_after is not None:
+                    seen.add(ping_id)
+                    due.append((link.clock.seconds() + answer_after, ping_id))
+            while due and due[0][0] <= link.clock.seconds():
+                link.answer(due.pop(0)[1])
+                self.last_answer = link.clock.seconds()
+
+    def test_defaults_are_the_readme_bound(self) -> None:
+        """By default a ping every 15 s with 15 s to answer: 30 s, as README says."""
+        link = ComponentOnClock(self)
+        self.assertEqual(
+            (link.config.component_ping_interval, link.config.component_ping_timeout), (15, 15)
+        )
+        self.assertEqual(link.bound, 30)
+        with open(README, encoding="utf-8") as f:
+            readme = " ".join(f.read().split())
+        for promise in (
+            "within ``ComponentPingInterval`` + ``ComponentPingTimeout`` seconds of its last"
+            " answer",
+            f"That is {link.bound} s by default;",
+        ):
+            self.assertTrue(promise in readme, f"README does not say {promise!r}")
+
+    def test_silent_link_dropped_at_the_bound(self) -> None:
+        """Silent right after an answered ping: dropped interval + timeout later, then redialled."""
+        for interval, timeout in ((15, 15), (5, 2), (2, 5), (60, 30)):
+            link = ComponentOnClock(
+                self, component_ping_interval=interval, component_ping_timeout=timeout
+            )
+            link.connect()
+            self.assertEqual(link.states, [True])
+            # Answered at once for a while: the last answer comes the moment its ping went out.
+            self.run_for(link, 4 * interval, answer_after=0)
+            self.assertFalse(link.dropped, (interval, timeout))
+            pings = link.sent_pings()
+            self.assertGreaterEqual(len(pings), 3)
+            self.assertEqual(link.service.pongs, len(pings))
+            # The last ping went out, and was answered, just now; from here on the XMPP
+            # server says nothing.
+            self.assertEqual(self.last_answer, link.clock.seconds())
+            self.run_for(link, link.bound - self.STEP, None)
+            self.assertFalse(link.dropped, (interval, timeout))
+            self.assertTrue(link.service.connected)
+            link.clock.advance(self.STEP)
+            self.assertTrue(link.dropped, (interval, timeout))
+            self.assertFalse(link.service.connected)
+            self.assertEqual(link.states, [True, False])
+            self.assertEqual(len(link.clock.tcpClients), 1)
+            link.clock.advance(link.RETRY)
+            self.assertEqual(len(link.clock.tcpClients), 2, "no reconnect")
+            link.connect()
+            self.assertEqual(link.states, [True, False, True])
+            link.service.stopService()
+
+    def test_answering_link_is_never_dropped(self) -> None:
+        """However late within the timeout the answers come, a link that answers stays up."""
+        for interval, timeout in ((15, 15), (5, 2), (2, 5)):
+            for answer_after in (0, timeout / 2, timeout - self.STEP):
+                link = ComponentOnClock(
+                    self, component_ping_interval=interval, component_ping_timeout=timeout
+                )
+                link.connect()
+                self.run_for(link, 50 * (interval + timeout), answer_after)
+                self.assertFalse(link.dropped, (interval, timeout, answer_after))
+                self.assertEqual(link.states, [True])
+                self.assertGreaterEqual(link.service.pongs, 25)
+                link.service.stopService()
+
+    def test_late_answer_then_silence(self) -> None:
+        """Silence after a late answer is still noticed within the bound of that answer."""
+        link = ComponentOnClock(self, component_ping_interval=5, component_ping_timeout=8)
+        link.connect()
+        self.run_for(link, 40, answer_after=7)
+        pongs = link.service.pongs
+        self.run_for(link, link.bound + self.STEP, answer_after=None)
+        self.assertEqual(link.service.pongs, pongs)
+        self.assertTrue(link.dropped)
+        silent = link.clock.seconds() - self.last_answer
+        self.assertGreater(silent, link.config.component_ping_timeout)
+        self.assertLessEqual(silent, link.bound)
+
+    def test_no_pings_when_off(self) -> None:
+        """ComponentPingInterval = 0 sends no pings and never drops a quiet link."""
+        link = ComponentOnClock(self, component_ping_interval=0)
+        link.connect()
+        self.run_for(link, 3600, answer_after=None)
+        self.assertEqual(link.sent_pings(), [])
+        self.assertFalse(link.dropped)
+
+
+class RefusalHintTests(TestCase):
+    """A refused handshake is logged with what to check on both sides, never the secret."""
+
+    def refused(self, condition: str) -> str:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        link = ComponentOnClock(self)
+        link.connect(
+            b"<stream:error><"
+            + condition.encode()
+            + b" xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            b"</stream:error></stream:stream>"
+        )
+        self.assertFalse(link.service.connected)
+        for event in events:
+            self.assertNotIn(link.config.component_secret, repr(event))
+            self.assertNotIn(link.config.component_secret, formatEvent(event))
+        (refusal,) = [e for e in events if e.get("condition") == condition]
+        return " ".join(formatEvent(refusal).split())
+
+    def assertNamesServerConfig(self, text: str) -> None:
+        # What the XMPP server's config must list, for both servers the README shows.
+        self.assertIn('Prosody: Component "upload.example.org" with component_secret', text)
+        self.assertIn(
+            'ejabberd: listen: module ejabberd_service, hosts: "upload.example.org" with password',
+            text,
+        )
+
+    def test_not_authorized(self) -> None:
+        """not-authorized (a wrong secret, or at ejabberd an unknown JID) names both keys."""
+        text = self.refused("not-authorized")
+        self.assertIn("XMPP server refused component upload.example.org: not-authorized", text)
+        self.assertIn("check ComponentSecret and ComponentJID", text)
+        self.assertNamesServerConfig(text)
+
+    def test_host_unknown(self) -> None:
+        """host-unknown (Prosody's answer for an unknown JID) points at ComponentJID."""
+        text = self.refused("host-unknown")
+        self.assertIn("XMPP server refused component upload.example.org: host-unknown", text)
+        self.assertIn("check ComponentJID", text)
+        self.assertNamesServerConfig(text)

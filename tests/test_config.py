@@ -183,6 +183,8 @@ class DefaultsTests(ConfigFileTestCase):
                 "ComponentServer",
                 "ComponentAllowedDomains",
                 "ComponentProtocol",
+                "ComponentPingInterval",
+                "ComponentPingTimeout",
                 "PublicURL",
             ],
         )
@@ -1072,6 +1074,34 @@ class ComponentConfigTests(SynchronousTestCase):
         self.refused(text, "ComponentAllowedDomains", "whose users")
         config = self.parse(text + 'ComponentAllowedDomains = ["example.org"]\n')
         self.assertEqual(config.upload_domains, ("example.org",))
+
+    def test_ping_keys(self) -> None:
+        """Keepalive timing: 15 s and 15 s by default, seconds or durations; 0 turns pings off."""
+        config = self.parse(self.COMPONENT)
+        self.assertEqual((config.component_ping_interval, config.component_ping_timeout), (15, 15))
+        for text, expected in (
+            ("ComponentPingInterval = 5\nComponentPingTimeout = 2\n", (5, 2)),
+            ('ComponentPingInterval = "1m"\nComponentPingTimeout = "30s"\n', (60, 30)),
+            ("ComponentPingInterval = 0\nComponentPingTimeout = 1\n", (0, 1)),
+        ):
+            config = self.parse(self.COMPONENT + text)
+            self.assertEqual(
+                (config.component_ping_interval, config.component_ping_timeout), expected, text
+            )
+
+    def test_bad_ping_keys(self) -> None:
+        """A negative interval, a timeout under a second or a non-duration is refused by name."""
+        cases = [
+            ("ComponentPingInterval = -1", "ComponentPingInterval", "duration >= 0"),
+            ('ComponentPingInterval = "soon"', "ComponentPingInterval", "duration >= 0"),
+            ("ComponentPingInterval = 1.5", "ComponentPingInterval", "got float"),
+            ("ComponentPingTimeout = 0", "ComponentPingTimeout", "ComponentPingInterval = 0"),
+            ('ComponentPingTimeout = "0s"', "ComponentPingTimeout", "duration >= 1 s"),
+            ("ComponentPingTimeout = -3", "ComponentPingTimeout", "duration >= 0"),
+            ("ComponentPingTimeout = true", "ComponentPingTimeout", "got boolean"),
+        ]
+        for line, key, fragment in cases:
+            self.refused(self.COMPONENT + line + "\n", key, fragment)
 
     def test_secret_never_in_errors(self) -> None:
         message = self.refused('ComponentSecret = ["hunter2-secret"]\n', "ComponentSecret", "")

@@ -79,18 +79,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_busy(port: int) -> bool:
-    """Whether a listener on 127.0.0.1:port could not be opened right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # As Twisted does, so that a socket in TIME_WAIT does not count.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 def _accepts(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -348,6 +336,69 @@ class OptionsErrorTests(_IsolatedOptionsMixin, TestCase):
         options = ServerOptions()
         self.assertRaises(UsageError, options.parseOptions, ["-n", "hmacfs", "--config", path])
         self.assertIsNone(options["logger"])
+
+
+class EmbeddedDefaultsTests(_IsolatedOptionsMixin, TestCase):
+    """
+    `twistd -n hmacfs` without --config, as data: what README's Quick start promises, without
+    binding its well-known port (anything may hold 8080 on a developer's machine).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.tmp)
+
+    def test_quick_start_promises_the_defaults(self) -> None:
+        """README's Quick start names the listener, the store and the secret file Config() has."""
+        with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
+            readme = " ".join(f.read().split())
+        defaults = Config()
+        for promise in (
+            f"embedded defaults ({defaults.listen_port}, files under ``{defaults.store_dir}``,"
+            " a generated secret)",
+            "mode 0600, in ``uploads/.hmacfs/secret``",
+        ):
+            self.assertTrue(promise in readme, f"README does not say {promise!r}")
+        self.assertEqual(defaults.listen_endpoint, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(os.path.normpath(defaults.store_dir), "uploads")
+
+    def test_without_config(self) -> None:
+        """No --config: Config() with StoreDir made absolute, a generated 0600 secret kept."""
+        options = self.parse("-n", "hmacfs").subOptions
+        store = os.path.join(self.tmp, "uploads")
+        self.assertEqual(options.config, Config(store_dir=store))
+        path = secret_file(store)
+        self.assertEqual(path, os.path.join(store, ".hmacfs", "secret"))
+        self.assertEqual(_mode(path), 0o600)
+        self.assertEqual(options.secretOrigin, f"{path} (generated)")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read().strip(), options.secret)
+
+        again = self.parse("-n", "hmacfs").subOptions
+        self.assertEqual((again.config, again.secret), (options.config, options.secret))
+        self.assertNotIn("generated", again.secretOrigin)
+
+    def test_default_services(self) -> None:
+        """The default services listen on 127.0.0.1:8080 only (in memory here), nothing else."""
+        options = self.parse("-n", "hmacfs").subOptions
+        reactor = _MemoryReactorWithThreads()
+        top = tap.build_service(
+            options.config,
+            options.secret,
+            reactor,
+            options.secretOrigin,
+            metadata=memory_metadata(reactor),
+        )
+        self.assertRaises(KeyError, top.getServiceNamed, "component")
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertEqual(len(reactor.tcpServers), 1)
+        port, factory, _, interface = reactor.tcpServers[0]
+        self.assertEqual((port, interface), (8080, "127.0.0.1"))
+        self.assertIs(factory, top.getServiceNamed("http").factory)
+        self.assertEqual(factory.fileServer.store_dir, os.path.join(self.tmp, "uploads"))
+        self.assertEqual(factory.fileServer.prefix, "upload")
 
 
 class ResolveSecretTests(TestCase):
@@ -712,30 +763,31 @@ class TwistdTests(TwistdHarness):
         self.assertNotIn("PUT /upload", logged)
         self.assertNotIn("GET /upload", logged)
 
-    def test_embedded_defaults(self) -> None:
-        """Without --config: ./uploads, a generated 0600 secret kept across restarts, :8080."""
-        if _port_busy(8080):
-            if os.environ.get("HMACFS_REQUIRE_SERVICES"):
-                self.fail("port 8080 is busy: the embedded defaults cannot be tested")
-            raise SkipTest("port 8080 busy")
-        proc = self.spawn("-n", "hmacfs", output="first.out")
-        self.waitListening(8080, proc)
-        self.assertEqual(_http(8080, "GET", "/upload/nothing")[0], 404)
+    def test_embedded_defaults_on_a_spare_port(self) -> None:
+        """Only ListenPort set, to a free port: ./uploads, a 0600 secret kept across restarts."""
+        # The defaults themselves, port 8080 included, are checked as data in
+        # EmbeddedDefaultsTests: anything may hold 8080 on a developer's machine.
+        port = _free_port()
+        cfg = os.path.basename(_secret_config(self.cwd, ListenPort=f"127.0.0.1:{port}"))
+        proc = self.spawn("-n", "hmacfs", "--config", cfg, output="first.out")
+        self.waitListening(port, proc)
+        self.assertEqual(_http(port, "GET", "/upload/nothing")[0], 404)
         self.terminate(proc)
         path = os.path.join(self.cwd, "uploads", ".hmacfs", "secret")
         self.assertEqual(_mode(path), 0o600)
         secret = self.secret("uploads")
         self.assertIn(f"{path} (generated)", _read(self.output))
-        self.waitClosed(8080)
+        self.waitClosed(port)
 
-        proc = self.spawn("-n", "hmacfs", output="second.out")
-        self.waitListening(8080, proc)
-        self.putAndGet(8080, secret)
+        proc = self.spawn("-n", "hmacfs", "--config", cfg, output="second.out")
+        self.waitListening(port, proc)
+        self.putAndGet(port, secret)
         self.terminate(proc)
         self.assertEqual(self.secret("uploads"), secret)
         second = _read(self.output)
         self.assertIn(path, second)
         self.assertNotIn(f"{path} (generated)", second)
+        self.assertTrue(os.path.isfile(os.path.join(self.cwd, "uploads", "tapdir", "hello.txt")))
 
     def test_daemon(self) -> None:
         """Daemonized twistd writes its pid file, serves, logs to --logfile, stops on SIGTERM."""

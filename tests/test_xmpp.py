@@ -12,12 +12,15 @@ Without Prosody these tests skip; CI installs it, and there a skip fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import sys
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer, reactor, task, utils
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from hmacd import tap
@@ -46,6 +49,9 @@ SERVICES = {
     "jwt": "share.localhost",
     "component": "hmacfs.localhost",
 }
+
+
+log = Logger()
 
 
 def content(name: str, size: int) -> bytes:
@@ -290,6 +296,68 @@ class ProsodyInteropTests(TestCase):
         yield task.deferLater(reactor, 1, lambda: None)
         self.assertGreaterEqual(self.component.pongs, 5)
         self.assertTrue(self.component.connected)
+
+    @defer.inlineCallbacks
+    def test_component_notices_frozen_server(self):
+        """Prosody frozen after a ping's answer: dropped within interval + timeout, back after."""
+        # 1 s + 1 s here; HMACFS_FROZEN_PING="15,15" measures the defaults README quotes.
+        interval, timeout = (int(n) for n in os.environ.get("HMACFS_FROZEN_PING", "1,1").split(","))
+        yield self.component.stopService()
+        config = dataclasses.replace(
+            self.config, component_ping_interval=interval, component_ping_timeout=timeout
+        )
+        self.component = tap.component_service(config, SECRET, self.server.fs, reactor)
+        self.component.startService()
+        self.addCleanup(self.component.stopService)
+        yield self.connected()
+        pongs = self.component.pongs
+        while self.component.pongs == pongs:
+            yield task.deferLater(reactor, 0.005, lambda: None)
+        pid = self.prosody.process.pid
+        frozen = reactor.seconds()
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(lambda: self.prosody.process and os.kill(pid, signal.SIGCONT))
+        while self.component.connected:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        silent = reactor.seconds() - frozen
+        os.kill(pid, signal.SIGCONT)
+        log.info(
+            "Frozen Prosody noticed after {silent:.2f} s (ComponentPingInterval {interval},"
+            " ComponentPingTimeout {timeout})",
+            silent=silent,
+            interval=interval,
+            timeout=timeout,
+        )
+        self.assertGreater(silent, timeout)
+        # The bound, plus what a busy test machine may add to the reactor's timers.
+        self.assertLess(silent, interval + timeout + 1.0)
+        yield self.connected(max(30, 2 * (interval + timeout)))
+        self.assertTrue(self.component.connected)
+
+    @defer.inlineCallbacks
+    def test_component_unknown_jid(self):
+        """Prosody's host-unknown for an unknown JID is logged with what to list, not the secret."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = dataclasses.replace(self.config, component_jid="unknown.localhost")
+        refused = tap.component_service(config, SECRET, self.server.fs, reactor)
+        refused.startService()
+        self.addCleanup(refused.stopService)
+        for _ in range(600):
+            refusals = [
+                e for e in events if e.get("condition") and e.get("jid") == config.component_jid
+            ]
+            if refusals:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(refused.connected)
+        text = formatEvent(refusals[0])
+        self.assertIn("refused component unknown.localhost: host-unknown", text)
+        self.assertIn("check ComponentJID", text)
+        self.assertIn('Prosody: Component "unknown.localhost" with component_secret', text)
+        for event in events:
+            self.assertNotIn(COMPONENT_SECRET, formatEvent(event))
 
     @defer.inlineCallbacks
     def test_component_reconnects(self):
