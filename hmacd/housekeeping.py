@@ -28,6 +28,7 @@ __all__ = [
     "PartialSweep",
     "SystemMonitor",
     "drain_uploads",
+    "remove_all",
     "remove_stored",
     "sweep_partials",
     "sweep_resumable",
@@ -191,27 +192,38 @@ def remove_stored(store_dir: str, relpath: str) -> bool:
     return True
 
 
+def remove_all(store_dir: str, relpaths: list[str]) -> int:
+    """L{remove_stored} for each of C{relpaths}, in one trip to a thread; how many were there."""
+    return sum(remove_stored(store_dir, relpath) for relpath in relpaths)
+
+
 class ExpirySweep(TimerService):
     """
     Delete files whose record says they have expired (FileTTL, or a JWT
-    slot's C{expires}), in bounded batches.
+    slot's C{expires}), C{batch} at a time, every C{interval} seconds.
+
+    A sweep goes on while full batches come back, so it keeps up with any
+    upload rate; between batches it yields to the reactor (the work of one
+    reactor turn is one batch's bookkeeping), and a sweep still running when
+    the next is due is left to finish instead of being doubled.
 
     Only files named by an expired record are touched: a file without a
     record is never deleted here.  The file goes first, then its record, so
     an interrupted sweep leaves a record whose file is gone (found again by
-    the next sweep) rather than a file nothing will ever delete.
+    the next sweep) rather than a file nothing will ever delete.  (Downloads
+    do not wait for the sweep: an expired file is answered 410 from its
+    expiry on, see L{hmacd.download}.)
     """
 
-    def __init__(
-        self, fs: FileServer, interval: float = 300, batch: int = 100, maxBatches: int = 10
-    ) -> None:
+    def __init__(self, fs: FileServer, interval: float = 60, batch: int = 500) -> None:
         super().__init__(interval, self.sweep)
         self.fs = fs
         self.batch = batch
-        self.maxBatches = maxBatches
         self.clock = fs.reactor
         self.removed = 0
         self._sweeping = False
+        # The sweep in progress, if any (fires when it is done).
+        self.current: Deferred[None] | None = None
 
     def sweep(self) -> None:
         # Fire and forget, as PartialSweep: a slow store must not hold up
@@ -219,9 +231,13 @@ class ExpirySweep(TimerService):
         if self._sweeping:
             return
         self._sweeping = True
-        d = Deferred.fromCoroutine(self._sweep())
+        d = self.current = Deferred.fromCoroutine(self._sweep())
         d.addErrback(self._failed)
-        d.addBoth(lambda _: setattr(self, "_sweeping", False))
+        d.addBoth(self._done)
+
+    def _done(self, _) -> None:
+        self._sweeping = False
+        self.current = None
 
     @staticmethod
     def _failed(failure) -> None:
@@ -232,27 +248,57 @@ class ExpirySweep(TimerService):
             log.failure("expiry sweep failed", failure)
 
     async def _sweep(self) -> None:
-        if not self.fs.metadata.writable():
+        store = self.fs.metadata
+        if not store.writable():
             return  # starting, or every store down: the next sweep will do
-        if getattr(self.fs.metadata, "copying", False):
+        if getattr(store, "copying", False):
             # Until the fallback's records are back in the primary, the
             # primary may hold an older record for a path that was uploaded
             # again during the outage: deleting by that record could take
             # the newer file.
             return
-        now = self.fs.now()
+        metrics = self.fs.metrics
+        started = self.clock.seconds()
+        backlog = await store.count_expired(self.fs.now())
+        metrics.expiry_backlog.set(backlog)
         removed = 0
-        for _ in range(self.maxBatches):
-            due = await self.fs.metadata.expired(now, self.batch)
-            for record in due:
-                await self.fs.blocking(partial(remove_stored, self.fs.store_dir, record.path))
-                await self.fs.metadata.delete(record.path)
-                removed += 1
-            if len(due) < self.batch:
-                break
-        if removed:
-            self.removed += removed
-            log.info("deleted {count} expired files", count=removed)
+        try:
+            while True:
+                due = await store.expired(self.fs.now(), self.batch)
+                if not due:
+                    break
+                paths = [record.path for record in due]
+                await self.fs.blocking(partial(remove_all, self.fs.store_dir, paths))
+                await _all(store.delete(path) for path in paths)
+                removed += len(due)
+                metrics.expired_files.inc(len(due))
+                metrics.expiry_backlog.set(max(0, backlog - removed))
+                if len(due) < self.batch:
+                    break
+                # Let requests in before the next batch.
+                await deferLater(self.clock, 0, lambda: None)
+        finally:
+            if removed:
+                self.removed += removed
+                elapsed = self.clock.seconds() - started
+                log.info(
+                    "deleted {count} expired files in {seconds:.1f} s",
+                    count=removed,
+                    seconds=elapsed,
+                )
+        metrics.expiry_backlog.set(await store.count_expired(self.fs.now()))
+
+
+async def _all(calls) -> None:
+    """Wait for every Deferred of C{calls}; the first failure (after all have settled) is raised."""
+    first: BaseException | None = None
+    for d in list(calls):
+        try:
+            await d
+        except Exception as e:
+            first = first or e
+    if first is not None:
+        raise first
 
 
 class GarbageCollector(TimerService):

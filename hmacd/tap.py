@@ -325,7 +325,9 @@ def build_service(
             listener.setName("http")
         listener.setServiceParent(top)
     PartialSweep(fs, resumableTTL=config.resumable_ttl).setServiceParent(top)
-    ExpirySweep(fs).setServiceParent(top)
+    ExpirySweep(fs, interval=config.expiry_interval, batch=config.expiry_batch).setServiceParent(
+        top
+    )
     if config.metrics_enabled:
         metrics = StreamServerEndpointService(
             serverFromString(reactor, config.metrics_endpoint), metrics_site(fs.metrics, reactor)

@@ -112,6 +112,18 @@ class StoreContract:
         self.assertEqual((yield self.store.expired(5.0, 10)), [])
 
     @inlineCallbacks
+    def test_count_expired(self):
+        """count_expired(now) counts the records due by now, whatever their number."""
+        self.assertEqual((yield self.store.count_expired(10.0)), 0)
+        for n in range(5):
+            yield self.store.put(record(f"c/{n}", expires=float(n)))
+        yield self.store.put(record("c/never"))
+        self.assertEqual((yield self.store.count_expired(2.0)), 3)
+        self.assertEqual((yield self.store.count_expired(100.0)), 5)
+        yield self.store.delete("c/0")
+        self.assertEqual((yield self.store.count_expired(100.0)), 4)
+
+    @inlineCallbacks
     def test_records(self):
         """records(limit) walks what is stored, at most limit at a time."""
         paths = {f"r/{n}" for n in range(7)}

@@ -171,6 +171,8 @@ class DefaultsTests(ConfigFileTestCase):
                 "MaxTotalBytesPerSecond",
                 "FileTTL",
                 "ResumableTTL",
+                "ExpiryInterval",
+                "ExpiryBatch",
                 "GCInterval",
                 "MonitorInterval",
                 "ShutdownGrace",

@@ -544,6 +544,13 @@ class RedisStore:
         args = [self._filePrefix, repr(float(now)), str(int(limit))]
         return self._call("expired", "eval", _EXPIRED, keys, args).addCallback(_records)
 
+    def count_expired(self, now: float) -> Deferred[int]:
+        """How many paths expire at or before C{now}: ZCOUNT, O(log n)."""
+        d = self._call(
+            "count_expired", "execute_command", "ZCOUNT", self._expiryKey, "-inf", repr(float(now))
+        )
+        return d.addCallback(int)
+
     def records(self, limit: int) -> Deferred[list[FileRecord]]:
         """Up to C{limit} records, picked at random."""
         if limit <= 0:

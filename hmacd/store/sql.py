@@ -616,6 +616,11 @@ class SQLStore:
         d = self._call(self._statements["expired"], (float(now), int(limit)), fetch=True)
         return d.addCallback(lambda rows: [_row_to_record(row) for row in rows])
 
+    def count_expired(self, now: float) -> Deferred[int]:
+        """How many records expire at or before C{now} (a range count on the expiry index)."""
+        d = self._call(self._statements["count_expired"], (float(now),), fetch=True)
+        return d.addCallback(lambda rows: int(rows[0][0]))
+
     def records(self, limit: int) -> Deferred[list[FileRecord]]:
         """Up to C{limit} records, in no particular order."""
         if limit < 0:
@@ -637,6 +642,7 @@ class SQLStore:
             "get": f"{select} WHERE path_hash = {p}",
             "delete": f"DELETE FROM {{table}} WHERE path_hash = {p}",
             "expired": f"{select} WHERE expires <= {p} ORDER BY expires, path_hash LIMIT {p}",
+            "count_expired": f"SELECT COUNT(*) FROM {{table}} WHERE expires <= {p}",
             "records": f"{select} LIMIT {p}",
         }
         return {key: sql.format(table=self.table) for key, sql in statements.items()}
