@@ -112,6 +112,19 @@ class StoreContract:
         self.assertEqual((yield self.store.expired(5.0, 10)), [])
 
     @inlineCallbacks
+    def test_expired_records_whole(self):
+        """Records come back from expired() equal to what was put, awkward text included."""
+        odd = record(
+            'x/hällo "wörld" 日本\\.png',
+            content_type='text/plain; charset="utf-8"; name=\\x/\ty',
+            uploader="ålice@exämple.org/\u2028res",
+            expires=1.5,
+            size=2**40,
+        )
+        yield self.store.put(odd)
+        self.assertEqual((yield self.store.expired(2.0, 10)), [odd])
+
+    @inlineCallbacks
     def test_count_expired(self):
         """count_expired(now) counts the records due by now, whatever their number."""
         self.assertEqual((yield self.store.count_expired(10.0)), 0)
