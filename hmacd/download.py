@@ -40,6 +40,9 @@ RECORD_CACHE_SIZE = 10_000
 
 log = Logger()
 
+# A record lookup the store could not answer, unlike a record that is not there.
+_NO_ANSWER = object()
+
 
 class Unsatisfiable(Exception):
     """The Range names no byte of the file: 416."""
@@ -304,10 +307,12 @@ class StoreResource(Resource):
             # logged once, by the store.)
             if not failure.check(StoreUnavailable):
                 log.failure("metadata lookup for {path} failed", failure, path=relpath)
-            return None
+            return _NO_ANSWER
 
         def found(record):
-            if record is not None:
+            if record is _NO_ANSWER:
+                record = None  # the store could not say: no news of a missing record
+            elif record is not None:
                 self._records[relpath] = (identity, record)
                 if len(self._records) > RECORD_CACHE_SIZE:
                     self._records.popitem(last=False)

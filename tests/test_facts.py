@@ -350,6 +350,20 @@ class UnrecordedFilesTests(SynchronousTestCase):
         self.assertEqual(asked, ["known", "other", "third", "third"])
         self.assertEqual(self.unrecorded.found, 2)  # within the minute: counted, not said
 
+    def test_outage_is_no_missing_record(self):
+        """A file without facts served while the store is down is not reported as unrecorded."""
+        root = self.mktemp()
+        server = MemoryServer(root)
+        channel, transport = server.connect()
+        channel.dataReceived(put_head("o.txt", 2, v_query("o.txt", 2)) + b"ok")
+        strip_facts(os.path.join(root, "o.txt"))
+        server.fs.metadata.primary.up = False
+        channel, transport = server.connect()
+        channel.dataReceived(request_head("GET", "/upload/o.txt"))
+        self.assertEqual(status(transport), http.OK)
+        self.assertEqual(self.warnings, [])
+        self.assertEqual(server.site.resource._unrecorded.found, 0)
+
     def test_download_without_record_warns(self):
         """Served files the store does not know are reported, with or without facts."""
         root = self.mktemp()
