@@ -512,9 +512,13 @@ def _duration(value: object) -> int:
 
 def _positive_duration(value: object) -> int:
     # 0 would be a sweep that never waits; files past their expiry are not served anyway.
-    seconds = _duration(value)
+    expected = 'must be a duration >= 1 (seconds, or a string like "1m", "1h")'
+    try:
+        seconds = _duration(value)
+    except _Invalid as problem:
+        raise _Invalid(expected, value, wrong_type=problem.wrong_type) from None
     if seconds < 1:
-        raise _Invalid('must be a duration >= 1 (seconds, or a string like "1m", "1h")', value)
+        raise _Invalid(expected, value)
     return seconds
 
 
