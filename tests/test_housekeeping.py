@@ -162,6 +162,18 @@ class ExpiryTests(SynchronousTestCase):
         self.assertEqual(store_files(self.root), ["soak", "soak/later.bin"])
         self.assertEqual(self.successResultOf(self.fs.metadata.count_expired(NOW)), 0)
 
+    def test_store_without_count(self):
+        """A store that cannot count what is due (an embedder's, older) is still swept."""
+        self.stored("n/old.bin", NOW - 1)
+        self.patch(
+            self.fs.metadata, "count_expired", lambda now: fail(AttributeError("count_expired"))
+        )
+        sweep = ExpirySweep(self.fs)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.assertEqual(store_files(self.root), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_records_due_during_a_sweep(self):
         """Files that fall due while a sweep runs are taken by that same sweep."""
         for n in range(10):
