@@ -88,7 +88,7 @@ class Config:
     file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
     resumable_ttl: int = 86400  # ResumableTTL: unfinished resumable uploads older than this go
     expiry_interval: int = 60  # ExpiryInterval, seconds between expiry sweeps
-    expiry_batch: int = 500  # ExpiryBatch: records a sweep handles per reactor turn
+    expiry_batch: int = 200  # ExpiryBatch: records a sweep handles per reactor turn
     gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
     monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
     shutdown_grace: int = 30  # ShutdownGrace, seconds uploads may finish in at shutdown

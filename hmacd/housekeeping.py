@@ -219,7 +219,7 @@ class ExpirySweep(TimerService):
     expiry on, see L{hmacd.download}.)
     """
 
-    def __init__(self, fs: FileServer, interval: float = 60, batch: int = 500) -> None:
+    def __init__(self, fs: FileServer, interval: float = 60, batch: int = 200) -> None:
         super().__init__(interval, self.sweep)
         self.fs = fs
         self.batch = batch

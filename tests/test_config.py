@@ -925,7 +925,7 @@ class ExpiryConfigTests(ConfigFileTestCase):
         """ExpiryInterval is a duration of at least 1 s, ExpiryBatch an integer of at least 1."""
         config = self.load('ExpiryInterval = "2m"\nexpirybatch = 50\n')[1]
         self.assertEqual((config.expiry_interval, config.expiry_batch), (120, 50))
-        self.assertEqual((Config().expiry_interval, Config().expiry_batch), (60, 500))
+        self.assertEqual((Config().expiry_interval, Config().expiry_batch), (60, 200))
         for value in ("0", '"0s"', "-5", "true", '"soon"'):
             self.assertConfigError(f"ExpiryInterval = {value}\n", "ExpiryInterval", ">= 1")
         for value in ("0", "-1", '"500"', "true", "2.5"):
