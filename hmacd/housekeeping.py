@@ -265,12 +265,19 @@ class ExpirySweep(TimerService):
         started = self.clock.seconds()
         backlog = await self._countDue()
         removed = 0
+        previous: set[str] = set()
         try:
             while True:
                 due = await store.expired(self.fs.now(), self.batch)
                 if not due:
                     break
                 paths = [record.path for record in due]
+                if previous.intersection(paths):
+                    # Deleted records came back: a store that does not delete would keep
+                    # this loop going for ever.  The next sweep tries again.
+                    log.warn("expiry sweep stopped: the store still lists deleted records")
+                    break
+                previous = set(paths)
                 # An unlink waits on the disk (400 us each here once the file is written
                 # back): a few threads at once remove four to five times as many.
                 lanes = [paths[n::REMOVE_LANES] for n in range(REMOVE_LANES)]

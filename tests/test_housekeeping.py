@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -173,6 +173,18 @@ class ExpiryTests(SynchronousTestCase):
         self.addCleanup(sweep.stopService)
         self.assertEqual(store_files(self.root), [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_store_that_does_not_delete(self):
+        """A store whose deletes do not take ends the sweep instead of spinning on one batch."""
+        for n in range(4):
+            self.stored(f"k/{n}.bin", NOW - 1)
+        self.patch(self.fs.metadata, "delete", lambda path: succeed(None))
+        sweep = ExpirySweep(self.fs, batch=2)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.clock.advance(0)
+        self.assertIsNone(sweep.current)
+        self.assertEqual(sweep.removed, 2)
 
     def test_records_due_during_a_sweep(self):
         """Files that fall due while a sweep runs are taken by that same sweep."""
