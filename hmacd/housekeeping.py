@@ -18,6 +18,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hmacd.core import FileServer
+from hmacd.facts import is_expired, read_facts_at
+from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.upload import PART_PREFIX, PART_SUFFIX, partial_dir
@@ -29,6 +31,7 @@ __all__ = [
     "SystemMonitor",
     "drain_uploads",
     "remove_all",
+    "remove_expired",
     "remove_stored",
     "sweep_partials",
     "sweep_resumable",
@@ -201,6 +204,28 @@ def remove_all(store_dir: str, relpaths: list[str]) -> int:
     return sum(remove_stored(store_dir, relpath) for relpath in relpaths)
 
 
+def remove_expired(store_dir: str, records: list[FileRecord], now: float) -> list[FileRecord]:
+    """
+    Delete the files of expired C{records}, except those that are another upload than
+    their record says (a store restored from an old backup): a file whose facts name
+    another creation time and have not expired is kept.
+
+    @return: the facts of the files kept, to replace their stale records.
+    """
+    kept = []
+    for record in records:
+        try:
+            path = store_path(store_dir, record.path)
+        except PathRefused:
+            continue
+        facts = read_facts_at(path, record.path)
+        if facts is not None and facts.created != record.created and not is_expired(facts, now):
+            kept.append(facts)
+            continue
+        remove_stored(store_dir, record.path)
+    return kept
+
+
 class ExpirySweep(TimerService):
     """
     Delete files whose record says they have expired (FileTTL, or a JWT
@@ -280,13 +305,25 @@ class ExpirySweep(TimerService):
                 previous = set(paths)
                 # An unlink waits on the disk (400 us each here once the file is written
                 # back): a few threads at once remove four to five times as many.
-                lanes = [paths[n::REMOVE_LANES] for n in range(REMOVE_LANES)]
-                await _all(
-                    self.fs.blocking(partial(remove_all, self.fs.store_dir, lane))
+                now = self.fs.now()
+                lanes = [due[n::REMOVE_LANES] for n in range(REMOVE_LANES)]
+                kept = await _gather(
+                    self.fs.blocking(partial(remove_expired, self.fs.store_dir, lane, now))
                     for lane in lanes
                     if lane
                 )
-                await _all(store.delete(path) for path in paths)
+                if kept:
+                    log.warn(
+                        "expiry sweep: {count} records were older than their files "
+                        "(e.g. {path}); the files are kept and their records replaced",
+                        count=len(kept),
+                        path=kept[0].path,
+                    )
+                keptPaths = {facts.path for facts in kept}
+                await _all(
+                    [store.put(facts) for facts in kept]
+                    + [store.delete(path) for path in paths if path not in keptPaths]
+                )
                 removed += len(due)
                 metrics.expired_files.inc(len(due))
                 if backlog is not None:
@@ -317,6 +354,20 @@ class ExpirySweep(TimerService):
             return None
         self.fs.metrics.expiry_backlog.set(due)
         return due
+
+
+async def _gather(calls) -> list:
+    """The lists the Deferreds of C{calls} fire with, joined; failures as in L{_all}."""
+    joined: list = []
+    first: BaseException | None = None
+    for d in list(calls):
+        try:
+            joined.extend(await d)
+        except Exception as e:
+            first = first or e
+    if first is not None:
+        raise first
+    return joined
 
 
 async def _all(calls) -> None:

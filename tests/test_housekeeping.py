@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacd.core import FileServer
+from hmacd.facts import write_facts
 from hmacd.housekeeping import ExpirySweep, PartialSweep, sweep_partials
 from tests.store_contract import record
 from tests.support import SECRET, memory_metadata, store_files, synchronous
@@ -185,6 +186,25 @@ class ExpiryTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertIsNone(sweep.current)
         self.assertEqual(sweep.removed, 2)
+
+    def test_stale_record_keeps_a_newer_file(self):
+        """
+        A record older than its file (a store restored from a backup) does not delete it:
+        the file's facts name another upload that has not expired, and replace the record.
+        """
+        touch(self.root, "r/photo.jpg", NOW)
+        newer = record("r/photo.jpg", created=NOW - 60, expires=NOW + 3600, size=1)
+        with open(os.path.join(self.root, "r", "photo.jpg"), "rb") as f:
+            write_facts(f.fileno(), newer)
+        stale = record("r/photo.jpg", created=NOW - 86400, expires=NOW - 10, size=1)
+        self.successResultOf(self.fs.metadata.put(stale))
+        self.stored("r/old.jpg", NOW - 5)  # an ordinary expired file beside it
+        sweep = ExpirySweep(self.fs)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.assertEqual(store_files(self.root), ["r", "r/photo.jpg"])
+        self.assertEqual(self.successResultOf(self.fs.metadata.get("r/photo.jpg")), newer)
+        self.assertIsNone(self.successResultOf(self.fs.metadata.get("r/old.jpg")))
 
     def test_records_due_during_a_sweep(self):
         """Files that fall due while a sweep runs are taken by that same sweep."""
