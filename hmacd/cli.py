@@ -1,9 +1,10 @@
 """
-The C{hmacfs} command: sign slots, upload files, check configs.
+The C{hmacfs} command: sign slots, upload files, check configs, rebuild records.
 
     hmacfs sign [--config F] [--protocol v|v2|token|jwt] [--base-url URL] PATH SIZE [TYPE]
     hmacfs upload FILE URL [--header 'Authorization: Bearer ...'] [--chunk-size N]
     hmacfs check-config FILE
+    hmacfs reindex --config FILE
 
 User mistakes are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -97,6 +98,64 @@ def _check_config(args) -> int:
     return 0
 
 
+def _reindex(args) -> int:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    config = _config(args.config)
+    store_dir = os.path.abspath(config.store_dir)
+    if not os.path.isdir(store_dir):
+        raise UserError(f"StoreDir {store_dir}: no such directory")
+    config = dataclasses.replace(config, store_dir=store_dir)
+    result: list[int] = []
+
+    def go(reactor):
+        return Deferred.fromCoroutine(_reindexWith(reactor, config, result))
+
+    try:
+        react(go)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return 1
+    return result[0] if result else 1
+
+
+async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from hmacd.reindex import reindex
+    from hmacd.store import StoreUnavailable
+    from hmacd.tap import build_metadata
+
+    # What the stores say about themselves when they cannot start is the user's answer.
+    complaints: list[str] = []
+
+    def listen(event) -> None:
+        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
+            complaints.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(listen)
+    store = build_metadata(config, reactor)
+    try:
+        await store.start()
+        if not store.writable():
+            why = complaints[0] if complaints else "no store answers"
+            print(f"hmacfs reindex: no metadata store is reachable: {why}", file=sys.stderr)
+            result.append(1)
+            return
+        try:
+            counts = await reindex(store, config.store_dir, config.file_ttl)
+        except StoreUnavailable as e:
+            print(f"hmacfs reindex: the metadata store stopped answering: {e}", file=sys.stderr)
+            result.append(1)
+            return
+        print(f"hmacfs reindex: {store.name}: {counts.summary()}")
+        result.append(0)
+    finally:
+        globalLogPublisher.removeObserver(listen)
+        await store.stop()
+
+
 def _upload(args) -> int:
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react
@@ -158,7 +217,8 @@ async def upload_file(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="hmacfs", description="Sign slots for, upload to, and check configs of hmacfs."
+        prog="hmacfs",
+        description="Sign slots for, upload to, check configs of, and reindex hmacfs.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -185,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config and show it")
     check.add_argument("file")
     check.set_defaults(run=_check_config)
+
+    rebuild = commands.add_parser(
+        "reindex", help="rebuild missing metadata records from the stored files"
+    )
+    rebuild.add_argument("--config", required=True, help="the server's TOML config")
+    rebuild.set_defaults(run=_reindex)
 
     args = parser.parse_args(argv)
     try:

@@ -87,6 +87,8 @@ class Config:
     max_total_bytes_per_second: int = 0  # MaxTotalBytesPerSecond, shared by all uploads
     file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
     resumable_ttl: int = 86400  # ResumableTTL: unfinished resumable uploads older than this go
+    expiry_interval: int = 60  # ExpiryInterval, seconds between expiry sweeps
+    expiry_batch: int = 200  # ExpiryBatch: records a sweep handles per reactor turn
     gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
     monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
     shutdown_grace: int = 30  # ShutdownGrace, seconds uploads may finish in at shutdown
@@ -171,6 +173,8 @@ KEYS: dict[str, str] = {
     "MaxTotalBytesPerSecond": "max_total_bytes_per_second",
     "FileTTL": "file_ttl",
     "ResumableTTL": "resumable_ttl",
+    "ExpiryInterval": "expiry_interval",
+    "ExpiryBatch": "expiry_batch",
     "GCInterval": "gc_interval",
     "MonitorInterval": "monitor_interval",
     "ShutdownGrace": "shutdown_grace",
@@ -511,6 +515,26 @@ def _duration(value: object) -> int:
         raise _Invalid(f"must be {expected}", value) from None
 
 
+def _positive_duration(value: object) -> int:
+    # 0 would be a sweep that never waits; files past their expiry are not served anyway.
+    expected = 'must be a duration >= 1 (seconds, or a string like "1m", "1h")'
+    try:
+        seconds = _duration(value)
+    except _Invalid as problem:
+        raise _Invalid(expected, value, wrong_type=problem.wrong_type) from None
+    if seconds < 1:
+        raise _Invalid(expected, value)
+    return seconds
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type("an integer >= 1", value)
+    if value < 1:
+        raise _Invalid("must be an integer >= 1", value)
+    return value
+
+
 def _networks(value: object) -> tuple[str, ...]:
     expected = 'a list of IP addresses or CIDR blocks, like ["127.0.0.1", "10.0.0.0/8"]'
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -772,6 +796,8 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "MaxTotalBytesPerSecond": _size(0),
     "FileTTL": _duration,
     "ResumableTTL": _duration,
+    "ExpiryInterval": _positive_duration,
+    "ExpiryBatch": _positive_int,
     "GCInterval": _duration,
     "MonitorInterval": _duration,
     "ShutdownGrace": _duration,

@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from hmacd.core import FileServer, guess_type, is_inline_type
+from hmacd.facts import UnrecordedFiles, is_expired, read_facts
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
@@ -39,6 +40,9 @@ READ_SIZE = 256 * 1024
 RECORD_CACHE_SIZE = 10_000
 
 log = Logger()
+
+# A record lookup the store could not answer, unlike a record that is not there.
+_NO_ANSWER = object()
 
 
 class Unsatisfiable(Exception):
@@ -282,6 +286,7 @@ class StoreResource(Resource):
         # was fetched for, the record stands (a name deleted and uploaded again is a new
         # inode, also when another process did it).
         self._records: OrderedDict[str, tuple[tuple[int, int, int], FileRecord]] = OrderedDict()
+        self._unrecorded = UnrecordedFiles(fs.metadata, fs.reactor)
 
     def render(self, request):
         body = super().render(request)
@@ -311,11 +316,24 @@ class StoreResource(Resource):
         if f is None:
             return self._notFound(request)
         st = os.fstat(f.fileno())
+        facts = read_facts(f.fileno(), relpath)
+        if facts is not None and facts.size == st.st_size:
+            # The file's own facts: no store on the way to the bytes, up or not.
+            if is_expired(facts, self.fs.now()):
+                f.close()
+                return self._gone(request)
+            self._serve(request, f, relpath, facts, st)
+            # Whether the store knows it is asked off the response's path, now and then.
+            self._unrecorded.check(relpath)
+            return NOT_DONE_YET
         identity = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._records.get(relpath)
         if cached is not None and cached[0] == identity:
             # The same file as when its record was looked up: no store round trip.
             self._records.move_to_end(relpath)
+            if is_expired(cached[1], self.fs.now()):
+                f.close()
+                return self._gone(request)
             self._serve(request, f, relpath, cached[1], st)
             return NOT_DONE_YET
 
@@ -325,13 +343,23 @@ class StoreResource(Resource):
             # logged once, by the store.)
             if not failure.check(StoreUnavailable):
                 log.failure("metadata lookup for {path} failed", failure, path=escape(relpath))
-            return None
+            return _NO_ANSWER
 
         def found(record):
-            if record is not None:
+            if record is _NO_ANSWER:
+                record = None  # the store could not say: no news of a missing record
+            elif record is not None:
                 self._records[relpath] = (identity, record)
                 if len(self._records) > RECORD_CACHE_SIZE:
                     self._records.popitem(last=False)
+                if is_expired(record, self.fs.now()):
+                    f.close()
+                    if not request._disconnected:
+                        request.write(self._gone(request))
+                        request.finish()
+                    return
+            else:
+                self._unrecorded.missing(relpath)
             self._serve(request, f, relpath, record, st)
 
         d = self.fs.metadata.get(relpath)
@@ -339,6 +367,15 @@ class StoreResource(Resource):
         d.addCallback(found)
         d.addErrback(lambda failure: (f.close(), request.processingFailed(failure)))
         return NOT_DONE_YET
+
+    def _gone(self, request) -> bytes:
+        # As Prosody's mod_http_file_share: the file was here and is not any more, from
+        # the moment of its expiry, whether or not the sweep has deleted it yet.
+        request.setResponseCode(http.GONE)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        body = b"expired\n"
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     def _notFound(self, request) -> bytes:
         request.setResponseCode(http.NOT_FOUND)

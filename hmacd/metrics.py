@@ -96,6 +96,14 @@ class Metrics:
         self.component_connected = gauge(
             "component_connected", "1 while the XMPP component's stream is authenticated."
         )
+        self.expired_files = counter(
+            "expired_files", "Files the expiry sweep deleted (their expiry had passed)."
+        )
+        self.expiry_backlog = gauge(
+            "expiry_backlog",
+            "Records past their expiry not yet deleted, as the expiry sweep last counted.",
+            mode="livemax",
+        )
         self.threads = gauge("process_threads", "Threads of the server process.")
         self.rss = gauge("process_resident_memory_bytes", "Resident memory of the server process.")
         self.vms = gauge("process_virtual_memory_bytes", "Virtual memory of the server process.")

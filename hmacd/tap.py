@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from hmacd import logs
+from hmacd import facts, logs
 from hmacd.claims import claims_file
 from hmacd.component import ComponentService, SlotComponent, SlotIssuer
 from hmacd.config import Config, ConfigError, load_config
@@ -219,6 +219,12 @@ class _Announce(Service):
         )
         if self.secretLength < 16:
             log.warn("the secret is shorter than 16 bytes: MACs are only as strong as it")
+        if os.path.isdir(c.store_dir) and not facts.probe(c.store_dir):
+            log.warn(
+                "{store} has no user extended attributes: each file's facts (type, hash, "
+                "expiry) are kept in the metadata store only, and downloads need it",
+                store=c.store_dir,
+            )
 
 
 def build_metadata(config: Config, reactor) -> FailoverStore:
@@ -346,7 +352,9 @@ def build_service(
             listener.setName("http")
         listener.setServiceParent(top)
     PartialSweep(fs, resumableTTL=config.resumable_ttl).setServiceParent(top)
-    ExpirySweep(fs).setServiceParent(top)
+    ExpirySweep(fs, interval=config.expiry_interval, batch=config.expiry_batch).setServiceParent(
+        top
+    )
     if config.metrics_enabled:
         metrics = StreamServerEndpointService(
             serverFromString(reactor, config.metrics_endpoint), metrics_site(fs.metrics, reactor)

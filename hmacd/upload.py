@@ -39,6 +39,7 @@ from twisted.web import http, server
 from hmacd import auth
 from hmacd.claims import Claim, PathBusy, claim
 from hmacd.core import FileServer, guess_type
+from hmacd.facts import write_facts
 from hmacd.logs import censor, escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
@@ -367,6 +368,19 @@ class _Upload:
             self._spool(self._pending)
             self._pending = []
             self._file.flush()
+            record = FileRecord(
+                path=self.relpath,
+                size=self.received,
+                content_type=self.content_type,
+                sha256=self._sha256.hexdigest(),
+                created=self.fs.now(),
+                protocol=self.protocol,
+                uploader=self.uploader,
+                expires=self.expires,
+            )
+            # Before the fsync and the link: the facts are durable with the file, and the
+            # file is never visible without them.
+            write_facts(self._file.fileno(), record)
             os.fsync(self._file.fileno())
             self._file.close()
             try:
@@ -378,16 +392,7 @@ class _Upload:
             raise
         os.unlink(self.temp)
         self.releaseClaim()  # the name is taken now: a later upload of it meets the file
-        return FileRecord(
-            path=self.relpath,
-            size=self.received,
-            content_type=self.content_type,
-            sha256=self._sha256.hexdigest(),
-            created=self.fs.now(),
-            protocol=self.protocol,
-            uploader=self.uploader,
-            expires=self.expires,
-        )
+        return record
 
     def unpublish(self) -> None:
         """Take a committed file back when its record could not be written."""
@@ -615,6 +620,19 @@ class _ResumableChunk(_Upload):
         with open(self.data, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
+            record = FileRecord(
+                path=self.relpath,
+                size=self.total,
+                content_type=self.content_type,
+                sha256=digest.hexdigest(),
+                created=self.fs.now(),
+                protocol=self.protocol,
+                uploader=self.uploader,
+                expires=self.expires,
+            )
+            # As for a whole upload: the facts are on the file, durably, before it is linked.
+            if write_facts(f.fileno(), record):
+                os.fsync(f.fileno())
         try:
             self._makeParents(os.path.dirname(self.dest))
             store_path(self.fs.store_dir, self.relpath)
@@ -624,16 +642,7 @@ class _ResumableChunk(_Upload):
             self._pruneDirectories()
             raise Conflict() from None
         self._forget()
-        return FileRecord(
-            path=self.relpath,
-            size=self.total,
-            content_type=self.content_type,
-            sha256=digest.hexdigest(),
-            created=self.fs.now(),
-            protocol=self.protocol,
-            uploader=self.uploader,
-            expires=self.expires,
-        )
+        return record
 
     def _forget(self) -> None:
         for path in (self.data, self.state):

@@ -112,6 +112,61 @@ class StoreContract:
         self.assertEqual((yield self.store.expired(5.0, 10)), [])
 
     @inlineCallbacks
+    def test_expired_records_whole(self):
+        """Records come back from expired() equal to what was put, awkward text included."""
+        odd = record(
+            'x/hällo "wörld" 日本\\.png',
+            content_type='text/plain; charset="utf-8"; name=\\x/\ty',
+            uploader="ålice@exämple.org/\u2028res",
+            expires=1.5,
+            size=2**40,
+        )
+        yield self.store.put(odd)
+        self.assertEqual((yield self.store.expired(2.0, 10)), [odd])
+
+    @inlineCallbacks
+    def test_count_expired(self):
+        """count_expired(now) counts the records due by now, whatever their number."""
+        self.assertEqual((yield self.store.count_expired(10.0)), 0)
+        for n in range(5):
+            yield self.store.put(record(f"c/{n}", expires=float(n)))
+        yield self.store.put(record("c/never"))
+        self.assertEqual((yield self.store.count_expired(2.0)), 3)
+        self.assertEqual((yield self.store.count_expired(100.0)), 5)
+        yield self.store.delete("c/0")
+        self.assertEqual((yield self.store.count_expired(100.0)), 4)
+
+    @inlineCallbacks
+    def test_expired_file_not_served(self):
+        """Through this store, a file whose record has expired is 410, sweep or not."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from hmacd.store.failover import FailoverStore
+        from tests.support import MemoryServer
+
+        now = 1_800_000_000.0
+        metadata = FailoverStore(self.store, clock=reactor, healthInterval=0)
+        yield metadata.start()
+        root = self.mktemp()
+        server = MemoryServer(root, metadata=metadata)
+        server.clock.advance(now)
+        answers = {}
+        for name, expires in (("due.txt", now), ("kept.txt", now + 60)):
+            # No facts on these files (as uploaded by an older version): the record rules.
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"text")
+            yield self.store.put(record(name, size=4, content_type="text/plain", expires=expires))
+            channel, transport = server.connect()
+            channel.dataReceived(b"GET /upload/%s HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode())
+            for _ in range(500):
+                if b"\r\n\r\n" in transport.value():
+                    break
+                yield deferLater(reactor, 0.01, lambda: None)
+            answers[name] = transport.value().split(b"\r\n", 1)[0]
+        self.assertEqual(answers, {"due.txt": b"HTTP/1.1 410 Gone", "kept.txt": b"HTTP/1.1 200 OK"})
+
+    @inlineCallbacks
     def test_records(self):
         """records(limit) walks what is stored, at most limit at a time."""
         paths = {f"r/{n}" for n in range(7)}

@@ -40,6 +40,13 @@ def memory_metadata(clock) -> FailoverStore:
     return store
 
 
+def strip_facts(path: str) -> None:
+    """Take a stored file's facts off it, as if an older version had uploaded it."""
+    from hmacd.facts import ATTRIBUTE
+
+    os.removexattr(path, ATTRIBUTE)
+
+
 def synchronous(f):
     return maybeDeferred(f)
 

@@ -171,6 +171,8 @@ class DefaultsTests(ConfigFileTestCase):
                 "MaxTotalBytesPerSecond",
                 "FileTTL",
                 "ResumableTTL",
+                "ExpiryInterval",
+                "ExpiryBatch",
                 "GCInterval",
                 "MonitorInterval",
                 "ShutdownGrace",
@@ -918,6 +920,18 @@ class DurationTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(tomllib.loads(f"FileTTL = {value}"), "t.toml")
             self.assertIn("t.toml: FileTTL:", str(caught.exception), value)
+
+
+class ExpiryConfigTests(ConfigFileTestCase):
+    def test_expiry_keys(self) -> None:
+        """ExpiryInterval is a duration of at least 1 s, ExpiryBatch an integer of at least 1."""
+        config = self.load('ExpiryInterval = "2m"\nexpirybatch = 50\n')[1]
+        self.assertEqual((config.expiry_interval, config.expiry_batch), (120, 50))
+        self.assertEqual((Config().expiry_interval, Config().expiry_batch), (60, 200))
+        for value in ("0", '"0s"', "-5", "true", '"soon"'):
+            self.assertConfigError(f"ExpiryInterval = {value}\n", "ExpiryInterval", ">= 1")
+        for value in ("0", "-1", '"500"', "true", "2.5"):
+            self.assertConfigError(f"ExpiryBatch = {value}\n", "ExpiryBatch", ">= 1")
 
 
 class WorkersConfigTests(ConfigFileTestCase):

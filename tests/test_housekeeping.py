@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacd.core import FileServer
+from hmacd.facts import write_facts
 from hmacd.housekeeping import ExpirySweep, PartialSweep, sweep_partials
 from tests.store_contract import record
 from tests.support import SECRET, memory_metadata, store_files, synchronous
@@ -134,17 +135,88 @@ class ExpiryTests(SynchronousTestCase):
         self.clock.advance(300)
         self.assertNotIn("slot2/new.jpg", store_files(self.root))
 
-    def test_bounded_batches(self):
-        """One sweep handles at most batch * maxBatches records; the next takes the rest."""
-        for n in range(25):
-            self.stored(f"b/{n}.bin", NOW - 100 + n)
-        sweep = ExpirySweep(self.fs, interval=300, batch=10, maxBatches=2)
+    def test_sweep_drains_a_soak_backlog(self):
+        """
+        Issue 21: 5,000 due files (what a soak leaves behind), batches of 500: one sweep
+        deletes them all, one batch per reactor turn, and no second sweep starts meanwhile.
+        """
+        for n in range(5000):
+            self.stored(f"soak/{n % 50}/{n}.bin", NOW - 5000 + n)
+        self.stored("soak/later.bin", NOW + 3600)
+        sweep = ExpirySweep(self.fs, interval=60, batch=500)
+        metrics = self.fs.metrics
         sweep.startService()
         self.addCleanup(sweep.stopService)
-        self.assertEqual(sweep.removed, 20)
-        self.clock.advance(300)
-        self.assertEqual(sweep.removed, 25)
+        self.assertEqual(sweep.removed, 0)  # counted after the sweep
+        self.assertEqual(metrics.expired_files._value.get(), 500)  # one batch, then a yield
+        self.assertEqual(metrics.expiry_backlog._value.get(), 4500)
+        running = sweep.current
+        sweep.sweep()  # as a timer firing mid-sweep would: no second sweep
+        self.assertIs(sweep.current, running)
+        self.assertEqual(metrics.expired_files._value.get(), 500)
+        # A Clock runs every call that falls due within one advance, the yields included.
+        self.clock.advance(0)
+        self.assertIsNone(sweep.current)
+        self.assertEqual(sweep.removed, 5000)
+        self.assertEqual(metrics.expired_files._value.get(), 5000)
+        self.assertEqual(metrics.expiry_backlog._value.get(), 0)
+        self.assertEqual(store_files(self.root), ["soak", "soak/later.bin"])
+        self.assertEqual(self.successResultOf(self.fs.metadata.count_expired(NOW)), 0)
+
+    def test_store_without_count(self):
+        """A store that cannot count what is due (an embedder's, older) is still swept."""
+        self.stored("n/old.bin", NOW - 1)
+        self.patch(
+            self.fs.metadata, "count_expired", lambda now: fail(AttributeError("count_expired"))
+        )
+        sweep = ExpirySweep(self.fs)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
         self.assertEqual(store_files(self.root), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_store_that_does_not_delete(self):
+        """A store whose deletes do not take ends the sweep instead of spinning on one batch."""
+        for n in range(4):
+            self.stored(f"k/{n}.bin", NOW - 1)
+        self.patch(self.fs.metadata, "delete", lambda path: succeed(None))
+        sweep = ExpirySweep(self.fs, batch=2)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.clock.advance(0)
+        self.assertIsNone(sweep.current)
+        self.assertEqual(sweep.removed, 2)
+
+    def test_stale_record_keeps_a_newer_file(self):
+        """
+        A record older than its file (a store restored from a backup) does not delete it:
+        the file's facts name another upload that has not expired, and replace the record.
+        """
+        touch(self.root, "r/photo.jpg", NOW)
+        newer = record("r/photo.jpg", created=NOW - 60, expires=NOW + 3600, size=1)
+        with open(os.path.join(self.root, "r", "photo.jpg"), "rb") as f:
+            write_facts(f.fileno(), newer)
+        stale = record("r/photo.jpg", created=NOW - 86400, expires=NOW - 10, size=1)
+        self.successResultOf(self.fs.metadata.put(stale))
+        self.stored("r/old.jpg", NOW - 5)  # an ordinary expired file beside it
+        sweep = ExpirySweep(self.fs)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.assertEqual(store_files(self.root), ["r", "r/photo.jpg"])
+        self.assertEqual(self.successResultOf(self.fs.metadata.get("r/photo.jpg")), newer)
+        self.assertIsNone(self.successResultOf(self.fs.metadata.get("r/old.jpg")))
+
+    def test_records_due_during_a_sweep(self):
+        """Files that fall due while a sweep runs are taken by that same sweep."""
+        for n in range(10):
+            self.stored(f"d/{n}.bin", NOW + n)
+        sweep = ExpirySweep(self.fs, interval=60, batch=5)
+        self.clock.advance(4)  # d/0 .. d/4 are due: a full batch
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        self.clock.advance(5)  # the yield between batches took five seconds
+        self.assertEqual(store_files(self.root), [])
+        self.assertEqual(sweep.removed, 10)
 
     def test_store_down_keeps_the_loop(self):
         """A sweep that meets a store outage logs it and the next one runs."""

@@ -23,7 +23,15 @@ from twisted.web.client import FileBodyProducer, readBody
 
 from hmacd import auth
 from hmacd.core import guess_type
-from tests.support import SECRET, LoopbackServer, load_vectors, store_files, v2_query, v_query
+from tests.support import (
+    SECRET,
+    LoopbackServer,
+    load_vectors,
+    store_files,
+    strip_facts,
+    v2_query,
+    v_query,
+)
 
 
 def body_of(size: int, seed: str = "") -> bytes:
@@ -732,6 +740,7 @@ class DownloadPathTests(TestCase):
         real_get = store.get
         self.patch(store, "get", lambda path: (lookups.append(path), real_get(path))[1])
         yield self.put("doc.txt", b"first", "text/plain")
+        strip_facts(os.path.join(self.server.root, "doc.txt"))  # as uploaded by 0.x
         for _ in range(3):
             response = yield self.server.http.get(self.server.url("doc.txt"))
             yield readBody(response)
@@ -740,6 +749,7 @@ class DownloadPathTests(TestCase):
         os.unlink(os.path.join(self.server.root, "doc.txt"))
         yield store.delete("doc.txt")
         yield self.put("doc.txt", b"second", "image/png")
+        strip_facts(os.path.join(self.server.root, "doc.txt"))
         response = yield self.server.http.get(self.server.url("doc.txt"))
         self.assertEqual((yield readBody(response)), b"second")
         self.assertEqual(header(response, "Content-Type"), "image/png")
@@ -751,6 +761,7 @@ class DownloadPathTests(TestCase):
         from twisted.internet.defer import Deferred
 
         yield self.put("wait.bin", b"x" * 10)
+        strip_facts(os.path.join(self.server.root, "wait.bin"))
         pending = Deferred()
         store = self.server.fs.metadata
         self.patch(store, "get", lambda path: pending)

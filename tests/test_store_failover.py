@@ -48,6 +48,9 @@ class FlakyStore(MemoryStore):
     def expired(self, now, limit):
         return self._guard("expired", now, limit)
 
+    def count_expired(self, now):
+        return self._guard("count_expired", now)
+
     def records(self, limit):
         return self._guard("records", limit)
 

@@ -10,7 +10,7 @@ import time
 import uuid
 
 from twisted.internet import protocol, reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -95,6 +95,19 @@ class SharedRedisContractTests(StoreContract, TestCase):
             return d
 
         return store.start().addCallbacks(started, unreachable)
+
+    @inlineCallbacks
+    def test_deletes_together(self):
+        """Deletes made while one is in flight go in one script; every record goes."""
+        for i in range(20):
+            yield self.store.put(record(f"gone/{i}", expires=float(i)))
+        scripts = []
+        real = self.store._call
+        self.patch(self.store, "_call", lambda what, *a: (scripts.append(what), real(what, *a))[1])
+        yield gatherResults([self.store.delete(f"gone/{i}") for i in range(20)])
+        self.assertEqual(scripts, ["delete", "delete"])  # one, then the 19 that waited
+        self.assertEqual((yield self.store.count_expired(100.0)), 0)
+        self.assertEqual((yield self.store.records(100)), [])
 
     @inlineCallbacks
     def test_keys(self):

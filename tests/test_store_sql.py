@@ -167,6 +167,18 @@ class SQLChecks:
             self.assertEqual(got, record(f"many/{i}", size=99 if i == 3 else i))
 
     @inlineCallbacks
+    def test_deletes_together(self):
+        """Deletes made while one runs go together in one transaction; each record goes."""
+        for i in range(20):
+            yield self.store.put(record(f"gone/{i}", expires=float(i)))
+        calls = self.countInteractions()
+        yield gatherResults([self.store.delete(f"gone/{i}") for i in range(20)])
+        self.assertEqual(len(calls), 2)  # the first alone, then the 19 that waited for it
+        self.assertEqual((yield self.store.count_expired(100.0)), 0)
+        for i in range(20):
+            self.assertIsNone((yield self.store.get(f"gone/{i}")))
+
+    @inlineCallbacks
     def test_refused_record_fails_alone(self):
         """A record the database refuses fails its own put, not those batched with it."""
         first = self.store.put(record("first"))

@@ -643,6 +643,15 @@ class BuildServiceTests(TestCase):
         """A secret of 16 bytes or more starts without a warning."""
         self.assertEqual(self.warnings(b"0123456789abcdef"), [])
 
+    def test_no_extended_attributes_warns(self) -> None:
+        """A StoreDir whose file system keeps no user xattrs gets one warning at start."""
+        from hmacd import facts
+
+        self.patch(facts, "probe", lambda directory: directory != self.store)
+        warnings = self.warnings(b"0123456789abcdef")
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("no user extended attributes", formatEvent(warnings[0]))
+
 
 class TwistdHarness(TestCase):
     """Runs the real `twistd hmacfs` command, as users run it, in a subprocess."""

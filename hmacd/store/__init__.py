@@ -49,6 +49,9 @@ class IMetadataStore(Interface):
     def expired(now, limit):
         """Fire up to C{limit} records whose C{expires} is <= C{now}, soonest first."""
 
+    def count_expired(now):
+        """Fire how many records have C{expires} <= C{now}: the expiry sweep's backlog."""
+
     def records(limit):
         """Fire up to C{limit} records, any order (the failover copy-back walks these)."""
 

@@ -347,6 +347,9 @@ class FailoverStore:
     def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
         return self._first("expired", now, limit)
 
+    def count_expired(self, now: float) -> Deferred[int]:
+        return self._first("count_expired", now)
+
     def records(self, limit: int) -> Deferred[list[FileRecord]]:
         return self._first("records", limit)
 

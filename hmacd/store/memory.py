@@ -44,6 +44,11 @@ class MemoryStore:
         )
         return succeed(due[:limit])
 
+    def count_expired(self, now: float) -> Deferred[int]:
+        return succeed(
+            sum(1 for r in self._records.values() if r.expires is not None and r.expires <= now)
+        )
+
     def records(self, limit: int) -> Deferred[list[FileRecord]]:
         return succeed(list(self._records.values())[:limit])
 

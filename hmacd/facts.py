@@ -1,0 +1,213 @@
+"""
+A stored file's own facts, kept on the file: its signed Content-Type, SHA-256, size,
+uploader, protocol, created time and expiry, as one extended attribute (C{user.hmacfs},
+compact JSON).
+
+The facts are written on the temp file before it is fsynced and linked into place, so a
+file is never visible without them, and serving it needs nothing but the file: not the
+metadata store, which stays the index for expiry, listing and accounting, and can be
+rebuilt from the files (C{hmacfs reindex}).
+
+One attribute rather than one per fact: a setxattr costs about 2 us on ext4 here against
+70 us for four, and the small-PUT path is benchmarked.  Where the file system has no user
+extended attributes (ENOTSUP: some FUSE and network mounts), the facts live only in the
+store record, as before, and L{probe} tells the operator at start.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections import OrderedDict
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from hmacd.metadata import FileRecord
+
+__all__ = ["ATTRIBUTE", "UnrecordedFiles", "is_expired", "probe", "read_facts", "write_facts"]
+
+ATTRIBUTE = "user.hmacfs"
+VERSION = 1
+
+log = Logger()
+
+# The file system cannot keep the facts: serve and sweep by the store record alone.
+_UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
+# The value does not fit (ext4 keeps at most a block of attributes per inode): a huge
+# signed Content-Type or uploader.  That file's facts stay in the store only.
+_TOO_LARGE = (errno.E2BIG, errno.ERANGE, errno.ENOSPC)
+
+
+def encode(record: FileRecord) -> bytes:
+    """The attribute value for C{record}: everything but the path, which is the file's name."""
+    facts: dict[str, object] = {
+        "v": VERSION,
+        "size": record.size,
+        "type": record.content_type,
+        "sha256": record.sha256,
+        "created": record.created,
+        "protocol": record.protocol,
+    }
+    if record.uploader is not None:
+        facts["uploader"] = record.uploader
+    if record.expires is not None:
+        facts["expires"] = record.expires
+    return json.dumps(facts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode(relpath: str, value: bytes) -> FileRecord | None:
+    """The record C{value} describes, or None when it is not one of ours."""
+    try:
+        facts = json.loads(value)
+        if facts.get("v") != VERSION:
+            return None
+        expires = facts.get("expires")
+        return FileRecord(
+            path=relpath,
+            size=int(facts["size"]),
+            content_type=str(facts["type"]),
+            sha256=str(facts["sha256"]),
+            created=float(facts["created"]),
+            protocol=str(facts["protocol"]),
+            uploader=facts.get("uploader"),
+            expires=None if expires is None else float(expires),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def write_facts(fd: int, record: FileRecord) -> bool:
+    """
+    Put C{record}'s facts on the open file C{fd} (before its fsync, which makes them
+    durable with it).
+
+    @return: whether they are on the file; False where the file system cannot keep them
+        (the store record is then the only copy, as it was before facts existed).
+    @raise OSError: any other failure of the file system.
+    """
+    try:
+        os.setxattr(fd, ATTRIBUTE, encode(record))
+    except OSError as e:
+        if e.errno in _UNSUPPORTED or e.errno in _TOO_LARGE:
+            return False
+        raise
+    return True
+
+
+def read_facts(fd: int, relpath: str) -> FileRecord | None:
+    """The facts of the open file C{fd}, stored at C{relpath}; None if it has none."""
+    try:
+        value = os.getxattr(fd, ATTRIBUTE)
+    except OSError:
+        # ENODATA (no facts: uploaded by an older version, or too large), ENOTSUP.
+        return None
+    return decode(relpath, value)
+
+
+def read_facts_at(path: str, relpath: str) -> FileRecord | None:
+    """The facts of the file at C{path} (not following a symlink), or None."""
+    try:
+        value = os.getxattr(path, ATTRIBUTE, follow_symlinks=False)
+    except OSError:
+        return None
+    return decode(relpath, value)
+
+
+def is_expired(record: FileRecord, now: float) -> bool:
+    """Whether C{record}'s file is past its expiry at C{now}: not to be served any more."""
+    return record.expires is not None and record.expires <= now
+
+
+def probe(directory: str) -> bool:
+    """Whether files in C{directory} can carry user extended attributes."""
+    name = os.path.join(directory, f".hmacfs-probe-{os.getpid()}")
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return True  # cannot tell; uploads will find out file by file
+    try:
+        os.setxattr(fd, ATTRIBUTE, b"{}")
+        return True
+    except OSError as e:
+        return e.errno not in _UNSUPPORTED
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+class UnrecordedFiles:
+    """
+    Notices files that are served without a record in the metadata store (a store that
+    came back empty, files copied in by hand) and says so, pointing at C{hmacfs reindex}.
+
+    A file without facts is looked up in the store anyway (for its type), so its lookup
+    comes for free.  A file with facts is served without the store; whether it has a
+    record is asked after the response, once per path, at most C{checksPerSecond} a
+    second: never a store round trip on the way to the bytes.  A warning names each file
+    once, and at most one line goes out every C{warnEvery} seconds (the others are
+    counted into the next line).
+    """
+
+    remember = 100_000
+
+    def __init__(
+        self, store, clock, checksPerSecond: float = 20.0, warnEvery: float = 60.0
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.checkInterval = 1.0 / checksPerSecond
+        self.warnEvery = warnEvery
+        self._checked: OrderedDict[str, None] = OrderedDict()
+        self._warned: OrderedDict[str, None] = OrderedDict()
+        self._nextCheck = 0.0
+        self._nextWarning = 0.0
+        self._unsaid = 0  # files found since the last warning, not named in it
+        self.found = 0  # distinct files seen without a record
+
+    def check(self, relpath: str) -> Deferred | None:
+        """Ask the store, some time after a file with facts was served, whether it has a
+        record; None when this path is known or the budget is spent."""
+        if relpath in self._checked:
+            return None
+        now = self.clock.seconds()
+        if now < self._nextCheck:
+            return None  # a later download of it will ask
+        self._nextCheck = now + self.checkInterval
+        self._remember(self._checked, relpath)
+        d = self.store.get(relpath)
+
+        def answered(record) -> None:
+            if record is None:
+                self.missing(relpath)
+
+        # An outage says nothing about the record: ask again on a later download.
+        d.addCallbacks(answered, lambda _: self._checked.pop(relpath, None))
+        return d
+
+    def missing(self, relpath: str) -> None:
+        """C{relpath} was served and the store has no record of it."""
+        self._checked.pop(relpath, None)
+        if relpath in self._warned:
+            return
+        self._remember(self._warned, relpath)
+        self.found += 1
+        now = self.clock.seconds()
+        if now < self._nextWarning:
+            self._unsaid += 1
+            return
+        self._nextWarning = now + self.warnEvery
+        unsaid, self._unsaid = self._unsaid, 0
+        log.warn(
+            "served {path} but the metadata store has no record of it{more}: it is not "
+            "indexed for expiry; run `hmacfs reindex --config FILE` to rebuild the missing "
+            "records from the files",
+            path=relpath,
+            more=f" (nor of {unsaid} other files since the last warning)" if unsaid else "",
+        )
+
+    def _remember(self, seen: OrderedDict[str, None], relpath: str) -> None:
+        seen[relpath] = None
+        if len(seen) > self.remember:
+            seen.popitem(last=False)
