@@ -12,6 +12,8 @@ Slow and greedy clients against a real ``twistd -n hmacfs`` with the default con
     .venv/bin/python bench/slowloris.py [--every 5] [--sockets 200] [--hold 40]
 
 The server is started here with a config of ListenPort, StoreDir, Secret and LogFile only;
+``--set KEY=VALUE`` adds a line to it (``--set HeaderTimeout=0 --set
+MaxConnectionsPerClient=0``: the server as it was before these limits);
 ``--server HOST:PORT`` measures one already running instead.
 """
 
@@ -116,7 +118,7 @@ def drive(dribblers: list[Dribbler], until: float) -> None:
             d.closedAt = None  # still open when we stopped: not the server's doing
 
 
-def start_server(workdir: str) -> tuple[subprocess.Popen, int]:
+def start_server(workdir: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = os.path.join(workdir, "config.toml")
     with open(config, "w") as f:
@@ -124,6 +126,8 @@ def start_server(workdir: str) -> tuple[subprocess.Popen, int]:
         f.write(f'StoreDir = "{os.path.join(workdir, "store")}"\n')
         f.write('Secret = "slowloris-bench-secret-0123456789"\n')
         f.write(f'LogFile = "{os.path.join(workdir, "hmacfs.log")}"\n')
+        for line in extra:
+            f.write(line + "\n")
     proc = subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "hmacfs", "--config", config],
         cwd=workdir,
@@ -141,6 +145,13 @@ def main() -> None:
     parser.add_argument("--sockets", type=int, default=200, help="dribbling clients at once")
     parser.add_argument("--hold", type=float, default=40.0, help="seconds to watch them")
     parser.add_argument("--server", help="HOST:PORT of a running hmacfs (default: start one)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TOML line for the server started here, e.g. HeaderTimeout=0",
+    )
     args = parser.parse_args()
 
     proc = None
@@ -149,18 +160,18 @@ def main() -> None:
         address = (host, int(port))
     else:
         workdir = tempfile.mkdtemp(prefix="hmacfs-slowloris-")
-        proc, port = start_server(workdir)
+        proc, port = start_server(workdir, args.set)
         address = ("127.0.0.1", port)
     try:
         # wait_port's probe connection may still hold a place for a moment.
         time.sleep(0.5)
         one = Dribbler(address, args.every)
-        drive([one], time.monotonic() + 300)
+        drive([one], time.monotonic() + args.hold)
         print(
             f"one dribbler (a byte every {args.every:g} s): closed after "
             f"{one.lifetime:.2f} s, answer {one.status!r}"
             if one.lifetime is not None
-            else "one dribbler: still open after 300 s"
+            else f"one dribbler: still open after {args.hold:g} s"
         )
 
         time.sleep(0.5)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 
 from hmacd.throttle import Network, _trusted, client_address
@@ -184,7 +186,7 @@ class GuardedChannel(http.HTTPChannel):
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._endHead()
         super().connectionLost(reason)
 
