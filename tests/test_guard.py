@@ -452,7 +452,7 @@ class SlowBodyTests(SynchronousTestCase):
         channel, transport = connect(self.server)
         channel.dataReceived(put_head("t.bin", size, v_query("t.bin", size)))
         sent = 0
-        while sent < size:
+        while sent < size and not transport.disconnecting and self.clock.seconds() < 1000:
             # A client that sends whenever it is let: the throttle alone sets the pace.
             if transport.producerState == "producing":
                 channel.dataReceived(body[sent : sent + 16384])
@@ -460,6 +460,39 @@ class SlowBodyTests(SynchronousTestCase):
             else:
                 self.clock.advance(1)
         self.assertGreater(self.clock.seconds(), 60)
+        self.assertEqual(responses(transport), [201])
+        self.assertEqual(
+            sample(self.server, "hmac_file_server_connections_cut_total", reason="slow_upload"), 0
+        )
+
+    def test_disk_pause_not_cut(self):
+        """Reading paused while a slow disk catches up is not held against the client."""
+        self.server.fs.min_upload_bytes_per_second = 200_000  # 6 MB a window
+
+        def slow_disk(work):
+            # Every batch of writes (and the commit) takes 25 s.
+            d = Deferred()
+            self.clock.callLater(25, lambda: d.callback(work()))
+            return d
+
+        self.server.fs.blocking = slow_disk
+        size = 12 * 2**20
+        channel, transport = connect(self.server)
+        channel.dataReceived(put_head("disk.bin", size, v_query("disk.bin", size)))
+        sent, chunk = 0, 64 * 1024
+        paused = 0
+        while sent < size and not transport.disconnecting and paused < 1000:
+            if transport.producerState == "producing":
+                channel.dataReceived(b"d" * min(chunk, size - sent))
+                sent += chunk
+            else:
+                paused += 1
+                self.clock.advance(1)
+        for _ in range(100):
+            if responses(transport):
+                break
+            self.clock.advance(1)
+        self.assertGreater(paused, 60, "reading was held back for more than two windows")
         self.assertEqual(responses(transport), [201])
         self.assertEqual(
             sample(self.server, "hmac_file_server_connections_cut_total", reason="slow_upload"), 0
