@@ -5,6 +5,7 @@ MinUploadBytesPerSecond, at the protocol level on a Clock, and over real sockets
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -26,6 +27,7 @@ from hmacd.store.failover import FailoverStore
 from hmacd.store.memory import MemoryStore
 from hmacd.throttle import parse_networks
 from tests.support import LoopbackServer, MemoryServer, store_files, v_query
+from tests.test_tap import TwistdHarness, _free_port, _read
 from tests.test_upload import put_head, request_head, status
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.rst")
@@ -671,3 +673,57 @@ class RealSocketTests(TestCase):
             ),
             3,
         )
+
+
+class TwistdGuardTests(TwistdHarness):
+    """The limits as configured, in `twistd -n hmacfs`, over real sockets."""
+
+    def test_config_limits_over_real_sockets(self):
+        """With HeaderTimeout = 1, MaxConnectionsPerClient = 2: a 3rd socket closed, 408 at ~1 s."""
+        port = _free_port()
+        cfg = self.config(port, HeaderTimeout=1, MaxConnectionsPerClient=2, LogFile="hmacfs.log")
+        proc = self.spawn("-n", "hmacfs", "--config", cfg)
+        self.waitListening(port, proc)
+        time.sleep(0.5)  # the probe connection of waitListening is gone
+        socks = []
+        self.addCleanup(lambda: [s.close() for s in socks])
+        for _ in range(2):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        try:
+            third = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except ConnectionResetError:
+            pass  # aborted before connect() returned: closed at once too
+        else:
+            socks.append(third)
+            self.assertEqual(_eof(third), b"", "the third connection is closed at once")
+        dribbler = socks[0]
+        dribbler.settimeout(0.3)
+        started, data = time.monotonic(), b""
+        dribbler.sendall(DRIBBLE)
+        while time.monotonic() - started < 10:
+            try:
+                chunk = dribbler.recv(4096)
+            except TimeoutError:
+                with contextlib.suppress(OSError):
+                    dribbler.sendall(b"a")
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        elapsed = time.monotonic() - started
+        self.assertTrue(data.startswith(b"HTTP/1.1 408 "), data)
+        self.assertTrue(0.9 <= elapsed < 4, elapsed)
+        self.assertIn("MaxConnectionsPerClient", _read(os.path.join(self.cwd, "hmacfs.log")))
+
+
+def _eof(sock: socket.socket) -> bytes | None:
+    """b"" once the server has closed sock (EOF or reset), None if still open after 2 s."""
+    sock.settimeout(2)
+    try:
+        return sock.recv(1)
+    except ConnectionResetError:
+        return b""
+    except TimeoutError:
+        return None
