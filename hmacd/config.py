@@ -96,6 +96,10 @@ class Config:
     rate_limit_per_minute: int = 0  # RateLimitPerMinute, per client address; 0 = off
     rate_limit_burst: int = 0  # RateLimitBurst; 0 = as many as RateLimitPerMinute
     trusted_proxies: tuple[str, ...] = ()  # TrustedProxies: IPs/CIDRs whose X-Forwarded-For counts
+    header_timeout: int = 20  # HeaderTimeout, seconds a request head may take; 0 = no deadline
+    max_connections_per_client: int = 100  # MaxConnectionsPerClient, per address; 0 = no cap
+    min_upload_bytes_per_second: int = 0  # MinUploadBytesPerSecond, body rate floor; 0 = none
+    min_upload_rate_window: int = 30  # MinUploadRateWindow, seconds the floor is averaged over
     # The XEP-0363 slot component (XEP-0114), on when ComponentJID is set.
     component_jid: str = ""
     component_secret: str = ""
@@ -182,6 +186,10 @@ KEYS: dict[str, str] = {
     "RateLimitPerMinute": "rate_limit_per_minute",
     "RateLimitBurst": "rate_limit_burst",
     "TrustedProxies": "trusted_proxies",
+    "HeaderTimeout": "header_timeout",
+    "MaxConnectionsPerClient": "max_connections_per_client",
+    "MinUploadBytesPerSecond": "min_upload_bytes_per_second",
+    "MinUploadRateWindow": "min_upload_rate_window",
     "ComponentJID": "component_jid",
     "ComponentSecret": "component_secret",
     "ComponentServer": "component_server",
@@ -805,6 +813,10 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "RateLimitPerMinute": _nonnegative_int,
     "RateLimitBurst": _nonnegative_int,
     "TrustedProxies": _networks,
+    "HeaderTimeout": _duration,
+    "MaxConnectionsPerClient": _nonnegative_int,
+    "MinUploadBytesPerSecond": _size(0),
+    "MinUploadRateWindow": _duration,
     "ComponentJID": _domain_or_empty,
     "ComponentSecret": _component_secret,
     "ComponentServer": _component_server,
@@ -929,6 +941,13 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
                     name(canonical),
                     "cannot be enforced across processes: use it with Workers = 1",
                 )
+    if config.min_upload_bytes_per_second and not config.min_upload_rate_window:
+        # A floor judged over no time at all would cut every upload at its first byte.
+        raise _error(
+            source,
+            name("MinUploadRateWindow"),
+            "must be at least 1 second when MinUploadBytesPerSecond is set",
+        )
     if config.fallback_enabled and not config.fallback_db_name:
         raise _error(source, name("FallbackDBName"), "must be set when FallbackEnabled is true")
     return config

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from hmacd.auth import DEFAULT_CONTENT_TYPE
+from hmacd.guard import ClientCounts
 from hmacd.metrics import Metrics
 
 __all__ = ["FileServer", "guess_type", "is_inline_type"]
@@ -88,6 +89,14 @@ class FileServer:
     resumable: set = field(default_factory=set)
     # The hmacd.upload.GroupCommit that finished uploads are committed through.
     committer: Any = None
+    # HeaderTimeout, MaxConnectionsPerClient, MinUploadBytesPerSecond and MinUploadRateWindow
+    # (hmacd.guard); off unless given, so that a FileServer built by hand behaves as before.
+    header_timeout: float = 0
+    max_connections_per_client: int = 0
+    min_upload_bytes_per_second: int = 0
+    min_upload_rate_window: float = 30
+    # Connections (and forwarded requests) held per client address: a hmacd.guard.ClientCounts.
+    clients: ClientCounts = field(default_factory=ClientCounts)
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

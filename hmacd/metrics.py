@@ -88,6 +88,18 @@ class Metrics:
         self.rate_limited = counter(
             "rate_limited", "Requests refused with 429 by the per-address request-rate limit."
         )
+        self.connections_refused = counter(
+            "connections_refused",
+            "Connections closed at accept (or, through a trusted proxy, requests refused with"
+            " 429) because the client address held MaxConnectionsPerClient already.",
+            ["reason"],
+        )
+        self.connections_cut = counter(
+            "connections_cut",
+            "Connections the server closed for slowness: a request head past HeaderTimeout"
+            " (header_timeout), an upload body under MinUploadBytesPerSecond (slow_upload).",
+            ["reason"],
+        )
         self.slots = counter(
             "slots",
             "Upload slots asked of the XMPP component: issued, or the stanza error refusing it.",

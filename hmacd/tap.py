@@ -328,6 +328,10 @@ def build_service(
             else None
         ),
         metrics=Metrics(shared=metricsDir if pool else None),
+        header_timeout=config.header_timeout,
+        max_connections_per_client=config.max_connections_per_client,
+        min_upload_bytes_per_second=config.min_upload_bytes_per_second,
+        min_upload_rate_window=config.min_upload_rate_window,
     )
     fs.metrics.watch_stores(metadata)
     top = MultiService()

@@ -40,6 +40,7 @@ from hmacd import auth
 from hmacd.claims import Claim, PathBusy, claim
 from hmacd.core import FileServer, guess_type
 from hmacd.facts import write_facts
+from hmacd.guard import counted_client, watch_body_rate
 from hmacd.logs import censor, escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path, store_path
@@ -734,6 +735,7 @@ class UploadRequest(server.Request):
     _savedTimeout = None
     _finishOnBody = False
     _drainBudget: int | None = None  # bytes of a refused body still read and dropped
+    _floor = None  # the hmacd.guard.BodyRateFloor of this upload (MinUploadBytesPerSecond)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -752,7 +754,7 @@ class UploadRequest(server.Request):
         self.method, self.uri = channel._command, channel._path
         self.clientproto = channel._version
         self.path = self.uri.split(b"?", 1)[0]
-        if self._rateLimited(length):
+        if self._rateLimited(length) or self._overClientCap(length):
             return
         if self.method == b"PUT":
             self.content = BytesIO()  # never used; Twisted closes it
@@ -795,6 +797,38 @@ class UploadRequest(server.Request):
         )
         return True
 
+    def _overClientCap(self, length: int | None) -> bool:
+        """
+        Through a trusted proxy, count this request against the client it forwards for
+        (MaxConnectionsPerClient; other peers were counted at accept), or refuse it.
+        """
+        fs: FileServer = self.channel.site.fileServer
+        peer = getattr(self.getClientAddress(), "host", None)
+        if not fs.max_connections_per_client or peer is None:
+            return False
+        client = counted_client(
+            peer, self.requestHeaders.getRawHeaders(b"x-forwarded-for"), fs.trusted_proxies
+        )
+        if client is None:
+            return False
+        if fs.clients.acquire(client, fs.max_connections_per_client):
+            self.notifyFinish().addBoth(lambda _: fs.clients.release(client))
+            return False
+        fs.metrics.connections_refused.labels("per_client").inc()
+        if self.method == b"PUT":
+            self._failed("per_client")
+        # Closed after the answer whatever the body: what the proxy sends next on this
+        # connection may be for the same client.
+        self.channel.persistent = False
+        self._refuse(
+            TOO_MANY_REQUESTS,
+            "too many connections from this client",
+            length,
+            [(b"Connection", b"close")],
+            error=False,
+        )
+        return True
+
     def handleContentChunk(self, data: bytes) -> None:
         upload = self._upload
         if upload is None:
@@ -834,6 +868,8 @@ class UploadRequest(server.Request):
         """Stop reading from the client, for C{reason}, until L{_unpause} of it."""
         if not self._pausedFor:
             self.channel.transport.pauseProducing()
+            if self._floor is not None:
+                self._floor.pause()  # our own pause is not the client's slowness
         self._pausedFor |= {reason}
 
     def _unpause(self, reason: str) -> None:
@@ -844,6 +880,8 @@ class UploadRequest(server.Request):
         channel = getattr(self, "channel", None)  # gone once the request has finished
         if not self._pausedFor and channel is not None and not self._disconnected:
             channel.transport.resumeProducing()
+            if self._floor is not None:
+                self._floor.resume()
 
     def _diskCaughtUp(self) -> None:
         self._unpause("disk")
@@ -874,7 +912,31 @@ class UploadRequest(server.Request):
             self._resume.cancel()
             self._unthrottle()
 
+    def _tooSlow(self, received: int, seconds: float) -> None:
+        """Below MinUploadBytesPerSecond: cut; connectionLost removes the temp file."""
+        self._floor = None
+        upload = self._upload
+        if upload is None or upload.committing or self._disconnected:
+            return
+        fs = self.channel.site.fileServer
+        fs.metrics.connections_cut.labels("slow_upload").inc()
+        log.info(
+            "upload of {path} too slow ({received} bytes in {seconds:.0f} s, the floor is"
+            " {floor} B/s); cut",
+            path=upload.relpath,
+            received=received,
+            seconds=seconds,
+            floor=fs.min_upload_bytes_per_second,
+        )
+        self.channel.transport.abortConnection()
+
+    def _stopFloor(self) -> None:
+        if self._floor is not None:
+            self._floor.stop()
+            self._floor = None
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._stopFloor()
         if self._refused:
             if self._finishOnBody:
                 self._finishRefusal()
@@ -911,6 +973,7 @@ class UploadRequest(server.Request):
         d.addErrback(self._commitFailed, upload)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._stopFloor()
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
@@ -1044,6 +1107,8 @@ class UploadRequest(server.Request):
                 )
             self._acceptedAt = fs.reactor.seconds()
             self._upload.onRelief = self._diskCaughtUp
+            upload = self._upload
+            self._floor = watch_body_rate(fs, lambda: upload.received, self._tooSlow)
             if fs.max_bytes_per_second:
                 self._bandwidth = Bandwidth(fs.max_bytes_per_second, fs.reactor)
             if size > READ_SIZE:

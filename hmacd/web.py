@@ -8,12 +8,15 @@ which MACs never appear.
 
 from __future__ import annotations
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import http, server
 
 from hmacd.core import FileServer
 from hmacd.download import StoreResource
+from hmacd.guard import address_key, guarded_channel
 from hmacd.logs import censor, censoring_formatter, escape
+from hmacd.throttle import _trusted
 from hmacd.upload import ALLOWED_METHODS, UploadRequest
 
 __all__ = ["HmacfsSite", "censor_access_log"]
@@ -21,6 +24,19 @@ __all__ = ["HmacfsSite", "censor_access_log"]
 # Module level: a Logger class attribute would take the class's name as its
 # namespace, and access-log filters want a stable one.
 _access = Logger(namespace="hmacfs.access")
+log = Logger()
+
+
+class _Refused(Protocol):
+    """
+    A connection over MaxConnectionsPerClient: dropped as soon as it is made.
+
+    A protocol rather than None from buildProtocol, which a TLS listener
+    (an ssl: endpoint wraps the Site) cannot take.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
 
 
 class HmacfsSite(server.Site):
@@ -36,15 +52,20 @@ class HmacfsSite(server.Site):
     displayTracebacks = False
     # log() below writes a censored, escaped line of its own.
     censorsAccessLog = True
+    protocol = guarded_channel  # HeaderTimeout
 
     def __init__(self, fileServer: FileServer, reactor=None, timeout: float | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}
         super().__init__(StoreResource(fileServer), reactor=reactor or fileServer.reactor, **kwargs)
         self.fileServer = fileServer
         self.openConnections = 0
+        self._quietUntil = 0.0  # no warning about refused connections before this time
         self._connections = fileServer.metrics.connections
 
     def buildProtocol(self, addr):
+        client = self._countedPeer(addr)
+        if client is not None and not self._admit(client):
+            return _Refused()
         protocol = super().buildProtocol(addr)
         self.openConnections += 1
         self._connections.inc()
@@ -53,10 +74,44 @@ class HmacfsSite(server.Site):
         def lost(reason):
             self.openConnections -= 1
             self._connections.dec()
+            if client is not None:
+                self.fileServer.clients.release(client)
             return connectionLost(reason)
 
         protocol.connectionLost = lost
         return protocol
+
+    def _countedPeer(self, addr) -> str | None:
+        """
+        The address a new connection counts against at accept, or None: no cap, no IP
+        address (a Unix socket), or a trusted proxy, whose requests are counted per
+        forwarded client instead (L{hmacd.upload.UploadRequest}).
+        """
+        fs = self.fileServer
+        host = getattr(addr, "host", None)
+        if not fs.max_connections_per_client or not isinstance(host, str):
+            return None
+        if fs.trusted_proxies and _trusted(host, fs.trusted_proxies):
+            return None
+        return address_key(host)
+
+    def _admit(self, client: str) -> bool:
+        fs = self.fileServer
+        limit = fs.max_connections_per_client
+        if fs.clients.acquire(client, limit):
+            return True
+        fs.metrics.connections_refused.labels("per_client").inc()
+        now = self.reactor.seconds()
+        if now >= self._quietUntil:
+            # At most a line a minute: a flood would otherwise write one per connection.
+            self._quietUntil = now + 60
+            log.warn(
+                "{client} holds MaxConnectionsPerClient ({limit}) connections: more are"
+                " refused (a reverse proxy in front of hmacfs belongs in TrustedProxies)",
+                client=client,
+                limit=limit,
+            )
+        return False
 
     def acceptableProtocols(self) -> list[bytes]:
         """
