@@ -28,7 +28,17 @@ setup(
         # slixmpp (and the aiohttp its XEP-0363 plugin uploads with) is the real XMPP
         # client of tests/test_xmpp.py.
         "test": ["hypothesis>=6.100", "slixmpp>=1.8", "aiohttp>=3.9"],
-        "dev": ["hypothesis>=6.100", "slixmpp>=1.8", "aiohttp>=3.9", "ruff"],
+        "dev": [
+            "hypothesis>=6.100",
+            "slixmpp>=1.8",
+            "aiohttp>=3.9",
+            "ruff",
+            "mypy",
+            "mypy-zope",
+            "types-psutil",
+            "types-PyMySQL",
+            "types-psycopg2",
+        ],
     },
     classifiers=[
         "Framework :: Twisted",
