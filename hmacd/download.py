@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from hmacd.core import FileServer, guess_type, is_inline_type
 from hmacd.metadata import FileRecord
+from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.upload import ALLOWED_METHODS
@@ -60,16 +61,12 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if not dash:
         return None
     first, last = first.strip(), last.strip()
-    # ASCII only: str.isdigit() also says yes to "\xb2" (int() refuses it) and to "\u0661".
-    if not (first + last).isascii():
-        return None
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
-        return None
     try:
-        start = int(first) if first else None
-        end = int(last) if last else None
-    except ValueError:
-        # More digits than int() converts (sys.get_int_max_str_digits()); 14.2 lets us ignore it.
+        start = parse_decimal(first) if first else None
+        end = parse_decimal(last) if last else None
+    except NotADecimal:
+        # Not ASCII digits, or more of them than any file has bytes: RFC 9110 14.2 lets
+        # us ignore an invalid Range.
         return None
     if start is None:
         if end is None:

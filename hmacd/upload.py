@@ -40,6 +40,7 @@ from hmacd import auth
 from hmacd.core import FileServer, guess_type
 from hmacd.logs import censor
 from hmacd.metadata import FileRecord
+from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.throttle import Bandwidth, client_address
@@ -614,10 +615,13 @@ def _parse_content_range(value: str) -> tuple[int, int, int] | tuple[int] | None
     match = _CONTENT_RANGE.fullmatch(value.strip())
     if match is None:
         return None
-    first, last, total = match.groups()
-    if first is None:
-        return (int(total),)
-    first, last, total = int(first), int(last), int(total)
+    try:
+        numbers = [parse_decimal(n) for n in match.groups() if n is not None]
+    except NotADecimal:
+        return None
+    if len(numbers) == 1:
+        return (numbers[0],)
+    first, last, total = numbers
     if not first <= last < total:
         return None
     return first, last, total
@@ -917,14 +921,15 @@ class UploadRequest(server.Request):
             elif length is None:
                 # A chunked body: the signed size must be declared up front,
                 # and the final byte count must match it.
-                declared = (_header(self, b"x-upload-length") or "").strip()
-                if not declared.isdigit() or not declared.isascii():
+                try:
+                    size = parse_decimal((_header(self, b"x-upload-length") or "").strip())
+                except NotADecimal:
+                    # Absent, or no length we could use (not ASCII digits, too many of them).
                     return self._refuse(
                         http.LENGTH_REQUIRED,
-                        "Content-Length or X-Upload-Length required",
+                        "Content-Length or X-Upload-Length (1 to 20 digits) required",
                         length,
                     )
-                size = int(declared)
             else:
                 size = length
             if not auth.verify_hmac(protocol, fs.secret, relpath, size, content_type, mac):
