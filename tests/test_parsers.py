@@ -14,6 +14,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
+from hmacd.config import ConfigError, load_config, parse_duration, parse_size
 from hmacd.numbers import MAX_DIGITS, NotADecimal, parse_decimal
 from hmacd.web import HmacfsChannel, HmacfsSite
 from tests.support import MemoryServer, store_files, v_query
@@ -133,3 +134,50 @@ class DecimalTests(SynchronousTestCase):
         self.assertRaises(NotADecimal, parse_decimal, "1" * (MAX_DIGITS + 1))
         self.assertRaises(NotADecimal, parse_decimal, "9" * 5000)
         self.assertEqual(parse_decimal("9" * 30, max_digits=30), 10**30 - 1)
+
+
+class ConfigRefusalTests(SynchronousTestCase):
+    """Operator input past Python's limits is one ConfigError line, never a traceback."""
+
+    def load(self, text: str) -> ConfigError:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith(path + ": "), message)
+        self.assertNotIn("\n", message)
+        return caught.exception
+
+    def test_unicode_folding_in_durations(self):
+        """'5\u017f' (long s) and Arabic-Indic digits are not durations, and name the key."""
+        for value in ("5\u017f", "\u0661\u0662", "\u0661\u0662s", "12\u2003h", "1h\u20035m"):
+            self.assertEqual(self.load(f'FileTTL = "{value}"\n').key, "FileTTL", value)
+            self.assertRaises(ValueError, parse_duration, value)
+
+    def test_unicode_digits_in_sizes(self):
+        """Sizes and durations agree: non-ASCII digits are refused by both."""
+        for value in ("\u0661\u0662", "\u0661\u0662MB", "1.\u0665GB"):
+            self.assertEqual(self.load(f'UploadMaxSize = "{value}"\n').key, "UploadMaxSize")
+            self.assertRaises(ValueError, parse_size, value)
+
+    def test_digit_cap(self):
+        """Strings of more than MAX_DIGITS digits and integers of more are refused."""
+        self.assertEqual(parse_duration("9" * MAX_DIGITS), int("9" * MAX_DIGITS))
+        self.assertEqual(parse_size("9" * MAX_DIGITS), int("9" * MAX_DIGITS))
+        for key in ("FileTTL", "UploadMaxSize", "RedisDB"):
+            self.load(f'{key} = "{"9" * 4301}"\n')
+            self.assertEqual(self.load(f"{key} = {'9' * (MAX_DIGITS + 1)}\n").key, key)
+
+    def test_public_url_brackets(self):
+        """A PublicURL that urlsplit itself refuses is a ConfigError naming the key."""
+        for value in ("http://[", "https://[x]/", "http://[::1/"):
+            self.assertEqual(self.load(f'PublicURL = "{value}"\n').key, "PublicURL", value)
+
+    def test_toml_past_python_limits(self):
+        """A 5,000-digit integer or arrays nested 5,000 deep: one line, naming the file."""
+        error = self.load("\n\nUploadMaxSize = " + "9" * 5000 + "\n")
+        self.assertIn("line 3", str(error))
+        self.load("TrustedProxies = " + "[" * 5000 + "]" * 5000 + "\n")
+        self.load("x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n")
