@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from hmacd.auth import DEFAULT_CONTENT_TYPE
+from hmacd.mediatype import BadMediaType, essence, parse_media_type
 from hmacd.metrics import Metrics
 
 __all__ = ["FileServer", "guess_type", "is_inline_type"]
@@ -35,9 +36,15 @@ def is_inline_type(content_type: str) -> bool:
 
     XEP-0363 deployments show pictures, video, audio and plain text in the
     page; everything else is served as an attachment so that an uploaded
-    HTML or PDF file never runs in the server's origin.
+    HTML or PDF file never runs in the server's origin.  Judged on the parsed
+    type alone: a value that is not exactly one media type (a list such as
+    C{image/png, text/html}, whose last type a browser would use) is never
+    inline.
     """
-    main = content_type.split(";", 1)[0].strip().lower()
+    try:
+        main = essence(parse_media_type(content_type))
+    except BadMediaType:
+        return False
     return main == "text/plain" or main.split("/", 1)[0] in ("image", "video", "audio")
 
 

@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from hmacd.core import FileServer, guess_type, is_inline_type
+from hmacd.mediatype import OCTET_STREAM, BadMediaType, parse_media_type
 from hmacd.metadata import FileRecord
 from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
@@ -340,7 +341,12 @@ class StoreResource(Resource):
             request.finish()
             return
 
-        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        try:
+            content_type = parse_media_type(content_type)
+        except BadMediaType:
+            # A record from before types were parsed on upload: never served as it stands.
+            content_type = OCTET_STREAM
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
         if not is_inline_type(content_type):
             name = quote(relpath.rsplit("/", 1)[-1], safe="")
             request.setHeader(

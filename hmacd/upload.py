@@ -39,6 +39,7 @@ from twisted.web import http, server
 from hmacd import auth
 from hmacd.core import FileServer, guess_type
 from hmacd.logs import censor
+from hmacd.mediatype import BadMediaType, parse_media_type
 from hmacd.metadata import FileRecord
 from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
@@ -647,11 +648,6 @@ def partial_offset(fs: FileServer, relpath: str) -> int:
         return 0
 
 
-def _servable_type(content_type: str) -> bool:
-    """Whether a type can go back out verbatim as a Content-Type header."""
-    return content_type.isascii() and content_type.isprintable()
-
-
 def _header(request: http.Request, name: bytes) -> str | None:
     value = request.requestHeaders.getRawHeaders(name)
     return value[0].decode("latin-1") if value else None
@@ -894,12 +890,21 @@ class UploadRequest(server.Request):
         if relpath is None:
             return self._refuse(http.NOT_FOUND, "not an upload path", length)
 
-        content_type = _header(self, b"content-type")
+        # The MAC (v2, token) is over the header as sent; what is stored and served is its
+        # parsed, normal form, so the inline rule and the browser see the same one type.
+        content_type = media_type = None
+        sent = self.requestHeaders.getRawHeaders(b"content-type") or []
+        if len(sent) > 1:
+            return self._refuse(http.BAD_REQUEST, "more than one Content-Type", length)
+        if sent:
+            content_type = sent[0].decode("latin-1").strip() or None
         if content_type is not None:
-            content_type = content_type.strip()
-            if not _servable_type(content_type):
-                return self._refuse(http.BAD_REQUEST, "bad Content-Type", length)
-            content_type = content_type or None
+            try:
+                media_type = parse_media_type(content_type)
+            except BadMediaType:
+                return self._refuse(
+                    http.BAD_REQUEST, "bad Content-Type: not exactly one media type", length
+                )
 
         query = self.uri.split(b"?", 1)[1] if b"?" in self.uri else b""
         args = {
@@ -934,8 +939,8 @@ class UploadRequest(server.Request):
                 size = length
             if not auth.verify_hmac(protocol, fs.secret, relpath, size, content_type, mac):
                 return self._refuse(http.FORBIDDEN, "invalid MAC", length)
-            if content_type is None:
-                content_type = guess_type(relpath) if protocol == "v" else auth.DEFAULT_CONTENT_TYPE
+            if media_type is None:
+                media_type = guess_type(relpath) if protocol == "v" else auth.DEFAULT_CONTENT_TYPE
         else:
             token = auth.bearer_token(_header(self, b"authorization"))
             if token is None:
@@ -962,9 +967,13 @@ class UploadRequest(server.Request):
             protocol, size = "jwt", slot.filesize
             # As Prosody's own mod_http_file_share: the type the slot was
             # issued for is the one served.
-            content_type = slot.filetype or content_type or guess_type(relpath)
-            if not _servable_type(content_type):
-                return self._refuse(http.BAD_REQUEST, "bad filetype in token", length)
+            if slot.filetype:
+                try:
+                    media_type = parse_media_type(slot.filetype)
+                except BadMediaType:
+                    return self._refuse(http.BAD_REQUEST, "bad filetype in token", length)
+            elif media_type is None:
+                media_type = guess_type(relpath)
             uploader, expires = slot.sub, slot.expires
 
         if fs.upload_max_size and size > fs.upload_max_size:
@@ -990,14 +999,14 @@ class UploadRequest(server.Request):
         try:
             if span is not None:
                 chunk = self._resumableChunk(
-                    fs, relpath, span, length, content_type, protocol, uploader, expires
+                    fs, relpath, span, length, media_type, protocol, uploader, expires
                 )
                 if chunk is None:
                     return None  # answered already
                 self._upload = chunk
             else:
                 self._upload = _Upload(
-                    fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
+                    fs, relpath, size, media_type, protocol, uploader, fs.expiry(expires)
                 )
             self._acceptedAt = fs.reactor.seconds()
             self._upload.onRelief = self._diskCaughtUp
