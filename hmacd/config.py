@@ -85,6 +85,7 @@ class Config:
     metrics_port: str = "127.0.0.1:9090"
     chunk_size: int = 1048576
     upload_max_size: int = 0
+    min_free_space: int = 67108864  # MinFreeSpace: bytes kept free; 507 before a body past it
     max_bytes_per_second: int = 0
     max_total_bytes_per_second: int = 0  # MaxTotalBytesPerSecond, shared by all uploads
     file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
@@ -166,6 +167,7 @@ KEYS: dict[str, str] = {
     "MetricsPort": "metrics_port",
     "ChunkSize": "chunk_size",
     "UploadMaxSize": "upload_max_size",
+    "MinFreeSpace": "min_free_space",
     "MaxBytesPerSecond": "max_bytes_per_second",
     "MaxTotalBytesPerSecond": "max_total_bytes_per_second",
     "FileTTL": "file_ttl",
@@ -783,6 +785,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "MetricsPort": _address,
     "ChunkSize": _size(1),
     "UploadMaxSize": _size(0),
+    "MinFreeSpace": _size(0),
     "MaxBytesPerSecond": _size(0),
     "MaxTotalBytesPerSecond": _size(0),
     "FileTTL": _duration,

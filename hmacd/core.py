@@ -95,6 +95,11 @@ class FileServer:
     resumable: set = field(default_factory=set)
     # The hmacd.upload.GroupCommit that finished uploads are committed through.
     committer: Any = None
+    # MinFreeSpace: an upload whose declared size does not fit in the store's free space less
+    # this many bytes is refused (507) before its body; 0 only refuses what cannot fit at all.
+    min_free_space: int = 64 * 1024 * 1024
+    # Where free space is asked (tests pass a fake file system).
+    statvfs: Callable[[str], Any] = os.statvfs
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
@@ -111,6 +116,17 @@ class FileServer:
         """When a file uploaded now may go: FileTTL or the slot's own claim, the sooner."""
         limits = [t for t in (claimed, self.now() + self.file_ttl if self.file_ttl else None) if t]
         return min(limits) if limits else None
+
+    def room_for(self, size: int) -> bool | None:
+        """
+        Whether C{size} more bytes fit in the store with C{min_free_space} left over; None
+        when the file system cannot say (the write itself will tell).
+        """
+        try:
+            st = self.statvfs(self.store_dir)
+        except OSError:
+            return None
+        return size <= st.f_bavail * st.f_frsize - self.min_free_space
 
     def now(self) -> float:
         """Wall-clock time for token expiry and records (a Clock in tests)."""

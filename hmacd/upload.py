@@ -980,6 +980,18 @@ class UploadRequest(server.Request):
             return self._refuse(
                 http.REQUEST_ENTITY_TOO_LARGE, f"larger than {fs.upload_max_size} bytes", length
             )
+        # What this request will write: a resumable piece its own range, an offset query
+        # nothing, any other upload its whole declared size.
+        needed = 0 if span is not None and len(span) == 1 else size
+        if span is not None and len(span) == 3:
+            needed = span[1] - span[0] + 1
+        if needed and fs.room_for(needed) is False:
+            log.warn(
+                "refused {path} ({size} bytes): less free space than that plus MinFreeSpace",
+                path=relpath,
+                size=needed,
+            )
+            return self._refuse(INSUFFICIENT_STORAGE, "insufficient storage", length)
         if not fs.accepting:
             return self._refuse(
                 http.SERVICE_UNAVAILABLE,
