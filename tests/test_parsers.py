@@ -10,14 +10,37 @@ every mutated MAC is refused).  Example counts are bounded so the suite stays fa
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
-from hmacd.config import ConfigError, load_config, parse_duration, parse_size
+from hmacd import auth
+from hmacd.config import (
+    KEYS,
+    ConfigError,
+    listen_endpoint,
+    load_config,
+    parse_duration,
+    parse_size,
+)
+from hmacd.core import is_inline_type
+from hmacd.download import Unsatisfiable, _etagMatches, _httpDate, parse_range
+from hmacd.mediatype import BadMediaType, essence, parse_media_type
 from hmacd.numbers import MAX_DIGITS, NotADecimal, parse_decimal
+from hmacd.paths import PathRefused, relative_path
+from hmacd.throttle import client_address, parse_networks
+from hmacd.upload import _parse_content_range
 from hmacd.web import HmacfsChannel, HmacfsSite
-from tests.support import MemoryServer, store_files, v_query
+from tests.support import SECRET, MemoryServer, store_files, v_query
 from tests.test_upload import chunked, put_head, request_head, status
 
 
@@ -181,3 +204,426 @@ class ConfigRefusalTests(SynchronousTestCase):
         self.assertIn("line 3", str(error))
         self.load("TrustedProxies = " + "[" * 5000 + "]" * 5000 + "\n")
         self.load("x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n")
+
+
+# --- Property tests: only the documented refusal escapes ------------------------------------
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Text an attacker would try on a number: ASCII and other digits, signs, spaces, separators,
+# long runs (past int()'s 4,300-digit limit too), or anything at all.
+number_texts = st.one_of(
+    st.text(st.sampled_from("0123456789\u0661\u06f1\uff11\u00b2+- _.\t"), max_size=24),
+    st.integers(0, 10**25).map(str),
+    st.integers(4290, 4310).map(lambda n: "9" * n),
+    st.text(max_size=30),
+)
+# Header values are latin-1 text (Twisted hands us bytes; we decode them so).
+header_texts = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=60),
+    st.text(st.sampled_from('abcxyz/;=," \t*+-.0123456789\\'), max_size=40),
+)
+tokens = st.text(
+    st.sampled_from("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789+-.!#$&^_`|~"),
+    min_size=1,
+    max_size=12,
+)
+media_types = st.builds(
+    lambda t, s, params: f"{t}/{s}" + "".join(f";{n}={v}" for n, v in params),
+    tokens,
+    tokens,
+    st.lists(st.tuples(tokens, tokens | tokens.map(lambda v: f'"{v}, x"')), max_size=3),
+)
+
+# TOML spellings of values of every shape a key might be given.
+toml_scalars = st.one_of(
+    st.integers(-(10**30), 10**30).map(str),
+    st.integers(4290, 4310).map(lambda n: "9" * n),
+    st.text(max_size=20).map(lambda t: json.dumps(t, ensure_ascii=False)),
+    number_texts.map(lambda t: json.dumps(t, ensure_ascii=False)),
+    st.sampled_from(["true", "false", "1.5", "-0.0", "inf", "nan", "1e400", "1979-05-27",
+                     "07:32:00", "1979-05-27T07:32:00Z", '"5\u017f"', '"\u0661\u0662"',
+                     '"http://["', '"https://[x]/"', '"tcp:0"', '"[::1]:80"', "{a = 1}"]),
+)  # fmt: skip
+toml_values = st.one_of(
+    toml_scalars,
+    st.lists(toml_scalars, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+    st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+)
+
+
+class NumberProperties(SynchronousTestCase):
+    """parse_decimal and the header numbers built on it."""
+
+    @FAST
+    @given(number_texts, st.integers(1, 30))
+    def test_decimal(self, text, cap):
+        """A number comes out only for 1..cap ASCII digits, and it is their value."""
+        try:
+            value = parse_decimal(text, cap)
+        except NotADecimal:
+            self.assertFalse(text.isascii() and text.isdigit() and 0 < len(text) <= cap)
+            return
+        self.assertTrue(text.isascii() and text.isdigit() and len(text) <= cap)
+        self.assertEqual(value, int(text))
+
+    @FAST
+    @given(number_texts, number_texts, number_texts, st.booleans())
+    def test_content_range(self, first, last, total, star):
+        """_parse_content_range: None, or a span inside its total; nothing else."""
+        value = f"bytes */{total}" if star else f"bytes {first}-{last}/{total}"
+        span = _parse_content_range(value)
+        if span is None:
+            return
+        if star:
+            self.assertEqual(span, (int(total),))
+        else:
+            self.assertTrue(0 <= span[0] <= span[1] < span[2])
+            self.assertEqual(span, (int(first), int(last), int(total)))
+
+    @FAST
+    @given(header_texts)
+    def test_content_range_any_text(self, value):
+        """Any header text: None or a well-formed span."""
+        span = _parse_content_range(value)
+        self.assertTrue(span is None or len(span) == 1 or span[0] <= span[1] < span[2])
+
+    @FAST
+    @given(
+        st.one_of(header_texts, number_texts.map(lambda n: f"bytes={n}-")), st.integers(0, 10**6)
+    )
+    def test_range(self, header, size):
+        """parse_range: None (whole file), 416, or a span inside the file."""
+        try:
+            span = parse_range(header, size)
+        except Unsatisfiable:
+            return
+        if span is not None:
+            self.assertTrue(0 <= span[0] <= span[1] < size)
+
+
+class ConditionalHeaderProperties(SynchronousTestCase):
+    """If-None-Match, If-Modified-Since and If-Range values never raise."""
+
+    @FAST
+    @given(header_texts | st.text(max_size=40))
+    def test_conditionals(self, value):
+        """_etagMatches gives a bool, _httpDate a time or None, whatever the client sent."""
+        self.assertIn(_etagMatches(value, b'"abc"'), (True, False))
+        self.assertIn(_etagMatches(value, b'W/"1-2"'), (True, False))
+        when = _httpDate(value)
+        self.assertTrue(when is None or isinstance(when, float))
+
+
+class MediaTypeProperties(SynchronousTestCase):
+    """parse_media_type: one media type, normalised, or BadMediaType."""
+
+    @FAST
+    @given(header_texts | st.text(max_size=40) | media_types)
+    def test_any_text(self, value):
+        """Only BadMediaType escapes; what comes out is printable ASCII, parses to itself, and
+        holds no list separator outside a quoted value."""
+        try:
+            parsed = parse_media_type(value)
+        except BadMediaType:
+            self.assertFalse(is_inline_type(value))
+            return
+        self.assertTrue(parsed.isascii() and parsed.isprintable())
+        self.assertEqual(parse_media_type(parsed), parsed)
+        self.assertEqual(essence(parsed).count("/"), 1)
+        self.assertNotIn(",", re.sub(r'"(?:[^"\\]|\\.)*"', "", parsed))
+        self.assertIn(is_inline_type(value), (True, False))
+
+    @FAST
+    @given(media_types, media_types, st.sampled_from([",", ", ", " ,", ",,"]))
+    def test_lists_refused(self, one, other, comma):
+        """Two media types joined as a list are never one."""
+        self.assertRaises(BadMediaType, parse_media_type, one + comma + other)
+
+    @FAST
+    @given(media_types)
+    def test_valid_types_kept(self, value):
+        """Every generated single media type parses, and its essence is lowercased."""
+        parsed = parse_media_type(value)
+        self.assertEqual(essence(parsed), value.split(";", 1)[0].lower())
+
+
+class PathProperties(SynchronousTestCase):
+    """Request paths: PathRefused or None escapes; what is accepted stays in the store."""
+
+    @FAST
+    @given(st.binary(max_size=80) | st.text(max_size=60).map(lambda t: t.encode("utf-8")))
+    def test_relative_path(self, rest):
+        """Any bytes after the prefix: a path whose every segment is ordinary, in the store."""
+        root = os.path.abspath("store-root")
+        try:
+            relpath = relative_path(b"/upload/" + rest, "upload")
+        except PathRefused:
+            return
+        if relpath is None:
+            return
+        for segment in relpath.split("/"):
+            self.assertTrue(segment and not segment.startswith("."))
+            self.assertNotIn("\\", segment)
+            self.assertNotIn("\0", segment)
+        target = os.path.normpath(os.path.join(root, *relpath.split("/")))
+        self.assertTrue(target.startswith(root + os.sep))
+
+
+class AuthProperties(SynchronousTestCase):
+    """MACs, query and bearer parsing: a bool, None, or an AuthError; never a crash."""
+
+    @FAST
+    @given(st.dictionaries(st.text(max_size=6), st.text(max_size=10), max_size=4))
+    def test_pick_protocol(self, args):
+        """The pick is one of ours and its value is the client's, or None."""
+        picked = auth.pick_protocol(args)
+        if picked is None:
+            self.assertFalse(set(args) & set(auth.PROTOCOLS))
+        else:
+            self.assertIn(picked[0], auth.PROTOCOLS)
+            self.assertEqual(args[picked[0]], picked[1])
+
+    @FAST
+    @given(
+        st.sampled_from(auth.PROTOCOLS),
+        st.text(max_size=20),
+        st.integers(0, 10**20),
+        st.none() | st.text(max_size=20),
+        st.integers(0, 63),
+        st.characters(),
+    )
+    def test_mutated_mac_refused(self, protocol, path, size, content_type, where, char):
+        """The genuine MAC verifies (any case); every other string does not."""
+        try:
+            mac = {"v": lambda: auth.sign_v(SECRET, path, size)}.get(
+                protocol, lambda: auth.sign_v2(SECRET, path, size, content_type)
+            )()
+        except UnicodeEncodeError:
+            return  # a path no server could have signed
+        self.assertTrue(auth.verify_hmac(protocol, SECRET, path, size, content_type, mac.upper()))
+        mutated = mac[:where] + char + mac[where + 1 :]
+        if mutated.lower() != mac:
+            self.assertFalse(auth.verify_hmac(protocol, SECRET, path, size, content_type, mutated))
+
+    @FAST
+    @given(st.none() | header_texts | st.text(max_size=40))
+    def test_bearer_token(self, header):
+        """bearer_token: None or a token without surrounding whitespace."""
+        token = auth.bearer_token(header)
+        self.assertTrue(token is None or (token and token == token.strip()))
+
+    @FAST
+    @given(
+        st.text(max_size=200)
+        | st.from_regex(
+            r"[A-Za-z0-9_\-]{0,40}\.[A-Za-z0-9_\-]{0,80}\.[A-Za-z0-9_\-]{0,43}", fullmatch=True
+        )
+    )
+    def test_jwt_any_text(self, token):
+        """Any token text: only AuthError escapes verify_jwt."""
+        try:
+            auth.verify_jwt(SECRET, token, now=1_800_000_000)
+        except auth.AuthError:
+            pass
+
+    @FAST
+    @given(st.integers(0, 200), st.characters(min_codepoint=0x21, max_codepoint=0x7E))
+    def test_mutated_jwt_refused(self, where, char):
+        """A genuine token with one character of its header or claims changed is refused."""
+        token = auth.sign_jwt(
+            SECRET, slot="s", filename="f.png", filesize=5, filetype="image/png",
+            exp=1_800_000_300,
+        )  # fmt: skip
+        signed = token.rsplit(".", 1)[0]
+        where %= len(signed)
+        mutated = signed[:where] + char + signed[where + 1 :] + token[len(signed) :]
+        if mutated == token:
+            return
+        self.assertRaises(auth.AuthError, auth.verify_jwt, SECRET, mutated, now=1_800_000_000)
+
+
+class ForwardedForProperties(SynchronousTestCase):
+    """X-Forwarded-For: the client is the peer or a real IP address, whatever the header."""
+
+    @FAST
+    @given(
+        st.sampled_from(["127.0.0.1", "10.0.0.1", "::1", "192.0.2.7"]),
+        st.none()
+        | st.lists(
+            st.binary(max_size=40) | header_texts.map(lambda t: t.encode("latin-1")), max_size=3
+        ),
+    )
+    def test_client_address(self, peer, header):
+        """Never raises; the answer is the peer or a parseable address."""
+        trusted = parse_networks(["127.0.0.0/8", "::1", "10.0.0.0/8"])
+        address = client_address(peer, header, trusted)
+        if address != peer:
+            ipaddress.ip_address(address)
+
+
+class ConfigProperties(SynchronousTestCase):
+    """Sizes, durations, endpoints and the whole loader refuse with their documented error."""
+
+    @FAST
+    @given(
+        number_texts
+        | st.text(max_size=20)
+        | st.integers(-(10**25), 10**25)
+        | number_texts.map(lambda n: n + "MB")
+    )
+    def test_size_and_duration(self, value):
+        """parse_size and parse_duration: a count >= 0, or ValueError."""
+        for parse in (parse_size, parse_duration):
+            try:
+                result = parse(value)
+            except ValueError:
+                continue
+            self.assertIsInstance(result, int)
+            self.assertGreaterEqual(result, 0)
+
+    @FAST
+    @given(st.text(max_size=30) | st.integers(-5, 70000) | number_texts, st.booleans())
+    def test_listen_endpoint(self, value, unix):
+        """listen_endpoint: an endpoint string or ValueError."""
+        try:
+            self.assertIsInstance(listen_endpoint(value, unix), str)
+        except ValueError:
+            pass
+
+    @FAST
+    @given(st.lists(header_texts | st.text(max_size=20), max_size=3))
+    def test_networks(self, entries):
+        """parse_networks: networks or ValueError."""
+        try:
+            parse_networks(entries)
+        except ValueError:
+            pass
+
+    @FAST
+    @given(st.binary(max_size=200))
+    def test_loader_any_bytes(self, data):
+        """Any file: a Config or one ConfigError line naming the file."""
+        self.assertLoads(data)
+
+    @FAST
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(sorted(KEYS)).map(lambda k: k.lower() if len(k) % 2 else k),
+                toml_values,
+            ),
+            max_size=4,
+        )
+    )
+    def test_loader_known_keys(self, pairs):
+        """Known keys with values of every shape: a Config or one ConfigError line."""
+        text = "".join(f"{key} = {value}\n" for key, value in pairs)
+        self.assertLoads(text.encode("utf-8"))
+
+    def assertLoads(self, data: bytes) -> None:
+        path = os.path.join(self.configDir, "c.toml")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            load_config(path)
+        except ConfigError as e:
+            self.assertTrue(str(e).startswith(path + ": "), str(e))
+            self.assertNotIn("\n", str(e))
+
+    def setUp(self):
+        self.configDir = self.mktemp()
+        os.makedirs(self.configDir)
+
+
+anything = st.one_of(header_texts, st.binary(max_size=30).map(lambda b: b.decode("latin-1")))
+# For each header the server parses, the values that reach deepest into its parser.
+WIRE_VALUES = {
+    "Content-Length": number_texts,
+    "Content-Range": st.one_of(
+        st.tuples(number_texts, number_texts, number_texts).map(
+            lambda t: "bytes {}-{}/{}".format(*t)
+        ),
+        number_texts.map(lambda n: f"bytes */{n}"),
+    ),
+    "X-Upload-Length": number_texts,
+    "Transfer-Encoding": st.sampled_from(["chunked", "identity", "gzip"]),
+    "Content-Type": media_types | st.tuples(media_types, media_types).map(", ".join),
+    "Range": st.tuples(number_texts, number_texts).map(lambda t: "bytes={}-{}".format(*t)),
+    "If-Range": st.sampled_from(['"x"', 'W/"x"', "Sun, 06 Nov 1994 08:49:37 GMT"]),
+    "If-None-Match": st.sampled_from(["*", '"a", W/"b"', "W/"]),
+    "If-Modified-Since": st.sampled_from(["Sun, 06 Nov 1994 08:49:37 GMT", "Sun, 99 Nov 99999"]),
+    "X-Forwarded-For": st.sampled_from(["1.2.3.4", "::1, 10.0.0.1", "x, , 300.1.1.1"]),
+    "Authorization": st.sampled_from(["Bearer x.y.z", "Bearer", "Basic abc", "bearer  a.b.c "]),
+    "Expect": st.just("100-continue"),
+}
+
+
+class RequestProperties(SynchronousTestCase):
+    """Any value of any parsed header, over the wire: a documented answer, no traceback."""
+
+    # 100 Continue is an interim answer, before any of the others.
+    ANSWERS = {
+        100,
+        200,
+        201,
+        206,
+        304,
+        308,
+        400,
+        401,
+        403,
+        404,
+        405,
+        409,
+        411,
+        413,
+        416,
+        429,
+        503,
+        507,
+    }
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root)
+        self.server.clock.advance(1_800_000_000)
+        os.makedirs(os.path.join(self.root, "there"))
+        with open(os.path.join(self.root, "there", "f.txt"), "wb") as f:
+            f.write(b"0123456789")
+        self.log = LogLines(self)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.sampled_from(["PUT", "PUT", "GET", "HEAD"]),
+        st.sampled_from(["there/f.txt", "new.txt", "s/new.txt"]),
+        st.sampled_from(["", "v=x", v_query("new.txt", 3), "v2=" + "0" * 64, "token=x"]),
+        st.lists(
+            st.sampled_from(sorted(WIRE_VALUES)).flatmap(
+                lambda name: st.tuples(st.just(name), WIRE_VALUES[name] | anything)
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    )
+    def test_any_header(self, method, path, query, headers):
+        """The answer is one the README documents; nothing is logged as an error; no partial
+        file is left behind."""
+        lines = [f"{name}: {value}" for name, value in headers]
+        lines = [line.replace("\r", "").replace("\n", "") for line in lines]
+        head = request_head(method, f"/upload/{path}" + (f"?{query}" if query else ""), None)
+        # UTF-8 on the wire: the server reads header bytes as latin-1, so any bytes go.
+        head = head[:-2] + "".join(f"{line}\r\n" for line in lines).encode("utf-8") + b"\r\n"
+        del self.log.events[:]
+        channel, transport = self.server.connect()
+        channel.dataReceived(head + b"abc")
+        self.server.clock.advance(0)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.server.clock.advance(0)
+        for code in re.findall(rb"^HTTP/1\.1 (\d{3})", transport.value(), re.MULTILINE):
+            self.assertIn(int(code), self.ANSWERS, transport.value()[:300])
+        errors = [e for e in self.log.events if e.get("log_failure") or e.get("isError")]
+        self.assertEqual(errors, [])
+        self.assertEqual(
+            [f for f in store_files(self.root) if ".hmacfs-" in f or f.endswith(".part")], []
+        )
