@@ -627,3 +627,39 @@ class RequestProperties(SynchronousTestCase):
         self.assertEqual(
             [f for f in store_files(self.root) if ".hmacfs-" in f or f.endswith(".part")], []
         )
+
+
+class AddressProperties(SynchronousTestCase):
+    """The store addresses and the client's Range reading use the same number rule."""
+
+    @FAST
+    @given(st.text(st.sampled_from("abc.-_1 \u0661"), max_size=8), number_texts)
+    def test_store_addresses(self, host, port):
+        """Only ValueError escapes, and a port is read only from 1 to 5 ASCII digits."""
+        from hmacd.store.redis import parse_redis_addr
+        from hmacd.store.sql import parse_db_host
+
+        for parse in (parse_redis_addr, lambda text: parse_db_host(text, 5432)):
+            try:
+                _, number = parse(f"{host}:{port}")
+            except ValueError:
+                continue
+            self.assertEqual(number, parse_decimal(port, 5))
+
+    def test_non_ascii_port_refused(self):
+        """Arabic-Indic digits are not the port 6379 (int() would read them so)."""
+        from hmacd.store.redis import parse_redis_addr
+        from hmacd.store.sql import parse_db_host
+
+        self.assertRaises(ValueError, parse_redis_addr, "h:\u0666\u0663\u0667\u0669")
+        self.assertRaises(ValueError, parse_db_host, "h:\u0665\u0664\u0663\u0662", 5432)
+
+    def test_client_reads_range(self):
+        """The bundled client reads the server's Range by the same rule; garbage is UploadFailed."""
+        from twisted.web.http_headers import Headers
+
+        from hmacd.client import UploadFailed, _held
+
+        self.assertEqual(_held(Headers({"range": ["bytes=0-99"]})), 100)
+        for value in ("bytes=0-" + "9" * 5000, "bytes=0-\u0661", "bytes=0-x"):
+            self.assertRaises(UploadFailed, _held, Headers({"range": [value]}))
