@@ -60,7 +60,7 @@ class HmacfsSite(server.Site):
     requestFactory = UploadRequest
     # HTTP/1.1 only (see acceptableProtocols): the channel itself, not Twisted's wrapper that
     # can switch a TLS connection to HTTP/2.
-    protocol = HmacfsChannel
+    protocol = HmacfsChannel  # type: ignore[assignment]  # Factory calls it with no arguments
     displayTracebacks = False
 
     def __init__(self, fileServer: FileServer, reactor=None, timeout: float | None = None) -> None:
