@@ -56,12 +56,13 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     @raise Unsatisfiable: a well-formed range that starts past the end.
     """
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    # OWS is spaces and tabs; str.strip() would also take \x1c-\x1f and Unicode spaces.
+    if unit.strip(" \t").lower() != "bytes" or "," in spec:
         return None
-    first, dash, last = spec.strip().partition("-")
+    first, dash, last = spec.strip(" \t").partition("-")
     if not dash:
         return None
-    first, last = first.strip(), last.strip()
+    first, last = first.strip(" \t"), last.strip(" \t")
     try:
         start = parse_decimal(first) if first else None
         end = parse_decimal(last) if last else None

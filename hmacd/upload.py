@@ -613,7 +613,8 @@ _CONTENT_RANGE = re.compile(r"bytes +(?:([0-9]+)-([0-9]+)|\*)/([0-9]+)")
 
 def _parse_content_range(value: str) -> tuple[int, int, int] | tuple[int] | None:
     """(first, last, total) of a piece, (total,) of an offset query, or None if malformed."""
-    match = _CONTENT_RANGE.fullmatch(value.strip())
+    # OWS is spaces and tabs; str.strip() would also take \x1c-\x1f and Unicode spaces.
+    match = _CONTENT_RANGE.fullmatch(value.strip(" \t"))
     if match is None:
         return None
     try:
@@ -927,7 +928,7 @@ class UploadRequest(server.Request):
                 # A chunked body: the signed size must be declared up front,
                 # and the final byte count must match it.
                 try:
-                    size = parse_decimal((_header(self, b"x-upload-length") or "").strip())
+                    size = parse_decimal((_header(self, b"x-upload-length") or "").strip(" \t"))
                 except NotADecimal:
                     # Absent, or no length we could use (not ASCII digits, too many of them).
                     return self._refuse(

@@ -159,6 +159,20 @@ class DecimalTests(SynchronousTestCase):
         self.assertEqual(parse_decimal("9" * 30, max_digits=30), 10**30 - 1)
 
 
+class WhitespaceTests(SynchronousTestCase):
+    """Header grammars allow spaces and tabs around values, not what str.strip() takes."""
+
+    def test_only_spaces_and_tabs(self):
+        """\x1f or a Unicode space after a number makes the header malformed."""
+        for junk in ("\x1f", "\x1c", "\u2003", "\x85"):
+            self.assertIsNone(_parse_content_range(f"bytes */5{junk}"), repr(junk))
+            self.assertIsNone(_parse_content_range(f"bytes 0-1/5{junk}"), repr(junk))
+            self.assertIsNone(parse_range(f"bytes=0-5{junk}", 10), repr(junk))
+            self.assertIsNone(parse_range(f"bytes=0{junk}-5", 10), repr(junk))
+        self.assertEqual(_parse_content_range(" bytes 0-1/5\t"), (0, 1, 5))
+        self.assertEqual(parse_range("bytes = 0-5 ", 10), (0, 5))
+
+
 class ConfigRefusalTests(SynchronousTestCase):
     """Operator input past Python's limits is one ConfigError line, never a traceback."""
 
