@@ -981,11 +981,14 @@ class UploadRequest(server.Request):
             return self._refuse(
                 http.REQUEST_ENTITY_TOO_LARGE, f"larger than {fs.upload_max_size} bytes", length
             )
-        # What this request will write: a resumable piece its own range, an offset query
-        # nothing, any other upload its whole declared size.
-        needed = 0 if span is not None and len(span) == 1 else size
-        if span is not None and len(span) == 3:
+        # What this request will write: any upload its whole declared size, a resumable
+        # piece its own range, an offset query nothing.
+        if span is None:
+            needed = size
+        elif len(span) == 3:
             needed = span[1] - span[0] + 1
+        else:
+            needed = 0
         if needed and fs.room_for(needed) is False:
             log.warn(
                 "refused {path} ({size} bytes): less free space than that plus MinFreeSpace",
