@@ -222,7 +222,9 @@ class ConfigRefusalTests(SynchronousTestCase):
 
 # --- Property tests: only the documented refusal escapes ------------------------------------
 
-FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 200 examples each in the suite; HMACFS_PROPERTY_EXAMPLES=20000 for a deep run by hand.
+EXAMPLES = int(os.environ.get("HMACFS_PROPERTY_EXAMPLES", "200"))
+FAST = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Text an attacker would try on a number: ASCII and other digits, signs, spaces, separators,
 # long runs (past int()'s 4,300-digit limit too), or anything at all.
@@ -607,7 +609,7 @@ class RequestProperties(SynchronousTestCase):
             f.write(b"0123456789")
         self.log = LogLines(self)
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=EXAMPLES + 100, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
         st.sampled_from(["PUT", "PUT", "GET", "HEAD"]),
         st.sampled_from(["there/f.txt", "new.txt", "s/new.txt"]),
