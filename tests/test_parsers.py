@@ -337,8 +337,7 @@ class MediaTypeProperties(SynchronousTestCase):
     @FAST
     @given(header_texts | st.text(max_size=40) | media_types)
     def test_any_text(self, value):
-        """Only BadMediaType escapes; what comes out is printable ASCII, parses to itself, and
-        holds no list separator outside a quoted value."""
+        """Only BadMediaType escapes; the result is ASCII, a fixed point, and no list."""
         try:
             parsed = parse_media_type(value)
         except BadMediaType:
@@ -624,8 +623,7 @@ class RequestProperties(SynchronousTestCase):
         ),
     )
     def test_any_header(self, method, path, query, headers):
-        """The answer is one the README documents; nothing is logged as an error; no partial
-        file is left behind."""
+        """A documented answer, no error logged, no temp file left, whatever the headers."""
         lines = [f"{name}: {value}" for name, value in headers]
         lines = [line.replace("\r", "").replace("\n", "") for line in lines]
         head = request_head(method, f"/upload/{path}" + (f"?{query}" if query else ""), None)
