@@ -20,6 +20,8 @@ from twisted.web.client import (
     ResponseFailed,
 )
 
+from hmacd.numbers import NotADecimal, parse_decimal
+
 __all__ = ["UploadFailed", "Uploader"]
 
 
@@ -78,7 +80,11 @@ def _held(response_headers) -> int:
     values = response_headers.getRawHeaders("range") or []
     if not values:
         return 0
-    return int(values[0].rsplit("-", 1)[1]) + 1
+    # Read like any other number from the network: a server is not trusted to send one.
+    try:
+        return parse_decimal(values[0].rsplit("-", 1)[-1].strip()) + 1
+    except NotADecimal:
+        raise UploadFailed(f"the server sent a malformed Range header: {values[0]!r:.80}") from None
 
 
 class Uploader:

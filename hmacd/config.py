@@ -23,6 +23,8 @@ from dataclasses import dataclass, fields
 from fractions import Fraction
 from urllib.parse import urlsplit
 
+from hmacd.numbers import MAX_DIGITS, NotADecimal, parse_decimal
+
 __all__ = [
     "KEYS",
     "SECRET_FIELDS",
@@ -83,6 +85,7 @@ class Config:
     metrics_port: str = "127.0.0.1:9090"
     chunk_size: int = 1048576
     upload_max_size: int = 0
+    min_free_space: int = 67108864  # MinFreeSpace: bytes kept free; 507 before a body past it
     max_bytes_per_second: int = 0
     max_total_bytes_per_second: int = 0  # MaxTotalBytesPerSecond, shared by all uploads
     file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
@@ -173,6 +176,7 @@ KEYS: dict[str, str] = {
     "MetricsPort": "metrics_port",
     "ChunkSize": "chunk_size",
     "UploadMaxSize": "upload_max_size",
+    "MinFreeSpace": "min_free_space",
     "MaxBytesPerSecond": "max_bytes_per_second",
     "MaxTotalBytesPerSecond": "max_total_bytes_per_second",
     "FileTTL": "file_ttl",
@@ -222,7 +226,18 @@ _BINARY_UNITS = {
     "tb": 1024**4,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)[ \t]*([A-Za-z]*)")
+_SIZE_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?[ \t]*([A-Za-z]*)")
+# TOML integers are arbitrary-precision to tomllib; one of more digits than hmacd.numbers
+# reads anywhere else is a typo, not a size or a duration.
+_TOO_LARGE = 10**MAX_DIGITS
+
+
+def _bounded(value: int, what: str) -> int:
+    if value < 0:
+        raise ValueError(f"{what} cannot be negative, got {value}")
+    if value >= _TOO_LARGE:
+        raise ValueError(f"{what} must have at most {MAX_DIGITS} digits")
+    return value
 
 
 def parse_size(value: int | str) -> int:
@@ -237,24 +252,33 @@ def parse_size(value: int | str) -> int:
         # ValueError, not TypeError: callers catch one exception for any bad user value.
         raise ValueError(f'a size must be an integer or a string like "10MB", got {value!r}')
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"a size cannot be negative, got {value}")
-        return value
-    match = _SIZE_RE.fullmatch(value.strip())
-    unit = match.group(2).lower() if match else None
+        return _bounded(value, "a size")
+    # Only spaces and tabs around it: str.strip() would also take Unicode spaces.
+    match = _SIZE_RE.fullmatch(value.strip(" \t"))
+    unit = match.group(3).lower() if match else None
     if match is None or unit not in _BINARY_UNITS:
         raise ValueError(
             f"not a size: {value!r} (use bytes, or a number with K, KB, KiB, M, MB, MiB, G, GB,"
             " GiB, T, TB or TiB)"
         )
-    number = match.group(1)
-    if "." in number and _BINARY_UNITS[unit] == 1:
+    whole, fraction = match.group(1), match.group(2)
+    if fraction is not None and _BINARY_UNITS[unit] == 1:
         raise ValueError(f'not a size: {value!r} (a fraction of a byte needs a unit, e.g. "1.5GB")')
-    return int(Fraction(number) * _BINARY_UNITS[unit])
+    try:
+        number = Fraction(parse_decimal(whole))
+        if fraction is not None:
+            number += Fraction(parse_decimal(fraction), 10 ** len(fraction))
+    except NotADecimal as e:
+        raise ValueError(f"not a size: {value!r} ({e})") from None
+    return int(number * _BINARY_UNITS[unit])
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-_DURATION_RE = re.compile(r"([0-9]+)\s*([smhdwy])", re.IGNORECASE)
+# ASCII letters spelt out: with re.IGNORECASE, "s" also matches U+017F LATIN SMALL LETTER
+# LONG S, which lower() keeps as it is.
+_DURATION_PART = r"([0-9]+)[ \t]*([smhdwySMHDWY])"
+_DURATION_RE = re.compile(_DURATION_PART)
+_DURATION_WHOLE = re.compile(rf"(?:{_DURATION_PART}[ \t]*)+")
 
 
 def parse_duration(value: int | str) -> int:
@@ -265,18 +289,20 @@ def parse_duration(value: int | str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f'a duration must be seconds or a string like "7d", got {value!r}')
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"a duration cannot be negative, got {value}")
-        return value
-    text = value.strip()
-    if text.isdigit():
-        return int(text)
-    parts = _DURATION_RE.findall(text)
-    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text):
-        raise ValueError(
-            f'not a duration: {value!r} (use seconds, or e.g. "30m", "12h", "7d", "1y")'
+        return _bounded(value, "a duration")
+    text = value.strip(" \t")
+    try:
+        if _DURATION_WHOLE.fullmatch(text) is None:
+            return parse_decimal(text)
+        total = sum(
+            parse_decimal(n) * _DURATION_UNITS[u.lower()] for n, u in _DURATION_RE.findall(text)
         )
-    return sum(int(n) * _DURATION_UNITS[u.lower()] for n, u in parts)
+    except NotADecimal:
+        raise ValueError(
+            f"not a duration: {value!r} (use seconds of at most {MAX_DIGITS} digits, or e.g."
+            ' "30m", "12h", "7d", "1y")'
+        ) from None
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +508,8 @@ def _nonnegative_int(value: object) -> int:
         raise _wrong_type("an integer >= 0", value)
     if value < 0:
         raise _Invalid("must be an integer >= 0", value)
+    if value >= _TOO_LARGE:
+        raise _Invalid(f"must be an integer of at most {MAX_DIGITS} digits", value)
     return value
 
 
@@ -758,7 +786,13 @@ def _public_url(value: object) -> str:
     if not text:
         return ""
     problem = None
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # "http://[", "https://[x]/": brackets that hold no IPv6 address
+        raise _Invalid(
+            'must be the http(s) URL of the upload space, like "https://files.example.org/upload/"',
+            value,
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         problem = "must be the http(s) URL of the upload space"
     elif parts.query or parts.fragment or text.endswith(("?", "#")):
@@ -800,6 +834,7 @@ _CONVERTERS: dict[str, Callable[[object], object]] = {
     "MetricsPort": _address,
     "ChunkSize": _size(1),
     "UploadMaxSize": _size(0),
+    "MinFreeSpace": _size(0),
     "MaxBytesPerSecond": _size(0),
     "MaxTotalBytesPerSecond": _size(0),
     "FileTTL": _duration,
@@ -953,6 +988,12 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
     return config
 
 
+def _long_number_at(text: str) -> str:
+    """Where the first run of digits too long for int() is, as " (line N)", or ""."""
+    match = re.search(r"[0-9_]{4301,}", text)
+    return f" (line {text.count(chr(10), 0, match.start()) + 1})" if match else ""
+
+
 def load_config(path: str) -> Config:
     """Read and validate the TOML file at ``path``; every failure is a one-line ConfigError."""
     try:
@@ -969,4 +1010,9 @@ def load_config(path: str) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _error(path, None, f"TOML syntax error: {e}") from None
+    except ValueError:
+        # tomllib converts integers with int(), which raises past 4,300 digits.
+        raise _error(path, None, f"TOML integer too long to read{_long_number_at(text)}") from None
+    except RecursionError:
+        raise _error(path, None, "TOML arrays or tables nested too deeply") from None
     return parse_config(data, path)

@@ -15,6 +15,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from hmacd.auth import DEFAULT_CONTENT_TYPE
 from hmacd.guard import ClientCounts
+from hmacd.mediatype import BadMediaType, essence, parse_media_type
 from hmacd.metrics import Metrics
 
 __all__ = ["FileServer", "guess_type", "is_inline_type"]
@@ -36,9 +37,15 @@ def is_inline_type(content_type: str) -> bool:
 
     XEP-0363 deployments show pictures, video, audio and plain text in the
     page; everything else is served as an attachment so that an uploaded
-    HTML or PDF file never runs in the server's origin.
+    HTML or PDF file never runs in the server's origin.  Judged on the parsed
+    type alone: a value that is not exactly one media type (a list such as
+    C{image/png, text/html}, whose last type a browser would use) is never
+    inline.
     """
-    main = content_type.split(";", 1)[0].strip().lower()
+    try:
+        main = essence(parse_media_type(content_type))
+    except BadMediaType:
+        return False
     return main == "text/plain" or main.split("/", 1)[0] in ("image", "video", "audio")
 
 
@@ -97,6 +104,11 @@ class FileServer:
     min_upload_rate_window: float = 30
     # Connections (and forwarded requests) held per client address: a hmacd.guard.ClientCounts.
     clients: ClientCounts = field(default_factory=ClientCounts)
+    # MinFreeSpace: an upload whose declared size does not fit in the store's free space less
+    # this many bytes is refused (507) before its body; 0 only refuses what cannot fit at all.
+    min_free_space: int = 64 * 1024 * 1024
+    # Where free space is asked (tests pass a fake file system).
+    statvfs: Callable[[str], Any] = os.statvfs
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
@@ -113,6 +125,17 @@ class FileServer:
         """When a file uploaded now may go: FileTTL or the slot's own claim, the sooner."""
         limits = [t for t in (claimed, self.now() + self.file_ttl if self.file_ttl else None) if t]
         return min(limits) if limits else None
+
+    def room_for(self, size: int) -> bool | None:
+        """
+        Whether C{size} more bytes fit in the store with C{min_free_space} left over; None
+        when the file system cannot say (the write itself will tell).
+        """
+        try:
+            st = self.statvfs(self.store_dir)
+        except OSError:
+            return None
+        return size <= st.f_bavail * st.f_frsize - self.min_free_space
 
     def now(self) -> float:
         """Wall-clock time for token expiry and records (a Clock in tests)."""

@@ -26,7 +26,9 @@ from zope.interface import implementer
 from hmacd.core import FileServer, guess_type, is_inline_type
 from hmacd.facts import UnrecordedFiles, is_expired, read_facts
 from hmacd.logs import escape
+from hmacd.mediatype import OCTET_STREAM, BadMediaType, parse_media_type
 from hmacd.metadata import FileRecord
+from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.upload import ALLOWED_METHODS
@@ -59,22 +61,19 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     @raise Unsatisfiable: a well-formed range that starts past the end.
     """
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    # OWS is spaces and tabs; str.strip() would also take \x1c-\x1f and Unicode spaces.
+    if unit.strip(" \t").lower() != "bytes" or "," in spec:
         return None
-    first, dash, last = spec.strip().partition("-")
+    first, dash, last = spec.strip(" \t").partition("-")
     if not dash:
         return None
-    first, last = first.strip(), last.strip()
-    # ASCII only: str.isdigit() also says yes to "\xb2" (int() refuses it) and to "\u0661".
-    if not (first + last).isascii():
-        return None
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
-        return None
+    first, last = first.strip(" \t"), last.strip(" \t")
     try:
-        start = int(first) if first else None
-        end = int(last) if last else None
-    except ValueError:
-        # More digits than int() converts (sys.get_int_max_str_digits()); 14.2 lets us ignore it.
+        start = parse_decimal(first) if first else None
+        end = parse_decimal(last) if last else None
+    except NotADecimal:
+        # Not ASCII digits, or more of them than any file has bytes: RFC 9110 14.2 lets
+        # us ignore an invalid Range.
         return None
     if start is None:
         if end is None:
@@ -416,7 +415,12 @@ class StoreResource(Resource):
             request.finish()
             return
 
-        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        try:
+            content_type = parse_media_type(content_type)
+        except BadMediaType:
+            # A record from before types were parsed on upload: never served as it stands.
+            content_type = OCTET_STREAM
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
         if not is_inline_type(content_type):
             name = quote(relpath.rsplit("/", 1)[-1], safe="")
             request.setHeader(

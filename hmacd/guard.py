@@ -40,7 +40,6 @@ __all__ = [
     "GuardedChannel",
     "address_key",
     "counted_client",
-    "guarded_channel",
     "watch_body_rate",
 ]
 
@@ -189,11 +188,6 @@ class GuardedChannel(http.HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._endHead()
         super().connectionLost(reason)
-
-
-def guarded_channel(factory) -> http._GenericHTTPChannelProtocol:
-    """A Site's C{protocol}: Twisted's own HTTP/1.1 protocol wrapper around a L{GuardedChannel}."""
-    return http._GenericHTTPChannelProtocol(GuardedChannel())
 
 
 class BodyRateFloor:

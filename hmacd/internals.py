@@ -15,11 +15,7 @@ from __future__ import annotations
 # --- HTTP: channels, requests and transports (twisted.web.http, twisted.internet) --------
 
 
-
-
 # --- Stores: twisted.enterprise.adbapi and the database drivers -----------------------------
-
-
 
 
 # --- Composition: listening ports, services, processes -------------------------------------

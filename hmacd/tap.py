@@ -313,6 +313,7 @@ def build_service(
         metadata=metadata,
         prefix=config.upload_subdir,
         upload_max_size=config.upload_max_size,
+        min_free_space=config.min_free_space,
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
         limiter=(

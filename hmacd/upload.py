@@ -42,7 +42,9 @@ from hmacd.core import FileServer, guess_type
 from hmacd.facts import write_facts
 from hmacd.guard import counted_client, watch_body_rate
 from hmacd.logs import censor, escape
+from hmacd.mediatype import BadMediaType, parse_media_type
 from hmacd.metadata import FileRecord
+from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.throttle import Bandwidth, client_address
@@ -656,13 +658,17 @@ _CONTENT_RANGE = re.compile(r"bytes +(?:([0-9]+)-([0-9]+)|\*)/([0-9]+)")
 
 def _parse_content_range(value: str) -> tuple[int, int, int] | tuple[int] | None:
     """(first, last, total) of a piece, (total,) of an offset query, or None if malformed."""
-    match = _CONTENT_RANGE.fullmatch(value.strip())
+    # OWS is spaces and tabs; str.strip() would also take \x1c-\x1f and Unicode spaces.
+    match = _CONTENT_RANGE.fullmatch(value.strip(" \t"))
     if match is None:
         return None
-    first, last, total = match.groups()
-    if first is None:
-        return (int(total),)
-    first, last, total = int(first), int(last), int(total)
+    try:
+        numbers = [parse_decimal(n) for n in match.groups() if n is not None]
+    except NotADecimal:
+        return None
+    if len(numbers) == 1:
+        return (numbers[0],)
+    first, last, total = numbers
     if not first <= last < total:
         return None
     return first, last, total
@@ -686,11 +692,6 @@ def partial_offset(fs: FileServer, relpath: str) -> int:
         return os.path.getsize(partial_files(fs.store_dir, relpath)[0])
     except FileNotFoundError:
         return 0
-
-
-def _servable_type(content_type: str) -> bool:
-    """Whether a type can go back out verbatim as a Content-Type header."""
-    return content_type.isascii() and content_type.isprintable()
 
 
 def _header(request: http.Request, name: bytes) -> str | None:
@@ -1001,12 +1002,21 @@ class UploadRequest(server.Request):
         if relpath is None:
             return self._refuse(http.NOT_FOUND, "not an upload path", length)
 
-        content_type = _header(self, b"content-type")
+        # The MAC (v2, token) is over the header as sent; what is stored and served is its
+        # parsed, normal form, so the inline rule and the browser see the same one type.
+        content_type = media_type = None
+        sent = self.requestHeaders.getRawHeaders(b"content-type") or []
+        if len(sent) > 1:
+            return self._refuse(http.BAD_REQUEST, "more than one Content-Type", length)
+        if sent:
+            content_type = sent[0].decode("latin-1").strip() or None
         if content_type is not None:
-            content_type = content_type.strip()
-            if not _servable_type(content_type):
-                return self._refuse(http.BAD_REQUEST, "bad Content-Type", length)
-            content_type = content_type or None
+            try:
+                media_type = parse_media_type(content_type)
+            except BadMediaType:
+                return self._refuse(
+                    http.BAD_REQUEST, "bad Content-Type: not exactly one media type", length
+                )
 
         query = self.uri.split(b"?", 1)[1] if b"?" in self.uri else b""
         args = {
@@ -1028,20 +1038,21 @@ class UploadRequest(server.Request):
             elif length is None:
                 # A chunked body: the signed size must be declared up front,
                 # and the final byte count must match it.
-                declared = (_header(self, b"x-upload-length") or "").strip()
-                if not declared.isdigit() or not declared.isascii():
+                try:
+                    size = parse_decimal((_header(self, b"x-upload-length") or "").strip(" \t"))
+                except NotADecimal:
+                    # Absent, or no length we could use (not ASCII digits, too many of them).
                     return self._refuse(
                         http.LENGTH_REQUIRED,
-                        "Content-Length or X-Upload-Length required",
+                        "Content-Length or X-Upload-Length (1 to 20 digits) required",
                         length,
                     )
-                size = int(declared)
             else:
                 size = length
             if not auth.verify_hmac(protocol, fs.secret, relpath, size, content_type, mac):
                 return self._refuse(http.FORBIDDEN, "invalid MAC", length)
-            if content_type is None:
-                content_type = guess_type(relpath) if protocol == "v" else auth.DEFAULT_CONTENT_TYPE
+            if media_type is None:
+                media_type = guess_type(relpath) if protocol == "v" else auth.DEFAULT_CONTENT_TYPE
         else:
             token = auth.bearer_token(_header(self, b"authorization"))
             if token is None:
@@ -1068,15 +1079,34 @@ class UploadRequest(server.Request):
             protocol, size = "jwt", slot.filesize
             # As Prosody's own mod_http_file_share: the type the slot was
             # issued for is the one served.
-            content_type = slot.filetype or content_type or guess_type(relpath)
-            if not _servable_type(content_type):
-                return self._refuse(http.BAD_REQUEST, "bad filetype in token", length)
+            if slot.filetype:
+                try:
+                    media_type = parse_media_type(slot.filetype)
+                except BadMediaType:
+                    return self._refuse(http.BAD_REQUEST, "bad filetype in token", length)
+            elif media_type is None:
+                media_type = guess_type(relpath)
             uploader, expires = slot.sub, slot.expires
 
         if fs.upload_max_size and size > fs.upload_max_size:
             return self._refuse(
                 http.REQUEST_ENTITY_TOO_LARGE, f"larger than {fs.upload_max_size} bytes", length
             )
+        # What this request will write: any upload its whole declared size, a resumable
+        # piece its own range, an offset query nothing.
+        if span is None:
+            needed = size
+        elif len(span) == 3:
+            needed = span[1] - span[0] + 1
+        else:
+            needed = 0
+        if needed and fs.room_for(needed) is False:
+            log.warn(
+                "refused {path} ({size} bytes): less free space than that plus MinFreeSpace",
+                path=relpath,
+                size=needed,
+            )
+            return self._refuse(INSUFFICIENT_STORAGE, "insufficient storage", length)
         if not fs.accepting:
             return self._refuse(
                 http.SERVICE_UNAVAILABLE,
@@ -1096,14 +1126,14 @@ class UploadRequest(server.Request):
         try:
             if span is not None:
                 chunk = self._resumableChunk(
-                    fs, relpath, span, length, content_type, protocol, uploader, expires
+                    fs, relpath, span, length, media_type, protocol, uploader, expires
                 )
                 if chunk is None:
                     return None  # answered already
                 self._upload = chunk
             else:
                 self._upload = _Upload(
-                    fs, relpath, size, content_type, protocol, uploader, fs.expiry(expires)
+                    fs, relpath, size, media_type, protocol, uploader, fs.expiry(expires)
                 )
             self._acceptedAt = fs.reactor.seconds()
             self._upload.onRelief = self._diskCaughtUp

@@ -14,12 +14,13 @@ from twisted.web import http, server
 
 from hmacd.core import FileServer
 from hmacd.download import StoreResource
-from hmacd.guard import address_key, guarded_channel
+from hmacd.guard import GuardedChannel, address_key
 from hmacd.logs import censor, censoring_formatter, escape
+from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.throttle import _trusted
 from hmacd.upload import ALLOWED_METHODS, UploadRequest
 
-__all__ = ["HmacfsSite", "censor_access_log"]
+__all__ = ["HmacfsChannel", "HmacfsSite", "censor_access_log"]
 
 # Module level: a Logger class attribute would take the class's name as its
 # namespace, and access-log filters want a stable one.
@@ -39,6 +40,30 @@ class _Refused(Protocol):
         self.transport.abortConnection()
 
 
+class HmacfsChannel(GuardedChannel):
+    """
+    The HTTP/1.1 channel of every hmacfs connection: a L{GuardedChannel} (HeaderTimeout),
+    which reads Content-Length by hmacfs's own rule.
+
+    Twisted converts Content-Length with C{int()} as the header arrives, before any request
+    hook runs: past Python's 4,300-digit limit that raises out of the parser, drops the
+    connection and logs a traceback per request.  The header is judged here first, by the
+    same rule as every other number (L{hmacd.numbers}), and a bad one ends the request with
+    Twisted's own 400, as a non-numeric one already does.
+    """
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # A private hook (checked on Twisted 26.10; tests/test_parsers.py fails if it goes):
+        # the one place between the raw header line and Twisted's int().
+        if header == b"Content-Length":
+            try:
+                parse_decimal(data)
+            except NotADecimal as e:
+                log.debug("refused a request: Content-Length is {why}", why=str(e))
+                return self._failChooseTransferDecoder()
+        return super()._maybeChooseTransferDecoder(header, data)
+
+
 class HmacfsSite(server.Site):
     """
     The upload/download site of one L{FileServer}.
@@ -49,10 +74,12 @@ class HmacfsSite(server.Site):
     """
 
     requestFactory = UploadRequest
+    # HTTP/1.1 only (see acceptableProtocols): the channel itself, not Twisted's wrapper that
+    # can switch a TLS connection to HTTP/2.
+    protocol = HmacfsChannel  # type: ignore[assignment]  # Factory calls it with no arguments
     displayTracebacks = False
     # log() below writes a censored, escaped line of its own.
     censorsAccessLog = True
-    protocol = guarded_channel  # HeaderTimeout
 
     def __init__(self, fileServer: FileServer, reactor=None, timeout: float | None = None) -> None:
         kwargs = {} if timeout is None else {"timeout": timeout}

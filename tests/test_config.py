@@ -167,6 +167,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "MetricsPort",
                 "ChunkSize",
                 "UploadMaxSize",
+                "MinFreeSpace",
                 "MaxBytesPerSecond",
                 "MaxTotalBytesPerSecond",
                 "FileTTL",

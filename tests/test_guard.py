@@ -70,9 +70,9 @@ class HeadDeadlineTests(SynchronousTestCase):
             channel.dataReceived(b"a")
 
     def test_site_uses_guarded_channel(self):
-        """The Site's connections are GuardedChannels behind Twisted's own protocol wrapper."""
+        """The Site's connections are GuardedChannels (HTTP/1.1 only: no HTTP/2 wrapper)."""
         protocol, _ = connect(self.server)
-        self.assertIsInstance(protocol._channel, GuardedChannel)
+        self.assertIsInstance(protocol, GuardedChannel)
 
     def test_dribbled_head_gets_408(self):
         """The issue's client (a byte every few seconds) gets 408 and is closed at 20 s."""
@@ -275,7 +275,7 @@ class AcceptCapTests(SynchronousTestCase):
         """A Unix socket peer has no address to count: never refused."""
         for _ in range(5):
             protocol = self.server.site.buildProtocol(UNIXAddress(None))
-            self.assertIsNotNone(getattr(protocol, "_channel", None))
+            self.assertIsInstance(protocol, GuardedChannel)
 
     def test_zero_is_no_cap(self):
         """MaxConnectionsPerClient = 0: any number of connections from one address."""

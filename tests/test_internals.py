@@ -9,11 +9,7 @@ from __future__ import annotations
 # --- HTTP: channels, requests and transports ----------------------------------------------
 
 
-
-
 # --- Stores: twisted.enterprise.adbapi and the database drivers -----------------------------
-
-
 
 
 # --- Composition: listening ports, services, processes -------------------------------------

@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 
 __all__ = ["RedisStore", "parse_redis_addr"]
@@ -130,9 +131,13 @@ def parse_redis_addr(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        number = parse_decimal(port, max_digits=5)
+    except NotADecimal:
+        number = 0
+    if not sep or not host or not 0 < number < 65536:
         raise ValueError(f'not a Redis address like "host:6379" or "[::1]:6379": {addr!r}')
-    return host, int(port)
+    return host, number
 
 
 def _one_line(text: str) -> str:

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 
 log = Logger()
@@ -151,9 +152,13 @@ def parse_db_host(text: str, default_port: int) -> tuple[str, int]:
         raise ValueError(f"not a host or host:port: {text!r}")
     if port_text is None:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    try:
+        port = parse_decimal(port_text, max_digits=5)
+    except NotADecimal:
+        port = 0
+    if not 0 < port < 65536:
         raise ValueError(f"not a port from 1 to 65535 in {text!r}")
-    return host, int(port_text)
+    return host, port
 
 
 def _show_address(host: str, port: int) -> str:
