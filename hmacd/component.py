@@ -31,6 +31,7 @@ from twisted.words.xish import domish
 from twisted.words.xish.xmlstream import STREAM_ERROR_EVENT
 
 from hmacd import auth
+from hmacd.address import HostPort
 from hmacd.mediatype import BadMediaType, parse_media_type
 from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, check_relative
@@ -346,7 +347,7 @@ class ComponentService(Service):
         self,
         jid: str,
         password: str,
-        address: tuple[str, int],
+        address: HostPort | tuple[str, int],
         slots: SlotComponent,
         reactor,
         retryPolicy: Callable[[int], float] | None = None,
@@ -356,7 +357,8 @@ class ComponentService(Service):
         pingTimeout: float = 15,
     ) -> None:
         self.jid = jid
-        self.address = address
+        # Config.component_address is already a HostPort; a plain pair is taken too.
+        self.address = HostPort(*address)
         self.slots = slots
         self.connected = False
         self._onConnected = onConnected
@@ -380,8 +382,7 @@ class ComponentService(Service):
         factory.addBootstrap(xmlstream.STREAM_AUTHD_EVENT, self._authenticated)
         factory.addBootstrap(STREAM_ERROR_EVENT, self._streamError)
         factory.addBootstrap(xmlstream.STREAM_END_EVENT, self._streamEnded)
-        host, port = address
-        endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+        endpoint = HostnameEndpoint(reactor, self.address.host, self.address.port, timeout=10)
         self._client = ClientService(
             endpoint,
             factory,
@@ -394,8 +395,8 @@ class ComponentService(Service):
         self.log.info(
             "XMPP component {jid}: connecting to {host}:{port}",
             jid=self.jid,
-            host=self.address[0],
-            port=self.address[1],
+            host=self.address.host,
+            port=self.address.port,
         )
         self._client.startService()
 
@@ -431,8 +432,8 @@ class ComponentService(Service):
             "XMPP component {jid}: no handshake from {host}:{port} within {seconds} s;"
             " is that the server's component port?",
             jid=self.jid,
-            host=self.address[0],
-            port=self.address[1],
+            host=self.address.host,
+            port=self.address.port,
             seconds=self._handshakeTimeout,
         )
         xs.transport.abortConnection()
@@ -451,8 +452,8 @@ class ComponentService(Service):
         self.log.info(
             "XMPP component {jid} is connected to {host}:{port}",
             jid=self.jid,
-            host=self.address[0],
-            port=self.address[1],
+            host=self.address.host,
+            port=self.address.port,
         )
         waiting, self._waiting = self._waiting, []
         for d in waiting:

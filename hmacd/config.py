@@ -21,8 +21,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from fractions import Fraction
+from functools import cached_property
 from urllib.parse import urlsplit
 
+from hmacd.address import DEFAULT_DB_PORTS, HostPort
 from hmacd.numbers import MAX_DIGITS, NotADecimal, parse_decimal
 
 __all__ = [
@@ -134,11 +136,23 @@ class Config:
             return self.component_allowed_domains
         return (self.component_jid.partition(".")[2],) if self.component_jid else ()
 
-    @property
-    def component_address(self) -> tuple[str, int]:
-        """ComponentServer as (host, port); the brackets of an IPv6 address removed."""
-        host, _, port = self.component_server.rpartition(":")
-        return host.strip("[]"), int(port)
+    # The host:port keys, parsed by the one parser that checked them.  Cached: a Config is
+    # frozen, so each is parsed at most once, and not at all when nothing connects there.
+
+    @cached_property
+    def redis_address(self) -> HostPort | None:
+        """RedisAddr as a HostPort, or None when there is no Redis."""
+        return HostPort.parse(self.redis_addr) if self.redis_addr else None
+
+    @cached_property
+    def fallback_db_address(self) -> HostPort:
+        """FallbackDBHost as a HostPort, with FallbackDBType's usual port when it names none."""
+        return HostPort.parse(self.fallback_db_host, DEFAULT_DB_PORTS[self.fallback_db_type])
+
+    @cached_property
+    def component_address(self) -> HostPort:
+        """ComponentServer as a HostPort (a (host, port) tuple; IPv6 without brackets)."""
+        return HostPort.parse(self.component_server.strip())
 
     @property
     def secret_bytes(self) -> bytes | None:
@@ -641,39 +655,11 @@ _db_type = _choice(
 )
 
 
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
-
-
-def _host_port(text: str, *, port_required: bool) -> None:
-    """Accept ``host:port`` (and ``host`` when the port may be left out); raise ValueError."""
-    if text.startswith("["):
-        match = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text, re.DOTALL)
-        if match is None:
-            raise ValueError("bad bracketed IPv6 address")
-        ipaddress.IPv6Address(match.group(1))
-        port = match.group(2)
-    else:
-        if text.count(":") > 1:
-            # Unbracketed IPv6: only a bare address, where no port can be meant.
-            ipaddress.IPv6Address(text)
-            port = None
-        else:
-            host, sep, port_text = text.partition(":")
-            if not _HOSTNAME_RE.fullmatch(host):
-                raise ValueError("bad host")
-            port = port_text if sep else None
-    if port is None:
-        if port_required:
-            raise ValueError("no port")
-        return
-    _port(port, text)
-
-
 def _redis_addr(value: object) -> str:
     text = _string(value)
     if text:
         try:
-            _host_port(text, port_required=True)
+            HostPort.parse(text)
         except ValueError:
             raise _Invalid(
                 'must be "host:port" with a port from 1 to 65535 (e.g. "localhost:6379",'
@@ -686,7 +672,7 @@ def _redis_addr(value: object) -> str:
 def _db_host(value: object) -> str:
     text = _string(value)
     try:
-        _host_port(text, port_required=False)
+        HostPort.parse(text, DEFAULT_DB_PORTS["postgres"])
     except ValueError:
         raise _Invalid(
             'must be "host" or "host:port" with a port from 1 to 65535 (e.g. "localhost:5432")',
@@ -753,7 +739,7 @@ def _component_server(value: object) -> str:
     text = _string(value).strip()
     if text:
         try:
-            _host_port(text, port_required=True)
+            HostPort.parse(text)
         except ValueError:
             raise _Invalid(
                 'must be "host:port" of the XMPP server\'s component port (e.g.'

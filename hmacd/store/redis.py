@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hmacd.numbers import NotADecimal, parse_decimal
+from hmacd.address import HostPort
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 
 __all__ = ["RedisStore", "parse_redis_addr"]
@@ -126,18 +126,14 @@ return found
 """
 
 
-def parse_redis_addr(addr: str) -> tuple[str, int]:
+def parse_redis_addr(addr: str) -> HostPort:
     """C{"host:port"} or C{"[::1]:port"} (the RedisAddr forms) as (host, port)."""
-    host, sep, port = addr.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        number = parse_decimal(port, max_digits=5)
-    except NotADecimal:
-        number = 0
-    if not sep or not host or not 0 < number < 65536:
-        raise ValueError(f'not a Redis address like "host:6379" or "[::1]:6379": {addr!r}')
-    return host, number
+        return HostPort.parse(addr)
+    except ValueError:
+        raise ValueError(
+            f'not a Redis address like "host:6379" or "[::1]:6379": {addr!r}'
+        ) from None
 
 
 def _one_line(text: str) -> str:
@@ -322,7 +318,7 @@ class RedisStore:
         self.prefix = prefix
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self.where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.where = str(HostPort(host, port))
         raw = prefix.encode("utf-8")
         self._filePrefix = raw + b"file:"
         self._expiryKey = raw + b"expiry"
@@ -339,10 +335,12 @@ class RedisStore:
     @classmethod
     def from_config(cls, config: Any, reactor: Any = None) -> RedisStore:
         """The store for C{RedisAddr}, C{RedisPassword} and C{RedisDB}."""
-        host, port = parse_redis_addr(config.redis_addr)
+        address = config.redis_address
+        if address is None:
+            raise ValueError("RedisAddr is not set")
         return cls(
-            host,
-            port,
+            address.host,
+            address.port,
             password=config.redis_password or None,
             dbid=config.redis_db,
             reactor=reactor,

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hmacd.numbers import NotADecimal, parse_decimal
+from hmacd.address import DEFAULT_DB_PORTS, HostPort
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 
 log = Logger()
@@ -44,7 +44,7 @@ log = Logger()
 __all__ = ["DEFAULT_PORTS", "DEFAULT_TABLE", "SQLStore", "parse_db_host"]
 
 DEFAULT_TABLE = "hmacfs_files"
-DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306}
+DEFAULT_PORTS = DEFAULT_DB_PORTS
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 # Short enough that "<table>_expires" stays within PostgreSQL's 63-byte names.
@@ -132,37 +132,12 @@ _DIALECTS = {
 }
 
 
-def parse_db_host(text: str, default_port: int) -> tuple[str, int]:
+def parse_db_host(text: str, default_port: int) -> HostPort:
     """
     C{FallbackDBHost} as (host, port): C{"host"}, C{"host:port"}, C{"[v6]"},
     C{"[v6]:port"} or a bare IPv6 address; ValueError otherwise.
     """
-    port_text: str | None
-    if text.startswith("["):
-        match = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", text, re.DOTALL)
-        if match is None:
-            raise ValueError(f"not a host or host:port: {text!r}")
-        host, port_text = match.group(1), match.group(2)
-    elif text.count(":") > 1:
-        host, port_text = text, None
-    else:
-        host, sep, rest = text.partition(":")
-        port_text = rest if sep else None
-    if not host or any(c.isspace() for c in host):
-        raise ValueError(f"not a host or host:port: {text!r}")
-    if port_text is None:
-        return host, default_port
-    try:
-        port = parse_decimal(port_text, max_digits=5)
-    except NotADecimal:
-        port = 0
-    if not 0 < port < 65536:
-        raise ValueError(f"not a port from 1 to 65535 in {text!r}")
-    return host, port
-
-
-def _show_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return HostPort.parse(text, default_port)
 
 
 def _reason(error: BaseException) -> str:
@@ -359,7 +334,7 @@ class SQLStore:
         self._pool_size = pool_size
         self._password = password
         self._openfun = openfun
-        self._where = path if path is not None else _show_address(host or "", port or 0)
+        self._where = path if path is not None else str(HostPort(host or "", port or 0))
         # Import the driver now, not in start(): under twistd --uid, start() runs after the
         # privilege switch, when the interpreter's own library may no longer be readable.  A
         # missing driver is reported by start(), like any other reason the store cannot run.
@@ -497,11 +472,11 @@ class SQLStore:
         kind = config.fallback_db_type
         if kind not in DEFAULT_PORTS:
             raise ValueError(f'FallbackDBType must be "postgres" or "mysql", got {kind!r}')
-        host, port = parse_db_host(config.fallback_db_host, DEFAULT_PORTS[kind])
+        address: HostPort = config.fallback_db_address
         make = cls.postgres if kind == "postgres" else cls.mysql
         return make(
-            host,
-            port,
+            address.host,
+            address.port,
             config.fallback_db_user,
             config.fallback_db_password,
             config.fallback_db_name,
