@@ -19,9 +19,10 @@ import json
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from functools import cached_property
+from typing import Any
 from urllib.parse import urlsplit
 
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
@@ -29,6 +30,7 @@ from hmacd.numbers import MAX_DIGITS, NotADecimal, parse_decimal
 
 __all__ = [
     "KEYS",
+    "KEY_DOCS",
     "SECRET_FIELDS",
     "Config",
     "ConfigError",
@@ -53,172 +55,6 @@ class ConfigError(Exception):
         super().__init__(message)
         self.source = source
         self.key = key
-
-
-# Fields whose values must never reach a log line, a traceback or an error message.
-SECRET_FIELDS = frozenset({"secret", "redis_password", "fallback_db_password", "component_secret"})
-
-
-@dataclass(frozen=True, repr=False)
-class Config:
-    """Every setting hmacfs reads, already validated and normalised by :func:`parse_config`.
-
-    Frozen so that one object can be handed to every service without anyone changing it under
-    the others; the defaults are what an empty file means.
-    """
-
-    listen_port: str = "127.0.0.1:8080"
-    unix_socket: bool = False
-    secret: str | None = None
-    store_dir: str = "./uploads"
-    upload_subdir: str = "upload"
-    log_level: str = "info"
-    log_file: str = ""
-    redis_addr: str = ""
-    redis_password: str = ""
-    redis_db: int = 0
-    fallback_enabled: bool = False
-    fallback_db_type: str = "postgres"
-    fallback_db_host: str = "localhost"
-    fallback_db_user: str = ""
-    fallback_db_password: str = ""
-    fallback_db_name: str = ""
-    metrics_enabled: bool = False
-    metrics_port: str = "127.0.0.1:9090"
-    chunk_size: int = 1048576
-    upload_max_size: int = 0
-    min_free_space: int = 67108864  # MinFreeSpace: bytes kept free; 507 before a body past it
-    max_bytes_per_second: int = 0
-    max_total_bytes_per_second: int = 0  # MaxTotalBytesPerSecond, shared by all uploads
-    file_ttl: int = 0  # FileTTL, seconds; 0 = keep forever
-    resumable_ttl: int = 86400  # ResumableTTL: unfinished resumable uploads older than this go
-    expiry_interval: int = 60  # ExpiryInterval, seconds between expiry sweeps
-    expiry_batch: int = 200  # ExpiryBatch: records a sweep handles per reactor turn
-    gc_interval: int = 30  # GCInterval, seconds; 0 = no forced collections
-    monitor_interval: int = 10  # MonitorInterval, seconds; 0 = no system monitor
-    shutdown_grace: int = 30  # ShutdownGrace, seconds uploads may finish in at shutdown
-    workers: int = 1  # Workers: processes accepting on the upload port (hmacd.workers)
-    rate_limit_per_minute: int = 0  # RateLimitPerMinute, per client address; 0 = off
-    rate_limit_burst: int = 0  # RateLimitBurst; 0 = as many as RateLimitPerMinute
-    trusted_proxies: tuple[str, ...] = ()  # TrustedProxies: IPs/CIDRs whose X-Forwarded-For counts
-    header_timeout: int = 20  # HeaderTimeout, seconds a request head may take; 0 = no deadline
-    max_connections_per_client: int = 100  # MaxConnectionsPerClient, per address; 0 = no cap
-    min_upload_bytes_per_second: int = 0  # MinUploadBytesPerSecond, body rate floor; 0 = none
-    min_upload_rate_window: int = 30  # MinUploadRateWindow, seconds the floor is averaged over
-    # The XEP-0363 slot component (XEP-0114), on when ComponentJID is set.
-    component_jid: str = ""
-    component_secret: str = ""
-    component_server: str = ""  # host:port of the XMPP server's component listener
-    component_allowed_domains: tuple[str, ...] = ()  # () = the domain ComponentJID is under
-    component_protocol: str = "v2"  # how the component signs its slots: v, v2, token, jwt
-    # A link that stops answering is noticed within interval + timeout seconds (README says 30).
-    component_ping_interval: int = 15  # ComponentPingInterval, seconds; 0 = no keepalive pings
-    component_ping_timeout: int = 15  # ComponentPingTimeout, seconds a ping may go unanswered
-    public_url: str = ""  # the URL clients reach the upload space at, with UploadSubDir
-    source: str | None = None
-
-    @property
-    def listen_endpoint(self) -> str:
-        """The upload listener as a ``serverFromString`` description, so tap.py need not know
-        the Go server's address syntax."""
-        return listen_endpoint(self.listen_port, self.unix_socket)
-
-    @property
-    def metrics_endpoint(self) -> str:
-        """The Prometheus listener; ``UnixSocket`` only ever applies to the upload listener."""
-        return listen_endpoint(self.metrics_port)
-
-    @property
-    def upload_domains(self) -> tuple[str, ...]:
-        """Whose users the slot component serves: ComponentAllowedDomains, or else the domain
-        the component is under (``upload.example.org`` serves ``example.org``)."""
-        if self.component_allowed_domains:
-            return self.component_allowed_domains
-        return (self.component_jid.partition(".")[2],) if self.component_jid else ()
-
-    # The host:port keys, parsed by the one parser that checked them.  Cached: a Config is
-    # frozen, so each is parsed at most once, and not at all when nothing connects there.
-
-    @cached_property
-    def redis_address(self) -> HostPort | None:
-        """RedisAddr as a HostPort, or None when there is no Redis."""
-        return HostPort.parse(self.redis_addr) if self.redis_addr else None
-
-    @cached_property
-    def fallback_db_address(self) -> HostPort:
-        """FallbackDBHost as a HostPort, with FallbackDBType's usual port when it names none."""
-        return HostPort.parse(self.fallback_db_host, DEFAULT_DB_PORTS[self.fallback_db_type])
-
-    @cached_property
-    def component_address(self) -> HostPort:
-        """ComponentServer as a HostPort (a (host, port) tuple; IPv6 without brackets)."""
-        return HostPort.parse(self.component_server.strip())
-
-    @property
-    def secret_bytes(self) -> bytes | None:
-        """The HMAC key: Prosody and ejabberd key their MACs with the UTF-8 bytes of the secret."""
-        return None if self.secret is None else self.secret.encode("utf-8")
-
-    def __repr__(self) -> str:
-        # A Config gets logged at startup: show that a secret is set, never what it is.
-        parts = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            shown = "'***'" if f.name in SECRET_FIELDS and value else repr(value)
-            parts.append(f"{f.name}={shown}")
-        return f"{type(self).__name__}({', '.join(parts)})"
-
-
-KEYS: dict[str, str] = {
-    "ListenPort": "listen_port",
-    "UnixSocket": "unix_socket",
-    "Secret": "secret",
-    "StoreDir": "store_dir",
-    "UploadSubDir": "upload_subdir",
-    "LogLevel": "log_level",
-    "LogFile": "log_file",
-    "RedisAddr": "redis_addr",
-    "RedisPassword": "redis_password",
-    "RedisDB": "redis_db",
-    "FallbackEnabled": "fallback_enabled",
-    "FallbackDBType": "fallback_db_type",
-    "FallbackDBHost": "fallback_db_host",
-    "FallbackDBUser": "fallback_db_user",
-    "FallbackDBPassword": "fallback_db_password",
-    "FallbackDBName": "fallback_db_name",
-    "MetricsEnabled": "metrics_enabled",
-    "MetricsPort": "metrics_port",
-    "ChunkSize": "chunk_size",
-    "UploadMaxSize": "upload_max_size",
-    "MinFreeSpace": "min_free_space",
-    "MaxBytesPerSecond": "max_bytes_per_second",
-    "MaxTotalBytesPerSecond": "max_total_bytes_per_second",
-    "FileTTL": "file_ttl",
-    "ResumableTTL": "resumable_ttl",
-    "ExpiryInterval": "expiry_interval",
-    "ExpiryBatch": "expiry_batch",
-    "GCInterval": "gc_interval",
-    "MonitorInterval": "monitor_interval",
-    "ShutdownGrace": "shutdown_grace",
-    "Workers": "workers",
-    "RateLimitPerMinute": "rate_limit_per_minute",
-    "RateLimitBurst": "rate_limit_burst",
-    "TrustedProxies": "trusted_proxies",
-    "HeaderTimeout": "header_timeout",
-    "MaxConnectionsPerClient": "max_connections_per_client",
-    "MinUploadBytesPerSecond": "min_upload_bytes_per_second",
-    "MinUploadRateWindow": "min_upload_rate_window",
-    "ComponentJID": "component_jid",
-    "ComponentSecret": "component_secret",
-    "ComponentServer": "component_server",
-    "ComponentAllowedDomains": "component_allowed_domains",
-    "ComponentProtocol": "component_protocol",
-    "ComponentPingInterval": "component_ping_interval",
-    "ComponentPingTimeout": "component_ping_timeout",
-    "PublicURL": "public_url",
-}
-
-_CANONICAL = {key.lower(): key for key in KEYS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,54 +635,272 @@ def _public_url(value: object) -> str:
     return text if text.endswith("/") else text + "/"
 
 
+# ---------------------------------------------------------------------------------------------
+# The table
+
+# A key is one line here: its Go-style name, default, converter and a one-line meaning, kept
+# in the field's metadata.  KEYS, the converters parse_config runs, SECRET_FIELDS, the key list
+# of etc/config.toml and README's table (both checked by tests/test_config.py) all come from it.
+
+
+def _key(
+    name: str,
+    default: Any,
+    convert: Callable[[object], object],
+    doc: str,
+    *,
+    secret: bool = False,
+) -> Any:
+    """A Config field read from the TOML key C{name} through C{convert}."""
+    metadata = {"key": name, "convert": convert, "doc": doc, "secret": secret}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, repr=False)
+class Config:
+    """Every setting hmacfs reads, already validated and normalised by :func:`parse_config`.
+
+    Frozen so that one object can be handed to every service without anyone changing it under
+    the others; the defaults are what an empty file means.
+    """
+
+    listen_port: str = _key(
+        "ListenPort",
+        "127.0.0.1:8080",
+        _address,
+        '``":8080"``, ``"127.0.0.1:8080"``, ``"[::]:5050"``, or a Twisted endpoint'
+        " (``tcp:8080``, ``ssl:8443:...``, ``unix:/run/hmacfs.sock``)",
+    )
+    unix_socket: bool = _key("UnixSocket", False, _boolean, "``ListenPort`` is a Unix socket path")
+    secret: str | None = _key(
+        "Secret", None, _secret, "shared secret (see Quick start)", secret=True
+    )
+    store_dir: str = _key("StoreDir", "./uploads", _store_dir, "where files are kept")
+    upload_subdir: str = _key(
+        "UploadSubDir", "upload", _upload_subdir, "URL prefix of the upload space"
+    )
+    log_level: str = _key(
+        "LogLevel", "info", _log_level, "``debug``, ``info``, ``warn``, ``error``"
+    )
+    log_file: str = _key("LogFile", "", _string, "file to log to")
+    redis_addr: str = _key("RedisAddr", "", _redis_addr, "metadata in Redis (``host:port``)")
+    redis_password: str = _key("RedisPassword", "", _string, "Redis password", secret=True)
+    redis_db: int = _key("RedisDB", 0, _nonnegative_int, "Redis database number")
+    fallback_enabled: bool = _key(
+        "FallbackEnabled", False, _boolean, "SQL store (fallback of Redis, or the store)"
+    )
+    fallback_db_type: str = _key(
+        "FallbackDBType", "postgres", _db_type, "``postgres`` or ``mysql``"
+    )
+    fallback_db_host: str = _key(
+        "FallbackDBHost", "localhost", _db_host, "``host`` or ``host:port``"
+    )
+    fallback_db_user: str = _key("FallbackDBUser", "", _string, "SQL user name")
+    fallback_db_password: str = _key("FallbackDBPassword", "", _string, "SQL password", secret=True)
+    fallback_db_name: str = _key("FallbackDBName", "", _string, "required with ``FallbackEnabled``")
+    metrics_enabled: bool = _key(
+        "MetricsEnabled", False, _boolean, "Prometheus metrics at ``/metrics``"
+    )
+    metrics_port: str = _key(
+        "MetricsPort", "127.0.0.1:9090", _address, "same forms as ``ListenPort``"
+    )
+    chunk_size: int = _key(
+        "ChunkSize", 1048576, _size(1), "write buffer of each upload, at most 64 KiB used"
+    )
+    upload_max_size: int = _key("UploadMaxSize", 0, _size(0), "413 above this")
+    min_free_space: int = _key(
+        "MinFreeSpace",
+        67108864,
+        _size(0),
+        "space kept free: 507, before the body, for an upload whose declared size does not"
+        " fit in the rest",
+    )
+    max_bytes_per_second: int = _key(
+        "MaxBytesPerSecond",
+        0,
+        _size(0),
+        "bandwidth cap of each upload (the transport is paused)",
+    )
+    max_total_bytes_per_second: int = _key(
+        "MaxTotalBytesPerSecond", 0, _size(0), "bandwidth cap shared by all uploads"
+    )
+    file_ttl: int = _key("FileTTL", 0, _duration, "how long uploads are kept")
+    resumable_ttl: int = _key(
+        "ResumableTTL", 86400, _duration, "seconds an unfinished resumable upload is kept"
+    )
+    expiry_interval: int = _key(
+        "ExpiryInterval",
+        60,
+        _positive_duration,
+        "seconds between expiry sweeps (at least 1)",
+    )
+    expiry_batch: int = _key(
+        "ExpiryBatch", 200, _positive_int, "records an expiry sweep deletes per batch"
+    )
+    gc_interval: int = _key(
+        "GCInterval", 30, _duration, "seconds between ``gc.collect()`` (0: off)"
+    )
+    monitor_interval: int = _key(
+        "MonitorInterval", 10, _duration, "seconds between status lines (0: off)"
+    )
+    shutdown_grace: int = _key(
+        "ShutdownGrace", 30, _duration, "seconds uploads may finish in at shutdown"
+    )
+    workers: int = _key("Workers", 1, _workers, "processes serving the upload port (see below)")
+    rate_limit_per_minute: int = _key(
+        "RateLimitPerMinute",
+        0,
+        _nonnegative_int,
+        "requests per minute per client address (429 past it)",
+    )
+    rate_limit_burst: int = _key(
+        "RateLimitBurst", 0, _nonnegative_int, "requests a client may make at once"
+    )
+    trusted_proxies: tuple[str, ...] = _key(
+        "TrustedProxies",
+        (),
+        _networks,
+        "proxies whose ``X-Forwarded-For`` names the client",
+    )
+    header_timeout: int = _key(
+        "HeaderTimeout",
+        20,
+        _duration,
+        "seconds a request head may take (408 past it; 0: off)",
+    )
+    max_connections_per_client: int = _key(
+        "MaxConnectionsPerClient",
+        100,
+        _nonnegative_int,
+        "connections per client address (0: no cap)",
+    )
+    min_upload_bytes_per_second: int = _key(
+        "MinUploadBytesPerSecond",
+        0,
+        _size(0),
+        "slowest upload body kept, averaged over the window",
+    )
+    min_upload_rate_window: int = _key(
+        "MinUploadRateWindow",
+        30,
+        _duration,
+        "seconds ``MinUploadBytesPerSecond`` is averaged over",
+    )
+    # The XEP-0363 slot component (XEP-0114), on when ComponentJID is set.
+    component_jid: str = _key(
+        "ComponentJID",
+        "",
+        _domain_or_empty,
+        "the XMPP slot component's JID (turns it on)",
+    )
+    component_secret: str = _key(
+        "ComponentSecret",
+        "",
+        _component_secret,
+        "its component password on the XMPP server",
+        secret=True,
+    )
+    component_server: str = _key(
+        "ComponentServer",
+        "",
+        _component_server,
+        "``host:port`` of the server's component listener",
+    )
+    component_allowed_domains: tuple[str, ...] = _key(
+        "ComponentAllowedDomains",
+        (),  # () = the domain ComponentJID is under
+        _domains,
+        "domains whose users may ask for slots",
+    )
+    component_protocol: str = _key(
+        "ComponentProtocol",
+        "v2",
+        _component_protocol,
+        "how its slots are signed: ``v``, ``v2``, ``token``, ``jwt``",
+    )
+    # A link that stops answering is noticed within interval + timeout seconds (README says 30).
+    component_ping_interval: int = _key(
+        "ComponentPingInterval",
+        15,
+        _duration,
+        "seconds between its keepalive pings (0: none)",
+    )
+    component_ping_timeout: int = _key(
+        "ComponentPingTimeout",
+        15,
+        _ping_timeout,
+        "seconds a ping may go unanswered before it reconnects",
+    )
+    public_url: str = _key(
+        "PublicURL",
+        "",
+        _public_url,
+        "the upload space as clients reach it, for its slots",
+    )
+    source: str | None = None
+
+    @property
+    def listen_endpoint(self) -> str:
+        """The upload listener as a ``serverFromString`` description, so tap.py need not know
+        the Go server's address syntax."""
+        return listen_endpoint(self.listen_port, self.unix_socket)
+
+    @property
+    def metrics_endpoint(self) -> str:
+        """The Prometheus listener; ``UnixSocket`` only ever applies to the upload listener."""
+        return listen_endpoint(self.metrics_port)
+
+    @property
+    def upload_domains(self) -> tuple[str, ...]:
+        """Whose users the slot component serves: ComponentAllowedDomains, or else the domain
+        the component is under (``upload.example.org`` serves ``example.org``)."""
+        if self.component_allowed_domains:
+            return self.component_allowed_domains
+        return (self.component_jid.partition(".")[2],) if self.component_jid else ()
+
+    # The host:port keys, parsed by the one parser that checked them.  Cached: a Config is
+    # frozen, so each is parsed at most once, and not at all when nothing connects there.
+
+    @cached_property
+    def redis_address(self) -> HostPort | None:
+        """RedisAddr as a HostPort, or None when there is no Redis."""
+        return HostPort.parse(self.redis_addr) if self.redis_addr else None
+
+    @cached_property
+    def fallback_db_address(self) -> HostPort:
+        """FallbackDBHost as a HostPort, with FallbackDBType's usual port when it names none."""
+        return HostPort.parse(self.fallback_db_host, DEFAULT_DB_PORTS[self.fallback_db_type])
+
+    @cached_property
+    def component_address(self) -> HostPort:
+        """ComponentServer as a HostPort (a (host, port) tuple; IPv6 without brackets)."""
+        return HostPort.parse(self.component_server.strip())
+
+    @property
+    def secret_bytes(self) -> bytes | None:
+        """The HMAC key: Prosody and ejabberd key their MACs with the UTF-8 bytes of the secret."""
+        return None if self.secret is None else self.secret.encode("utf-8")
+
+    def __repr__(self) -> str:
+        # A Config gets logged at startup: show that a secret is set, never what it is.
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = "'***'" if f.name in SECRET_FIELDS and value else repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+# What the rest of this module (and hmacfs) reads off the table.
+_TABLE = tuple(f for f in fields(Config) if "key" in f.metadata)
+KEYS: dict[str, str] = {f.metadata["key"]: f.name for f in _TABLE}
+KEY_DOCS: dict[str, str] = {f.metadata["key"]: f.metadata["doc"] for f in _TABLE}
 _CONVERTERS: dict[str, Callable[[object], object]] = {
-    "ListenPort": _address,
-    "UnixSocket": _boolean,
-    "Secret": _secret,
-    "StoreDir": _store_dir,
-    "UploadSubDir": _upload_subdir,
-    "LogLevel": _log_level,
-    "LogFile": _string,
-    "RedisAddr": _redis_addr,
-    "RedisPassword": _string,
-    "RedisDB": _nonnegative_int,
-    "FallbackEnabled": _boolean,
-    "FallbackDBType": _db_type,
-    "FallbackDBHost": _db_host,
-    "FallbackDBUser": _string,
-    "FallbackDBPassword": _string,
-    "FallbackDBName": _string,
-    "MetricsEnabled": _boolean,
-    "MetricsPort": _address,
-    "ChunkSize": _size(1),
-    "UploadMaxSize": _size(0),
-    "MinFreeSpace": _size(0),
-    "MaxBytesPerSecond": _size(0),
-    "MaxTotalBytesPerSecond": _size(0),
-    "FileTTL": _duration,
-    "ResumableTTL": _duration,
-    "ExpiryInterval": _positive_duration,
-    "ExpiryBatch": _positive_int,
-    "GCInterval": _duration,
-    "MonitorInterval": _duration,
-    "ShutdownGrace": _duration,
-    "Workers": _workers,
-    "RateLimitPerMinute": _nonnegative_int,
-    "RateLimitBurst": _nonnegative_int,
-    "TrustedProxies": _networks,
-    "HeaderTimeout": _duration,
-    "MaxConnectionsPerClient": _nonnegative_int,
-    "MinUploadBytesPerSecond": _size(0),
-    "MinUploadRateWindow": _duration,
-    "ComponentJID": _domain_or_empty,
-    "ComponentSecret": _component_secret,
-    "ComponentServer": _component_server,
-    "ComponentAllowedDomains": _domains,
-    "ComponentProtocol": _component_protocol,
-    "ComponentPingInterval": _duration,
-    "ComponentPingTimeout": _ping_timeout,
-    "PublicURL": _public_url,
+    f.metadata["key"]: f.metadata["convert"] for f in _TABLE
 }
+# Fields whose values must never reach a log line, a traceback or an error message.
+SECRET_FIELDS = frozenset(f.name for f in _TABLE if f.metadata["secret"])
+_CANONICAL = {key.lower(): key for key in KEYS}
 
 
 def _error(source: str, key: str | None, reason: str) -> ConfigError:

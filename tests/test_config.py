@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacd.config import (
+    KEY_DOCS,
     KEYS,
     Config,
     ConfigError,
@@ -28,6 +30,27 @@ from hmacd.config import (
 )
 
 ETC_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "etc", "config.toml")
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.rst")
+
+
+def readme_config_table() -> list[tuple[str, str, str]]:
+    """README's configuration table as (key, default, meaning) rows, continuation lines joined."""
+    with open(README, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = lines.index("Configuration")
+    borders = [i for i in range(start, len(lines)) if re.fullmatch(r"=+ +=+ +=+", lines[i])][:3]
+    cols = [m.start() for m in re.finditer(r"=+", lines[borders[0]])]
+    rows: list[list[str]] = []
+    for line in lines[borders[1] + 1 : borders[2]]:
+        cells = [line[: cols[1]], line[cols[1] : cols[2]], line[cols[2] :]]
+        key, default, meaning = (cell.strip() for cell in cells)
+        if key:
+            rows.append([key, default, meaning])
+        else:
+            rows[-1][1] = f"{rows[-1][1]} {default}".strip()
+            rows[-1][2] = f"{rows[-1][2]} {meaning}".strip()
+    return [(key, default, meaning) for key, default, meaning in rows]
+
 
 GO_SEED = """\
 ListenPort = ":8080"
@@ -210,6 +233,44 @@ class DefaultsTests(ConfigFileTestCase):
         with open(ETC_CONFIG, encoding="utf-8") as f:
             lines = f.read().splitlines()
         self.assertIn('# Secret = "change-me"', lines)
+
+
+class TableTests(SynchronousTestCase):
+    """Config's fields are the one table of keys: the docs are checked against it."""
+
+    def test_every_field_is_a_key(self) -> None:
+        """Every field but source carries its key, converter and a one-line doc."""
+        for f in fields(Config):
+            if f.name == "source":
+                self.assertEqual(dict(f.metadata), {})
+                continue
+            self.assertEqual(KEYS[f.metadata["key"]], f.name)
+            self.assertTrue(callable(f.metadata["convert"]), f.name)
+            self.assertTrue(f.metadata["doc"].strip(), f.name)
+            self.assertNotIn("\n", f.metadata["doc"], f.name)
+
+    def test_converters_accept_defaults(self) -> None:
+        """Each key's converter gives back its default from the default's TOML spelling."""
+        defaults = {"Secret": "s", "TrustedProxies": [], "ComponentAllowedDomains": []}
+        config = parse_config(
+            {k: defaults.get(k, getattr(Config(), v)) for k, v in KEYS.items()}, "t"
+        )
+        self.assertEqual(config, Config(secret="s", source="t"))
+
+    def test_readme_table(self) -> None:
+        """README's table lists exactly the keys, in the table's order, with their docs."""
+        rows = readme_config_table()
+        self.assertEqual([key.strip("`") for key, _, _ in rows], list(KEYS))
+        self.assertEqual({key.strip("`"): meaning for key, _, meaning in rows}, KEY_DOCS)
+
+    def test_etc_config_toml_documents_every_key(self) -> None:
+        """etc/config.toml has a comment and a line for every key, and no key it does not know."""
+        with open(ETC_CONFIG, encoding="utf-8") as f:
+            text = f.read()
+        named = re.findall(r"^(?:# )?([A-Za-z]+) = ", text, re.MULTILINE)
+        self.assertEqual(sorted(named), sorted(KEYS))
+        for key in KEYS:
+            self.assertRegex(text, rf"#[^\n]*\n(?:# )?{key} = ", key)
 
 
 class SeedConfigTests(ConfigFileTestCase):
