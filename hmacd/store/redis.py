@@ -168,17 +168,7 @@ def _record(path: bytes, flat: list[bytes]) -> FileRecord:
         name.decode("utf-8"): value.decode("utf-8")
         for name, value in zip(flat[::2], flat[1::2], strict=True)
     }
-    expires = fields.get("expires")
-    return FileRecord(
-        path=path.decode("utf-8"),
-        size=int(fields["size"]),
-        content_type=fields["content_type"],
-        sha256=fields["sha256"],
-        created=float(fields["created"]),
-        protocol=fields["protocol"],
-        uploader=fields.get("uploader"),
-        expires=None if expires is None else float(expires),
-    )
+    return FileRecord.from_fields(path.decode("utf-8"), fields)
 
 
 def _packed_records(reply: list[Any]) -> list[FileRecord]:
@@ -532,20 +522,14 @@ class RedisStore:
 
     def put(self, record: FileRecord) -> Deferred[None]:
         """Replace the record for its path, and its expiry entry, atomically."""
-        fields = [
-            "size", str(int(record.size)),
-            "content_type", record.content_type,
-            "sha256", record.sha256,
-            "created", repr(float(record.created)),
-            "protocol", record.protocol,
-        ]  # fmt: skip
-        expires = "" if record.expires is None else repr(float(record.expires))
-        if record.uploader is not None:
-            fields += ["uploader", record.uploader]
-        if record.expires is not None:
-            fields += ["expires", expires]
+        fields = record.to_strings()
+        expires = fields.get("expires", "")
         keys = [self._fileKey(record.path), self._expiryKey, self._filesKey]
-        args = [record.path.encode("utf-8"), expires, *(f.encode("utf-8") for f in fields)]
+        args = [
+            record.path.encode("utf-8"),
+            expires,
+            *(text.encode("utf-8") for pair in fields.items() for text in pair),
+        ]
         d = self._call("put", "eval", _PUT, keys, args)
         return d.addCallback(lambda _: None)
 

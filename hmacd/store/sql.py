@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
+from hmacd.metadata import RECORD_FIELDS
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 
 log = Logger()
@@ -50,7 +51,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 # Short enough that "<table>_expires" stays within PostgreSQL's 63-byte names.
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 
-_COLUMNS = ("path", "size", "content_type", "sha256", "created", "protocol", "uploader", "expires")
+_COLUMNS = RECORD_FIELDS
 
 
 @dataclass(frozen=True)
@@ -264,20 +265,6 @@ def _mysql_open(connection: Any) -> None:
     # get a longer bound.
     connection._read_timeout = MYSQL_QUERY_TIMEOUT
     connection._write_timeout = MYSQL_QUERY_TIMEOUT
-
-
-def _row_to_record(row: Sequence[Any]) -> FileRecord:
-    path, size, content_type, sha256, created, protocol, uploader, expires = row
-    return FileRecord(
-        path=path,
-        size=size,
-        content_type=content_type,
-        sha256=sha256,
-        created=created,
-        protocol=protocol,
-        uploader=uploader,
-        expires=expires,
-    )
 
 
 def _path_hash(path: str) -> str:
@@ -537,17 +524,7 @@ class SQLStore:
         Puts made while another is running wait for it and then go together, in one
         transaction: under load one pool hand-off and one commit serve many uploads.
         """
-        params = (
-            _path_hash(record.path),
-            record.path,
-            record.size,
-            record.content_type,
-            record.sha256,
-            record.created,
-            record.protocol,
-            record.uploader,
-            record.expires,
-        )
+        params = (_path_hash(record.path), *record.to_row())
         d: Deferred[None] = Deferred()
         self._puts.append((params, d))
         if not self._putting:
@@ -585,7 +562,7 @@ class SQLStore:
     def get(self, path: str) -> Deferred[FileRecord | None]:
         """The record for C{path}, or None."""
         d = self._call(self._statements["get"], (_path_hash(path),), fetch=True)
-        return d.addCallback(lambda rows: _row_to_record(rows[0]) if rows else None)
+        return d.addCallback(lambda rows: FileRecord.from_row(rows[0]) if rows else None)
 
     def delete(self, path: str) -> Deferred[None]:
         """
@@ -632,7 +609,7 @@ class SQLStore:
         if limit < 0:
             return fail(ValueError(f"limit must be >= 0, got {limit!r}"))
         d = self._call(self._statements["expired"], (float(now), int(limit)), fetch=True)
-        return d.addCallback(lambda rows: [_row_to_record(row) for row in rows])
+        return d.addCallback(lambda rows: [FileRecord.from_row(row) for row in rows])
 
     def count_expired(self, now: float) -> Deferred[int]:
         """How many records expire at or before C{now} (a range count on the expiry index)."""
@@ -644,7 +621,7 @@ class SQLStore:
         if limit < 0:
             return fail(ValueError(f"limit must be >= 0, got {limit!r}"))
         d = self._call(self._statements["records"], (int(limit),), fetch=True)
-        return d.addCallback(lambda rows: [_row_to_record(row) for row in rows])
+        return d.addCallback(lambda rows: [FileRecord.from_row(row) for row in rows])
 
     def ping(self) -> Deferred[None]:
         """One C{SELECT 1} round trip."""
