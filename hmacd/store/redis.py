@@ -33,7 +33,7 @@ stays behind this module.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import txredisapi
@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hmacd.address import HostPort
+from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 
 __all__ = ["RedisStore", "parse_redis_addr"]
@@ -314,9 +315,8 @@ class RedisStore:
         self._expiryKey = raw + b"expiry"
         self._filesKey = raw + b"files"
         self._factory: _StoreFactory | None = None
-        # Deletes waiting for the one in flight (see delete).
-        self._deletes: list[tuple[str, Deferred[None]]] = []
-        self._deleting = False
+        # Deletes made while one is in flight wait for it and go together (see delete).
+        self._deletes: Batcher[str, None] = Batcher(self._deleteMany)
         self._persistenceChecked = False
         self._waiting: list[Deferred[None]] = []
         self._lastError: str | None = None
@@ -550,35 +550,18 @@ class RedisStore:
         expiry sweep deletes hundreds at once, and a round trip each cost the reactor
         thread about half a millisecond apiece in txredisapi.
         """
-        d: Deferred[None] = Deferred()
-        self._deletes.append((path, d))
-        if not self._deleting:
-            self._deleteBatch()
-        return d
+        return self._deletes.submit(path)
 
-    def _deleteBatch(self) -> None:
-        batch, self._deletes = self._deletes, []
-        self._deleting = True
+    def _deleteMany(self, batch: list[str]) -> Deferred[Sequence[None]]:
+        """The deletes a L{Batcher} gathered, in one script; they succeed or fail together."""
         if len(batch) == 1:
-            path = batch[0][0]
-            keys = [self._fileKey(path), self._expiryKey, self._filesKey]
-            done = self._call("delete", "eval", _DELETE, keys, [path.encode("utf-8")])
+            keys = [self._fileKey(batch[0]), self._expiryKey, self._filesKey]
+            done = self._call("delete", "eval", _DELETE, keys, [batch[0].encode("utf-8")])
         else:
-            args = [self._filePrefix, *(path.encode("utf-8") for path, _ in batch)]
+            args = [self._filePrefix, *(path.encode("utf-8") for path in batch)]
             keys = [self._expiryKey, self._filesKey]
             done = self._call("delete", "eval", _DELETE_MANY, keys, args)
-
-        def finished(result: object) -> None:
-            self._deleting = False
-            for _, waiter in batch:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(None)
-            if self._deletes and not self._deleting:
-                self._deleteBatch()
-
-        done.addBoth(finished)
+        return done.addCallback(lambda _: [None] * len(batch))
 
     def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
         """Up to C{limit} records with C{expires <= now}, soonest first."""

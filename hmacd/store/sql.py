@@ -31,12 +31,13 @@ from typing import Any
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
+from hmacd.batch import Batcher
 from hmacd.metadata import RECORD_FIELDS
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 
@@ -332,12 +333,9 @@ class SQLStore:
         except ImportError as e:
             self._missing = e
         self._down: tuple[type[BaseException], ...] = (adbapi.ConnectionLost,)
-        # Puts waiting for the one running (see put).
-        self._puts: list[tuple[tuple[Any, ...], Deferred[None]]] = []
-        self._putting = False
-        # Deletes waiting for the one running (see delete).
-        self._deletes: list[tuple[tuple[Any, ...], Deferred[None]]] = []
-        self._deleting = False
+        # Puts, and deletes, made while one runs wait for it and then go together.
+        self._puts: Batcher[tuple[Any, ...], None] = Batcher(self._batch("put"))
+        self._deletes: Batcher[tuple[Any, ...], None] = Batcher(self._batch("delete"))
         self._statements = self._prepare()
 
     # -- construction -------------------------------------------------------------------------
@@ -525,39 +523,7 @@ class SQLStore:
         transaction: under load one pool hand-off and one commit serve many uploads.
         """
         params = (_path_hash(record.path), *record.to_row())
-        d: Deferred[None] = Deferred()
-        self._puts.append((params, d))
-        if not self._putting:
-            self._putBatch()
-        return d
-
-    def _putBatch(self) -> None:
-        batch, self._puts = self._puts, []
-        self._putting = True
-        statement = self._statements["put"]
-        done = self._run(self._executeMany, statement, [params for params, _ in batch])
-
-        def finished(result: object) -> None:
-            self._putting = False
-            if (
-                isinstance(result, Failure)
-                and len(batch) > 1
-                and not result.check(StoreUnavailable)
-            ):
-                # One record the database refuses must not take the others down with it:
-                # each goes again on its own, and fails alone.
-                for params, waiter in batch:
-                    self._call(statement, params).addCallback(lambda _: None).chainDeferred(waiter)
-            else:
-                for _, waiter in batch:
-                    if isinstance(result, Failure):
-                        waiter.errback(result)
-                    else:
-                        waiter.callback(None)
-            if self._puts and not self._putting:  # a waiter may have put again already
-                self._putBatch()
-
-        done.addBoth(finished)
+        return self._puts.submit(params)
 
     def get(self, path: str) -> Deferred[FileRecord | None]:
         """The record for C{path}, or None."""
@@ -572,37 +538,7 @@ class SQLStore:
         transaction: the expiry sweep deletes hundreds at a time, and one commit each made
         SQLite the sweep's bound (about 1,100 a second here).
         """
-        d: Deferred[None] = Deferred()
-        self._deletes.append(((_path_hash(path),), d))
-        if not self._deleting:
-            self._deleteBatch()
-        return d
-
-    def _deleteBatch(self) -> None:
-        batch, self._deletes = self._deletes, []
-        self._deleting = True
-        statement = self._statements["delete"]
-        done = self._run(self._executeMany, statement, [params for params, _ in batch])
-
-        def finished(result: object) -> None:
-            self._deleting = False
-            if (
-                isinstance(result, Failure)
-                and len(batch) > 1
-                and not result.check(StoreUnavailable)
-            ):
-                for params, waiter in batch:
-                    self._call(statement, params).addCallback(lambda _: None).chainDeferred(waiter)
-            else:
-                for _, waiter in batch:
-                    if isinstance(result, Failure):
-                        waiter.errback(result)
-                    else:
-                        waiter.callback(None)
-            if self._deletes and not self._deleting:
-                self._deleteBatch()
-
-        done.addBoth(finished)
+        return self._deletes.submit((_path_hash(path),))
 
     def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
         """Up to C{limit} records whose expiry is at or before C{now}, soonest first."""
@@ -628,6 +564,29 @@ class SQLStore:
         return self._call("SELECT 1", (), fetch=True).addCallback(lambda _: None)
 
     # -- machinery ----------------------------------------------------------------------------
+
+    def _batch(
+        self, which: str
+    ) -> Callable[[list[tuple[Any, ...]]], Deferred[Sequence[Failure | None]]]:
+        """The run function of a L{Batcher} of C{which} statements: all in one transaction."""
+
+        def run(batch: list[tuple[Any, ...]]) -> Deferred[Sequence[Failure | None]]:
+            statement = self._statements[which]
+            done: Deferred[Any] = self._run(self._executeMany, statement, batch)
+
+            def alone(failure: Failure) -> Failure | Deferred[Sequence[Failure | None]]:
+                if len(batch) == 1 or failure.check(StoreUnavailable):
+                    return failure
+                # One record the database refuses must not take the others down with it:
+                # each goes again on its own, and fails alone.
+                each = [self._call(statement, params) for params in batch]
+                return DeferredList(each, consumeErrors=True).addCallback(
+                    lambda results: [None if ok else result for ok, result in results]
+                )
+
+            return done.addCallbacks(lambda _: [None] * len(batch), alone)
+
+        return run
 
     def _prepare(self) -> dict[str, str]:
         p = self._dialect.placeholder
