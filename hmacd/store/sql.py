@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hmacd import internals
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
 from hmacd.batch import Batcher
 from hmacd.metadata import RECORD_FIELDS
@@ -172,22 +173,20 @@ class _Connection(adbapi.Connection):
 
     def rollback(self) -> None:
         try:
-            self._connection.rollback()
+            internals.adbapi_raw_connection(self).rollback()
         except Exception:
             self._drop()
 
     def reconnect(self) -> None:
         self._drop()
-        self._connection = self._pool.connect()
+        internals.adbapi_set_raw_connection(self, internals.adbapi_pool_of(self).connect())
 
     def _drop(self) -> None:
-        dead, self._connection = self._connection, None
+        dead = internals.adbapi_raw_connection(self)
+        internals.adbapi_set_raw_connection(self, None)
         if dead is None:
             return
-        connections = self._pool.connections
-        tid = self._pool.threadID()
-        if connections.get(tid) is dead:
-            del connections[tid]
+        internals.adbapi_forget_connection(internals.adbapi_pool_of(self), dead)
         with suppress(Exception):
             dead.close()
 
@@ -200,10 +199,18 @@ def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
 
 
 class _ConnectionPool(adbapi.ConnectionPool):
+    """
+    adbapi's pool with daemon threads, closed off the reactor thread.
+
+    @ivar clock: the reactor given to adbapi as C{cp_reactor}.
+    """
+
     connectionFactory = _Connection
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, cp_reactor: Any, **kwargs: Any) -> None:
+        # Before adbapi's __init__: on a running reactor it calls start() at once.
+        self.clock = cp_reactor
+        super().__init__(*args, cp_reactor=cp_reactor, **kwargs)
         self.threadpool.threadFactory = _daemonThread
 
     def start(self) -> None:
@@ -211,27 +218,23 @@ class _ConnectionPool(adbapi.ConnectionPool):
         # adbapi joins its threads in a reactor shutdown trigger, which
         # blocks the reactor for as long as any query is stuck; SQLStore.stop
         # closes the pool off the reactor thread instead.
-        if self.shutdownID is not None:
-            self._reactor.removeSystemEventTrigger(self.shutdownID)
-            self.shutdownID = None
+        internals.adbapi_remove_shutdown_trigger(self, self.clock)
 
-    def closeInBackground(self, clock: Any, patience: float = 5.0) -> Deferred[None]:
+    def closeInBackground(self, patience: float = 5.0) -> Deferred[None]:
         """
         Close the pool from a helper thread: ThreadPool.stop() joins the
         worker threads, which must never happen in the reactor thread.
         Fires when closed, or after C{patience} seconds (threads stuck on a
         hung server are daemon threads and are left behind).
         """
-        if self.startID:
-            self._reactor.removeSystemEventTrigger(self.startID)
-            self.startID = None
+        internals.adbapi_remove_start_trigger(self, self.clock)
         done: Deferred[None] = Deferred()
 
         def close() -> None:
             try:
                 self.finalClose()
             finally:
-                self._reactor.callFromThread(lambda: done.called or done.callback(None))
+                self.clock.callFromThread(lambda: done.called or done.callback(None))
 
         threading.Thread(target=close, name=f"{self.name}-close", daemon=True).start()
 
@@ -242,7 +245,7 @@ class _ConnectionPool(adbapi.ConnectionPool):
                 name=self.name,
             )
 
-        return done.addTimeout(patience, clock).addErrback(late)
+        return done.addTimeout(patience, self.clock).addErrback(late)
 
 
 def _sqlite_open(connection: Any) -> None:
@@ -264,8 +267,7 @@ def _mysql_open(connection: Any) -> None:
     # pymysql bounds its handshake only by read_timeout (connect_timeout covers the TCP connect
     # alone), so the handshake ran with read/write timeouts equal to connect_timeout; queries
     # get a longer bound.
-    connection._read_timeout = MYSQL_QUERY_TIMEOUT
-    connection._write_timeout = MYSQL_QUERY_TIMEOUT
+    internals.pymysql_set_timeouts(connection, MYSQL_QUERY_TIMEOUT, MYSQL_QUERY_TIMEOUT)
 
 
 def _path_hash(path: str) -> str:
@@ -287,7 +289,7 @@ class SQLStore:
     @ivar pool: the L{adbapi.ConnectionPool} while started, else None.
     """
 
-    pool: adbapi.ConnectionPool | None = None
+    pool: _ConnectionPool | None = None
 
     def __init__(
         self,
@@ -500,7 +502,7 @@ class SQLStore:
         def failed(failure: Failure) -> Failure:
             if self.pool is pool:
                 self.pool = None
-                pool.closeInBackground(pool._reactor)
+                pool.closeInBackground()
             if failure.check(dbapi.Error, adbapi.ConnectionLost):
                 raise StoreUnavailable(self._describe(failure.value)) from failure.value
             return failure
@@ -513,7 +515,7 @@ class SQLStore:
         pool, self.pool = self.pool, None
         if pool is None:
             return succeed(None)
-        return pool.closeInBackground(pool._reactor)
+        return pool.closeInBackground()
 
     def put(self, record: FileRecord) -> Deferred[None]:
         """
@@ -601,17 +603,22 @@ class SQLStore:
         }
         return {key: sql.format(table=self.table) for key, sql in statements.items()}
 
-    def _makePool(self) -> adbapi.ConnectionPool:
+    def _makePool(self) -> _ConnectionPool:
+        reactor = self._reactor
+        if reactor is None:
+            # What adbapi would take without cp_reactor; the pool needs it named.
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
         options: dict[str, Any] = dict(
             cp_min=1,
             cp_max=self._pool_size,
             cp_reconnect=True,
             cp_name=f"hmacfs-{self.name}",
+            cp_reactor=reactor,
         )
         if self._openfun is not None:
             options["cp_openfun"] = self._openfun
-        if self._reactor is not None:
-            options["cp_reactor"] = self._reactor
         pool = _ConnectionPool(self._dialect.module, **self._connect_kwargs, **options)
         # Start now, not at reactor start-up: start() may run before the reactor does.
         pool.start()
