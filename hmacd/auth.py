@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 
@@ -345,7 +345,7 @@ def slot_put(
     return f"{url}?{protocol}={mac}", {}
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # JSON true/false decode to bool, which Python counts as int: a filesize of `true` is
     # malformed, not 1.
     return isinstance(value, int) and not isinstance(value, bool)

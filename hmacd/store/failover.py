@@ -111,8 +111,8 @@ class Backend:
             )
             self._markDown(failure, announce=False)
 
-        def release(_):
-            waiters, self._waiters = self._waiters, None
+        def release(_: object) -> None:
+            waiters, self._waiters = self._waiters or [], None
             for waiter in waiters:
                 waiter.callback(None)
 
@@ -126,7 +126,7 @@ class Backend:
     def call(self, method: str, *args) -> Deferred:
         """C{store.method(*args)}, failing fast with StoreUnavailable while down."""
         if self._waiters is not None:
-            waiter = Deferred()
+            waiter: Deferred[None] = Deferred()
             self._waiters.append(waiter)
             return waiter.addCallback(lambda _: self.call(method, *args))
         if not self.up:
@@ -215,10 +215,14 @@ class Backend:
         return d
 
 
+def _stopBackend(_: object, backend: Backend) -> Deferred[None]:
+    return backend.stop()
+
+
 def _reason(failure: Failure) -> str:
     if failure.check(TimeoutError, CancelledError):
         return "no answer in time"
-    return str(failure.value) or failure.type.__name__
+    return str(failure.value) or type(failure.value).__name__
 
 
 @implementer(IMetadataStore)
@@ -294,9 +298,9 @@ class FailoverStore:
     def stop(self) -> Deferred[None]:
         if self._watch.running:
             self._watch.stop()
-        d = succeed(None)
+        d: Deferred[None] = succeed(None)
         for backend in self.backends():
-            d.addCallback(lambda _, b=backend: b.stop())
+            d.addCallback(_stopBackend, backend)
         return d
 
     def _routes(self) -> list[Backend]:
@@ -372,13 +376,14 @@ class FailoverStore:
     @inlineCallbacks
     def _copyAll(self):
         copied = 0
-        while self.primary.up and self.fallback.up:
-            batch = yield self.fallback.call("records", self.copyBatch)
+        fallback = self.fallback
+        while fallback is not None and self.primary.up and fallback.up:
+            batch = yield fallback.call("records", self.copyBatch)
             if not batch:
                 break
             for record in batch:
                 yield self.primary.call("put", record)
-                yield self.fallback.call("delete", record.path)
+                yield fallback.call("delete", record.path)
                 copied += 1
         self.copiedBack += copied
         if copied:

@@ -39,10 +39,11 @@ class MemoryStore:
 
     def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
         due = sorted(
-            (r for r in self._records.values() if r.expires is not None and r.expires <= now),
-            key=lambda r: r.expires,
+            (r.expires, i, r)
+            for i, r in enumerate(self._records.values())
+            if r.expires is not None and r.expires <= now
         )
-        return succeed(due[:limit])
+        return succeed([r for _, _, r in due[:limit]])
 
     def count_expired(self, now: float) -> Deferred[int]:
         return succeed(

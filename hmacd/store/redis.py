@@ -141,8 +141,10 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "no reason given"
 
 
-def _connect_failure(exc: BaseException, connect_timeout: float) -> str:
+def _connect_failure(exc: BaseException | None, connect_timeout: float) -> str:
     """Why a TCP connection attempt failed, for people."""
+    if exc is None:  # a Failure always has its exception; the type allows None
+        return "cannot connect"
     if isinstance(exc, error.ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, error.TimeoutError):
@@ -552,7 +554,7 @@ class RedisStore:
         """
         return self._deletes.submit(path)
 
-    def _deleteMany(self, batch: list[str]) -> Deferred[Sequence[None]]:
+    def _deleteMany(self, batch: list[str]) -> Deferred[Sequence[Failure | None]]:
         """The deletes a L{Batcher} gathered, in one script; they succeed or fail together."""
         if len(batch) == 1:
             keys = [self._fileKey(batch[0]), self._expiryKey, self._filesKey]

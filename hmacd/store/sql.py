@@ -143,8 +143,10 @@ def parse_db_host(text: str, default_port: int) -> HostPort:
     return HostPort.parse(text, default_port)
 
 
-def _reason(error: BaseException) -> str:
+def _reason(error: BaseException | None) -> str:
     """The driver's own words for C{error}, on one line, without our prefixes doubled."""
+    if error is None:  # a Failure always has its exception; the type allows None
+        return "unknown error"
     if isinstance(error, ImportError):
         return f"database driver not installed ({error})"
     if isinstance(error, adbapi.ConnectionLost):
@@ -191,11 +193,16 @@ class _Connection(adbapi.Connection):
             dead.close()
 
 
-def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
-    # A query stuck on a hung server (SIGSTOPped, or a dead host behind a
-    # live TCP connection) never returns: such a thread must not keep the
-    # process from exiting.
-    return threading.Thread(*args, daemon=True, **kwargs)
+class _DaemonThread(threading.Thread):
+    """
+    A pool thread.  A query stuck on a hung server (SIGSTOPped, or a dead
+    host behind a live TCP connection) never returns: such a thread must not
+    keep the process from exiting.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
 
 
 class _ConnectionPool(adbapi.ConnectionPool):
@@ -211,7 +218,7 @@ class _ConnectionPool(adbapi.ConnectionPool):
         # Before adbapi's __init__: on a running reactor it calls start() at once.
         self.clock = cp_reactor
         super().__init__(*args, cp_reactor=cp_reactor, **kwargs)
-        self.threadpool.threadFactory = _daemonThread
+        self.threadpool.threadFactory = _DaemonThread
 
     def start(self) -> None:
         super().start()
@@ -234,7 +241,11 @@ class _ConnectionPool(adbapi.ConnectionPool):
             try:
                 self.finalClose()
             finally:
-                self.clock.callFromThread(lambda: done.called or done.callback(None))
+                self.clock.callFromThread(closed)
+
+        def closed() -> None:
+            if not done.called:  # the patience below may have run out first
+                done.callback(None)
 
         threading.Thread(target=close, name=f"{self.name}-close", daemon=True).start()
 
@@ -673,7 +684,7 @@ class SQLStore:
             raise StoreUnavailable(self._describe(failure.value)) from failure.value
         return failure
 
-    def _describe(self, error: BaseException) -> str:
+    def _describe(self, error: BaseException | None) -> str:
         text = " ".join(f"{self.name} at {self._where}: {_reason(error)}".split())
         if self._password:
             text = text.replace(self._password, "***")
