@@ -839,13 +839,15 @@ class Config:
     )
     source: str | None = None
 
-    @property
+    # The listeners too are read once: parse_config checks them by reading them.
+
+    @cached_property
     def listen_endpoint(self) -> str:
         """The upload listener as a ``serverFromString`` description, so tap.py need not know
         the Go server's address syntax."""
         return listen_endpoint(self.listen_port, self.unix_socket)
 
-    @property
+    @cached_property
     def metrics_endpoint(self) -> str:
         """The Prometheus listener; ``UnixSocket`` only ever applies to the upload listener."""
         return listen_endpoint(self.metrics_port)
