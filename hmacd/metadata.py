@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any
 
 __all__ = ["RECORD_FIELDS", "FileRecord"]
@@ -39,12 +40,13 @@ class FileRecord:
 
     def to_row(self) -> tuple[Any, ...]:
         """Every field, path first, in L{RECORD_FIELDS} order; None where unset."""
-        return tuple(getattr(self, name) for name in RECORD_FIELDS)
+        return _ROW(self)
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> FileRecord:
         """The record whose fields C{row} holds in L{RECORD_FIELDS} order, taken as they are."""
-        return cls(**dict(zip(RECORD_FIELDS, row, strict=True)))
+        # Positional: the fields are declared in RECORD_FIELDS order (a GET may read this).
+        return cls(*row)
 
     def to_fields(self) -> dict[str, int | float | str]:
         """Every field but the path (a store's key for the record), the unset ones left out."""
@@ -71,6 +73,7 @@ class FileRecord:
 
 # path, size, content_type, sha256, created, protocol, uploader, expires.
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(FileRecord))
+_ROW: Callable[[FileRecord], tuple[Any, ...]] = attrgetter(*RECORD_FIELDS)
 _OPTIONAL = ("uploader", "expires")
 _REQUIRED = tuple(name for name in RECORD_FIELDS[1:] if name not in _OPTIONAL)
 

@@ -50,7 +50,8 @@ class FileRecordTests(SynchronousTestCase):
             ("x", 0, "application/octet-stream", "00" * 32, 1700000000.0, "v", None, None),
         )
         self.assertEqual(FileRecord.from_row(FULL.to_row()), FULL)
-        self.assertRaises(ValueError, FileRecord.from_row, FULL.to_row()[:-1])
+        self.assertRaises(TypeError, FileRecord.from_row, FULL.to_row()[:5])
+        self.assertRaises(TypeError, FileRecord.from_row, (*FULL.to_row(), None))
 
     def test_fields_leave_out_unset(self) -> None:
         """to_fields leaves out the path and the unset optional fields."""
