@@ -19,9 +19,6 @@ Prosody, ejabberd and Metronome do.
 
 from __future__ import annotations
 
-import dataclasses as _dataclasses
-import os as _os
-
 from hmacd.auth import DEFAULT_CONTENT_TYPE, sign_jwt, sign_token, sign_v, sign_v2
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
@@ -48,15 +45,29 @@ def make_service(config: Config, reactor, secret: bytes | None = None, listen: b
     else the generated one under C{StoreDir/.hmacfs/secret}.  The service's
     C{fileServer} attribute is the L{FileServer}, for L{mount}.
     """
-    from hmacd.secret import resolve_secret
+    from hmacd.metrics import share_between_processes
+    from hmacd.prepare import prepare_store
     from hmacd.tap import build_service
 
-    config = _dataclasses.replace(config, store_dir=_os.path.abspath(config.store_dir))
-    _os.makedirs(config.store_dir, exist_ok=True)
-    origin = "the embedding program"
-    if secret is None:
-        secret, origin = resolve_secret(config.store_dir, config.secret, environ={})
-    return build_service(config, secret, reactor, origin, listen=listen)
+    # The environment is the host program's: HMACFS_SECRET is not read.
+    prepared = prepare_store(
+        config,
+        secret=secret,
+        origin="the embedding program",
+        environ={},
+        shared_metrics=listen and config.workers > 1,
+    )
+    if prepared.metrics_dir is not None:
+        # With Workers, for this whole process: the host asked for processes of hmacfs's own.
+        share_between_processes(prepared.metrics_dir)
+    return build_service(
+        prepared.config,
+        prepared.secret,
+        reactor,
+        prepared.origin,
+        listen=listen,
+        metricsDir=prepared.metrics_dir,
+    )
 
 
 def mount(site, root, fileServer: FileServer) -> None:

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import signal
+import socket
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import error
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import (
@@ -46,8 +48,16 @@ from twisted.logger import (
 from hmacd.config import Config
 from hmacd.metrics import forget_process, share_between_processes
 from hmacd.secret import ENV_VAR as SECRET_ENV
+from hmacd.services import (
+    HmacfsService,
+    StoreService,
+    build_file_server,
+    build_metadata,
+    timers,
+)
+from hmacd.web import HmacfsSite
 
-__all__ = ["WorkerError", "WorkerPool", "metrics_directory", "run_worker"]
+__all__ = ["WorkerError", "WorkerPool", "address_family", "build_worker_service", "run_worker"]
 
 log = Logger()
 
@@ -70,15 +80,18 @@ class WorkerError(Exception):
     """A worker process could not be started; the text is one line for the admin."""
 
 
-def metrics_directory(store_dir: str) -> str:
+def address_family(address: object) -> int:
     """
-    Where the processes of a server with Workers keep their metrics: emptied here, since
-    counters start from zero when the server does.
+    The socket family of a listening port's C{getHost()}: what a worker needs to adopt
+    the socket, found from the public address types rather than the port's socket.
     """
-    directory = os.path.join(store_dir, ".hmacfs", "metrics")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory, mode=0o700)
-    return directory
+    if isinstance(address, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(address, IPv4Address):
+        return socket.AF_INET
+    if isinstance(address, UNIXAddress):
+        return socket.AF_UNIX
+    raise WorkerError(f"Workers: cannot share a listening port on {address!r}")
 
 
 class WorkerPool(Service):
@@ -125,7 +138,7 @@ class WorkerPool(Service):
         d = self.endpoint.listen(self.site)
         d.addCallbacks(self._listening, failures.append)
         if failures:
-            # As StreamServerEndpointService with _raiseSynchronously: twistd exits non-zero.
+            # As strports.service: a port that cannot be bound makes twistd exit non-zero.
             failures[0].raiseException()
 
     def _listening(self, port) -> None:
@@ -160,7 +173,7 @@ class WorkerPool(Service):
             self._restarts[index] = self.reactor.callLater(self.restartDelay, self._start, index)
 
     def _spawn(self, index: int) -> None:
-        family = self.port.socket.family
+        family = address_family(self.port.getHost())
         job = Job(self.config, self.secret, index, family, self.metrics)
         worker = _Worker(self, index)
         self.reactor.spawnProcess(
@@ -359,6 +372,54 @@ class _Lines:
         pass
 
 
+class _Adopted(Service):
+    """A worker's listener: the main process's listening socket, adopted."""
+
+    name = "http"
+    port = None
+
+    def __init__(self, reactor: Any, fd: int, family: int, site: HmacfsSite) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.site = site
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.site)
+        os.close(self.fd)  # the port has a duplicate of it
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self.port.stopListening() if self.port is not None else None
+
+
+def build_worker_service(
+    config: Config,
+    secret: bytes,
+    reactor: Any,
+    fd: int,
+    family: int,
+) -> HmacfsService:
+    """
+    The services of a worker process: the metadata stores, the adopted listening socket
+    C{fd} (of address C{family}) and the timers; no announce, sweep, metrics listener or
+    component, which the main process runs alone.  Its metrics go where the process's
+    prometheus_client is switched to (L{run_worker}); only the main process reads them.
+    """
+    metadata = build_metadata(config, reactor)
+    fs = build_file_server(config, secret, reactor, metadata)
+    site = HmacfsSite(fs)
+    top = HmacfsService(fs)
+    children: list[Service] = [
+        StoreService(metadata, fs, config.shutdown_grace),
+        _Adopted(reactor, fd, family, site),
+    ]
+    for child in [*children, *timers(config, fs, site, reactor)]:
+        child.setServiceParent(top)
+    return top
+
+
 def run_worker() -> None:
     """C{python -m hmacd.workers}: serve the socket on fd 3 as the job on stdin says."""
     (length,) = struct.unpack("!I", _read_exactly(0, 4))
@@ -370,7 +431,6 @@ def run_worker() -> None:
     from twisted.internet.stdio import StandardIO
 
     from hmacd.logs import LEVELS
-    from hmacd.tap import build_service
 
     # SIGTERM (from the main process, or from whoever signals the whole group) stops the
     # worker gracefully once; SIGINT is a terminal's Ctrl-C, which the main process handles.
@@ -383,7 +443,7 @@ def run_worker() -> None:
         [LogLevelFilterPredicate(defaultLogLevel=LEVELS[job.config.log_level])],
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    service = build_service(job.config, job.secret, reactor, worker=(LISTEN_FD, job.family))
+    service = build_worker_service(job.config, job.secret, reactor, LISTEN_FD, job.family)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     log.info("worker {index} serving, pid {pid}", index=job.index, pid=os.getpid())

@@ -158,6 +158,7 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
             'Secret = "configured-secret"\n',
         )
         options = self.parse("-n", "hmacfs", "--config", path)
+        self.assertFalse(os.path.exists(store), "postOptions only validates")
         self.assertEqual(
             options.subOptions.config,
             Config(
@@ -171,19 +172,21 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
                 source=path,
             ),
         )
+        prepared = tap.prepare(options.subOptions)
         self.assertTrue(os.path.isdir(store))
-        self.assertEqual(options.subOptions.secret, b"configured-secret")
-        self.assertEqual(options.subOptions.secretOrigin, "the config file")
+        self.assertEqual(prepared.config, options.subOptions.config)
+        self.assertEqual(prepared.secret, b"configured-secret")
+        self.assertEqual(prepared.origin, "the config file")
 
     def test_generated_secret_is_bytes(self) -> None:
         """Without any secret configured, Options generates one under StoreDir, as bytes."""
         store = os.path.join(self.tmp, "store")
         path = _secret_config(self.tmp, StoreDir=store)
-        options = self.parse("-n", "hmacfs", "--config", path)
-        self.assertIsInstance(options.subOptions.secret, bytes)
+        prepared = tap.prepare(self.parse("-n", "hmacfs", "--config", path).subOptions)
+        self.assertIsInstance(prepared.secret, bytes)
         with open(secret_file(store), "rb") as f:
-            self.assertEqual(f.read().strip(), options.subOptions.secret)
-        self.assertIn(secret_file(store), options.subOptions.secretOrigin)
+            self.assertEqual(f.read().strip(), prepared.secret)
+        self.assertIn(secret_file(store), prepared.origin)
 
     def test_secret_option(self) -> None:
         """--secret wins over HMACFS_SECRET and the config file."""
@@ -192,18 +195,19 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
             self.tmp, StoreDir=os.path.join(self.tmp, "store"), Secret="from-config"
         )
         options = self.parse("-n", "hmacfs", "--config", path, "--secret", "from-cli")
-        self.assertEqual(options.subOptions.secret, b"from-cli")
-        self.assertEqual(options.subOptions.secretOrigin, "--secret")
+        prepared = tap.prepare(options.subOptions)
+        self.assertEqual(prepared.secret, b"from-cli")
+        self.assertEqual(prepared.origin, "--secret")
 
     def test_secret_environment(self) -> None:
-        """HMACFS_SECRET, read when the options are parsed, wins over the config file."""
+        """HMACFS_SECRET, read when StoreDir is prepared, wins over the config file."""
         self.patch(os, "environ", {ENV_VAR: "from-env"})
         path = _secret_config(
             self.tmp, StoreDir=os.path.join(self.tmp, "store"), Secret="from-config"
         )
-        options = self.parse("-n", "hmacfs", "--config", path)
-        self.assertEqual(options.subOptions.secret, b"from-env")
-        self.assertEqual(options.subOptions.secretOrigin, ENV_VAR)
+        prepared = tap.prepare(self.parse("-n", "hmacfs", "--config", path).subOptions)
+        self.assertEqual(prepared.secret, b"from-env")
+        self.assertEqual(prepared.origin, ENV_VAR)
 
     def test_empty_secret_option(self) -> None:
         """An empty --secret is a UsageError, not an empty HMAC key."""
@@ -212,6 +216,15 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
             UsageError, self.parse, "-n", "hmacfs", "--config", path, "--secret", ""
         )
         self.assertIn("--secret", str(e))
+
+    def test_empty_secret_environment(self) -> None:
+        """An empty HMACFS_SECRET is a UsageError too, before anything is prepared."""
+        self.patch(os, "environ", {ENV_VAR: ""})
+        store = os.path.join(self.tmp, "store")
+        path = _secret_config(self.tmp, StoreDir=store)
+        e = self.assertRaises(UsageError, self.parse, "-n", "hmacfs", "--config", path)
+        self.assertIn(ENV_VAR, str(e))
+        self.assertFalse(os.path.exists(store))
 
     def test_logger_is_ours(self) -> None:
         """twistd's `logger` option ends up as the hmacd.logs.twistd_observer callable."""
@@ -316,11 +329,17 @@ class OptionsErrorTests(_IsolatedOptionsMixin, TestCase):
         self.assertIn(path, str(e))
 
     def test_store_dir_cannot_be_created(self) -> None:
-        """A StoreDir under a regular file is a UsageError naming StoreDir."""
+        """A StoreDir under a regular file stops makeService with one line naming StoreDir."""
         blocker = _write(os.path.join(self.tmp, "a-file"), "not a directory\n")
-        self.assertUsageError(
-            f'StoreDir = "{os.path.join(blocker, "store")}"\n', "StoreDir", "cannot create"
+        path = _write(
+            os.path.join(self.tmp, "bad.toml"), f'StoreDir = "{os.path.join(blocker, "store")}"\n'
         )
+        options = self.parse("-n", "hmacfs", "--config", path).subOptions
+        e = self.assertRaises(SystemExit, tap.makeService, options)
+        message = str(e)
+        for part in (path, "StoreDir", "cannot create"):
+            self.assertIn(part, message)
+        self.assertNotIn("\n", message)
 
     def test_unusable_listen_endpoint(self) -> None:
         """An endpoint string twisted cannot build is a UsageError naming ListenPort."""
@@ -368,26 +387,27 @@ class EmbeddedDefaultsTests(_IsolatedOptionsMixin, TestCase):
         options = self.parse("-n", "hmacfs").subOptions
         store = os.path.join(self.tmp, "uploads")
         self.assertEqual(options.config, Config(store_dir=store))
+        prepared = tap.prepare(options)
         path = secret_file(store)
         self.assertEqual(path, os.path.join(store, ".hmacfs", "secret"))
         self.assertEqual(_mode(path), 0o600)
-        self.assertEqual(options.secretOrigin, f"{path} (generated)")
+        self.assertEqual(prepared.origin, f"{path} (generated)")
         with open(path, "rb") as f:
-            self.assertEqual(f.read().strip(), options.secret)
+            self.assertEqual(f.read().strip(), prepared.secret)
 
-        again = self.parse("-n", "hmacfs").subOptions
-        self.assertEqual((again.config, again.secret), (options.config, options.secret))
-        self.assertNotIn("generated", again.secretOrigin)
+        again = tap.prepare(self.parse("-n", "hmacfs").subOptions)
+        self.assertEqual((again.config, again.secret), (prepared.config, prepared.secret))
+        self.assertNotIn("generated", again.origin)
 
     def test_default_services(self) -> None:
         """The default services listen on 127.0.0.1:8080 only (in memory here), nothing else."""
-        options = self.parse("-n", "hmacfs").subOptions
+        prepared = tap.prepare(self.parse("-n", "hmacfs").subOptions)
         reactor = _MemoryReactorWithThreads()
         top = tap.build_service(
-            options.config,
-            options.secret,
+            prepared.config,
+            prepared.secret,
             reactor,
-            options.secretOrigin,
+            prepared.origin,
             metadata=memory_metadata(reactor),
         )
         self.assertRaises(KeyError, top.getServiceNamed, "component")
@@ -867,6 +887,17 @@ class TwistdTests(TwistdHarness):
         self.assertIn("primary metadata store redis unavailable at start", logged)
         self.assertNotIn("Traceback", logged)
         self.assertNotIn("Traceback", _read(self.output))
+
+    def test_store_dir_error_exits_before_listening(self) -> None:
+        """A StoreDir that cannot be made stops twistd: non-zero, one line naming it, no port."""
+        port = _free_port()
+        blocker = _write(os.path.join(self.cwd, "a-file"), "not a directory\n")
+        proc = self.spawn("-n", "hmacfs", "--config", self.config(port, StoreDir="a-file/store"))
+        self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        output = _read(self.output)
+        self.assertIn(f"StoreDir: cannot create {blocker}/store: Not a directory", output)
+        self.assertNotIn("Traceback", output)
+        self.assertFalse(_accepts(port))
 
     def test_port_in_use_exits_nonzero(self) -> None:
         """A ListenPort that cannot be bound stops twistd with a non-zero exit."""
