@@ -19,9 +19,18 @@ Prosody, ejabberd and Metronome do.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from hmacd.auth import DEFAULT_CONTENT_TYPE, sign_jwt, sign_token, sign_v, sign_v2
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
+
+if _TYPE_CHECKING:
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from hmacd.services import HmacfsService
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
@@ -38,12 +47,17 @@ __all__ = [
 ]
 
 
-def make_service(config: Config, reactor, secret: bytes | None = None, listen: bool = True):
+def make_service(
+    config: Config, reactor: _Any, secret: bytes | None = None, listen: bool = True
+) -> HmacfsService:
     """
     The hmacfs services for C{config} as one C{IService} (a MultiService) to
     add to the host's own.  The secret is C{secret}, else C{config.secret},
     else the generated one under C{StoreDir/.hmacfs/secret}.  The service's
     C{fileServer} attribute is the L{FileServer}, for L{mount}.
+
+    StoreDir and the secret are prepared as twistd prepares them
+    (L{hmacd.prepare.prepare_store}); HMACFS_SECRET is not read.
     """
     from hmacd.metrics import share_between_processes
     from hmacd.prepare import prepare_store
@@ -70,7 +84,7 @@ def make_service(config: Config, reactor, secret: bytes | None = None, listen: b
     )
 
 
-def mount(site, root, fileServer: FileServer) -> None:
+def mount(site: Site, root: Resource, fileServer: FileServer) -> None:
     """
     Serve C{fileServer}'s upload space at C{/<UploadSubDir>/} of the host's
     C{site}, whose root resource is C{root}.
@@ -96,4 +110,6 @@ def mount(site, root, fileServer: FileServer) -> None:
     censor_access_log(site)
     root.putChild(prefix.encode("utf-8"), StoreResource(fileServer))
     site.requestFactory = UploadRequest
-    site.fileServer = fileServer
+    # UploadRequest finds its FileServer on the channel's Site: a host Site has no such
+    # attribute of its own, hence the one assignment the composition cannot avoid.
+    site.fileServer = fileServer  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ import os
 import pwd
 from typing import Any
 
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -196,7 +197,7 @@ def build_service(
     fs = build_file_server(config, secret, reactor, metadata, metricsDir if pool else None)
     site = HmacfsSite(fs)
     top = HmacfsService(fs)
-    children = [
+    children: list[IService] = [
         Announce(config, secretOrigin, len(secret)),
         StoreService(metadata, fs, config.shutdown_grace),
     ]

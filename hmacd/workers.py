@@ -27,13 +27,14 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IStreamServerEndpoint
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -44,6 +45,7 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from twisted.python.failure import Failure
 
 from hmacd.config import Config
 from hmacd.metrics import forget_process, share_between_processes
@@ -109,11 +111,11 @@ class WorkerPool(Service):
 
     def __init__(
         self,
-        endpoint,
-        site,
+        endpoint: IStreamServerEndpoint,
+        site: HmacfsSite,
         config: Config,
         secret: bytes,
-        reactor,
+        reactor: Any,
         metrics: str | None = None,
         executable: str = sys.executable,
     ) -> None:
@@ -125,7 +127,7 @@ class WorkerPool(Service):
         self.metrics = metrics
         self.executable = executable
         self.workers: dict[int, _Worker] = {}
-        self._restarts: dict[int, object] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
 
     def privilegedStartService(self) -> None:
         # Listening may need root (port 443): before twistd drops privileges.  The workers
@@ -134,7 +136,7 @@ class WorkerPool(Service):
         self._listen()
 
     def _listen(self) -> None:
-        failures = []
+        failures: list[Failure] = []
         d = self.endpoint.listen(self.site)
         d.addCallbacks(self._listening, failures.append)
         if failures:
@@ -173,21 +175,24 @@ class WorkerPool(Service):
             self._restarts[index] = self.reactor.callLater(self.restartDelay, self._start, index)
 
     def _spawn(self, index: int) -> None:
-        family = address_family(self.port.getHost())
+        port = self.port
+        if port is None:
+            raise WorkerError("Workers: a worker started before the port listens")
+        family = address_family(port.getHost())
         job = Job(self.config, self.secret, index, family, self.metrics)
         worker = _Worker(self, index)
-        self.reactor.spawnProcess(
+        transport = self.reactor.spawnProcess(
             worker,
             self.executable,
             [self.executable, "-m", "hmacd.workers"],
             # The secret goes on the pipe; not in the environment either, if it came from there.
             env={k: v for k, v in os.environ.items() if k != SECRET_ENV},
-            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.port.fileno()},
+            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: port.fileno()},
         )
         data = pickle.dumps(job)
-        worker.transport.write(struct.pack("!I", len(data)) + data)
+        transport.write(struct.pack("!I", len(data)) + data)
         self.workers[index] = worker
-        log.info("worker {index} started, pid {pid}", index=index, pid=worker.transport.pid)
+        log.info("worker {index} started, pid {pid}", index=index, pid=transport.pid)
 
     def _ended(self, worker: _Worker, reason) -> None:
         if self.metrics is not None and worker.pid is not None:
@@ -207,7 +212,7 @@ class WorkerPool(Service):
                 self.restartDelay, self._start, worker.index
             )
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
         for call in self._restarts.values():
             call.cancel()
@@ -234,11 +239,17 @@ class _Worker(ProcessProtocol):
         self.pid: int | None = None
         self._out = b""
         self._err = b""
-        self._ended: Deferred | None = None
-        self._kill = None
+        self._ended: Deferred[None] | None = None
+        self._kill: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
+        self.pid = self._process().pid
+
+    def _process(self) -> IProcessTransport:
+        """The process, from spawnProcess on (which connects it before it returns)."""
+        if self.transport is None:
+            raise WorkerError(f"worker {self.index} has no process")
+        return self.transport
 
     def outReceived(self, data: bytes) -> None:
         # jsonFileLogObserver: one event per line (JSON escapes every newline in it).
@@ -268,13 +279,13 @@ class _Worker(ProcessProtocol):
         """A line of the worker's that is no log event of its own."""
         log.error("worker {index}: {line}", index=self.index, line=line.decode("utf-8", "replace"))
 
-    def stop(self, timeout: float) -> Deferred:
+    def stop(self, timeout: float) -> Deferred[None]:
         """SIGTERM; SIGKILL after C{timeout} seconds.  Fires when the process has ended."""
-        if self.pid is None or self._kill is not None or self.transport.pid is None:
+        if self.pid is None or self._kill is not None or self._process().pid is None:
             return self._ended or succeed(None)
         self._ended = Deferred()
         try:
-            self.transport.signalProcess("TERM")
+            self._process().signalProcess("TERM")
         except error.ProcessExitedAlready:
             return self._ended
         self._kill = self.pool.reactor.callLater(timeout, self._forceStop)
@@ -283,7 +294,7 @@ class _Worker(ProcessProtocol):
     def _forceStop(self) -> None:
         log.warn("worker {index} did not stop in time: killing it", index=self.index)
         try:
-            self.transport.signalProcess("KILL")
+            self._process().signalProcess("KILL")
         except error.ProcessExitedAlready:
             pass
 
@@ -336,7 +347,7 @@ class _Lifeline(Protocol):
     def __init__(self, stop: _Stopper) -> None:
         self.stop = stop
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.stop("the main process is gone")
 
 
@@ -447,7 +458,9 @@ def run_worker() -> None:
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     log.info("worker {index} serving, pid {pid}", index=job.index, pid=os.getpid())
-    reactor.run(installSignalHandlers=False)
+    # The global reactor is typed as IReactorCore, whose run() takes no arguments; the
+    # installed one (every posix reactor) takes this one.
+    cast(Any, reactor).run(installSignalHandlers=False)
 
 
 if __name__ == "__main__":

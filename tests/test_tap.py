@@ -45,6 +45,7 @@ from hmacd.config import Config
 from hmacd.housekeeping import ExpirySweep, GarbageCollector, PartialSweep, SystemMonitor
 from hmacd.secret import ENV_VAR, SecretError, resolve_secret, secret_file
 from hmacd.web import HmacfsSite
+from hmacd.workers import WorkerPool
 from tests.support import memory_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -618,6 +619,42 @@ class BuildServiceTests(TestCase):
         port, factory, backlog, interface = self.reactor.tcpServers[0]
         self.assertEqual((port, interface, backlog), (8443, "127.0.0.1", tap.LISTEN_BACKLOG))
         self.assertIs(factory, top.getServiceNamed("http").factory)
+
+    def test_port_that_cannot_be_bound_is_fatal(self) -> None:
+        """A ListenPort in use raises from privilegedStartService (strports), so twistd stops."""
+        from twisted.internet import reactor
+        from twisted.internet.error import CannotListenError
+
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            self.config = dataclasses.replace(
+                self.config, listen_port=f"127.0.0.1:{busy.getsockname()[1]}"
+            )
+            self.reactor = reactor
+            listener = self.build().getServiceNamed("http")
+            self.assertRaises(CannotListenError, listener.privilegedStartService)
+
+    def test_workers_switch_nothing_for_the_process(self) -> None:
+        """With Workers, building leaves prometheus_client and the environment as they were."""
+        from prometheus_client import values
+
+        self.config = dataclasses.replace(self.config, workers=2)
+        self.assertRaises(ValueError, self.build)
+        valueClass = values.ValueClass
+        environ = dict(os.environ)
+        self.metadata = memory_metadata(self.reactor)
+        top = tap.build_service(
+            self.config,
+            self.secret,
+            self.reactor,
+            metadata=self.metadata,
+            metricsDir=os.path.join(self.store, "metrics"),
+        )
+        self.assertIsInstance(top.getServiceNamed("http"), WorkerPool)
+        self.assertEqual(top.fileServer.metrics.shared, os.path.join(self.store, "metrics"))
+        self.assertIs(values.ValueClass, valueClass)
+        self.assertEqual(dict(os.environ), environ)
 
     def test_backlog(self) -> None:
         """A backlog for many clients at once, unless the endpoint string names its own."""
