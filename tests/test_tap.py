@@ -88,6 +88,27 @@ def _accepts(port: int) -> bool:
     return True
 
 
+def _accepts_and_lets_go(port: int) -> bool:
+    """
+    Whether the port accepts; if so, returns once the server has closed its end of this
+    probe too, so that a test starting right after sees no connection of the probe's left
+    (MaxConnectionsPerClient counts them).
+    """
+    try:
+        probe = socket.create_connection(("127.0.0.1", port), timeout=1)
+    except OSError:
+        return False
+    with probe:
+        probe.settimeout(DEADLINE)
+        probe.shutdown(socket.SHUT_WR)
+        try:
+            while probe.recv(4096):
+                pass
+        except OSError:
+            pass  # reset: gone on the server's side as well
+    return True
+
+
 def _http(port: int, method: str, url: str, body: bytes | None = None, headers=None):
     """One request on a fresh connection: (status, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -744,7 +765,7 @@ class TwistdHarness(TestCase):
 
     def waitListening(self, port: int, proc: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + DEADLINE
-        while not _accepts(port):
+        while not _accepts_and_lets_go(port):
             if proc is not None and proc.poll() is not None:
                 self.fail(f"twistd exited with {proc.returncode}:\n{_read(self.output)}")
             if time.monotonic() > deadline:
