@@ -19,12 +19,18 @@ Prosody, ejabberd and Metronome do.
 
 from __future__ import annotations
 
-import dataclasses as _dataclasses
-import os as _os
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from hmacd.auth import DEFAULT_CONTENT_TYPE, sign_jwt, sign_token, sign_v, sign_v2
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.core import FileServer
+
+if _TYPE_CHECKING:
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from hmacd.services import HmacfsService
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
@@ -41,25 +47,44 @@ __all__ = [
 ]
 
 
-def make_service(config: Config, reactor, secret: bytes | None = None, listen: bool = True):
+def make_service(
+    config: Config, reactor: _Any, secret: bytes | None = None, listen: bool = True
+) -> HmacfsService:
     """
     The hmacfs services for C{config} as one C{IService} (a MultiService) to
     add to the host's own.  The secret is C{secret}, else C{config.secret},
     else the generated one under C{StoreDir/.hmacfs/secret}.  The service's
     C{fileServer} attribute is the L{FileServer}, for L{mount}.
+
+    StoreDir and the secret are prepared as twistd prepares them
+    (L{hmacd.prepare.prepare_store}); HMACFS_SECRET is not read.
     """
-    from hmacd.secret import resolve_secret
+    from hmacd.metrics import share_between_processes
+    from hmacd.prepare import prepare_store
     from hmacd.tap import build_service
 
-    config = _dataclasses.replace(config, store_dir=_os.path.abspath(config.store_dir))
-    _os.makedirs(config.store_dir, exist_ok=True)
-    origin = "the embedding program"
-    if secret is None:
-        secret, origin = resolve_secret(config.store_dir, config.secret, environ={})
-    return build_service(config, secret, reactor, origin, listen=listen)
+    # The environment is the host program's: HMACFS_SECRET is not read.
+    prepared = prepare_store(
+        config,
+        secret=secret,
+        origin="the embedding program",
+        environ={},
+        shared_metrics=listen and config.workers > 1,
+    )
+    if prepared.metrics_dir is not None:
+        # With Workers, for this whole process: the host asked for processes of hmacfs's own.
+        share_between_processes(prepared.metrics_dir)
+    return build_service(
+        prepared.config,
+        prepared.secret,
+        reactor,
+        prepared.origin,
+        listen=listen,
+        metricsDir=prepared.metrics_dir,
+    )
 
 
-def mount(site, root, fileServer: FileServer) -> None:
+def mount(site: Site, root: Resource, fileServer: FileServer) -> None:
     """
     Serve C{fileServer}'s upload space at C{/<UploadSubDir>/} of the host's
     C{site}, whose root resource is C{root}.
@@ -85,4 +110,6 @@ def mount(site, root, fileServer: FileServer) -> None:
     censor_access_log(site)
     root.putChild(prefix.encode("utf-8"), StoreResource(fileServer))
     site.requestFactory = UploadRequest
-    site.fileServer = fileServer
+    # UploadRequest finds its FileServer on the channel's Site: a host Site has no such
+    # attribute of its own, hence the one assignment the composition cannot avoid.
+    site.fileServer = fileServer  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+from typing import cast
 
 from hmacd import auth
 from hmacd.config import SECRET_FIELDS, Config, ConfigError, load_config, parse_size
@@ -121,19 +122,21 @@ def _reindex(args) -> int:
 
 
 async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
-    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
     from hmacd.reindex import reindex
+    from hmacd.services import build_metadata
     from hmacd.store import StoreUnavailable
-    from hmacd.tap import build_metadata
 
     # What the stores say about themselves when they cannot start is the user's answer.
     complaints: list[str] = []
 
-    def listen(event) -> None:
+    def complain(event: dict) -> None:
         if event.get("log_level", LogLevel.info) >= LogLevel.warn:
             complaints.append(formatEvent(event))
 
+    # A plain callable is an observer to the log publisher; the cast says so to mypy.
+    listen = cast(ILogObserver, complain)
     globalLogPublisher.addObserver(listen)
     store = build_metadata(config, reactor)
     try:

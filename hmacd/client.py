@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]  # no types-tqdm in .[dev]
 from treq.client import HTTPClient
 from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.internet.task import deferLater
@@ -23,6 +23,9 @@ from twisted.web.client import (
 from hmacd.numbers import NotADecimal, parse_decimal
 
 __all__ = ["UploadFailed", "Uploader"]
+
+# The header mapping treq takes.
+_Headers = dict[bytes | str, bytes | str]
 
 
 class UploadFailed(Exception):
@@ -91,7 +94,7 @@ class Uploader:
     def __init__(self, reactor, url: str, headers: dict[str, str], content_type: str | None):
         self.reactor = reactor
         self.url = url
-        self.headers = dict(headers)
+        self.headers: _Headers = {name: value for name, value in headers.items()}
         if content_type:
             self.headers["Content-Type"] = content_type
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -140,7 +143,7 @@ class Uploader:
             await self._fail(response)
 
     async def _offset(self, size: int) -> int:
-        headers = dict(self.headers, **{"Content-Range": f"bytes */{size}"})
+        headers: _Headers = {**self.headers, "Content-Range": f"bytes */{size}"}
         headers.pop("Content-Type", None)
         # 308 here is "Resume Incomplete", not a redirect to follow.
         response = await self.http.put(self.url, data=b"", headers=headers, allow_redirects=False)
@@ -161,7 +164,7 @@ class Uploader:
         bar.update(offset)
         while True:
             last = min(offset + chunk, size) - 1
-            headers = dict(self.headers, **{"Content-Range": f"bytes {offset}-{last}/{size}"})
+            headers = {**self.headers, "Content-Range": f"bytes {offset}-{last}/{size}"}
             try:
                 response = await self.http.put(
                     self.url,

@@ -7,7 +7,7 @@ is reached only through a function here, which names the release it was checked 
 each has a test in C{tests/test_internals.py} that fails loudly when a new release moves
 it, instead of hmacfs misbehaving quietly.  Elsewhere, public API only.
 
-Checked on: Twisted 26.10, pymysql 1.1, psycopg2 2.9.
+Checked on: Twisted 26.10, pymysql 1.1, psycopg2 2.9, prometheus_client 0.26.
 """
 
 from __future__ import annotations
@@ -71,3 +71,20 @@ def pymysql_set_timeouts(connection: Any, read: float, write: float) -> None:
 
 
 # --- Composition: listening ports, services, processes -------------------------------------
+# Public API where it exists: a listener whose port cannot be bound stops start-up through
+# twisted.application.strports.service (not StreamServerEndpointService._raiseSynchronously),
+# and a worker learns its socket's family from port.getHost() (not port.socket).
+
+
+def use_multiprocess_values() -> None:
+    """
+    Make every prometheus_client metric created from now on in this process keep its value
+    in the multiprocess files (Workers > 1).
+
+    prometheus_client picks its value class once, at import, from PROMETHEUS_MULTIPROC_DIR:
+    hmacfs learns that it has workers later, from its config.  Checked on prometheus_client
+    0.26: each metric reads C{prometheus_client.values.ValueClass} when it is created.
+    """
+    from prometheus_client import values
+
+    values.ValueClass = values.MultiProcessValue()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web import resource, server
@@ -39,8 +39,10 @@ def share_between_processes(directory: str) -> None:
     prometheus_client decides this per process, from the environment and a module global; a
     worker calls this before it makes its L{Metrics}, the main process too (hmacd.workers).
     """
+    from hmacd.internals import use_multiprocess_values
+
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    values.ValueClass = values.MultiProcessValue()
+    use_multiprocess_values()
 
 
 def forget_process(directory: str, pid: int) -> None:

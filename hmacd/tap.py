@@ -2,6 +2,10 @@
 twistd plugin: options, and the one place where services are composed.
 
     twistd -n hmacfs --config etc/config.toml
+
+C{Options.postOptions} only validates.  C{makeService} prepares StoreDir and the secret
+(L{hmacd.prepare}; twistd calls it before it drops privileges and before anything listens)
+and composes the builders of L{hmacd.services} into one L{HmacfsService}.
 """
 
 from __future__ import annotations
@@ -9,36 +13,47 @@ from __future__ import annotations
 import dataclasses
 import os
 import pwd
+from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
 from twisted.python import usage
 
-from hmacd import facts, logs
-from hmacd.claims import claims_file
-from hmacd.component import ComponentService, SlotComponent, SlotIssuer
+from hmacd import logs
 from hmacd.config import Config, ConfigError, load_config
-from hmacd.core import FileServer
-from hmacd.housekeeping import (
-    ExpirySweep,
-    GarbageCollector,
-    PartialSweep,
-    SystemMonitor,
-    drain_uploads,
+from hmacd.metrics import share_between_processes
+from hmacd.prepare import Prepared, PrepareError, prepare_store
+from hmacd.secret import ENV_VAR
+from hmacd.services import (
+    LISTEN_BACKLOG,
+    Announce,
+    HmacfsService,
+    StoreService,
+    build_file_server,
+    build_metadata,
+    component_service,
+    http_listener,
+    metrics_listener,
+    sweeps,
+    timers,
+    with_backlog,
 )
-from hmacd.metrics import Metrics, metrics_site, share_between_processes
-from hmacd.secret import SecretError, resolve_secret, secret_file
 from hmacd.store.failover import FailoverStore
-from hmacd.throttle import Bandwidth, RateLimiter, parse_networks
 from hmacd.web import HmacfsSite
-from hmacd.workers import WorkerPool, metrics_directory
+from hmacd.workers import WorkerPool
 
-__all__ = ["Options", "build_service", "makeService"]
-
-log = Logger()
+__all__ = [
+    "LISTEN_BACKLOG",
+    "HmacfsService",
+    "Options",
+    "StoreService",
+    "build_metadata",
+    "build_service",
+    "component_service",
+    "makeService",
+    "prepare",
+    "with_backlog",
+]
 
 
 class Options(usage.Options):
@@ -59,64 +74,32 @@ class Options(usage.Options):
         ],
     ]
 
+    config: Config
+
     def postOptions(self) -> None:
-        # Everything a user can get wrong is checked here, before twistd
-        # daemonizes or anything listens, and reported as one line.
+        # Everything a user can get wrong in the options is checked here, before twistd
+        # daemonizes or anything listens, and reported as one line; nothing is created.
         path = self["config"]
         try:
             config = load_config(path) if path else Config()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         where = path or "defaults"
-        from twisted.internet import reactor
-
-        try:
-            serverFromString(reactor, config.listen_endpoint)
-        except (ValueError, TypeError, OSError) as e:
-            raise usage.UsageError(f"{where}: ListenPort: {e}") from None
+        _checkEndpoint(where, "ListenPort", config.listen_endpoint)
         if config.metrics_enabled:
-            try:
-                serverFromString(reactor, config.metrics_endpoint)
-            except (ValueError, TypeError, OSError) as e:
-                raise usage.UsageError(f"{where}: MetricsPort: {e}") from None
-        config = dataclasses.replace(config, store_dir=os.path.abspath(config.store_dir))
+            _checkEndpoint(where, "MetricsPort", config.metrics_endpoint)
+        # The secret itself is read when StoreDir is prepared; an empty one is refused now.
+        for value, origin in ((self["secret"], "--secret"), (os.environ.get(ENV_VAR), ENV_VAR)):
+            if value is not None:
+                if not value:
+                    raise usage.UsageError(f"{origin}: the secret must not be empty")
+                break
         parent = getattr(self, "parent", None)
-        runAs = _runAs(parent)
-        # What we create here as root must belong to the --uid twistd
-        # switches to before serving, or every upload fails.
-        created = []
-        state = os.path.join(config.store_dir, ".hmacfs")
-        hadState = os.path.isdir(state)
-        try:
-            if not os.path.isdir(config.store_dir):
-                os.makedirs(config.store_dir)
-                created.append(config.store_dir)
-        except OSError as e:
-            raise usage.UsageError(
-                f"{where}: StoreDir: cannot create {config.store_dir}: {e.strerror}"
-            ) from None
-        try:
-            self.secret, self.secretOrigin = resolve_secret(
-                config.store_dir, config.secret, self["secret"]
-            )
-        except SecretError as e:
-            raise usage.UsageError(str(e)) from None
-        if not hadState and os.path.isdir(state):
-            created += [state, secret_file(config.store_dir)]
-        self.metricsDir = None
-        if config.workers > 1:
-            # Made here so that it can be handed to --uid with the rest: workers run as that
-            # user and write their metrics into it.
-            self.metricsDir = metrics_directory(config.store_dir)
-            created.append(self.metricsDir)
         if config.log_file:
-            created += _checkLogFile(where, config.log_file)
+            _checkLogFile(where, config.log_file)
         elif parent is not None and parent.get("logfile") == "-" and not parent.get("nodaemon"):
             raise usage.UsageError("a daemon cannot log to stdout: use -n or another --logfile")
-        if runAs is not None:
-            created += _makeClaimsFile(where, config.store_dir)
-            _handOver(where, created, config.store_dir, runAs)
-        self.config = config
+        self.config = dataclasses.replace(config, store_dir=os.path.abspath(config.store_dir))
         self._takeOverLogging()
 
     def _takeOverLogging(self) -> None:
@@ -134,7 +117,30 @@ class Options(usage.Options):
         parent["logger"] = logs.for_twistd(config.log_level, config.log_file, default)
 
 
-def _runAs(parent) -> tuple[int, int] | None:
+def _checkEndpoint(where: str, key: str, description: str) -> None:
+    """An endpoint string Twisted cannot build is a usage error naming its key."""
+    try:
+        # Parsed only, never listened on: no reactor is needed for that (ssl: reads the
+        # certificate and key now, which is the point).
+        serverFromString(None, description)
+    except (ValueError, TypeError, OSError) as e:
+        raise usage.UsageError(f"{where}: {key}: {e}") from None
+
+
+def _checkLogFile(where: str, logFile: str) -> None:
+    """A LogFile that could not be opened for appending is a usage error, not a traceback."""
+    directory = os.path.dirname(os.path.abspath(logFile))
+    if os.path.exists(logFile):
+        problem = None if os.access(logFile, os.W_OK) else "Permission denied"
+    elif not os.path.isdir(directory):
+        problem = "No such file or directory"
+    else:
+        problem = None if os.access(directory, os.W_OK | os.X_OK) else "Permission denied"
+    if problem is not None:
+        raise usage.UsageError(f"{where}: LogFile: cannot open {logFile}: {problem}")
+
+
+def _runAs(parent: Any) -> tuple[int, int] | None:
     """The uid and gid twistd will switch to (--uid/--gid), if any."""
     if parent is None or (parent.get("uid") is None and parent.get("gid") is None):
         return None
@@ -145,317 +151,83 @@ def _runAs(parent) -> tuple[int, int] | None:
     return uid, gid
 
 
-def _checkLogFile(where: str, logFile: str) -> list[str]:
-    """Open LogFile once now, so that a bad one is a usage error, not a traceback."""
-    existed = os.path.exists(logFile)
+def prepare(options: Options) -> Prepared:
+    """
+    StoreDir, the secret, and what --uid must own, ready for C{options} (validated by
+    twistd already).
+
+    @raise SystemExit: with one line for the admin; twistd has started nothing yet.
+    """
+    config = options.config
     try:
-        with open(logFile, "a"):
-            pass
-    except OSError as e:
-        raise usage.UsageError(f"{where}: LogFile: cannot open {logFile}: {e.strerror}") from None
-    return [] if existed else [logFile]
-
-
-def _handOver(where: str, created: list[str], storeDir: str, runAs: tuple[int, int]) -> None:
-    uid, gid = runAs
-    if os.geteuid() == 0:
-        for path in created:
-            os.chown(path, uid, gid)
-    state = os.path.join(storeDir, ".hmacfs")
-    # The files every upload writes, too: left by an earlier run as another user (root
-    # without --uid), they would fail each upload with a 500 instead of start-up once.
-    for path in (storeDir, state, claims_file(storeDir), os.path.join(state, "meta.sqlite3")):
-        if os.path.exists(path) and not _writableBy(path, uid, gid):
-            raise usage.UsageError(
-                f"{where}: StoreDir: {path} is not writable by uid {uid} (--uid)"
-            )
-
-
-def _makeClaimsFile(where: str, storeDir: str) -> list[str]:
-    """Create the claims file of uploads in progress now, so that --uid gets it with the rest."""
-    path = claims_file(storeDir)
-    if os.path.exists(path):
-        return []
-    made = []
-    try:
-        if not os.path.isdir(os.path.dirname(path)):
-            os.mkdir(os.path.dirname(path), 0o700)
-            made.append(os.path.dirname(path))
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
-    except OSError as e:
-        raise usage.UsageError(f"{where}: StoreDir: cannot create {path}: {e.strerror}") from None
-    return [*made, path]
-
-
-def _writableBy(path: str, uid: int, gid: int) -> bool:
-    st = os.stat(path)
-    if uid == 0 or (st.st_uid == uid and st.st_mode & 0o200):
-        return True
-    try:
-        groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
-    except KeyError:
-        groups = [gid]
-    return bool(st.st_gid in groups and st.st_mode & 0o020) or bool(st.st_mode & 0o002)
-
-
-class _Announce(Service):
-    """Says once, at start, what is served where (the secret's origin, never its value)."""
-
-    def __init__(self, config: Config, secretOrigin: str, secretLength: int) -> None:
-        self.config = config
-        self.secretOrigin = secretOrigin
-        self.secretLength = secretLength
-
-    def startService(self) -> None:
-        super().startService()
-        c = self.config
-        log.info(
-            "hmacfs: files in {store}, uploads under /{prefix}, listening on {listen}; "
-            "secret from {origin}",
-            store=c.store_dir,
-            prefix=c.upload_subdir + "/" if c.upload_subdir else "",
-            listen=c.listen_endpoint,
-            origin=self.secretOrigin,
+        return prepare_store(
+            config,
+            cli_secret=options["secret"],
+            run_as=_runAs(getattr(options, "parent", None)),
+            shared_metrics=config.workers > 1,
         )
-        if self.secretLength < 16:
-            log.warn("the secret is shorter than 16 bytes: MACs are only as strong as it")
-        if os.path.isdir(c.store_dir) and not facts.probe(c.store_dir):
-            log.warn(
-                "{store} has no user extended attributes: each file's facts (type, hash, "
-                "expiry) are kept in the metadata store only, and downloads need it",
-                store=c.store_dir,
-            )
-
-
-def build_metadata(config: Config, reactor) -> FailoverStore:
-    """
-    The metadata stores C{config} asks for: Redis (with the SQL database as
-    its fallback when FallbackEnabled), the SQL database alone, or, with
-    neither configured, the embedded SQLite under StoreDir/.hmacfs/.
-    """
-    from hmacd.store.redis import RedisStore
-    from hmacd.store.sql import SQLStore
-
-    fallback = None
-    if config.redis_addr:
-        primary = RedisStore.from_config(config, reactor=reactor)
-        if config.fallback_enabled:
-            fallback = SQLStore.from_config(config, reactor=reactor)
-    elif config.fallback_enabled:
-        primary = SQLStore.from_config(config, reactor=reactor)
-    else:
-        path = os.path.join(config.store_dir, ".hmacfs", "meta.sqlite3")
-        primary = SQLStore.sqlite(path, reactor=reactor)
-    return FailoverStore(primary, fallback, clock=reactor)
-
-
-class StoreService(Service):
-    """
-    Starts the metadata stores with the server; at shutdown, lets uploads in
-    progress finish (up to ShutdownGrace) before it closes the stores, since
-    their records still have to be written.
-    """
-
-    name = "metadata"
-
-    def __init__(self, store: FailoverStore, fs: FileServer, grace: float) -> None:
-        self.store = store
-        self.fs = fs
-        self.grace = grace
-
-    def startService(self) -> None:
-        super().startService()
-        # Not awaited: a store that is down at start is logged and probed
-        # (uploads get 503 meanwhile), it does not keep the server down.
-        self.store.start()
-
-    def stopService(self):
-        super().stopService()
-        d = Deferred.fromCoroutine(drain_uploads(self.fs, self.grace))
-        d.addErrback(lambda f: log.failure("draining uploads failed", f))
-        return d.addCallback(lambda _: self.store.stop())
+    except PrepareError as e:
+        raise SystemExit(str(e)) from None
 
 
 def build_service(
     config: Config,
     secret: bytes,
-    reactor,
+    reactor: Any,
     secretOrigin: str = "the caller",
     metadata: FailoverStore | None = None,
     listen: bool = True,
-    worker: tuple[int, int] | None = None,
     metricsDir: str | None = None,
-) -> IService:
+) -> HmacfsService:
     """
-    The hmacfs services for C{config}, as one MultiService.
+    The hmacfs services of a server's main process for C{config}: announce, the metadata
+    stores, the listener, the sweeps, the metrics listener, the component and the timers.
 
-    Its C{fileServer} attribute is the L{FileServer}; with C{listen=False}
-    there is no listener of its own (a host Site serves it, see
-    L{hmacd.mount}).
-
-    With C{Workers} above 1 (and C{listen}), the listener is a
-    L{WorkerPool}, and prometheus_client is switched, for this whole process,
-    to its multiprocess files in C{metricsDir} (made under StoreDir when not
-    given).  C{worker}, a listening descriptor and its address family, makes
-    the services of a worker process: it serves that socket and runs no
-    sweep, metrics listener or component (L{hmacd.workers}).
+    With C{listen=False} there is no listener of its own (a host Site serves
+    C{fileServer}, see L{hmacd.mount}).  With C{Workers} above 1 (and C{listen}), the
+    listener is a L{WorkerPool} sharing metrics in C{metricsDir}, which the caller has
+    prepared (L{hmacd.prepare.prepare_store}) and switched this process to
+    (L{hmacd.metrics.share_between_processes}).
     """
     if metadata is None:
         metadata = build_metadata(config, reactor)
-    pool = listen and worker is None and config.workers > 1
-    if pool:
-        metricsDir = metricsDir or metrics_directory(config.store_dir)
-        share_between_processes(metricsDir)
-    fs = FileServer(
-        secret=secret,
-        store_dir=config.store_dir,
-        reactor=reactor,
-        metadata=metadata,
-        prefix=config.upload_subdir,
-        upload_max_size=config.upload_max_size,
-        min_free_space=config.min_free_space,
-        chunk_size=config.chunk_size,
-        file_ttl=config.file_ttl,
-        limiter=(
-            RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, reactor)
-            if config.rate_limit_per_minute
-            else None
-        ),
-        trusted_proxies=parse_networks(config.trusted_proxies),
-        max_bytes_per_second=config.max_bytes_per_second,
-        total_bandwidth=(
-            Bandwidth(config.max_total_bytes_per_second, reactor)
-            if config.max_total_bytes_per_second
-            else None
-        ),
-        metrics=Metrics(shared=metricsDir if pool else None),
-        header_timeout=config.header_timeout,
-        max_connections_per_client=config.max_connections_per_client,
-        min_upload_bytes_per_second=config.min_upload_bytes_per_second,
-        min_upload_rate_window=config.min_upload_rate_window,
-    )
-    fs.metrics.watch_stores(metadata)
-    top = MultiService()
-    top.fileServer = fs
-    if worker is None:
-        _Announce(config, secretOrigin, len(secret)).setServiceParent(top)
-    StoreService(metadata, fs, config.shutdown_grace).setServiceParent(top)
+    pool = listen and config.workers > 1
+    if pool and metricsDir is None:
+        raise ValueError("Workers > 1 needs the metrics directory that prepare_store made")
+    fs = build_file_server(config, secret, reactor, metadata, metricsDir if pool else None)
     site = HmacfsSite(fs)
-    if worker is not None:
-        _Adopted(reactor, *worker, site).setServiceParent(top)
-        _background(config, fs, site, reactor, top)
-        return top
-    if listen:
+    top = HmacfsService(fs)
+    children: list[IService] = [
+        Announce(config, secretOrigin, len(secret)),
+        StoreService(metadata, fs, config.shutdown_grace),
+    ]
+    if pool:
         endpoint = serverFromString(reactor, with_backlog(config.listen_endpoint))
-        if pool:
-            listener = WorkerPool(endpoint, site, config, secret, reactor, metricsDir)
-        else:
-            listener = StreamServerEndpointService(endpoint, site)
-            # A port that cannot be bound stops start-up (twistd exits non-zero)
-            # instead of leaving a process that serves nothing.
-            listener._raiseSynchronously = True
-            listener.setName("http")
-        listener.setServiceParent(top)
-    PartialSweep(fs, resumableTTL=config.resumable_ttl).setServiceParent(top)
-    ExpirySweep(fs, interval=config.expiry_interval, batch=config.expiry_batch).setServiceParent(
-        top
-    )
+        children.append(WorkerPool(endpoint, site, config, secret, reactor, metricsDir))
+    elif listen:
+        children.append(http_listener(config, site, reactor))
+    children += sweeps(config, fs)
     if config.metrics_enabled:
-        metrics = StreamServerEndpointService(
-            serverFromString(reactor, config.metrics_endpoint), metrics_site(fs.metrics, reactor)
-        )
-        metrics._raiseSynchronously = True
-        metrics.setName("metrics")
-        metrics.setServiceParent(top)
+        children.append(metrics_listener(config, fs, reactor))
     if config.component_jid:
-        component_service(config, secret, fs, reactor).setServiceParent(top)
-    _background(config, fs, site, reactor, top)
+        children.append(component_service(config, secret, fs, reactor))
+    children += timers(config, fs, site, reactor)
+    for child in children:
+        child.setServiceParent(top)
     return top
 
 
-def _background(config: Config, fs: FileServer, site, reactor, top: MultiService) -> None:
-    """The timers every serving process runs for itself."""
-    if config.gc_interval:
-        GarbageCollector(config.gc_interval, reactor).setServiceParent(top)
-    if config.monitor_interval:
-        SystemMonitor(fs, site, config.monitor_interval).setServiceParent(top)
-
-
-class _Adopted(Service):
-    """A worker's listener: the main process's listening socket, adopted."""
-
-    name = "http"
-    port = None
-
-    def __init__(self, reactor, fd: int, family: int, site) -> None:
-        self.reactor = reactor
-        self.fd = fd
-        self.family = family
-        self.site = site
-
-    def startService(self) -> None:
-        super().startService()
-        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.site)
-        os.close(self.fd)  # the port has a duplicate of it
-
-    def stopService(self):
-        super().stopService()
-        return self.port.stopListening()
-
-
-# Twisted listens with a backlog of 50: 500 clients connecting at once overflowed it, and the
-# kernel reset some of them after their handshake (bench/run's slow uploads).  The kernel
-# caps this at net.core.somaxconn.
-LISTEN_BACKLOG = 1024
-
-
-def with_backlog(description: str) -> str:
-    """A listening endpoint description with LISTEN_BACKLOG, unless it names a backlog."""
-    kind = description.partition(":")[0]
-    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
-        return f"{description}:backlog={LISTEN_BACKLOG}"
-    return description
-
-
-def component_service(config: Config, secret: bytes, fs: FileServer, reactor, **options):
-    """
-    The XMPP slot component of C{config}, signing with C{secret} for C{fs}; C{options} go
-    to L{ComponentService} (timeouts, retry policy) and override the config's ping timing.
-    """
-    options = {
-        "pingInterval": config.component_ping_interval,
-        "pingTimeout": config.component_ping_timeout,
-        **options,
-    }
-    issuer = SlotIssuer(
-        secret=secret,
-        public_url=config.public_url,
-        protocol=config.component_protocol,
-        max_size=config.upload_max_size,
-        domains=frozenset(config.upload_domains),
-        now=reactor.seconds,
-    )
-    slots = SlotComponent(issuer, counted=lambda result: fs.metrics.slots.labels(result).inc())
-    service = ComponentService(
-        config.component_jid,
-        config.component_secret,
-        config.component_address,
-        slots,
-        reactor,
-        onConnected=fs.metrics.component_connected.set,
-        **options,
-    )
-    service.setName("component")
-    return service
-
-
-def makeService(options: Options) -> IService:
+def makeService(options: Options) -> HmacfsService:
     from twisted.internet import reactor
 
+    prepared = prepare(options)
+    if prepared.metrics_dir is not None:
+        # For this whole process, which is hmacfs's own under twistd.
+        share_between_processes(prepared.metrics_dir)
     return build_service(
-        options.config,
-        options.secret,
+        prepared.config,
+        prepared.secret,
         reactor,
-        options.secretOrigin,
-        metricsDir=options.metricsDir,
+        prepared.origin,
+        metricsDir=prepared.metrics_dir,
     )

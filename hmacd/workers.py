@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import signal
+import socket
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import error
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IStreamServerEndpoint
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -42,12 +45,21 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from twisted.python.failure import Failure
 
 from hmacd.config import Config
 from hmacd.metrics import forget_process, share_between_processes
 from hmacd.secret import ENV_VAR as SECRET_ENV
+from hmacd.services import (
+    HmacfsService,
+    StoreService,
+    build_file_server,
+    build_metadata,
+    timers,
+)
+from hmacd.web import HmacfsSite
 
-__all__ = ["WorkerError", "WorkerPool", "metrics_directory", "run_worker"]
+__all__ = ["WorkerError", "WorkerPool", "address_family", "build_worker_service", "run_worker"]
 
 log = Logger()
 
@@ -70,15 +82,18 @@ class WorkerError(Exception):
     """A worker process could not be started; the text is one line for the admin."""
 
 
-def metrics_directory(store_dir: str) -> str:
+def address_family(address: object) -> int:
     """
-    Where the processes of a server with Workers keep their metrics: emptied here, since
-    counters start from zero when the server does.
+    The socket family of a listening port's C{getHost()}: what a worker needs to adopt
+    the socket, found from the public address types rather than the port's socket.
     """
-    directory = os.path.join(store_dir, ".hmacfs", "metrics")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory, mode=0o700)
-    return directory
+    if isinstance(address, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(address, IPv4Address):
+        return socket.AF_INET
+    if isinstance(address, UNIXAddress):
+        return socket.AF_UNIX
+    raise WorkerError(f"Workers: cannot share a listening port on {address!r}")
 
 
 class WorkerPool(Service):
@@ -96,11 +111,11 @@ class WorkerPool(Service):
 
     def __init__(
         self,
-        endpoint,
-        site,
+        endpoint: IStreamServerEndpoint,
+        site: HmacfsSite,
         config: Config,
         secret: bytes,
-        reactor,
+        reactor: Any,
         metrics: str | None = None,
         executable: str = sys.executable,
     ) -> None:
@@ -112,7 +127,7 @@ class WorkerPool(Service):
         self.metrics = metrics
         self.executable = executable
         self.workers: dict[int, _Worker] = {}
-        self._restarts: dict[int, object] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
 
     def privilegedStartService(self) -> None:
         # Listening may need root (port 443): before twistd drops privileges.  The workers
@@ -121,11 +136,11 @@ class WorkerPool(Service):
         self._listen()
 
     def _listen(self) -> None:
-        failures = []
+        failures: list[Failure] = []
         d = self.endpoint.listen(self.site)
         d.addCallbacks(self._listening, failures.append)
         if failures:
-            # As StreamServerEndpointService with _raiseSynchronously: twistd exits non-zero.
+            # As strports.service: a port that cannot be bound makes twistd exit non-zero.
             failures[0].raiseException()
 
     def _listening(self, port) -> None:
@@ -160,21 +175,24 @@ class WorkerPool(Service):
             self._restarts[index] = self.reactor.callLater(self.restartDelay, self._start, index)
 
     def _spawn(self, index: int) -> None:
-        family = self.port.socket.family
+        port = self.port
+        if port is None:
+            raise WorkerError("Workers: a worker started before the port listens")
+        family = address_family(port.getHost())
         job = Job(self.config, self.secret, index, family, self.metrics)
         worker = _Worker(self, index)
-        self.reactor.spawnProcess(
+        transport = self.reactor.spawnProcess(
             worker,
             self.executable,
             [self.executable, "-m", "hmacd.workers"],
             # The secret goes on the pipe; not in the environment either, if it came from there.
             env={k: v for k, v in os.environ.items() if k != SECRET_ENV},
-            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.port.fileno()},
+            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: port.fileno()},
         )
         data = pickle.dumps(job)
-        worker.transport.write(struct.pack("!I", len(data)) + data)
+        transport.write(struct.pack("!I", len(data)) + data)
         self.workers[index] = worker
-        log.info("worker {index} started, pid {pid}", index=index, pid=worker.transport.pid)
+        log.info("worker {index} started, pid {pid}", index=index, pid=transport.pid)
 
     def _ended(self, worker: _Worker, reason) -> None:
         if self.metrics is not None and worker.pid is not None:
@@ -194,7 +212,7 @@ class WorkerPool(Service):
                 self.restartDelay, self._start, worker.index
             )
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
         for call in self._restarts.values():
             call.cancel()
@@ -221,11 +239,17 @@ class _Worker(ProcessProtocol):
         self.pid: int | None = None
         self._out = b""
         self._err = b""
-        self._ended: Deferred | None = None
-        self._kill = None
+        self._ended: Deferred[None] | None = None
+        self._kill: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
+        self.pid = self._process().pid
+
+    def _process(self) -> IProcessTransport:
+        """The process, from spawnProcess on (which connects it before it returns)."""
+        if self.transport is None:
+            raise WorkerError(f"worker {self.index} has no process")
+        return self.transport
 
     def outReceived(self, data: bytes) -> None:
         # jsonFileLogObserver: one event per line (JSON escapes every newline in it).
@@ -255,13 +279,13 @@ class _Worker(ProcessProtocol):
         """A line of the worker's that is no log event of its own."""
         log.error("worker {index}: {line}", index=self.index, line=line.decode("utf-8", "replace"))
 
-    def stop(self, timeout: float) -> Deferred:
+    def stop(self, timeout: float) -> Deferred[None]:
         """SIGTERM; SIGKILL after C{timeout} seconds.  Fires when the process has ended."""
-        if self.pid is None or self._kill is not None or self.transport.pid is None:
+        if self.pid is None or self._kill is not None or self._process().pid is None:
             return self._ended or succeed(None)
         self._ended = Deferred()
         try:
-            self.transport.signalProcess("TERM")
+            self._process().signalProcess("TERM")
         except error.ProcessExitedAlready:
             return self._ended
         self._kill = self.pool.reactor.callLater(timeout, self._forceStop)
@@ -270,7 +294,7 @@ class _Worker(ProcessProtocol):
     def _forceStop(self) -> None:
         log.warn("worker {index} did not stop in time: killing it", index=self.index)
         try:
-            self.transport.signalProcess("KILL")
+            self._process().signalProcess("KILL")
         except error.ProcessExitedAlready:
             pass
 
@@ -323,7 +347,7 @@ class _Lifeline(Protocol):
     def __init__(self, stop: _Stopper) -> None:
         self.stop = stop
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.stop("the main process is gone")
 
 
@@ -359,6 +383,54 @@ class _Lines:
         pass
 
 
+class _Adopted(Service):
+    """A worker's listener: the main process's listening socket, adopted."""
+
+    name = "http"
+    port = None
+
+    def __init__(self, reactor: Any, fd: int, family: int, site: HmacfsSite) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.site = site
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.site)
+        os.close(self.fd)  # the port has a duplicate of it
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self.port.stopListening() if self.port is not None else None
+
+
+def build_worker_service(
+    config: Config,
+    secret: bytes,
+    reactor: Any,
+    fd: int,
+    family: int,
+) -> HmacfsService:
+    """
+    The services of a worker process: the metadata stores, the adopted listening socket
+    C{fd} (of address C{family}) and the timers; no announce, sweep, metrics listener or
+    component, which the main process runs alone.  Its metrics go where the process's
+    prometheus_client is switched to (L{run_worker}); only the main process reads them.
+    """
+    metadata = build_metadata(config, reactor)
+    fs = build_file_server(config, secret, reactor, metadata)
+    site = HmacfsSite(fs)
+    top = HmacfsService(fs)
+    children: list[Service] = [
+        StoreService(metadata, fs, config.shutdown_grace),
+        _Adopted(reactor, fd, family, site),
+    ]
+    for child in [*children, *timers(config, fs, site, reactor)]:
+        child.setServiceParent(top)
+    return top
+
+
 def run_worker() -> None:
     """C{python -m hmacd.workers}: serve the socket on fd 3 as the job on stdin says."""
     (length,) = struct.unpack("!I", _read_exactly(0, 4))
@@ -370,7 +442,6 @@ def run_worker() -> None:
     from twisted.internet.stdio import StandardIO
 
     from hmacd.logs import LEVELS
-    from hmacd.tap import build_service
 
     # SIGTERM (from the main process, or from whoever signals the whole group) stops the
     # worker gracefully once; SIGINT is a terminal's Ctrl-C, which the main process handles.
@@ -383,11 +454,13 @@ def run_worker() -> None:
         [LogLevelFilterPredicate(defaultLogLevel=LEVELS[job.config.log_level])],
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    service = build_service(job.config, job.secret, reactor, worker=(LISTEN_FD, job.family))
+    service = build_worker_service(job.config, job.secret, reactor, LISTEN_FD, job.family)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     log.info("worker {index} serving, pid {pid}", index=job.index, pid=os.getpid())
-    reactor.run(installSignalHandlers=False)
+    # The global reactor is typed as IReactorCore, whose run() takes no arguments; the
+    # installed one (every posix reactor) takes this one.
+    cast(Any, reactor).run(installSignalHandlers=False)
 
 
 if __name__ == "__main__":

@@ -684,7 +684,6 @@ class TwistdGuardTests(TwistdHarness):
         cfg = self.config(port, HeaderTimeout=1, MaxConnectionsPerClient=2, LogFile="hmacfs.log")
         proc = self.spawn("-n", "hmacfs", "--config", cfg)
         self.waitListening(port, proc)
-        time.sleep(0.5)  # the probe connection of waitListening is gone
         socks = []
         self.addCleanup(lambda: [s.close() for s in socks])
         for _ in range(2):

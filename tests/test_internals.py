@@ -11,7 +11,7 @@ import itertools
 
 from twisted.enterprise import adbapi
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hmacd import internals
 
@@ -111,3 +111,31 @@ class PyMySQLGuards(SynchronousTestCase):
 
 
 # --- Composition: listening ports, services, processes -------------------------------------
+
+
+class MultiprocessValuesGuardTests(TestCase):
+    """hmacd.internals.use_multiprocess_values: prometheus_client still picks values this way."""
+
+    def test_metric_reads_value_class_when_created(self) -> None:
+        """A metric made after ValueClass is swapped keeps its value in the swapped class."""
+        from prometheus_client import CollectorRegistry, Counter, values
+
+        made: list[tuple] = []
+
+        class Recording(values.MutexValue):
+            def __init__(self, *args, **kwargs) -> None:
+                made.append(args)
+                super().__init__(*args, **kwargs)
+
+        self.patch(values, "ValueClass", Recording)
+        Counter("guard_total", "guard", registry=CollectorRegistry()).inc()
+        self.assertTrue(made, "prometheus_client no longer reads values.ValueClass")
+
+    def test_multiprocess_value_is_a_factory(self) -> None:
+        """values.MultiProcessValue() still returns the value class use_multiprocess_values sets."""
+        from prometheus_client import values
+
+        self.patch(values, "ValueClass", values.ValueClass)
+        internals.use_multiprocess_values()
+        self.assertTrue(isinstance(values.ValueClass, type), values.ValueClass)
+        self.assertIn("MmapedValue", values.ValueClass.__name__)

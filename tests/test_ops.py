@@ -65,7 +65,12 @@ class MetricsTests(TestCase):
                     b"PUT /upload/e.bin?" + v_query("e.bin", 4000).encode() + b" HTTP/1.1\r\n"
                     b"Host: x\r\nContent-Length: 4000\r\n\r\n" + b"e" * 1000
                 )
-                time.sleep(0.1)
+                # Hang up once the server has taken the upload on, not "probably by now".
+                deadline = time.monotonic() + 10
+                while not server.fs.uploads:
+                    if time.monotonic() > deadline:
+                        raise AssertionError("the server never took the upload on")
+                    time.sleep(0.01)
 
         yield deferToThread(brokenOff)
         for _ in range(100):

@@ -45,6 +45,7 @@ from hmacd.config import Config
 from hmacd.housekeeping import ExpirySweep, GarbageCollector, PartialSweep, SystemMonitor
 from hmacd.secret import ENV_VAR, SecretError, resolve_secret, secret_file
 from hmacd.web import HmacfsSite
+from hmacd.workers import WorkerPool
 from tests.support import memory_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +85,27 @@ def _accepts(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except OSError:
         return False
+    return True
+
+
+def _accepts_and_lets_go(port: int) -> bool:
+    """
+    Whether the port accepts; if so, returns once the server has closed its end of this
+    probe too, so that a test starting right after sees no connection of the probe's left
+    (MaxConnectionsPerClient counts them).
+    """
+    try:
+        probe = socket.create_connection(("127.0.0.1", port), timeout=1)
+    except OSError:
+        return False
+    with probe:
+        probe.settimeout(DEADLINE)
+        probe.shutdown(socket.SHUT_WR)
+        try:
+            while probe.recv(4096):
+                pass
+        except OSError:
+            pass  # reset: gone on the server's side as well
     return True
 
 
@@ -158,6 +180,7 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
             'Secret = "configured-secret"\n',
         )
         options = self.parse("-n", "hmacfs", "--config", path)
+        self.assertFalse(os.path.exists(store), "postOptions only validates")
         self.assertEqual(
             options.subOptions.config,
             Config(
@@ -171,19 +194,21 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
                 source=path,
             ),
         )
+        prepared = tap.prepare(options.subOptions)
         self.assertTrue(os.path.isdir(store))
-        self.assertEqual(options.subOptions.secret, b"configured-secret")
-        self.assertEqual(options.subOptions.secretOrigin, "the config file")
+        self.assertEqual(prepared.config, options.subOptions.config)
+        self.assertEqual(prepared.secret, b"configured-secret")
+        self.assertEqual(prepared.origin, "the config file")
 
     def test_generated_secret_is_bytes(self) -> None:
         """Without any secret configured, Options generates one under StoreDir, as bytes."""
         store = os.path.join(self.tmp, "store")
         path = _secret_config(self.tmp, StoreDir=store)
-        options = self.parse("-n", "hmacfs", "--config", path)
-        self.assertIsInstance(options.subOptions.secret, bytes)
+        prepared = tap.prepare(self.parse("-n", "hmacfs", "--config", path).subOptions)
+        self.assertIsInstance(prepared.secret, bytes)
         with open(secret_file(store), "rb") as f:
-            self.assertEqual(f.read().strip(), options.subOptions.secret)
-        self.assertIn(secret_file(store), options.subOptions.secretOrigin)
+            self.assertEqual(f.read().strip(), prepared.secret)
+        self.assertIn(secret_file(store), prepared.origin)
 
     def test_secret_option(self) -> None:
         """--secret wins over HMACFS_SECRET and the config file."""
@@ -192,18 +217,19 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
             self.tmp, StoreDir=os.path.join(self.tmp, "store"), Secret="from-config"
         )
         options = self.parse("-n", "hmacfs", "--config", path, "--secret", "from-cli")
-        self.assertEqual(options.subOptions.secret, b"from-cli")
-        self.assertEqual(options.subOptions.secretOrigin, "--secret")
+        prepared = tap.prepare(options.subOptions)
+        self.assertEqual(prepared.secret, b"from-cli")
+        self.assertEqual(prepared.origin, "--secret")
 
     def test_secret_environment(self) -> None:
-        """HMACFS_SECRET, read when the options are parsed, wins over the config file."""
+        """HMACFS_SECRET, read when StoreDir is prepared, wins over the config file."""
         self.patch(os, "environ", {ENV_VAR: "from-env"})
         path = _secret_config(
             self.tmp, StoreDir=os.path.join(self.tmp, "store"), Secret="from-config"
         )
-        options = self.parse("-n", "hmacfs", "--config", path)
-        self.assertEqual(options.subOptions.secret, b"from-env")
-        self.assertEqual(options.subOptions.secretOrigin, ENV_VAR)
+        prepared = tap.prepare(self.parse("-n", "hmacfs", "--config", path).subOptions)
+        self.assertEqual(prepared.secret, b"from-env")
+        self.assertEqual(prepared.origin, ENV_VAR)
 
     def test_empty_secret_option(self) -> None:
         """An empty --secret is a UsageError, not an empty HMAC key."""
@@ -212,6 +238,15 @@ class OptionsTests(_IsolatedOptionsMixin, TestCase):
             UsageError, self.parse, "-n", "hmacfs", "--config", path, "--secret", ""
         )
         self.assertIn("--secret", str(e))
+
+    def test_empty_secret_environment(self) -> None:
+        """An empty HMACFS_SECRET is a UsageError too, before anything is prepared."""
+        self.patch(os, "environ", {ENV_VAR: ""})
+        store = os.path.join(self.tmp, "store")
+        path = _secret_config(self.tmp, StoreDir=store)
+        e = self.assertRaises(UsageError, self.parse, "-n", "hmacfs", "--config", path)
+        self.assertIn(ENV_VAR, str(e))
+        self.assertFalse(os.path.exists(store))
 
     def test_logger_is_ours(self) -> None:
         """twistd's `logger` option ends up as the hmacd.logs.twistd_observer callable."""
@@ -316,11 +351,17 @@ class OptionsErrorTests(_IsolatedOptionsMixin, TestCase):
         self.assertIn(path, str(e))
 
     def test_store_dir_cannot_be_created(self) -> None:
-        """A StoreDir under a regular file is a UsageError naming StoreDir."""
+        """A StoreDir under a regular file stops makeService with one line naming StoreDir."""
         blocker = _write(os.path.join(self.tmp, "a-file"), "not a directory\n")
-        self.assertUsageError(
-            f'StoreDir = "{os.path.join(blocker, "store")}"\n', "StoreDir", "cannot create"
+        path = _write(
+            os.path.join(self.tmp, "bad.toml"), f'StoreDir = "{os.path.join(blocker, "store")}"\n'
         )
+        options = self.parse("-n", "hmacfs", "--config", path).subOptions
+        e = self.assertRaises(SystemExit, tap.makeService, options)
+        message = str(e)
+        for part in (path, "StoreDir", "cannot create"):
+            self.assertIn(part, message)
+        self.assertNotIn("\n", message)
 
     def test_unusable_listen_endpoint(self) -> None:
         """An endpoint string twisted cannot build is a UsageError naming ListenPort."""
@@ -368,26 +409,27 @@ class EmbeddedDefaultsTests(_IsolatedOptionsMixin, TestCase):
         options = self.parse("-n", "hmacfs").subOptions
         store = os.path.join(self.tmp, "uploads")
         self.assertEqual(options.config, Config(store_dir=store))
+        prepared = tap.prepare(options)
         path = secret_file(store)
         self.assertEqual(path, os.path.join(store, ".hmacfs", "secret"))
         self.assertEqual(_mode(path), 0o600)
-        self.assertEqual(options.secretOrigin, f"{path} (generated)")
+        self.assertEqual(prepared.origin, f"{path} (generated)")
         with open(path, "rb") as f:
-            self.assertEqual(f.read().strip(), options.secret)
+            self.assertEqual(f.read().strip(), prepared.secret)
 
-        again = self.parse("-n", "hmacfs").subOptions
-        self.assertEqual((again.config, again.secret), (options.config, options.secret))
-        self.assertNotIn("generated", again.secretOrigin)
+        again = tap.prepare(self.parse("-n", "hmacfs").subOptions)
+        self.assertEqual((again.config, again.secret), (prepared.config, prepared.secret))
+        self.assertNotIn("generated", again.origin)
 
     def test_default_services(self) -> None:
         """The default services listen on 127.0.0.1:8080 only (in memory here), nothing else."""
-        options = self.parse("-n", "hmacfs").subOptions
+        prepared = tap.prepare(self.parse("-n", "hmacfs").subOptions)
         reactor = _MemoryReactorWithThreads()
         top = tap.build_service(
-            options.config,
-            options.secret,
+            prepared.config,
+            prepared.secret,
             reactor,
-            options.secretOrigin,
+            prepared.origin,
             metadata=memory_metadata(reactor),
         )
         self.assertRaises(KeyError, top.getServiceNamed, "component")
@@ -599,6 +641,42 @@ class BuildServiceTests(TestCase):
         self.assertEqual((port, interface, backlog), (8443, "127.0.0.1", tap.LISTEN_BACKLOG))
         self.assertIs(factory, top.getServiceNamed("http").factory)
 
+    def test_port_that_cannot_be_bound_is_fatal(self) -> None:
+        """A ListenPort in use raises from privilegedStartService (strports), so twistd stops."""
+        from twisted.internet import reactor
+        from twisted.internet.error import CannotListenError
+
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            self.config = dataclasses.replace(
+                self.config, listen_port=f"127.0.0.1:{busy.getsockname()[1]}"
+            )
+            self.reactor = reactor
+            listener = self.build().getServiceNamed("http")
+            self.assertRaises(CannotListenError, listener.privilegedStartService)
+
+    def test_workers_switch_nothing_for_the_process(self) -> None:
+        """With Workers, building leaves prometheus_client and the environment as they were."""
+        from prometheus_client import values
+
+        self.config = dataclasses.replace(self.config, workers=2)
+        self.assertRaises(ValueError, self.build)
+        valueClass = values.ValueClass
+        environ = dict(os.environ)
+        self.metadata = memory_metadata(self.reactor)
+        top = tap.build_service(
+            self.config,
+            self.secret,
+            self.reactor,
+            metadata=self.metadata,
+            metricsDir=os.path.join(self.store, "metrics"),
+        )
+        self.assertIsInstance(top.getServiceNamed("http"), WorkerPool)
+        self.assertEqual(top.fileServer.metrics.shared, os.path.join(self.store, "metrics"))
+        self.assertIs(values.ValueClass, valueClass)
+        self.assertEqual(dict(os.environ), environ)
+
     def test_backlog(self) -> None:
         """A backlog for many clients at once, unless the endpoint string names its own."""
         self.assertEqual(tap.with_backlog("tcp:80"), "tcp:80:backlog=1024")
@@ -687,7 +765,7 @@ class TwistdHarness(TestCase):
 
     def waitListening(self, port: int, proc: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + DEADLINE
-        while not _accepts(port):
+        while not _accepts_and_lets_go(port):
             if proc is not None and proc.poll() is not None:
                 self.fail(f"twistd exited with {proc.returncode}:\n{_read(self.output)}")
             if time.monotonic() > deadline:
@@ -867,6 +945,17 @@ class TwistdTests(TwistdHarness):
         self.assertIn("primary metadata store redis unavailable at start", logged)
         self.assertNotIn("Traceback", logged)
         self.assertNotIn("Traceback", _read(self.output))
+
+    def test_store_dir_error_exits_before_listening(self) -> None:
+        """A StoreDir that cannot be made stops twistd: non-zero, one line naming it, no port."""
+        port = _free_port()
+        blocker = _write(os.path.join(self.cwd, "a-file"), "not a directory\n")
+        proc = self.spawn("-n", "hmacfs", "--config", self.config(port, StoreDir="a-file/store"))
+        self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
+        output = _read(self.output)
+        self.assertIn(f"StoreDir: cannot create {blocker}/store: Not a directory", output)
+        self.assertNotIn("Traceback", output)
+        self.assertFalse(_accepts(port))
 
     def test_port_in_use_exits_nonzero(self) -> None:
         """A ListenPort that cannot be bound stops twistd with a non-zero exit."""

@@ -17,7 +17,15 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import TestCase
+
 from hmacd.auth import sign_v
+from hmacd.config import Config
+from hmacd.housekeeping import GarbageCollector, SystemMonitor
+from hmacd.services import HmacfsService, StoreService
+from hmacd.workers import WorkerError, address_family, build_worker_service
 from tests.test_tap import DEADLINE, REPO, TwistdHarness, _free_port, _read
 
 
@@ -29,12 +37,17 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str | None:
+    """The process's state letter in /proc (R, S, T, Z, ...), or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            return f.read().split(")")[-1].split()[0]
     except OSError:
-        return False
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
 
 
 def _runs_as(uid: int, gid: int, executable: str) -> bool:
@@ -102,6 +115,11 @@ class WorkersTests(TwistdHarness):
         """The main process stopped meanwhile, so only the worker accepts."""
         os.kill(proc.pid, signal.SIGSTOP)
         try:
+            # Stopped for sure, not "probably by now": the kernel says so in /proc.
+            deadline = time.monotonic() + DEADLINE
+            while _state(proc.pid) not in ("T", "t"):
+                self.assertLess(time.monotonic(), deadline, "the main process did not stop")
+                time.sleep(0.01)
             yield
         finally:
             if proc.poll() is None:
@@ -185,7 +203,11 @@ class WorkersTests(TwistdHarness):
                 self.assertLess(time.monotonic(), deadline, "the worker took no upload")
                 time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # the worker has its SIGTERM and waits for the body
+        # The worker has its SIGTERM (from the main process) once it says so in the log.
+        deadline = time.monotonic() + DEADLINE
+        while "[worker 1] SIGTERM: stopping" not in self.log():
+            self.assertLess(time.monotonic(), deadline, f"no SIGTERM in the worker:\n{self.log()}")
+            time.sleep(0.05)
         conn.sendall(body[50_000:])
         self.assertRegex(conn.recv(4096), rb"^HTTP/1.1 201 ")
         proc.wait(timeout=DEADLINE)
@@ -233,3 +255,47 @@ class WorkersRefusedTests(TwistdHarness):
             proc = self.spawn("-n", "hmacfs", "--config", cfg)
             self.assertNotEqual(proc.wait(timeout=DEADLINE), 0)
         self.assertNotIn("worker 1 started", _read(self.output))
+
+
+class WorkerCompositionTests(TestCase):
+    """The worker process's own builder, as data: what a worker runs and what it leaves out."""
+
+    def test_address_family_from_public_address(self) -> None:
+        """The family a worker adopts its socket with comes from the port's getHost() type."""
+        for address, family in (
+            (IPv4Address("TCP", "127.0.0.1", 8080), socket.AF_INET),
+            (IPv6Address("TCP", "::1", 8080), socket.AF_INET6),
+            (UNIXAddress(b"/run/hmacfs.sock"), socket.AF_UNIX),
+        ):
+            self.assertEqual(address_family(address), family, address)
+        self.assertRaises(WorkerError, address_family, object())
+
+    def test_worker_services(self) -> None:
+        """A worker: the stores, its adopted socket and its timers; no announce, sweep or port."""
+        store = os.path.abspath(self.mktemp())
+        os.makedirs(store)
+        reactor = MemoryReactorClock()
+        top = build_worker_service(
+            Config(store_dir=store, workers=2), b"s" * 32, reactor, 3, socket.AF_INET
+        )
+        self.assertIsInstance(top, HmacfsService)
+        stores, adopted, collector, monitor = list(top)
+        self.assertIsInstance(stores, StoreService)
+        self.assertIs(stores.fs, top.fileServer)
+        self.assertEqual((adopted.name, adopted.fd, adopted.family), ("http", 3, socket.AF_INET))
+        self.assertIs(adopted.site.fileServer, top.fileServer)
+        self.assertIsInstance(collector, GarbageCollector)
+        self.assertIsInstance(monitor, SystemMonitor)
+        self.assertIsNone(top.fileServer.metrics.shared)
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_no_import_cycle(self) -> None:
+        """hmacd.workers builds a worker without importing hmacd.tap (the plugin)."""
+        imported = subprocess.run(
+            [sys.executable, "-c", "import sys, hmacd.workers; print('hmacd.tap' in sys.modules)"],
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=REPO),
+            timeout=DEADLINE,
+            check=True,
+        )
+        self.assertEqual(imported.stdout.strip(), b"False", imported.stderr)

@@ -1,0 +1,272 @@
+"""
+The builders the composition is made of: each returns one thing (the metadata stores, the
+file server, a listener, the sweeps, the timers, the component), and none switches anything
+for the whole process.
+
+L{hmacd.tap} composes them for twistd and L{hmacd.make_service}; L{hmacd.workers} composes
+a worker process from the same ones.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from hmacd import facts
+from hmacd.component import ComponentService, SlotComponent, SlotIssuer
+from hmacd.config import Config
+from hmacd.core import FileServer
+from hmacd.housekeeping import (
+    ExpirySweep,
+    GarbageCollector,
+    PartialSweep,
+    SystemMonitor,
+    drain_uploads,
+)
+from hmacd.metrics import Metrics, metrics_site
+from hmacd.store.failover import FailoverStore
+from hmacd.throttle import Bandwidth, RateLimiter, parse_networks
+from hmacd.web import HmacfsSite
+
+__all__ = [
+    "LISTEN_BACKLOG",
+    "Announce",
+    "HmacfsService",
+    "StoreService",
+    "build_file_server",
+    "build_metadata",
+    "component_service",
+    "http_listener",
+    "metrics_listener",
+    "sweeps",
+    "timers",
+    "with_backlog",
+]
+
+# The namespace these lines had when tap.py held these services: it is in every log line
+# ("[hmacd.tap#info]"), and admins' filters match it.
+log = Logger(namespace="hmacd.tap")
+
+# Twisted listens with a backlog of 50: 500 clients connecting at once overflowed it, and the
+# kernel reset some of them after their handshake (bench/run's slow uploads).  The kernel
+# caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+class HmacfsService(MultiService):
+    """
+    The services of one hmacfs server, and the L{FileServer} they share (for
+    L{hmacd.mount}, and for tests that look inside).
+    """
+
+    def __init__(self, fileServer: FileServer) -> None:
+        super().__init__()
+        self.fileServer = fileServer
+
+
+def with_backlog(description: str) -> str:
+    """A listening endpoint description with LISTEN_BACKLOG, unless it names a backlog."""
+    kind = description.partition(":")[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
+def build_metadata(config: Config, reactor: Any) -> FailoverStore:
+    """
+    The metadata stores C{config} asks for: Redis (with the SQL database as
+    its fallback when FallbackEnabled), the SQL database alone, or, with
+    neither configured, the embedded SQLite under StoreDir/.hmacfs/.
+    """
+    from hmacd.store.redis import RedisStore
+    from hmacd.store.sql import SQLStore
+
+    fallback = None
+    primary: Any
+    if config.redis_addr:
+        primary = RedisStore.from_config(config, reactor=reactor)
+        if config.fallback_enabled:
+            fallback = SQLStore.from_config(config, reactor=reactor)
+    elif config.fallback_enabled:
+        primary = SQLStore.from_config(config, reactor=reactor)
+    else:
+        path = os.path.join(config.store_dir, ".hmacfs", "meta.sqlite3")
+        primary = SQLStore.sqlite(path, reactor=reactor)
+    return FailoverStore(primary, fallback, clock=reactor)
+
+
+def build_file_server(
+    config: Config,
+    secret: bytes,
+    reactor: Any,
+    metadata: FailoverStore,
+    sharedMetrics: str | None = None,
+) -> FileServer:
+    """
+    The L{FileServer} of C{config}; its metrics are those of every process writing to
+    C{sharedMetrics} when given (Workers: the caller has switched prometheus_client to
+    it, see L{hmacd.metrics.share_between_processes}).
+    """
+    fs = FileServer(
+        secret=secret,
+        store_dir=config.store_dir,
+        reactor=reactor,
+        metadata=metadata,
+        prefix=config.upload_subdir,
+        upload_max_size=config.upload_max_size,
+        min_free_space=config.min_free_space,
+        chunk_size=config.chunk_size,
+        file_ttl=config.file_ttl,
+        limiter=(
+            RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, reactor)
+            if config.rate_limit_per_minute
+            else None
+        ),
+        trusted_proxies=parse_networks(config.trusted_proxies),
+        max_bytes_per_second=config.max_bytes_per_second,
+        total_bandwidth=(
+            Bandwidth(config.max_total_bytes_per_second, reactor)
+            if config.max_total_bytes_per_second
+            else None
+        ),
+        metrics=Metrics(shared=sharedMetrics),
+        header_timeout=config.header_timeout,
+        max_connections_per_client=config.max_connections_per_client,
+        min_upload_bytes_per_second=config.min_upload_bytes_per_second,
+        min_upload_rate_window=config.min_upload_rate_window,
+    )
+    fs.metrics.watch_stores(metadata)
+    return fs
+
+
+class Announce(Service):
+    """Says once, at start, what is served where (the secret's origin, never its value)."""
+
+    def __init__(self, config: Config, secretOrigin: str, secretLength: int) -> None:
+        self.config = config
+        self.secretOrigin = secretOrigin
+        self.secretLength = secretLength
+
+    def startService(self) -> None:
+        super().startService()
+        c = self.config
+        log.info(
+            "hmacfs: files in {store}, uploads under /{prefix}, listening on {listen}; "
+            "secret from {origin}",
+            store=c.store_dir,
+            prefix=c.upload_subdir + "/" if c.upload_subdir else "",
+            listen=c.listen_endpoint,
+            origin=self.secretOrigin,
+        )
+        if self.secretLength < 16:
+            log.warn("the secret is shorter than 16 bytes: MACs are only as strong as it")
+        if os.path.isdir(c.store_dir) and not facts.probe(c.store_dir):
+            log.warn(
+                "{store} has no user extended attributes: each file's facts (type, hash, "
+                "expiry) are kept in the metadata store only, and downloads need it",
+                store=c.store_dir,
+            )
+
+
+class StoreService(Service):
+    """
+    Starts the metadata stores with the server; at shutdown, lets uploads in
+    progress finish (up to ShutdownGrace) before it closes the stores, since
+    their records still have to be written.
+    """
+
+    name = "metadata"
+
+    def __init__(self, store: FailoverStore, fs: FileServer, grace: float) -> None:
+        self.store = store
+        self.fs = fs
+        self.grace = grace
+
+    def startService(self) -> None:
+        super().startService()
+        # Not awaited: a store that is down at start is logged and probed
+        # (uploads get 503 meanwhile), it does not keep the server down.
+        self.store.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d: Deferred[None] = Deferred.fromCoroutine(drain_uploads(self.fs, self.grace))
+        d.addErrback(lambda f: log.failure("draining uploads failed", f))
+        return d.addCallback(lambda _: self.store.stop())
+
+
+def http_listener(config: Config, site: HmacfsSite, reactor: Any) -> IService:
+    """
+    The "http" service listening on ListenPort.  strports.service: a port that cannot be
+    bound stops start-up (twistd exits non-zero) instead of leaving a process that serves
+    nothing.
+    """
+    listener = strports.service(with_backlog(config.listen_endpoint), site, reactor=reactor)
+    listener.setName("http")
+    return listener
+
+
+def metrics_listener(config: Config, fs: FileServer, reactor: Any) -> IService:
+    """The "metrics" service on MetricsPort; like L{http_listener}, binding it is fatal."""
+    listener = strports.service(
+        config.metrics_endpoint, metrics_site(fs.metrics, reactor), reactor=reactor
+    )
+    listener.setName("metrics")
+    return listener
+
+
+def sweeps(config: Config, fs: FileServer) -> list[IService]:
+    """The sweeps one process runs for the whole StoreDir: stale partials, expired files."""
+    return [
+        PartialSweep(fs, resumableTTL=config.resumable_ttl),
+        ExpirySweep(fs, interval=config.expiry_interval, batch=config.expiry_batch),
+    ]
+
+
+def timers(config: Config, fs: FileServer, site: HmacfsSite, reactor: Any) -> list[IService]:
+    """The timers every serving process runs for itself (GC, system monitor)."""
+    found: list[IService] = []
+    if config.gc_interval:
+        found.append(GarbageCollector(config.gc_interval, reactor))
+    if config.monitor_interval:
+        found.append(SystemMonitor(fs, site, config.monitor_interval))
+    return found
+
+
+def component_service(
+    config: Config, secret: bytes, fs: FileServer, reactor: Any, **options: Any
+) -> ComponentService:
+    """
+    The XMPP slot component of C{config}, signing with C{secret} for C{fs}; C{options} go
+    to L{ComponentService} (timeouts, retry policy) and override the config's ping timing.
+    """
+    options = {
+        "pingInterval": config.component_ping_interval,
+        "pingTimeout": config.component_ping_timeout,
+        **options,
+    }
+    issuer = SlotIssuer(
+        secret=secret,
+        public_url=config.public_url,
+        protocol=config.component_protocol,
+        max_size=config.upload_max_size,
+        domains=frozenset(config.upload_domains),
+        now=reactor.seconds,
+    )
+    slots = SlotComponent(issuer, counted=lambda result: fs.metrics.slots.labels(result).inc())
+    service = ComponentService(
+        config.component_jid,
+        config.component_secret,
+        config.component_address,
+        slots,
+        reactor,
+        onConnected=fs.metrics.component_connected.set,
+        **options,
+    )
+    service.setName("component")
+    return service
