@@ -24,9 +24,10 @@ from twisted.web import http
 from twisted.web.client import readBody
 
 from hmacd import auth
-from hmacd.logs import censor, censoring_formatter, escape
+from hmacd.logs import censor, escape
 from hmacd.throttle import RateLimiter
 from hmacd.upload import UploadRequest
+from hmacd.web import censoring_formatter
 from tests.support import SECRET, LoopbackServer, MemoryServer, v2_query
 
 # Hostile bytes a client can put in a header: ESC (a terminal's CSI), BEL,
