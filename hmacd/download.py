@@ -13,7 +13,6 @@ import stat
 from collections import OrderedDict
 from datetime import UTC
 from email.utils import formatdate, parsedate_to_datetime
-from urllib.parse import quote
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
@@ -23,7 +22,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from hmacd.core import FileServer, guess_type, is_inline_type
+from hmacd import internals
+from hmacd.core import FileServer, guess_type
 from hmacd.facts import UnrecordedFiles, is_expired, read_facts
 from hmacd.logs import escape
 from hmacd.mediatype import OCTET_STREAM, BadMediaType, parse_media_type
@@ -31,13 +31,12 @@ from hmacd.metadata import FileRecord
 from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
-from hmacd.upload import ALLOWED_METHODS
+from hmacd.web import ALLOWED_METHODS, CONTENT_SECURITY_POLICY, attachment_disposition
 
 __all__ = ["StoreResource", "Unsatisfiable", "parse_range"]
 
 # Served files never change under their URL: a name is never overwritten.
 CACHE_CONTROL = b"max-age=31556952, immutable"
-CONTENT_SECURITY_POLICY = b"default-src 'none'; frame-ancestors 'none'"
 READ_SIZE = 256 * 1024
 RECORD_CACHE_SIZE = 10_000
 
@@ -115,15 +114,11 @@ def _sendfile_socket(transport) -> int | None:
     """
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return None
-    # Twisted's own buffer must be empty when we write behind its back; these are the
-    # FileDescriptor internals it keeps that state in (checked on Twisted 26.10).
-    if not all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
+    # Twisted's own buffer must be empty when we write behind its back: we must be able
+    # to tell.
+    if not internals.keeps_write_buffer(transport):
         return None
     return transport.fileno()
-
-
-def _drained(transport) -> bool:
-    return transport.offset == len(transport.dataBuffer) and not transport._tempDataLen
 
 
 @implementer(IPushProducer)
@@ -207,7 +202,11 @@ class _FileSender:
                 return
             sent = 0
             # Not before the first write: that is what sends the response's headers.
-            if self._wrote and self._socket is not None and _drained(self.request.transport):
+            if (
+                self._wrote
+                and self._socket is not None
+                and not internals.unsent_bytes(self.request.transport)
+            ):
                 try:
                     sent = os.sendfile(
                         self._socket, self.file.fileno(), self.offset, self.remaining
@@ -257,9 +256,9 @@ class _FileSender:
         if self.request is not None:
             self._stop()
         transport = request.transport
-        if all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
+        if internals.keeps_write_buffer(transport):
             # What is still in Twisted's buffer was counted when written, never sent.
-            unsent = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            unsent = internals.unsent_bytes(transport)
             request.sentLength = max(0, request.sentLength - unsent)
         site = getattr(request, "site", None)
         if site is not None:
@@ -353,7 +352,7 @@ class StoreResource(Resource):
                     self._records.popitem(last=False)
                 if is_expired(record, self.fs.now()):
                     f.close()
-                    if not request._disconnected:
+                    if not internals.request_disconnected(request):
                         request.write(self._gone(request))
                         request.finish()
                     return
@@ -392,7 +391,7 @@ class StoreResource(Resource):
         return os.fdopen(fd, "rb", buffering=0)
 
     def _serve(self, request, f, relpath: str, record: FileRecord | None, st) -> None:
-        if request._disconnected:
+        if internals.request_disconnected(request):
             f.close()  # the client left while the record was looked up
             return
         size = st.st_size
@@ -421,11 +420,9 @@ class StoreResource(Resource):
             # A record from before types were parsed on upload: never served as it stands.
             content_type = OCTET_STREAM
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
-        if not is_inline_type(content_type):
-            name = quote(relpath.rsplit("/", 1)[-1], safe="")
-            request.setHeader(
-                b"Content-Disposition", b"attachment; filename*=UTF-8''" + name.encode("ascii")
-            )
+        disposition = attachment_disposition(content_type, relpath.rsplit("/", 1)[-1])
+        if disposition is not None:
+            request.setHeader(b"Content-Disposition", disposition)
 
         offset, length = 0, size
         rangeHeader = request.getHeader(b"range")

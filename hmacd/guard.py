@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 
-from hmacd.throttle import Network, _trusted, client_address
+from hmacd import internals
+from hmacd.throttle import Network, client_address, is_trusted
 
 __all__ = [
     "HEAD_TIMEOUT_BODY",
@@ -79,10 +81,10 @@ def counted_client(
     counted at accept), or the request names no untrusted client (a proxy's
     own requests are never capped).
     """
-    if not trusted or not _trusted(peer, trusted):
+    if not trusted or not is_trusted(peer, trusted):
         return None
     address = client_address(peer, forwardedFor, trusted)
-    if _trusted(address, trusted):
+    if is_trusted(address, trusted):
         return None
     return address_key(address)
 
@@ -127,6 +129,9 @@ class GuardedChannel(http.HTTPChannel):
     body, which is the business of the idle timeout and L{BodyRateFloor}.
     """
 
+    # The Site that built this channel (Site.buildProtocol sets it): an HmacfsSite, or a
+    # host's Site that install_policy gave a fileServer.
+    site: Any
     _headDeadline = None  # the pending IDelayedCall of the head being received
     _awaitingHead = True  # between requests: the next byte starts a head
     _headTimedOut = False
@@ -171,18 +176,21 @@ class GuardedChannel(http.HTTPChannel):
         self._headDeadline = None
         self._headTimedOut = True
         fs = self.site.fileServer
+        transport = self.transport
+        # The deadline is cancelled when the connection is lost: there is a transport.
+        assert transport is not None
         fs.metrics.connections_cut.labels("header_timeout").inc()
         log.info(
             "request head from {peer} not complete after {timeout} s: 408, closing",
-            peer=getattr(self.transport.getPeer(), "host", "-"),
+            peer=getattr(transport.getPeer(), "host", "-"),
             timeout=fs.header_timeout,
         )
         # No response is under way (the previous one has ended, or there was
         # none), so a 408 can always go out before the close.
-        self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+        transport.write(_HEAD_TIMEOUT_RESPONSE)
         if self.abortTimeout is not None:
             # As timeoutConnection: a client that does not read cannot hold the close up.
-            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+            internals.abort_after(self, self.abortTimeout)
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

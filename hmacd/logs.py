@@ -1,6 +1,7 @@
 """
 LogLevel and LogFile, on top of twisted.logger; and what makes a value a
-client sent fit for a log line (L{escape}, L{censor}, L{censoring_formatter}).
+client sent fit for a log line (L{escape}, L{censor}).  The access-log formatter that
+uses them on a host's Site is HTTP policy, in L{hmacd.web}.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
-from twisted.web.http_headers import Headers
 
 __all__ = [
     "LEVELS",
     "censor",
-    "censoring_formatter",
+    "censored_uri",
     "escape",
     "for_twistd",
+    "is_secret_name",
     "make_observer",
     "twistd_observer",
     "twistd_sink",
@@ -45,9 +46,13 @@ _SECRET_NAMES = frozenset({b"v", b"v2", b"token"})
 _QUERY_PARAM = re.compile(rb"([?&;])([^=&;#]*)=[^&;#]*")
 
 
+def is_secret_name(name: bytes) -> bool:
+    """Whether a query parameter called C{name} (as sent, still %-encoded) carries a MAC."""
+    return unquote_to_bytes(name.replace(b"+", b" ")).lower() in _SECRET_NAMES
+
+
 def _redact(match: re.Match[bytes]) -> bytes:
-    name = unquote_to_bytes(match.group(2).replace(b"+", b" ")).lower()
-    if name not in _SECRET_NAMES:
+    if not is_secret_name(match.group(2)):
         return match.group(0)
     return match.group(1) + match.group(2) + b"=<redacted>"
 
@@ -108,7 +113,8 @@ def escape(value: bytes | str | None, quote: bool = True) -> str:
     )
 
 
-def _censored(uri: bytes) -> bytes:
+def censored_uri(uri: bytes) -> bytes:
+    """C{uri} with the values of v, v2 and token replaced, not yet escaped."""
     # File names may hold "&v=" (mod_http_file_share sends them raw): only the query counts.
     path, mark, query = uri.partition(b"?")
     return path + _QUERY_PARAM.sub(_redact, mark + query)
@@ -121,77 +127,7 @@ def censor(uri: bytes | None) -> str:
     """
     if not uri:
         return "-"
-    return escape(_censored(uri))
-
-
-class _CensoredRequest:
-    """
-    What a host Site's own access-log formatter sees of a request: the request,
-    except that the MACs in its URI, query arguments and Referer are replaced
-    and its Authorization header (a bearer token) is gone.
-    """
-
-    def __init__(self, request) -> None:
-        self._request = request
-
-    def __getattr__(self, name: str):
-        return getattr(self._request, name)
-
-    @property
-    def uri(self) -> bytes:
-        uri = self._request.uri
-        return _censored(uri) if uri else uri
-
-    @property
-    def args(self) -> dict[bytes, list[bytes]]:
-        args = getattr(self._request, "args", None) or {}
-        return {
-            name: [b"<redacted>"] * len(values)
-            if unquote_to_bytes(name.replace(b"+", b" ")).lower() in _SECRET_NAMES
-            else values
-            for name, values in args.items()
-        }
-
-    @property
-    def requestHeaders(self) -> Headers:
-        headers = Headers()
-        for name, values in self._request.requestHeaders.getAllRawHeaders():
-            lower = name.lower()
-            if lower == b"authorization":
-                continue
-            if lower == b"referer":
-                values = [_censored(value) for value in values]
-            headers.setRawHeaders(name, values)
-        return headers
-
-    def getHeader(self, name: bytes | str) -> bytes | None:
-        if isinstance(name, str):
-            name = name.encode("latin-1")
-        values = self.requestHeaders.getRawHeaders(name)
-        return None if values is None else values[-1]
-
-    def getAllHeaders(self) -> dict[bytes, bytes]:
-        return {name.lower(): values[-1] for name, values in self.requestHeaders.getAllRawHeaders()}
-
-
-def censoring_formatter(formatter: Callable[[str, object], str]) -> Callable[[str, object], str]:
-    """
-    An access-log formatter (C{(timestamp, request) -> str}) that gives
-    C{formatter} the request with its MACs and bearer token hidden, and makes
-    its line one line of printable characters.
-
-    The line's own quoting stays C{formatter}'s: only characters that are not
-    printable are escaped in it (twisted.web's own formatters escape the rest).
-    """
-    if getattr(formatter, "censorsMACs", False):
-        return formatter
-
-    def censoring(timestamp: str, request) -> str:
-        return escape(formatter(timestamp, _CensoredRequest(request)), quote=False)
-
-    censoring.censorsMACs = True  # type: ignore[attr-defined]
-    censoring.wrapped = formatter  # type: ignore[attr-defined]
-    return censoring
+    return escape(censored_uri(uri))
 
 
 def _file_observer(path: str, rotateOnSignal: bool = False) -> ILogObserver:
@@ -212,8 +148,10 @@ def _on_signal(signum: int, action: Callable[[], object]) -> None:
 
     def handler(signum, frame):
         from twisted.internet import reactor
+        from twisted.internet.interfaces import IReactorFromThreads
 
-        reactor.callFromThread(action)
+        # A signal handler runs between bytecodes of the reactor thread: hand the work over.
+        IReactorFromThreads(reactor).callFromThread(action)
 
     signal.signal(signum, handler)
 

@@ -15,7 +15,14 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 
-__all__ = ["Bandwidth", "RateLimiter", "client_address", "parse_networks"]
+__all__ = [
+    "Bandwidth",
+    "Network",
+    "RateLimiter",
+    "client_address",
+    "is_trusted",
+    "parse_networks",
+]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -25,7 +32,11 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
 
 
-def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+def is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    """
+    Whether C{address} is in one of the C{trusted} networks (an IPv4-mapped IPv6
+    address as its IPv4 one); text that is no IP address is never trusted.
+    """
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -46,11 +57,11 @@ def client_address(
     trusted proxy is the client.  Headers from untrusted peers are ignored:
     anybody can send one.
     """
-    if not trusted or not _trusted(peer, trusted) or not forwardedFor:
+    if not trusted or not is_trusted(peer, trusted) or not forwardedFor:
         return peer
     hops = [h.strip() for value in forwardedFor for h in value.decode("latin-1").split(",")]
     for hop in reversed([h for h in hops if h]):
-        if not _trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:

@@ -48,20 +48,10 @@ from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path, store_path
 from hmacd.store import StoreUnavailable
 from hmacd.throttle import Bandwidth, client_address
+from hmacd.web import ALLOWED_METHODS, POLICY_HEADERS  # HTTP policy lives in hmacd.web
 
 __all__ = ["ALLOWED_METHODS", "POLICY_HEADERS", "UploadRequest"]
 
-ALLOWED_METHODS = (b"OPTIONS", b"HEAD", b"GET", b"PUT")
-
-# Sent on every response so that browser clients (Converse.js) can upload
-# after a preflight and read any answer, error pages included.
-POLICY_HEADERS = (
-    (b"Access-Control-Allow-Origin", b"*"),
-    (b"Access-Control-Allow-Methods", b", ".join(ALLOWED_METHODS)),
-    (b"Access-Control-Allow-Headers", b"Authorization, Content-Type"),
-    (b"Access-Control-Max-Age", b"7200"),
-    (b"X-Content-Type-Options", b"nosniff"),
-)
 
 # Bodies of requests that are not uploads are never needed: a GET with a
 # body larger than this is refused rather than spooled to a temp file.

@@ -1,6 +1,8 @@
 """
-Black-box tests over real loopback sockets: treq streams bodies with
-FileBodyProducer, raw http.client sends what treq would normalise away.
+Black-box tests of the HTTP face.  Statuses, headers and small bodies are checked on the
+in-memory transport (raw bytes in, as sent: no client normalises the target); streaming,
+sendfile, real time and what a real client does over loopback sockets (treq streams bodies
+with FileBodyProducer, raw http.client sends what treq would normalise away) on real ones.
 """
 
 from __future__ import annotations
@@ -15,17 +17,27 @@ from io import BytesIO
 from urllib.parse import unquote
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import server
 from twisted.web.client import FileBodyProducer, readBody
+from twisted.web.resource import Resource
+from twisted.web.static import Data
 
-from hmacd import auth
+from hmacd import auth, internals
 from hmacd.core import guess_type
+from hmacd.web import ALLOWED_METHODS, POLICY_HEADERS, install_policy
+from tests.memory_http import exchange
 from tests.support import (
     SECRET,
     LoopbackServer,
+    MemoryServer,
     load_vectors,
     store_files,
     strip_facts,
@@ -149,16 +161,16 @@ class VectorTests(TestCase):
         self.assertEqual(store_files(server.root), [])
 
 
-class StatusTests(TestCase):
-    """Every verdict over a real socket; refused requests leave the store untouched."""
+class StatusTests(SynchronousTestCase):
+    """Every verdict, on the in-memory transport; refused requests leave the store untouched."""
 
     def setUp(self):
-        self.server = LoopbackServer(self, upload_max_size=1000)
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root, upload_max_size=1000)
 
     def raw(self, method, target, body=b"", headers=None):
-        return deferToThread(raw_request, self.server, method, target, body, headers)
+        return exchange(self.server, method, target, body, headers)
 
-    @inlineCallbacks
     def test_refusals(self):
         """Each bad PUT gets its status and writes nothing."""
         ok = v_query("a/b.txt", 3)
@@ -180,53 +192,38 @@ class StatusTests(TestCase):
             ("/other/a/b.txt?" + ok, b"abc", {}, 404),
         ]
         for target, body, headers, code in cases:
-            response = yield self.raw("PUT", target, body, headers)
+            response = self.raw("PUT", target, body, headers)
             self.assertEqual(response.code, code, target)
             self.assertEqual(response.headers.get("access-control-allow-origin"), "*", target)
-        self.assertEqual(store_files(self.server.root), [])
+        self.assertEqual(store_files(self.root), [])
 
-    @inlineCallbacks
     def test_chunked_hmac_upload_length_required(self):
         """A chunked v PUT (no Content-Length) is 411 and stores nothing."""
+        response = exchange(
+            self.server, "PUT", "/upload/c.bin?" + v_query("c.bin", 6), chunks=[b"abc", b"def"]
+        )
+        self.assertEqual(response.code, 411)
+        self.assertEqual(store_files(self.root), [])
 
-        def send():
-            conn = http.client.HTTPConnection(self.server.host, self.server.portNumber, timeout=10)
-            try:
-                conn.request(
-                    "PUT",
-                    "/upload/c.bin?" + v_query("c.bin", 6),
-                    body=iter([b"abc", b"def"]),
-                    encode_chunked=True,
-                )
-                return conn.getresponse().status
-            finally:
-                conn.close()
-
-        self.assertEqual((yield deferToThread(send)), 411)
-        self.assertEqual(store_files(self.server.root), [])
-
-    @inlineCallbacks
     def test_conflict_keeps_original(self):
         """A second PUT of the same name is 409 and the first file stays intact."""
         target = "/upload/c.txt?" + v_query("c.txt", 3)
-        first = yield self.raw("PUT", target, b"one")
-        second = yield self.raw("PUT", target, b"two")
+        first = self.raw("PUT", target, b"one")
+        second = self.raw("PUT", target, b"two")
         self.assertEqual((first.code, second.code), (201, 409))
-        with open(os.path.join(self.server.root, "c.txt"), "rb") as f:
+        with open(os.path.join(self.root, "c.txt"), "rb") as f:
             self.assertEqual(f.read(), b"one")
 
-    @inlineCallbacks
     def test_method_not_allowed(self):
         """DELETE and POST get 405 with Allow."""
         for method in ("DELETE", "POST", "PATCH"):
-            response = yield self.raw(method, "/upload/a.txt")
+            response = self.raw(method, "/upload/a.txt")
             self.assertEqual(response.code, 405)
             self.assertEqual(response.headers["allow"], "OPTIONS, HEAD, GET, PUT")
 
-    @inlineCallbacks
     def test_preflight(self):
         """A CORS preflight is 200 with the allowed methods, headers and max-age."""
-        response = yield self.raw(
+        response = self.raw(
             "OPTIONS",
             "/upload/x/y.png",
             headers={
@@ -246,14 +243,13 @@ class StatusTests(TestCase):
             },
         )
 
-    @inlineCallbacks
     def test_nothing_internal_served(self):
         """Dot paths, directories, temp files and paths outside the prefix are 404."""
-        yield self.raw("PUT", "/upload/d/f.txt?" + v_query("d/f.txt", 3), b"abc")
-        os.makedirs(os.path.join(self.server.root, ".hmacfs"), exist_ok=True)
-        with open(os.path.join(self.server.root, ".hmacfs", "secret"), "w") as f:
+        self.raw("PUT", "/upload/d/f.txt?" + v_query("d/f.txt", 3), b"abc")
+        os.makedirs(os.path.join(self.root, ".hmacfs"), exist_ok=True)
+        with open(os.path.join(self.root, ".hmacfs", "secret"), "w") as f:
             f.write("s3cret")
-        with open(os.path.join(self.server.root, "d", ".hmacfs-0123.part"), "w") as f:
+        with open(os.path.join(self.root, "d", ".hmacfs-0123.part"), "w") as f:
             f.write("partial")
         for target in (
             "/upload/.hmacfs/secret",
@@ -268,35 +264,33 @@ class StatusTests(TestCase):
             "/upload/missing.txt",
         ):
             for method in ("GET", "HEAD"):
-                response = yield self.raw(method, target)
+                response = self.raw(method, target)
                 self.assertEqual(response.code, 404, (method, target))
                 self.assertNotIn(b"s3cret", response.body)
                 self.assertNotIn(b"partial", response.body)
 
-    @inlineCallbacks
     def test_symlink_out_of_store_not_served(self):
         """A symlink inside the store that leads outside it is never followed."""
         outside = os.path.abspath(self.mktemp())
         os.makedirs(outside)
         with open(os.path.join(outside, "passwd"), "w") as f:
             f.write("root:x:0:0")
-        os.symlink(outside, os.path.join(self.server.root, "link"))
-        response = yield self.raw("GET", "/upload/link/passwd")
+        os.symlink(outside, os.path.join(self.root, "link"))
+        response = self.raw("GET", "/upload/link/passwd")
         self.assertEqual(response.code, 404)
-        put = yield self.raw("PUT", "/upload/link/new?" + v_query("link/new", 3), b"abc")
+        put = self.raw("PUT", "/upload/link/new?" + v_query("link/new", 3), b"abc")
         self.assertEqual(put.code, 400)
         self.assertEqual(os.listdir(outside), ["passwd"])
 
 
-class DownloadTests(TestCase):
-    """GET/HEAD/Range/conditional matrix on a stored file."""
+class DownloadTests(SynchronousTestCase):
+    """GET/HEAD/Range/conditional matrix on a stored file, on the in-memory transport."""
 
-    @inlineCallbacks
     def setUp(self):
-        self.server = LoopbackServer(self)
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root)
         self.data = body_of(1000, "dl")
-        response = yield deferToThread(
-            raw_request,
+        response = exchange(
             self.server,
             "PUT",
             "/upload/f/pic.png?" + v2_query("f/pic.png", 1000, "image/png"),
@@ -304,17 +298,16 @@ class DownloadTests(TestCase):
             {"Content-Type": "image/png"},
         )
         self.assertEqual(response.code, 201)
-        full = yield self.get()
+        full = self.get()
         self.etag = full.headers["etag"]
         self.lastModified = full.headers["last-modified"]
 
     def get(self, headers=None, method="GET", target="/upload/f/pic.png"):
-        return deferToThread(raw_request, self.server, method, target, b"", headers)
+        return exchange(self.server, method, target, b"", headers)
 
-    @inlineCallbacks
     def test_full_get(self):
         """A plain GET has the bytes, the signed type, validators and the security headers."""
-        response = yield self.get()
+        response = self.get()
         self.assertEqual(response.code, 200)
         self.assertEqual(response.body, self.data)
         h = response.headers
@@ -327,16 +320,14 @@ class DownloadTests(TestCase):
         self.assertNotIn("content-disposition", h)
         self.assertEqual(self.etag, f'"{hashlib.sha256(self.data).hexdigest()[:32]}"')
 
-    @inlineCallbacks
     def test_head(self):
         """HEAD gives GET's headers and no body."""
-        response = yield self.get(method="HEAD")
+        response = self.get(method="HEAD")
         self.assertEqual(response.code, 200)
         self.assertEqual(response.body, b"")
         self.assertEqual(response.headers["content-length"], "1000")
         self.assertEqual(response.headers["etag"], self.etag)
 
-    @inlineCallbacks
     def test_ranges(self):
         """Single ranges give 206 with Content-Range; past the end 416; several ranges 200."""
         cases = [
@@ -349,14 +340,13 @@ class DownloadTests(TestCase):
             ("bytes=oops", 200, (0, 1000), None),
         ]
         for value, code, span, contentRange in cases:
-            response = yield self.get({"Range": value})
+            response = self.get({"Range": value})
             self.assertEqual(response.code, code, value)
             self.assertEqual(response.headers.get("content-range"), contentRange, value)
             if span is not None:
                 self.assertEqual(response.body, self.data[span[0] : span[1]], value)
                 self.assertEqual(response.headers["content-length"], str(span[1] - span[0]))
 
-    @inlineCallbacks
     def test_if_range(self):
         """If-Range with our ETag or date honours the Range; anything else gets the whole file."""
         for value, code in (
@@ -366,10 +356,9 @@ class DownloadTests(TestCase):
             ("W/" + self.etag, 200),
             ("Thu, 01 Jan 1970 00:00:00 GMT", 200),
         ):
-            response = yield self.get({"Range": "bytes=0-9", "If-Range": value})
+            response = self.get({"Range": "bytes=0-9", "If-Range": value})
             self.assertEqual(response.code, code, value)
 
-    @inlineCallbacks
     def test_conditional(self):
         """If-None-Match and If-Modified-Since give 304 without a body."""
         for headers, code in (
@@ -382,13 +371,12 @@ class DownloadTests(TestCase):
             ({"If-None-Match": '"other"', "If-Modified-Since": self.lastModified}, 200),
         ):
             for method in ("GET", "HEAD"):
-                response = yield self.get(headers, method=method)
+                response = self.get(headers, method=method)
                 self.assertEqual(response.code, code, (method, headers))
                 if code == 304:
                     self.assertEqual(response.body, b"")
                     self.assertEqual(response.headers["etag"], self.etag)
 
-    @inlineCallbacks
     def test_attachment_types(self):
         """Types a browser could run are served as attachments; media and text/plain inline."""
         for name, ctype, attachment in (
@@ -397,8 +385,7 @@ class DownloadTests(TestCase):
             ("clip.mp4", "video/mp4", False),
             ("note.txt", "text/plain; charset=utf-8", False),
         ):
-            put = yield deferToThread(
-                raw_request,
+            put = exchange(
                 self.server,
                 "PUT",
                 "/upload/t/" + name + "?" + v2_query("t/" + name, 4, ctype),
@@ -406,7 +393,7 @@ class DownloadTests(TestCase):
                 {"Content-Type": ctype},
             )
             self.assertEqual(put.code, 201)
-            response = yield self.get(target="/upload/t/" + name)
+            response = self.get(target="/upload/t/" + name)
             self.assertEqual(response.headers["content-type"], ctype)
             if attachment:
                 self.assertEqual(
@@ -415,12 +402,11 @@ class DownloadTests(TestCase):
             else:
                 self.assertNotIn("content-disposition", response.headers)
 
-    @inlineCallbacks
     def test_file_without_record(self):
         """A file placed in the store by hand is served with a guessed type and a weak ETag."""
-        with open(os.path.join(self.server.root, "f", "manual.pdf"), "wb") as f:
+        with open(os.path.join(self.root, "f", "manual.pdf"), "wb") as f:
             f.write(b"%PDF-")
-        response = yield self.get(target="/upload/f/manual.pdf")
+        response = self.get(target="/upload/f/manual.pdf")
         self.assertEqual(response.code, 200)
         self.assertEqual(response.body, b"%PDF-")
         self.assertEqual(response.headers["content-type"], "application/pdf")
@@ -428,6 +414,80 @@ class DownloadTests(TestCase):
         self.assertEqual(
             response.headers["content-disposition"], "attachment; filename*=UTF-8''manual.pdf"
         )
+
+
+class _HostSite:
+    """A host application's own Site on the in-memory transport, its root holding a page."""
+
+    def __init__(self, backend: MemoryServer) -> None:
+        self.clock = backend.clock
+        self.root = Resource()
+        self.root.putChild(b"", Data(b"host page", "text/plain"))
+        self.site = server.Site(self.root, reactor=self.clock)
+
+    def connect(self):
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4711))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4711))
+        channel.makeConnection(transport)
+        return channel, transport
+
+
+class InstallPolicyTests(SynchronousTestCase):
+    """install_policy gives a host's own Site the policy of HmacfsSite, in one call."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.backend = MemoryServer(self.root)
+        self.host = _HostSite(self.backend)
+        install_policy(self.host.site, self.host.root, self.backend.fs)
+
+    def test_every_answer_carries_the_policy(self):
+        """Uploads, downloads, refusals and the host's own page all carry CORS and nosniff."""
+        put = exchange(self.host, "PUT", "/upload/p.txt?" + v_query("p.txt", 2), b"hi")
+        self.assertEqual(put.code, 201)
+        get = exchange(self.host, "GET", "/upload/p.txt")
+        self.assertEqual((get.code, get.body), (200, b"hi"))
+        self.assertEqual(
+            get.headers["content-security-policy"], "default-src 'none'; frame-ancestors 'none'"
+        )
+        refused = exchange(self.host, "DELETE", "/upload/p.txt")
+        self.assertEqual(refused.code, 405)
+        self.assertEqual(refused.headers["allow"], "OPTIONS, HEAD, GET, PUT")
+        page = exchange(self.host, "GET", "/")
+        self.assertEqual((page.code, page.body), (200, b"host page"))
+        for response in (put, get, refused, page):
+            self.assertEqual(response.headers["access-control-allow-origin"], "*")
+            self.assertEqual(response.headers["x-content-type-options"], "nosniff")
+
+    def test_access_log_censored(self):
+        """The host's access-log formatter is wrapped by the censoring one."""
+        formatter = internals.log_formatter(self.host.site)
+        self.assertTrue(getattr(formatter, "censorsMACs", False))
+
+    def test_bad_prefix_changes_nothing(self):
+        """UploadSubDir of two segments is refused, the host Site and root left as they were."""
+        fs = MemoryServer(self.mktemp(), prefix="a/b").fs
+        host = _HostSite(self.backend)
+        factory, formatter = host.site.requestFactory, internals.log_formatter(host.site)
+        self.assertRaises(ValueError, install_policy, host.site, host.root, fs)
+        self.assertEqual(host.root.children.keys(), {b""})
+        self.assertIs(host.site.requestFactory, factory)
+        self.assertIs(internals.log_formatter(host.site), formatter)
+        self.assertFalse(hasattr(host.site, "fileServer"))
+
+    def test_upload_module_reexports_the_policy(self):
+        """Until upload.py imports it from web.py itself, its names are web.py's objects."""
+        from hmacd import upload
+
+        self.assertIs(upload.ALLOWED_METHODS, ALLOWED_METHODS)
+        self.assertIs(upload.POLICY_HEADERS, POLICY_HEADERS)
+
+
+class UnicodeNameTests(TestCase):
+    """A name treq encodes itself, over a real socket: the client's quoting is the point."""
+
+    def setUp(self):
+        self.server = LoopbackServer(self)
 
     @inlineCallbacks
     def test_unicode_name_roundtrip(self):
@@ -564,20 +624,17 @@ class StreamingTests(TestCase):
         self.assertEqual(store_files(server.root), ["race.bin"])
 
 
-class RootPrefixTests(TestCase):
+class RootPrefixTests(SynchronousTestCase):
     """UploadSubDir = "" serves the upload space from /."""
 
-    @inlineCallbacks
     def test_upload_and_get_at_root(self):
         """With an empty prefix, /<path> is the upload and download URL."""
-        server = LoopbackServer(self, prefix="")
-        put = yield deferToThread(
-            raw_request, server, "PUT", "/a/b.txt?" + v_query("a/b.txt", 2), b"hi"
-        )
+        server = MemoryServer(self.mktemp(), prefix="")
+        put = exchange(server, "PUT", "/a/b.txt?" + v_query("a/b.txt", 2), b"hi")
         self.assertEqual(put.code, 201)
-        get = yield deferToThread(raw_request, server, "GET", "/a/b.txt")
+        get = exchange(server, "GET", "/a/b.txt")
         self.assertEqual((get.code, get.body), (200, b"hi"))
-        root = yield deferToThread(raw_request, server, "GET", "/")
+        root = exchange(server, "GET", "/")
         self.assertEqual(root.code, 404)
 
 
@@ -755,21 +812,31 @@ class DownloadPathTests(TestCase):
         self.assertEqual(header(response, "Content-Type"), "image/png")
         self.assertEqual(lookups, ["doc.txt", "doc.txt"])
 
-    @inlineCallbacks
+
+class ClientGoneTests(SynchronousTestCase):
+    """A download whose client leaves early, on the in-memory transport: no real time."""
+
     def test_client_gone_during_lookup(self):
         """A client that leaves while the record is looked up costs nothing but the lookup."""
-        from twisted.internet.defer import Deferred
-
-        yield self.put("wait.bin", b"x" * 10)
-        strip_facts(os.path.join(self.server.root, "wait.bin"))
-        pending = Deferred()
-        store = self.server.fs.metadata
+        root = self.mktemp()
+        server = MemoryServer(root)
+        octets = "application/octet-stream"
+        put = exchange(
+            server,
+            "PUT",
+            "/upload/wait.bin?" + v2_query("wait.bin", 10, octets),
+            b"x" * 10,
+            {"Content-Type": octets},
+        )
+        self.assertEqual(put.code, 201)
+        strip_facts(os.path.join(root, "wait.bin"))
+        pending: Deferred = Deferred()
+        store = server.fs.metadata
         self.patch(store, "get", lambda path: pending)
-        s = socket.create_connection((self.server.host, self.server.portNumber))
-        s.sendall(b"GET /upload/wait.bin HTTP/1.1\r\nHost: x\r\n\r\n")
-        yield deferLater(reactor, 0.2, lambda: None)
-        s.close()
-        yield deferLater(reactor, 0.2, lambda: None)
-        record = yield self.server.fs.metadata.__class__.get(store, "wait.bin")
+        channel, transport = server.connect()
+        channel.dataReceived(b"GET /upload/wait.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.connectionLost(Failure(ConnectionDone()))
+        record = self.successResultOf(store.__class__.get(store, "wait.bin"))
         pending.callback(record)
         self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(transport.value(), b"")

@@ -10,12 +10,168 @@ import inspect
 import itertools
 
 from twisted.enterprise import adbapi
-from twisted.internet.testing import MemoryReactor
+from twisted.internet import abstract, tcp, unix
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import http, server
+from twisted.web.resource import Resource
 
 from hmacd import internals
 
 # --- HTTP: channels, requests and transports ----------------------------------------------
+
+
+# ... HTTP, the read side and the policy (hmacd.download, hmacd.guard, hmacd.web) ...........
+
+
+def _connectedChannel() -> http.HTTPChannel:
+    """An HTTPChannel on an in-memory transport."""
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    return channel
+
+
+class RequestDisconnectedTests(TestCase):
+    """internals.request_disconnected: a request knows when its client has gone."""
+
+    def test_flag_follows_connection_lost(self):
+        """False while the client is there, True once the request has lost it."""
+        request = http.Request(_connectedChannel())
+        self.assertFalse(internals.request_disconnected(request))
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(internals.request_disconnected(request))
+
+
+class _HalfWriter(abstract.FileDescriptor):
+    """A FileDescriptor whose kernel takes two bytes per write."""
+
+    def writeSomeData(self, data: bytes) -> int:
+        return min(2, len(data))
+
+
+class WriteBufferTests(TestCase):
+    """internals.keeps_write_buffer / unsent_bytes: what a socket transport has not sent."""
+
+    def test_tcp_and_unix_transports_keep_it(self):
+        """The transports sendfile is used on are FileDescriptors, which keep the buffer."""
+        self.assertTrue(issubclass(tcp.Connection, abstract.FileDescriptor))
+        self.assertTrue(issubclass(unix.Server, tcp.Connection))
+        self.assertTrue(internals.keeps_write_buffer(_HalfWriter(reactor=MemoryReactor())))
+        self.assertFalse(internals.keeps_write_buffer(StringTransport()))
+
+    def test_unsent_counts_what_the_kernel_has_not_taken(self):
+        """Bytes written count as unsent until writeSomeData takes them, in either buffer."""
+        transport = _HalfWriter(reactor=MemoryReactor())
+        transport.connected = True
+        self.assertEqual(internals.unsent_bytes(transport), 0)
+        transport.write(b"hello")
+        self.assertEqual(internals.unsent_bytes(transport), 5)
+        transport.doWrite()  # joins the buffers; the kernel takes 2
+        self.assertEqual(internals.unsent_bytes(transport), 3)
+        transport.write(b"!!")
+        self.assertEqual(internals.unsent_bytes(transport), 5)
+        while internals.unsent_bytes(transport):
+            transport.doWrite()
+        self.assertEqual(internals.unsent_bytes(transport), 0)
+
+
+class LogFormatterTests(TestCase):
+    """internals.log_formatter / set_log_formatter: the formatter a Site logs with."""
+
+    def test_site_logs_with_the_formatter_set(self):
+        """The formatter given to Site is found, and one set in its place writes the lines."""
+
+        def host(timestamp, request):
+            return "host"
+
+        def ours(timestamp, request):
+            return "ours " + request.uri.decode("ascii")
+
+        path = self.mktemp()
+        site = server.Site(Resource(), logPath=path, logFormatter=host)
+        self.assertIs(internals.log_formatter(site), host)
+        internals.set_log_formatter(site, ours)
+        self.assertIs(internals.log_formatter(site), ours)
+        site.startFactory()
+        request = http.Request(_connectedChannel())
+        request.uri = b"/x"
+        site.log(request)
+        site.stopFactory()
+        with open(path, encoding="ascii") as f:
+            self.assertEqual(f.read(), "ours /x\n")
+
+
+class AbortAfterTests(TestCase):
+    """internals.abort_after: the forced close HTTPChannel itself cancels on connectionLost."""
+
+    def _channel(self):
+        clock = Clock()
+        channel = http.HTTPChannel()
+        channel.callLater = clock.callLater  # the channel's injectable clock
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport, clock
+
+    def test_aborts_when_due(self):
+        """A connection still open when the time is up is aborted."""
+        channel, transport, clock = self._channel()
+        internals.abort_after(channel, 5)
+        clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_lost_cancels(self):
+        """A connection that closes in time leaves no pending abort behind."""
+        channel, _, clock = self._channel()
+        internals.abort_after(channel, 5)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ContentLengthCheckTests(TestCase):
+    """internals.ContentLengthCheck: the raw Content-Length is judged before int()."""
+
+    def _answer(self, value: bytes) -> tuple[list[bytes], bytes]:
+        seen: list[bytes] = []
+
+        class Picky(internals.ContentLengthCheck):
+            def badContentLength(self, value: bytes) -> bool:
+                seen.append(value)
+                return value == b"12"
+
+        channel = Picky()
+        channel.requestFactory = _Ok
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n"
+        )
+        channel.dataReceived(b"x" * int(value))
+        return seen, transport.value()
+
+    def test_refused_value_gets_400(self):
+        """A value the hook refuses gets Twisted's 400 before any request sees it."""
+        seen, answer = self._answer(b"12")
+        self.assertEqual(seen, [b"12"])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+
+    def test_accepted_value_reaches_the_request(self):
+        """A value the hook accepts is read by Twisted as always."""
+        seen, answer = self._answer(b"3")
+        self.assertEqual(seen, [b"3"])
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+
+class _Ok(http.Request):
+    """A request answered 200 with its body's length."""
+
+    def process(self) -> None:
+        self.write(b"%d" % len(self.content.read()))
+        self.finish()
 
 
 # --- Stores: twisted.enterprise.adbapi and the database drivers -----------------------------

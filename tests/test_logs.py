@@ -24,9 +24,11 @@ from twisted.web import http
 from twisted.web.client import readBody
 
 from hmacd import auth
-from hmacd.logs import censor, censoring_formatter, escape
+from hmacd.logs import censor, escape
 from hmacd.throttle import RateLimiter
 from hmacd.upload import UploadRequest
+from hmacd.web import censoring_formatter
+from tests.memory_http import exchange
 from tests.support import SECRET, LoopbackServer, MemoryServer, v2_query
 
 # Hostile bytes a client can put in a header: ESC (a terminal's CSI), BEL,
@@ -213,22 +215,22 @@ class AccessLineTests(SynchronousTestCase):
         )
 
 
-class OwnMessagesTests(TestCase):
+class OwnMessagesTests(SynchronousTestCase):
     """hmacfs's own log lines escape the paths clients chose."""
 
-    @inlineCallbacks
     def test_stored_path_escaped(self):
         """A name holding NEL, CSI and a line separator is logged escaped on "stored"."""
-        server = LoopbackServer(self)
+        server = MemoryServer(self.mktemp())
         captured = Captured(self)
         name = "s/a\u0085b\u009b31m\u2028c.txt"
-        response = yield server.http.put(
-            server.url(name, v2_query(name, 2, "text/plain")),
+        response = exchange(
+            server,
+            "PUT",
+            "/upload/" + quote(name) + "?" + v2_query(name, 2, "text/plain"),
             b"hi",
-            headers={"Content-Type": "text/plain"},
+            {"Content-Type": "text/plain"},
         )
         self.assertEqual(response.code, 201)
-        yield readBody(response)
         [stored] = [line for line in captured.lines() if line.startswith("stored ")]
         self.assertIn("s/a\\x85b\\x9b31m\\u2028c.txt", stored)
         self.assertTrue(stored.isprintable(), stored)
