@@ -100,16 +100,6 @@ def mount(site: Site, root: Resource, fileServer: FileServer) -> None:
     (L{hmacd.web.censor_access_log}); a Site whose class overrides C{log()}
     is refused with L{ValueError}.
     """
-    from hmacd.download import StoreResource
-    from hmacd.upload import UploadRequest
-    from hmacd.web import censor_access_log
+    from hmacd.web import install_policy
 
-    prefix = fileServer.prefix
-    if not prefix or "/" in prefix:
-        raise ValueError(f"mount needs UploadSubDir to be one path segment, got {prefix!r}")
-    censor_access_log(site)
-    root.putChild(prefix.encode("utf-8"), StoreResource(fileServer))
-    site.requestFactory = UploadRequest
-    # UploadRequest finds its FileServer on the channel's Site: a host Site has no such
-    # attribute of its own, hence the one assignment the composition cannot avoid.
-    site.fileServer = fileServer  # type: ignore[attr-defined]
+    install_policy(site, root, fileServer)

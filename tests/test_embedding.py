@@ -147,18 +147,18 @@ class HostSiteLogTests(SynchronousTestCase):
         self.assertNotIn(self.mac, log)
         self.assertEqual(log, "host-format /upload/u/hello.txt?v2=<redacted> ua\\x1b[2J\\x9b\n")
 
-    def test_twisted_keeps_the_formatter_where_mount_reaches(self):
-        """Twisted's Site keeps its logFormatter where censor_access_log replaces it."""
+    def test_mounting_twice_wraps_once(self):
+        """The host's formatter is wrapped once, however often censor_access_log runs."""
         from twisted.web import http, server
 
+        from hmacd.internals import log_formatter
         from hmacd.web import censor_access_log
 
         site = server.Site(self.root, logFormatter=http.proxiedLogFormatter)
-        self.assertIs(site._logFormatter, http.proxiedLogFormatter)
         censor_access_log(site)
-        self.assertIs(site._logFormatter.wrapped, http.proxiedLogFormatter)
-        censor_access_log(site)  # mounting twice wraps once
-        self.assertIs(site._logFormatter.wrapped, http.proxiedLogFormatter)
+        self.assertIs(log_formatter(site).wrapped, http.proxiedLogFormatter)
+        censor_access_log(site)
+        self.assertIs(log_formatter(site).wrapped, http.proxiedLogFormatter)
 
     def test_site_with_own_log_refused(self):
         """A Site subclass that writes its log itself is refused, and left unchanged."""
@@ -176,12 +176,13 @@ class HostSiteLogTests(SynchronousTestCase):
 
     def test_hmacfs_site_accepted(self):
         """HmacfsSite writes a censored log of its own: mount leaves it as it is."""
+        from hmacd.internals import log_formatter
         from hmacd.web import HmacfsSite
 
         site = HmacfsSite(self.fs)
-        formatter = site._logFormatter
+        formatter = log_formatter(site)
         hmacd.mount(site, self.root, self.fs)
-        self.assertIs(site._logFormatter, formatter)
+        self.assertIs(log_formatter(site), formatter)
 
 
 class WebAppExampleTests(TestCase):
