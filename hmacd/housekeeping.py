@@ -14,6 +14,7 @@ from functools import partial
 import psutil
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -22,8 +23,8 @@ from hmacd.facts import is_expired, read_facts_at
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, store_path
+from hmacd.sink import PART_PREFIX, PART_SUFFIX, partial_dir
 from hmacd.store import StoreUnavailable
-from hmacd.upload import PART_PREFIX, PART_SUFFIX, partial_dir
 
 __all__ = [
     "ExpirySweep",
@@ -458,23 +459,26 @@ class SystemMonitor(TimerService):
         self.fs.metrics.reactor_lag.set(self.lag)
 
 
-async def drain_uploads(fs: FileServer, grace: float, poll: float = 0.1) -> None:
+async def drain_uploads(fs: FileServer, grace: float) -> None:
     """
     Shutdown: refuse new uploads, give those in progress C{grace} seconds,
     then abort the rest (their temp files go with their connections).
     """
-    fs.accepting = False
-    deadline = fs.reactor.seconds() + grace
-    if fs.uploads:
-        log.info(
-            "shutting down: waiting up to {grace}s for {count} uploads",
-            grace=grace,
-            count=len(fs.uploads),
-        )
-    while fs.uploads and fs.reactor.seconds() < deadline:
-        await deferLater(fs.reactor, poll, lambda: None)
-    for request in list(fs.uploads):
+    uploads = fs.uploads
+    uploads.accepting = False
+    if not uploads:
+        return
+    log.info(
+        "shutting down: waiting up to {grace}s for {count} uploads",
+        grace=grace,
+        count=len(uploads),
+    )
+    idle = uploads.idle()
+    idle.addTimeout(grace, fs.reactor)
+    with suppress(TimeoutError, DeferTimeoutError):
+        await idle
+    for request in uploads:
         log.warn("shutting down: aborting the upload of {path}", path=escape(request.path))
         request.abortUpload()
-    if fs.uploads:
+    if uploads:
         await deferLater(fs.reactor, 0, lambda: None)  # let connectionLost run

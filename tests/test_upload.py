@@ -18,18 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
-from hmacd import upload as upload_module
+from hmacd import sink as sink_module
+from hmacd.sink import MAX_WRITE_BUFFER, SPOOL_HIGH, WholeUpload
 from hmacd.store.failover import FailoverStore
-from hmacd.upload import (
-    DRAIN_LIMIT,
-    INSUFFICIENT_STORAGE,
-    MAX_WRITE_BUFFER,
-    READ_SIZE,
-    SPOOL_HIGH,
-    GroupCommit,
-    UploadRequest,
-    _Upload,
-)
+from hmacd.upload import DRAIN_LIMIT, INSUFFICIENT_STORAGE, READ_SIZE, UploadRequest
 from tests.support import SECRET, MemoryServer, store_files, v2_query, v_query
 from tests.test_store_failover import FlakyStore
 
@@ -338,7 +330,7 @@ class StreamingTests(SynchronousTestCase):
 
         channel, transport = self.server.connect()
         channel.dataReceived(put_head("full.bin", 10, v_query("full.bin", 10)))
-        self.patch(_Upload, "write", full)
+        self.patch(WholeUpload, "write", full)
         channel.dataReceived(b"0123456789")
         self.server.clock.advance(0)
         self.assertEqual(status(transport), INSUFFICIENT_STORAGE)
@@ -558,16 +550,15 @@ class GroupCommitTests(SynchronousTestCase):
         self.threads = _HeldThreads()
         self.server = MemoryServer(self.root)
         self.server.fs.blocking = self.threads
-        self.server.fs.committer = GroupCommit(self.server.fs)
-        self.server.fs.committer.lanes = 1
+        self.server.fs.uploads.committer.lanes = 1
         self.synced: list[str] = []
-        fsync_directory = upload_module.fsync_directory
+        fsync_directory = sink_module.fsync_directory
 
         def counting(directory):
             self.synced.append(directory)
             fsync_directory(directory)
 
-        self.patch(upload_module, "fsync_directory", counting)
+        self.patch(sink_module, "fsync_directory", counting)
 
     def put(self, name: str, body: bytes):
         channel, transport = self.server.connect()
@@ -611,7 +602,7 @@ class GroupCommitTests(SynchronousTestCase):
 
     def test_lanes(self):
         """With lanes free, each upload is committed at once, in a hand-off of its own."""
-        self.server.fs.committer.lanes = 2
+        self.server.fs.uploads.committer.lanes = 2
         self.put("a.txt", b"a")
         self.put("b.txt", b"b")
         self.assertEqual(len(self.threads.calls), 2)
@@ -665,7 +656,7 @@ class SpoolTests(SynchronousTestCase):
         def full(self, batch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(_Upload, "_spool", full)
+        self.patch(WholeUpload, "_spool", full)
         self.channel.dataReceived(self.body[:MAX_WRITE_BUFFER])
         self.threads.runAll()
         self.channel.dataReceived(self.body[MAX_WRITE_BUFFER : 2 * MAX_WRITE_BUFFER])
@@ -681,7 +672,7 @@ class SpoolTests(SynchronousTestCase):
         def full(self, batch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(_Upload, "_spool", full)
+        self.patch(WholeUpload, "_spool", full)
         self.channel.dataReceived(self.body[-1:])
         self.threads.runAll()
         self.server.clock.advance(0)
