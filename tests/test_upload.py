@@ -695,6 +695,18 @@ class SpoolTests(SynchronousTestCase):
         self.assertTrue(upload._file.closed)
         self.assertEqual(store_files(self.root), [])
 
+    def test_read_size_restored_on_a_kept_alive_connection(self):
+        """After a large upload's 201 the connection reads as any other again: 64 KiB."""
+        self.assertEqual(self.transport.bufferSize, READ_SIZE)
+        for start in range(0, self.size, MAX_WRITE_BUFFER):
+            self.channel.dataReceived(self.body[start : start + MAX_WRITE_BUFFER])
+            self.threads.runAll()
+        self.threads.runAll()
+        self.server.clock.advance(0)
+        self.assertEqual(status(self.transport), http.CREATED)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.transport.bufferSize, 64 * 1024)
+
     def test_read_size_under_a_bandwidth_limit(self):
         """Under MaxBytesPerSecond a large upload reads a sixteenth of a second's worth."""
         self.server.fs.max_bytes_per_second = 4 * READ_SIZE
