@@ -10,14 +10,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 
 from hmacd.guard import ClientCounts
 from hmacd.mediatype import guess_type, is_inline_type
 from hmacd.metrics import Metrics
 from hmacd.sink import GroupCommit, Uploads
+from hmacd.store.failover import FailoverStore
+from hmacd.throttle import Bandwidth, RateLimiter
 
-__all__ = ["FileServer", "guess_type", "is_inline_type"]
+__all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
+
+# Runs a blocking callable off the reactor thread; a Deferred of its result.
+Blocking = Callable[[Callable[[], Any]], Deferred[Any]]
 
 
 @dataclass
@@ -41,23 +47,25 @@ class FileServer:
 
     secret: bytes
     store_dir: str
+    # IReactorTime and IReactorThreads: Python has no type for "both".
     reactor: Any
-    metadata: Any  # a hmacd.store.failover.FailoverStore
+    metadata: FailoverStore
     prefix: str = "upload"
     upload_max_size: int = 0
     chunk_size: int = 1 << 20
-    blocking: Callable[[Callable[[], Any]], Deferred] | None = None
-    clock: Any = None
+    # None (the default) is replaced in __post_init__, as documented above.
+    blocking: Blocking = None  # type: ignore[assignment]
+    clock: IReactorTime = None  # type: ignore[assignment]
     file_ttl: float = 0
     metrics: Metrics = field(default_factory=Metrics)
     # RateLimitPerMinute (a hmacd.throttle.RateLimiter), and the networks
     # whose X-Forwarded-For names the client.
-    limiter: Any = None
+    limiter: RateLimiter | None = None
     trusted_proxies: tuple = ()
     # MaxBytesPerSecond per upload, and a hmacd.throttle.Bandwidth shared by
     # all uploads (MaxTotalBytesPerSecond).
     max_bytes_per_second: int = 0
-    total_bandwidth: Any = None
+    total_bandwidth: Bandwidth | None = None
     # HeaderTimeout, MaxConnectionsPerClient, MinUploadBytesPerSecond and MinUploadRateWindow
     # (hmacd.guard); off unless given, so that a FileServer built by hand behaves as before.
     header_timeout: float = 0
@@ -87,7 +95,7 @@ class FileServer:
             )
         # Through self: tests swap `blocking` after construction.
         self.uploads = Uploads(
-            GroupCommit(lambda work: self.blocking(work)),  # type: ignore[misc]
+            GroupCommit(lambda work: self.blocking(work)),
             lambda count: self.metrics.uploads_in_progress.set(count),
         )
 

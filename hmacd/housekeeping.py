@@ -77,7 +77,7 @@ def sweep_resumable(store_dir: str, older_than: float) -> list[str]:
     @return: the removed data files' names.
     """
     partial = partial_dir(store_dir)
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(partial)
     except FileNotFoundError:
@@ -289,7 +289,7 @@ class ExpirySweep(TimerService):
             # the newer file.
             return
         metrics = self.fs.metrics
-        started = self.clock.seconds()
+        started = self.fs.reactor.seconds()
         backlog = await self._countDue()
         removed = 0
         previous: set[str] = set()
@@ -333,11 +333,11 @@ class ExpirySweep(TimerService):
                 if len(due) < self.batch:
                     break
                 # Let requests in before the next batch.
-                await deferLater(self.clock, 0, lambda: None)
+                await deferLater(self.fs.reactor, 0, lambda: None)
         finally:
             if removed:
                 self.removed += removed
-                elapsed = self.clock.seconds() - started
+                elapsed = self.fs.reactor.seconds() - started
                 log.info(
                     "deleted {count} expired files in {seconds:.1f} s",
                     count=removed,
@@ -450,12 +450,12 @@ class SystemMonitor(TimerService):
                 lag=self.lag * 1000,
             )
             # The next lag figure: how late a call scheduled for "now" runs.
-            self.clock.callLater(0, self._lag, self.clock.seconds())
+            self.fs.reactor.callLater(0, self._lag, self.fs.reactor.seconds())
         except Exception:
             log.failure("system monitor sample failed")
 
     def _lag(self, scheduled: float) -> None:
-        self.lag = max(0.0, self.clock.seconds() - scheduled)
+        self.lag = max(0.0, self.fs.reactor.seconds() - scheduled)
         self.fs.metrics.reactor_lag.set(self.lag)
 
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol, cast
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -118,7 +120,16 @@ _REASONS = {
 # hmacd.store.failover); a client retrying after this finds it settled.
 RETRY_AFTER = b"30"
 
-Headers = list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class _Connection(Protocol):
+    """What an upload does to its connection: a TCP (or TLS) transport does all of it."""
+
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def abortConnection(self) -> None: ...
+
 
 # The request headers the verdict reads (hmacd.verdict.judge).
 _JUDGED = (b"content-type", b"content-range", b"x-upload-length", b"authorization")
@@ -128,6 +139,11 @@ log = Logger()
 
 class _Answered(Exception):
     """Carries an already decided (code, message, headers) down an errback chain."""
+
+
+def _forwardedFor(request: http.Request) -> list[bytes] | None:
+    # Headers keeps its values in a list; its stubs promise a Sequence only.
+    return cast("list[bytes] | None", request.requestHeaders.getRawHeaders(b"x-forwarded-for"))
 
 
 def _header(request: http.Request, name: bytes) -> str | None:
@@ -201,9 +217,7 @@ class UploadRequest(server.Request):
         peer = getattr(self.getClientAddress(), "host", None)
         if fs.limiter is None or peer is None:
             return False
-        address = client_address(
-            peer, self.requestHeaders.getRawHeaders(b"x-forwarded-for"), fs.trusted_proxies
-        )
+        address = client_address(peer, _forwardedFor(self), fs.trusted_proxies)
         wait = fs.limiter.check(address)
         if not wait:
             return False
@@ -225,9 +239,7 @@ class UploadRequest(server.Request):
         peer = getattr(self.getClientAddress(), "host", None)
         if not fs.max_connections_per_client or peer is None:
             return False
-        client = counted_client(
-            peer, self.requestHeaders.getRawHeaders(b"x-forwarded-for"), fs.trusted_proxies
-        )
+        client = counted_client(peer, _forwardedFor(self), fs.trusted_proxies)
         if client is None:
             return False
         if fs.clients.acquire(client, fs.max_connections_per_client):
@@ -269,7 +281,7 @@ class UploadRequest(server.Request):
             self._letGo()
             self._failed("too_large")
             self._logUnanswered(http.REQUEST_ENTITY_TOO_LARGE)
-            self.channel.transport.abortConnection()
+            self._connection().abortConnection()
             return
         try:
             behind = upload.write(data)
@@ -310,12 +322,15 @@ class UploadRequest(server.Request):
         upload.onRelief = None
         upload.committing = True
 
+        def commit(_: None) -> Deferred[Outcome]:
+            return self._fs.uploads.committer.submit(upload)
+
         def unwritten(failure: Failure) -> Failure:
             upload.abort()
             return failure
 
-        d = upload.drained()
-        d.addCallbacks(lambda _: self._fs.uploads.committer.submit(upload), unwritten)
+        # The errback first: it sees a failure of drained() only, never one of the commit.
+        d = upload.drained().addErrback(unwritten).addCallback(commit)
         d.addCallback(self._recordUpload, upload)
         d.addErrback(self._commitFailed, upload)
 
@@ -460,17 +475,20 @@ class UploadRequest(server.Request):
                 internals.set_read_size(channel.transport, self._savedReadSize)
             self._savedReadSize = None
 
+    def _connection(self) -> _Connection:
+        return cast(_Connection, self.channel.transport)
+
     def abortUpload(self) -> None:
         """Drop the connection of an upload in progress (shutdown); the temp file goes."""
         if self.channel is not None:
-            self.channel.transport.abortConnection()
+            self._connection().abortConnection()
 
     # Back-pressure and throttling ----------------------------------------
 
     def _pause(self, reason: str) -> None:
         """Stop reading from the client, for C{reason}, until L{_unpause} of it."""
         if not self._pausedFor:
-            self.channel.transport.pauseProducing()
+            self._connection().pauseProducing()
             if self._floor is not None:
                 self._floor.pause()  # our own pause is not the client's slowness
         self._pausedFor |= {reason}
@@ -482,7 +500,7 @@ class UploadRequest(server.Request):
         self._pausedFor -= {reason}
         channel = getattr(self, "channel", None)  # gone once the request has finished
         if not self._pausedFor and channel is not None and not self._gone:
-            channel.transport.resumeProducing()
+            self._connection().resumeProducing()
             if self._floor is not None:
                 self._floor.resume()
 
@@ -531,7 +549,7 @@ class UploadRequest(server.Request):
             seconds=seconds,
             floor=fs.min_upload_bytes_per_second,
         )
-        self.channel.transport.abortConnection()
+        self._connection().abortConnection()
 
     def _stopFloor(self) -> None:
         if self._floor is not None:
@@ -627,7 +645,7 @@ class UploadRequest(server.Request):
         # current input and would hand the end of the body to a channel that
         # no longer has this request: stop reading, finish after.
         self._finishOnBody = True
-        self.channel.transport.pauseProducing()
+        self._connection().pauseProducing()
         self._fs.reactor.callLater(0, self._finishRefusal)
 
     def _finishRefusal(self) -> None:
@@ -695,7 +713,7 @@ class UploadRequest(server.Request):
         if failure.check(Conflict):
             self._failed("conflict")
             self._respond(http.CONFLICT, "file exists")
-        elif failure.check(_Answered):
+        elif isinstance(failure.value, _Answered):
             self._failed("store")
             self._respond(*failure.value.args)
         elif isinstance(failure.value, OSError) and failure.value.errno in _STORAGE_FULL:
