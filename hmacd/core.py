@@ -17,6 +17,8 @@ from hmacd.guard import ClientCounts
 from hmacd.mediatype import guess_type, is_inline_type
 from hmacd.metrics import Metrics
 from hmacd.sink import GroupCommit, Uploads
+from hmacd.storage import IStorage
+from hmacd.storage.local import LocalStorage
 from hmacd.store.failover import FailoverStore
 from hmacd.throttle import Bandwidth, RateLimiter
 
@@ -94,8 +96,12 @@ class FileServer:
                 self.reactor, self.reactor.getThreadPool(), f
             )
         # Through self: tests swap `blocking` after construction.
+        # Where the bytes of finished files live.
+        self.storage: IStorage = LocalStorage(
+            self.store_dir, lambda work: self.blocking(work), self.chunk_size
+        )
         self.uploads = Uploads(
-            GroupCommit(lambda work: self.blocking(work)),
+            GroupCommit(lambda work: self.blocking(work), self.storage.settle),
             lambda count: self.metrics.uploads_in_progress.set(count),
         )
 

@@ -19,7 +19,6 @@ durable, the upload stands at this offset).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -29,23 +28,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from hmacd.batch import Batcher
 from hmacd.claims import Claim, claim
-from hmacd.facts import write_facts
-from hmacd.logs import escape
 from hmacd.metadata import FileRecord
-from hmacd.paths import store_path
+from hmacd.storage import Conflict, IWriter
 
 __all__ = [
-    "MAX_WRITE_BUFFER",
-    "PART_PREFIX",
-    "PART_SUFFIX",
-    "SPOOL_HIGH",
-    "SPOOL_LOW",
     "ChunkInProgress",
     "Conflict",
     "GroupCommit",
@@ -57,35 +48,14 @@ __all__ = [
     "Stored",
     "Uploads",
     "WholeUpload",
-    "fsync_directory",
     "partial_dir",
     "partial_files",
     "partial_offset",
 ]
 
-log = Logger()
-
-# Temp files of uploads in progress: dot files (never served), recognisable
-# for the sweep of abandoned ones (hmacd.housekeeping).
-PART_PREFIX, PART_SUFFIX = ".hmacfs-", ".part"
-
-# A large body's bytes not yet written by the worker thread: above SPOOL_HIGH the request
-# stops reading from the client, at SPOOL_LOW it reads on.  Bounds what one fast upload holds.
-SPOOL_HIGH = 4 * 1024 * 1024
-SPOOL_LOW = 1024 * 1024
-
-# Each upload in progress holds its write buffer: 500 slow uploads with ChunkSize's default
-# 1 MiB each held ~370 MiB of half-filled buffers.  Socket reads are at most 64 KiB anyway.
+# Each upload in progress holds its write buffer: ChunkSize, at most this (see
+# hmacd.storage.local); a resumable piece buffers its appends as much.
 MAX_WRITE_BUFFER = 64 * 1024
-
-
-def write_buffer(chunk_size: int) -> int:
-    """Bytes an upload buffers before writing to disk: ChunkSize, at most 64 KiB."""
-    return min(chunk_size, MAX_WRITE_BUFFER)
-
-
-class Conflict(Exception):
-    """The destination exists already (or a parent of it is a file)."""
 
 
 class OffsetMismatch(Exception):
@@ -166,39 +136,37 @@ class Uploads:
 
 class Sink:
     """
-    One accepted body on its way to disk, holding the claim on its path (hmacd.claims) from
-    construction until L{release}.
+    One accepted body on its way to the storage (C{fs.storage}), holding the claim on its
+    path (hmacd.claims) from construction until L{release}.
 
     @ivar size: the bytes this request's body must carry.
     @ivar received: the bytes given to L{write} so far.
     @ivar onRelief: called (in the reactor thread) when L{write} said it was behind and the
-        disk has caught up; the request reads on.
+        storage has caught up; the request reads on.
     """
 
     committing = False
     onRelief: Callable[[], None] | None = None
+    received = 0
+    content_type: str
+    protocol: str
+    uploader: str | None
+    expires: float | None
 
     def __init__(self, fs: Any, relpath: str, size: int) -> None:
         """
         Claim the path for this body.
 
         @raise PathBusy: another upload of the path is in progress.
-        @raise Conflict: something is there already.
         """
         self.fs = fs
         self.relpath = relpath
         self.size = size
-        self.received = 0
-        self.dest = store_path(fs.store_dir, relpath)
         self._hold: Claim | None = claim(fs.store_dir, relpath)
-        # After the claim: an upload that held it has linked its file by the time it let go.
-        if os.path.lexists(self.dest):
-            self.release()
-            raise Conflict()
 
     def write(self, data: bytes) -> bool:
         """
-        Take the next bytes of the body.  True when the bytes not yet on disk are too many:
+        Take the next bytes of the body.  True when the bytes not yet stored are too many:
         the caller should stop reading until L{onRelief}.
 
         @raise OSError: writing what came before failed.
@@ -212,7 +180,7 @@ class Sink:
     def commit(self) -> Outcome:
         """
         Make the bytes durable (and the file visible, once complete).  Runs in a worker
-        thread, through L{GroupCommit}, which then fsyncs the directory of a L{Stored} file.
+        thread, through L{GroupCommit}, which then settles the names of L{Stored} files.
 
         @raise Conflict: the name appeared while we were receiving.
         """
@@ -224,49 +192,12 @@ class Sink:
 
     def unpublish(self) -> None:
         """Take a committed file back when its record could not be written."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dest)
-        self._pruneDirectories()
+        self.fs.storage.delete(self.relpath)
 
     def release(self) -> None:
         """Done with, however it ended: let the next upload of this path in (idempotent)."""
         if self._hold is not None:
             self._hold.release()
-
-    def _makeParents(self, directory: str) -> list[str]:
-        """Create the missing directories down to C{directory}; returns those it made."""
-        missing = []
-        created = []
-        while not os.path.isdir(directory):
-            if os.path.lexists(directory):
-                raise Conflict()
-            missing.append(directory)
-            directory = os.path.dirname(directory)
-        for d in reversed(missing):
-            try:
-                os.mkdir(d)
-            except FileExistsError:
-                if not os.path.isdir(d):
-                    raise Conflict() from None
-            else:
-                created.append(d)
-        return created
-
-    def _pruneDirectories(self) -> None:
-        """
-        Remove the directories of this upload's path that it leaves empty, innermost first.
-
-        Not only those it created: of two uploads into a new directory that both break off,
-        the one that created it may go first, while the other's temp file is still in it.
-        The store root is never removed: only the path's own parents are tried.
-        """
-        directory = os.path.dirname(self.dest)
-        for _ in range(self.relpath.count("/")):
-            try:
-                os.rmdir(directory)
-            except OSError:
-                break  # not empty: another upload uses it now
-            directory = os.path.dirname(directory)
 
     def _record(self, size: int, sha256: str) -> FileRecord:
         return FileRecord(
@@ -280,29 +211,13 @@ class Sink:
             expires=self.expires,
         )
 
-    content_type: str
-    protocol: str
-    uploader: str | None
-    expires: float | None
-
 
 class WholeUpload(Sink):
     """
-    A body that is the whole file.
-
-    The temp file is a dot file in the destination's own directory, so the final link is
-    atomic and the temp file can never be served.  The bytes are written and hashed in a
-    worker thread, in batches of at least the write buffer, while the reactor reads on; what
-    is left at the end (all of a small body) is written by L{commit}, in the thread it runs
-    in anyway.  L{abort} removes the temp file and the directories it leaves empty.
+    A body that is the whole file, streamed into a writer of the storage (for the local
+    directory: a temp dot file beside the destination, spooled to from a worker thread).
+    L{abort} leaves nothing: no temp, no directory made for it.
     """
-
-    temp: str | None = None
-    _file: IO[bytes] | None = None
-    _busy = False  # a batch is in the thread
-    _failure: OSError | None = None
-    _closeAfterBatch = False
-    _draining = False
 
     def __init__(
         self,
@@ -314,161 +229,50 @@ class WholeUpload(Sink):
         uploader: str | None = None,
         expires: float | None = None,
     ) -> None:
+        """
+        @raise PathBusy: another upload of the path is in progress.
+        @raise Conflict: something is there already.
+        """
         super().__init__(fs, relpath, size)
         self.content_type = content_type
         self.protocol = protocol
         self.uploader = uploader
         self.expires = expires
-        self._sha256 = hashlib.sha256()
-        # Bytes given to write() and not yet written, waiting (_pending) or in the thread.
-        self._pending: list[bytes] = []
-        self._backlog = 0
-        self._waiters: list[Deferred[None]] = []
         try:
-            self.temp = self._open()
+            # After the claim: an upload that held it has published by the time it let go.
+            self._writer: IWriter = fs.storage.writer(relpath)
         except BaseException:
-            self._pruneDirectories()  # a refused upload leaves the store as it was
             self.release()
             raise
+        self._writer.onRelief = self._relieved
 
-    def _open(self) -> str:
-        for attempt in (1, 2):
-            try:
-                if self._makeParents(os.path.dirname(self.dest)):
-                    # Re-check now that the directories exist: a symlink placed
-                    # on the way must not lead the temp file out of the store.
-                    store_path(self.fs.store_dir, self.relpath)
-                temp = os.path.join(
-                    os.path.dirname(self.dest), PART_PREFIX + secrets.token_hex(8) + PART_SUFFIX
-                )
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-                fd = os.open(temp, flags, 0o644)
-            except FileNotFoundError:
-                # A concurrent aborted upload pruned a directory we found.
-                if attempt == 2:
-                    raise
-                continue
-            except (FileExistsError, NotADirectoryError):
-                raise Conflict() from None
-            # Unbuffered: what reaches the file comes in batches of at least the write buffer
-            # (or the rest, at commit), and 500 slow uploads held 32 MiB of idle
-            # BufferedWriters.
-            self._file = open(fd, "wb", buffering=0)
-            return temp
-        raise AssertionError("unreachable")
-
-    def write(self, data: bytes) -> bool:
-        """
-        Take the next bytes.  True when the bytes not yet on disk exceed SPOOL_HIGH.
-
-        @raise OSError: writing what came before failed.
-        """
-        self.received += len(data)
-        if self._failure is not None:
-            raise self._failure
-        self._pending.append(data)
-        self._backlog += len(data)
-        if not self._busy and self._backlog >= write_buffer(self.fs.chunk_size):
-            self._dispatch()
-        return self._backlog > SPOOL_HIGH
-
-    def _dispatch(self) -> None:
-        batch, self._pending = self._pending, []
-        self._busy = True
-        d = self.fs.blocking(lambda: self._spool(batch))
-        d.addBoth(self._spooled, sum(map(len, batch)))
-
-    def _spool(self, batch: list[bytes]) -> None:
-        # In a worker thread: file writes and hashlib release the GIL.
-        for data in batch:
-            self._writeAll(data)
-            self._sha256.update(data)
-
-    def _writeAll(self, data: bytes) -> None:
-        assert self._file is not None
-        view = memoryview(data)
-        while view:
-            written = self._file.write(view)
-            view = view[written or 0 :]
-
-    def _spooled(self, result: object, count: int) -> None:
-        self._busy = False
-        self._backlog -= count
-        if isinstance(result, Failure):
-            if not isinstance(result.value, OSError):
-                log.failure("writing {path} failed", result, path=escape(self.relpath))
-                self._failure = OSError(errno.EIO, "write failed")
-            else:
-                self._failure = result.value
-        if self._closeAfterBatch:
-            self._closeFile()
-            return
-        if self._failure is None and self._backlog >= write_buffer(self.fs.chunk_size):
-            self._dispatch()
-        elif self._draining:
-            waiters, self._waiters = self._waiters, []
-            for d in waiters:
-                if self._failure is not None:
-                    d.errback(self._failure)
-                else:
-                    d.callback(None)
-        if self.onRelief is not None and (self._backlog <= SPOOL_LOW or self._failure):
-            # After a failure too: the request reads on, and its next bytes meet the error.
+    def _relieved(self) -> None:
+        if self.onRelief is not None:
             self.onRelief()
 
-    def drained(self) -> Deferred[None]:
-        """
-        Fires once no batch is in the thread (L{commit} writes the rest), or fails with the
-        error writing met.
-        """
-        self._draining = True
-        if self._failure is not None:
-            return fail(self._failure)
-        if not self._busy:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)
-        return d
+    def write(self, data: bytes) -> bool:
+        """Into the writer; True while it is behind (it calls L{onRelief} when it is not)."""
+        self.received += len(data)
+        return self._writer.write(data)
 
-    def _closeFile(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
+    def drained(self) -> Deferred[None]:
+        """Once the writer has no batch in a thread."""
+        return self._writer.drained()
 
     def abort(self) -> None:
-        """Remove every trace of this upload: temp file and new directories."""
+        """Remove every trace of this upload: the temp and the directories made for it."""
         self.onRelief = None
-        if self._busy:
-            # The thread is writing to it: closed when its batch is done.
-            self._closeAfterBatch = True
-        else:
-            self._closeFile()
-        if self.temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.temp)
-        self._pruneDirectories()
+        self._writer.discard()
         self.release()  # after the cleanup: a retry finds the store as it was
 
     def commit(self) -> Outcome:
-        """Write the rest, fsync, link into place: L{Stored}."""
-        assert self._file is not None and self.temp is not None
+        """Write the rest, then publish with the record as the file's facts: L{Stored}."""
         try:
-            self._spool(self._pending)
-            self._pending = []
-            record = self._record(self.received, self._sha256.hexdigest())
-            # Before the fsync and the link: the facts are durable with the file, and the
-            # file is never visible without them.
-            write_facts(self._file.fileno(), record)
-            os.fsync(self._file.fileno())
-            self._file.close()
-            try:
-                os.link(self.temp, self.dest)
-            except FileExistsError:
-                raise Conflict() from None
+            record = self._record(self.received, self._writer.seal())
+            self._writer.publish(record)
         except BaseException:
-            self.abort()
+            self.release()
             raise
-        os.unlink(self.temp)
         self.release()  # the name is taken now: a later upload of it meets the file
         return Stored(record)
 
@@ -501,6 +305,9 @@ class ResumablePiece(Sink):
     ) -> None:
         super().__init__(fs, relpath, length)
         try:
+            # After the claim: an upload that held it has published by the time it let go.
+            if fs.storage.exists(relpath):
+                raise Conflict()
             self._begin(total, start, content_type, protocol, uploader, expires)
         except BaseException:
             self.release()
@@ -566,7 +373,7 @@ class ResumablePiece(Sink):
             os.close(fd)
             raise OffsetMismatch(offset)
         os.lseek(fd, start, os.SEEK_SET)
-        self._file = open(fd, "wb", buffering=write_buffer(fs.chunk_size))
+        self._file = open(fd, "wb", buffering=min(fs.chunk_size, MAX_WRITE_BUFFER))
         fs.uploads.resumable.add(relpath)
         self._registered = True
 
@@ -610,18 +417,12 @@ class ResumablePiece(Sink):
         with open(self.data, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-            record = self._record(self.total, digest.hexdigest())
-            # As for a whole upload: the facts are on the file, durably, before it is linked.
-            if write_facts(f.fileno(), record):
-                os.fsync(f.fileno())
+        record = self._record(self.total, digest.hexdigest())
         try:
-            self._makeParents(os.path.dirname(self.dest))
-            store_path(self.fs.store_dir, self.relpath)
-            os.link(self.data, self.dest)
-        except FileExistsError:
-            self._forget()
-            self._pruneDirectories()
-            raise Conflict() from None
+            self.fs.storage.adopt(self.data, self.relpath, record)
+        except Conflict:
+            self._forget()  # the name is taken: this upload can never complete
+            raise
         self._forget()
         return Stored(record)
 
@@ -629,18 +430,6 @@ class ResumablePiece(Sink):
         for path in (self.data, self.state):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-
-def fsync_directory(directory: str) -> None:
-    """fsync C{directory}: a new name in it is durable after this."""
-    try:
-        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-    except OSError:
-        pass
 
 
 class GroupCommit:
@@ -651,15 +440,22 @@ class GroupCommit:
     around it (a wake-up each way, the GIL taken again after every call) cost the server as
     much CPU as the calls themselves.  Uploads that finish while every lane is busy wait,
     and the next free lane takes them all (L{hmacd.batch.Batcher}): one hand-off for the
-    lot, and one fsync for each directory they share instead of one each.  A lone upload is
-    committed at once.
+    lot, and one settling of the names they published (for the local directory, one fsync
+    of each directory they share) instead of one each.  A lone upload is committed at once.
+
+    @param blocking: runs a callable in a pool thread.
+    @param settle: makes the names of files just published durable (L{IStorage.settle}).
     """
 
     def __init__(
-        self, blocking: Callable[[Callable[[], Any]], Deferred[Any]], lanes: int = 4
+        self,
+        blocking: Callable[[Callable[[], Any]], Deferred[Any]],
+        settle: Callable[[list[str]], None],
+        lanes: int = 4,
     ) -> None:
+        self._settle = settle
         self._batcher: Batcher[Sink, Outcome] = Batcher(
-            lambda sinks: blocking(lambda: _commitAll(sinks)), lanes
+            lambda sinks: blocking(lambda: self._commitAll(sinks)), lanes
         )
 
     @property
@@ -675,24 +471,23 @@ class GroupCommit:
         """Commit C{sink}; fires with what its C{commit} returns, or fails with its error."""
         return self._batcher.submit(sink)
 
-
-def _commitAll(sinks: list[Sink]) -> list[Outcome | Failure]:
-    """In a pool thread: commit each sink, then fsync each directory they went to once."""
-    results: list[Outcome | Failure] = []
-    directories = set()
-    for sink in sinks:
-        try:
-            result = sink.commit()
-        except BaseException:
-            results.append(Failure())
-            continue
-        results.append(result)
-        if isinstance(result, Stored):
-            directories.add(os.path.dirname(sink.dest))
-    # After every commit, before any answer: no 201 goes out for a name not yet durable.
-    for directory in directories:
-        fsync_directory(directory)
-    return results
+    def _commitAll(self, sinks: list[Sink]) -> list[Outcome | Failure]:
+        """In a pool thread: commit each sink, then settle the names they published, once."""
+        results: list[Outcome | Failure] = []
+        published = []
+        for sink in sinks:
+            try:
+                result = sink.commit()
+            except BaseException:
+                results.append(Failure())
+                continue
+            results.append(result)
+            if isinstance(result, Stored):
+                published.append(sink.relpath)
+        # After every commit, before any answer: no 201 goes out for a name not yet durable.
+        if published:
+            self._settle(published)
+        return results
 
 
 def partial_dir(store_dir: str) -> str:

@@ -21,7 +21,6 @@ resumable piece).  A broken connection aborts the sink.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Sequence
 from io import BytesIO
 from typing import Any, Protocol, cast
@@ -39,7 +38,7 @@ from hmacd.core import FileServer
 from hmacd.guard import BodyRateFloor, counted_client, watch_body_rate
 from hmacd.logs import censor, escape
 from hmacd.metadata import FileRecord
-from hmacd.paths import PathRefused, store_path
+from hmacd.paths import PathRefused
 from hmacd.sink import (
     ChunkInProgress,
     Conflict,
@@ -425,7 +424,7 @@ class UploadRequest(server.Request):
             )
         if len(plan.span) == 1:
             # "bytes */total": where does the upload stand?
-            if os.path.lexists(store_path(fs.store_dir, plan.relpath)):
+            if fs.storage.exists(plan.relpath):
                 raise Conflict()
             offset = partial_offset(fs.store_dir, plan.relpath)
             self._refuse(

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from hmacd.core import FileServer
 from hmacd.facts import write_facts
 from hmacd.housekeeping import ExpirySweep, PartialSweep, sweep_partials
+from hmacd.storage.local import LocalStorage
 from tests.store_contract import record
 from tests.support import SECRET, memory_metadata, store_files, synchronous
 
@@ -53,7 +54,7 @@ class SweepTests(SynchronousTestCase):
 
     def test_sweep_removes_only_old_temp_files(self):
         """Old temp files go; fresh ones, ordinary files and .hmacfs/ stay."""
-        removed = sweep_partials(self.root, NOW - 600)
+        removed = sweep_partials(LocalStorage(self.root, synchronous), NOW - 600)
         self.assertEqual(
             sorted(removed),
             ["a/.hmacfs-0000000000000000.part", "a/b/.hmacfs-1111111111111111.part"],
@@ -82,7 +83,7 @@ class SweepTests(SynchronousTestCase):
         clock, fs = clocked_server(self.root)
         calls = []
 
-        def failing(store_dir, older_than):
+        def failing(storage, older_than):
             calls.append(older_than)
             raise OSError("disk gone")
 

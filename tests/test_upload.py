@@ -18,8 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
-from hmacd import sink as sink_module
-from hmacd.sink import MAX_WRITE_BUFFER, SPOOL_HIGH, WholeUpload
+from hmacd.sink import WholeUpload
+from hmacd.storage import local as local_storage
+from hmacd.storage.local import MAX_WRITE_BUFFER, SPOOL_HIGH, LocalWriter
 from hmacd.store.failover import FailoverStore
 from hmacd.upload import DRAIN_LIMIT, INSUFFICIENT_STORAGE, READ_SIZE, UploadRequest
 from tests.support import SECRET, MemoryServer, store_files, v2_query, v_query
@@ -552,13 +553,13 @@ class GroupCommitTests(SynchronousTestCase):
         self.server.fs.blocking = self.threads
         self.server.fs.uploads.committer.lanes = 1
         self.synced: list[str] = []
-        fsync_directory = sink_module.fsync_directory
+        fsync_directory = local_storage.fsync_directory
 
         def counting(directory):
             self.synced.append(directory)
             fsync_directory(directory)
 
-        self.patch(sink_module, "fsync_directory", counting)
+        self.patch(local_storage, "fsync_directory", counting)
 
     def put(self, name: str, body: bytes):
         channel, transport = self.server.connect()
@@ -656,7 +657,7 @@ class SpoolTests(SynchronousTestCase):
         def full(self, batch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(WholeUpload, "_spool", full)
+        self.patch(LocalWriter, "_spool", full)
         self.channel.dataReceived(self.body[:MAX_WRITE_BUFFER])
         self.threads.runAll()
         self.channel.dataReceived(self.body[MAX_WRITE_BUFFER : 2 * MAX_WRITE_BUFFER])
@@ -672,7 +673,7 @@ class SpoolTests(SynchronousTestCase):
         def full(self, batch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(WholeUpload, "_spool", full)
+        self.patch(LocalWriter, "_spool", full)
         self.channel.dataReceived(self.body[-1:])
         self.threads.runAll()
         self.server.clock.advance(0)
@@ -687,12 +688,12 @@ class SpoolTests(SynchronousTestCase):
         self.channel.dataReceived(self.body[: 2 * MAX_WRITE_BUFFER])
         self.assertEqual(len(self.threads.calls), 1)
         (request,) = self.server.fs.uploads
-        upload = request._upload
+        writer = request._upload._writer
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(store_files(self.root), [])
-        self.assertFalse(upload._file.closed)
+        self.assertFalse(writer._file.closed)
         self.threads.runAll()
-        self.assertTrue(upload._file.closed)
+        self.assertTrue(writer._file.closed)
         self.assertEqual(store_files(self.root), [])
 
     def test_read_size_restored_on_a_kept_alive_connection(self):
