@@ -20,48 +20,32 @@ resumable piece).  A broken connection aborts the sink.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Sequence
 from io import BytesIO
 from typing import Any, Protocol, cast
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from hmacd import internals
-from hmacd.claims import PathBusy
+from hmacd.admission import admit
 from hmacd.core import FileServer
-from hmacd.guard import BodyRateFloor, counted_client, watch_body_rate
+from hmacd.guard import counted_client, watch_body_rate
+from hmacd.landing import STORAGE_FULL, Answer, land
 from hmacd.logs import censor, escape
-from hmacd.metadata import FileRecord
-from hmacd.paths import PathRefused
+from hmacd.pacing import Pacer
 from hmacd.sink import (
-    ChunkInProgress,
-    Conflict,
-    OffsetMismatch,
-    Outcome,
-    Partial,
-    ResumablePiece,
     Sink,
-    Stored,
-    WholeUpload,
-    partial_offset,
 )
-from hmacd.store import StoreUnavailable
 from hmacd.throttle import Bandwidth, client_address
 from hmacd.verdict import (
     INSUFFICIENT_STORAGE,
     RESUME_INCOMPLETE,
     TOO_MANY_REQUESTS,
-    Plan,
     Refusal,
-    check_piece,
     judge,
-    received_range,
 )
 
 __all__ = [
@@ -98,7 +82,6 @@ DRAIN_LIMIT = 1 << 20
 # What a large upload's connection reads at a time (Twisted's default is 64 KiB).
 READ_SIZE = 1024 * 1024
 
-_STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 # upload_errors_total{reason} for each refusal status of a PUT.
 _REASONS = {
@@ -115,9 +98,6 @@ _REASONS = {
     503: "store",
     INSUFFICIENT_STORAGE: "disk",
 }
-# A store outage is noticed and routed around within seconds (see
-# hmacd.store.failover); a client retrying after this finds it settled.
-RETRY_AFTER = b"30"
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -134,10 +114,6 @@ class _Connection(Protocol):
 _JUDGED = (b"content-type", b"content-range", b"x-upload-length", b"authorization")
 
 log = Logger()
-
-
-class _Answered(Exception):
-    """Carries an already decided (code, message, headers) down an errback chain."""
 
 
 def _forwardedFor(request: http.Request) -> list[bytes] | None:
@@ -159,15 +135,11 @@ class UploadRequest(server.Request):
     _upload: Sink | None = None  # the accepted body being received; see _letGo
     _refused = False
     _gone = False  # the connection is lost
-    _pausedFor: frozenset[str] = frozenset()  # why reading is paused: "disk", "rate"
+    _pacer: Pacer | None = None  # the pauses of an accepted upload's reading
     _acceptedAt = 0.0
-    _bandwidth: Bandwidth | None = None  # MaxBytesPerSecond of this upload
-    _resume: IDelayedCall | None = None  # the pending end of a throttling pause
-    _savedTimeout: float | None = None
     _savedReadSize: int | None = None  # the transport's read size before this upload's
     _finishOnBody = False
     _drainBudget: int | None = None  # bytes of a refused body still read and dropped
-    _floor: BodyRateFloor | None = None  # MinUploadBytesPerSecond of this upload
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -289,13 +261,17 @@ class UploadRequest(server.Request):
             self._letGo()
             self._refuse(*self._storageError(e), None, duringBody=True)
             return
+        pacer = self._pacer
+        assert pacer is not None  # set with _upload
         if behind:
             # The disk is behind the client: stop reading until the backlog is written.
-            self._pause("disk")
-        self._throttle(len(data))
+            pacer.pause("disk")
+        pacer.took(len(data))
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self._stopFloor()
+        pacer = self._pacer
+        if pacer is not None:
+            pacer.stopFloor()
         if self._refused:
             if self._finishOnBody:
                 self._finishRefusal()
@@ -304,7 +280,8 @@ class UploadRequest(server.Request):
         if upload is None:
             super().requestReceived(command, path, version)
             return
-        self._endThrottle()
+        assert pacer is not None  # set with _upload
+        pacer.endThrottle()
         self.site = self._host
         self.setHeader(b"Server", server.version)
         self.setHeader(b"Date", http.datetimeToString())
@@ -317,28 +294,16 @@ class UploadRequest(server.Request):
                 f"body has {upload.received} bytes, the slot is for {upload.size}",
             )
             return
-        self._diskCaughtUp()  # the body is complete: nothing more to hold back
+        pacer.diskCaughtUp()  # the body is complete: nothing more to hold back
         upload.onRelief = None
         upload.committing = True
 
-        def commit(_: None) -> Deferred[Outcome]:
-            return self._fs.uploads.committer.submit(upload)
-
-        def unwritten(failure: Failure) -> Failure:
-            upload.abort()
-            return failure
-
-        # The errback first: it sees a failure of drained() only, never one of the commit.
-        d = upload.drained().addErrback(unwritten).addCallback(commit)
-        d.addCallback(self._recordUpload, upload)
-        d.addErrback(self._commitFailed, upload)
+        land(self._fs, upload, self._acceptedAt).addCallback(self._landed)
 
     def connectionLost(self, reason: Failure) -> None:
         self._gone = True
-        self._stopFloor()
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
+        if self._pacer is not None:
+            self._pacer.lost()
         upload = self._upload
         if upload is not None and not upload.committing:
             upload.abort()
@@ -365,77 +330,16 @@ class UploadRequest(server.Request):
         verdict = judge(self.path, query, length, headers, fs, fs.now())
         if isinstance(verdict, Refusal):
             return self._refuse(verdict.status, verdict.reason, length, verdict.headers)
-        plan = verdict
-        if plan.needed and fs.room_for(plan.needed) is False:
-            log.warn(
-                "refused {path} ({size} bytes): less free space than that plus MinFreeSpace",
-                path=plan.relpath,
-                size=plan.needed,
-            )
-            return self._refuse(INSUFFICIENT_STORAGE, "insufficient storage", length)
-        if not fs.uploads.accepting:
-            return self._refuse(
-                http.SERVICE_UNAVAILABLE, "shutting down", length, [(b"Retry-After", RETRY_AFTER)]
-            )
-        if not fs.metadata.writable():
-            # No store could record the file: say so before the client
-            # spends its bandwidth on a body we would have to throw away.
-            return self._refuse(
-                http.SERVICE_UNAVAILABLE,
-                "metadata store unavailable",
-                length,
-                [(b"Retry-After", RETRY_AFTER)],
-            )
-        piece = check_piece(plan, length)
-        if piece is not None:
-            return self._refuse(piece.status, piece.reason, length, piece.headers)
         try:
-            sink = self._openSink(plan, length)
-        except Conflict:
-            return self._refuse(http.CONFLICT, "file exists", length)
-        except PathBusy:
-            return self._refuse(http.CONFLICT, "an upload of this path is in progress", length)
-        except ChunkInProgress:
-            return self._refuse(
-                http.CONFLICT, "another chunk of this upload is in progress", length
-            )
-        except OffsetMismatch as e:
-            return self._refuse(
-                http.REQUESTED_RANGE_NOT_SATISFIABLE,
-                f"the upload stands at {e.offset} bytes",
-                length,
-                received_range(e.offset),
-            )
-        except PathRefused as e:
-            return self._refuse(http.BAD_REQUEST, str(e), length)
+            admitted = admit(fs, verdict, length)
         except OSError as e:
             return self._refuse(*self._storageError(e), length)
-        if sink is not None:
-            self._accept(sink, plan.size)
+        if isinstance(admitted, Refusal):
+            return self._refuse(
+                admitted.status, admitted.reason, length, admitted.headers, admitted.error
+            )
+        self._accept(admitted, verdict.size)
         return None
-
-    def _openSink(self, plan: Plan, length: int | None) -> Sink | None:
-        """The sink for the body of C{plan}, or None when the request has been answered."""
-        fs = self._fs
-        expires = fs.expiry(plan.expires)
-        if plan.span is None:
-            return WholeUpload(
-                fs, plan.relpath, plan.size, plan.media_type, plan.protocol, plan.uploader, expires
-            )
-        if len(plan.span) == 1:
-            # "bytes */total": where does the upload stand?
-            if fs.storage.exists(plan.relpath):
-                raise Conflict()
-            offset = partial_offset(fs.store_dir, plan.relpath)
-            self._refuse(
-                RESUME_INCOMPLETE, f"{offset} bytes received", length, received_range(offset), False
-            )
-            return None
-        start, _, total = plan.span
-        return ResumablePiece(
-            fs, plan.relpath, total, start, plan.needed, plan.media_type, plan.protocol,
-            plan.uploader, expires,
-        )  # fmt: skip
 
     def _accept(self, sink: Sink, size: int) -> None:
         """Receive the body into C{sink}: it counts among the uploads in progress."""
@@ -443,15 +347,17 @@ class UploadRequest(server.Request):
         self._upload = sink
         fs.uploads.add(self)
         self._acceptedAt = fs.reactor.seconds()
-        sink.onRelief = self._diskCaughtUp
-        self._floor = watch_body_rate(fs, lambda: sink.received, self._tooSlow)
-        if fs.max_bytes_per_second:
-            self._bandwidth = Bandwidth(fs.max_bytes_per_second, fs.reactor)
+        bandwidth = (
+            Bandwidth(fs.max_bytes_per_second, fs.reactor) if fs.max_bytes_per_second else None
+        )
+        self._pacer = pacer = Pacer(self, fs, bandwidth)
+        sink.onRelief = pacer.diskCaughtUp
+        pacer.floor = watch_body_rate(fs, lambda: sink.received, self._tooSlow)
         if size > READ_SIZE:
             # Fewer, larger reads: a sixteenth of the calls through the HTTP parser.  A
             # bandwidth limit reads at most a sixteenth of a second's worth, or the
             # last read, which nothing pauses after, would carry it past its rate.
-            limits = [b.rate for b in (self._bandwidth, fs.total_bandwidth) if b is not None]
+            limits = [b.rate for b in (bandwidth, fs.total_bandwidth) if b is not None]
             read = min([READ_SIZE] + [int(rate) // 16 for rate in limits])
             self._savedReadSize = internals.set_read_size(
                 self.channel.transport, max(read, FileDescriptor.bufferSize)
@@ -474,6 +380,11 @@ class UploadRequest(server.Request):
                 internals.set_read_size(channel.transport, self._savedReadSize)
             self._savedReadSize = None
 
+    def liveChannel(self) -> Any | None:
+        """The channel, or None once this request has finished or its connection is lost."""
+        channel = getattr(self, "channel", None)  # gone once the request has finished
+        return None if channel is None or self._gone else channel
+
     def _connection(self) -> _Connection:
         return cast(_Connection, self.channel.transport)
 
@@ -482,59 +393,10 @@ class UploadRequest(server.Request):
         if self.channel is not None:
             self._connection().abortConnection()
 
-    # Back-pressure and throttling ----------------------------------------
-
-    def _pause(self, reason: str) -> None:
-        """Stop reading from the client, for C{reason}, until L{_unpause} of it."""
-        if not self._pausedFor:
-            self._connection().pauseProducing()
-            if self._floor is not None:
-                self._floor.pause()  # our own pause is not the client's slowness
-        self._pausedFor |= {reason}
-
-    def _unpause(self, reason: str) -> None:
-        """Read on, unless another reason still holds reading back."""
-        if reason not in self._pausedFor:
-            return
-        self._pausedFor -= {reason}
-        channel = getattr(self, "channel", None)  # gone once the request has finished
-        if not self._pausedFor and channel is not None and not self._gone:
-            self._connection().resumeProducing()
-            if self._floor is not None:
-                self._floor.resume()
-
-    def _diskCaughtUp(self) -> None:
-        self._unpause("disk")
-
-    def _throttle(self, count: int) -> None:
-        """Pause reading while this upload (or all of them) is ahead of its rate."""
-        fs = self._fs
-        waits = [b.take(count) for b in (self._bandwidth, fs.total_bandwidth) if b is not None]
-        wait = max(waits, default=0.0)
-        if wait <= 0 or self._resume is not None:
-            return
-        self._pause("rate")
-        # A deliberate pause is not an idle client: no timeout while it lasts.
-        self._savedTimeout = self.channel.setTimeout(None)
-        self._resume = fs.reactor.callLater(wait, self._unthrottle)
-
-    def _unthrottle(self) -> None:
-        self._resume = None
-        channel = getattr(self, "channel", None)  # gone once the request has finished
-        if channel is not None and not self._gone:
-            channel.setTimeout(self._savedTimeout)
-        self._unpause("rate")
-
-    def _endThrottle(self) -> None:
-        """The body is complete (or lost): no more pauses; undo a pending one now."""
-        self._bandwidth = None
-        if self._resume is not None:
-            self._resume.cancel()
-            self._unthrottle()
-
     def _tooSlow(self, received: int, seconds: float) -> None:
         """Below MinUploadBytesPerSecond: cut; connectionLost removes the temp file."""
-        self._floor = None
+        if self._pacer is not None:
+            self._pacer.floor = None
         upload = self._upload
         if upload is None or upload.committing or self._gone:
             return
@@ -549,11 +411,6 @@ class UploadRequest(server.Request):
             floor=fs.min_upload_bytes_per_second,
         )
         self._connection().abortConnection()
-
-    def _stopFloor(self) -> None:
-        if self._floor is not None:
-            self._floor.stop()
-            self._floor = None
 
     # Answers -------------------------------------------------------------
 
@@ -635,7 +492,7 @@ class UploadRequest(server.Request):
 
     def _storageError(self, error: OSError) -> tuple[int, str]:
         log.error("cannot store {path}: {error}", path=escape(self.path), error=error)
-        if error.errno in _STORAGE_FULL:
+        if error.errno in STORAGE_FULL:
             return INSUFFICIENT_STORAGE, "insufficient storage"
         return http.INTERNAL_SERVER_ERROR, "cannot store the file"
 
@@ -651,77 +508,9 @@ class UploadRequest(server.Request):
         if not self.finished and not self._gone:
             self.finish()
 
-    def _recordUpload(self, outcome: Outcome, upload: Sink) -> Any:
-        if isinstance(outcome, Partial):
-            # A resumable piece is in; the upload is not complete yet.
-            self._letGo()
-            self._respond(
-                RESUME_INCOMPLETE,
-                f"{outcome.offset} bytes received",
-                received_range(outcome.offset),
-            )
-            return None
-        return self._publish(outcome, upload)
-
-    def _publish(self, stored: Stored, upload: Sink) -> Any:
-        """Write the record of a file now in place; withdraw the file if that fails."""
-        fs = self._fs
-        record: FileRecord = stored.record
-        d = fs.metadata.put(record)
-
-        def published(_: object) -> None:
-            self._letGo()
-            metrics = fs.metrics
-            metrics.uploads.inc()
-            metrics.upload_bytes.inc(record.size)
-            metrics.upload_duration.observe(fs.reactor.seconds() - self._acceptedAt)
-            log.info(
-                "stored {path} ({size} bytes, {type}, {protocol})",
-                path=escape(record.path),
-                size=record.size,
-                type=record.content_type,
-                protocol=record.protocol,
-            )
-            self._respond(http.CREATED, "created")
-
-        def unrecorded(failure: Failure) -> None:
-            if failure.check(StoreUnavailable):
-                log.warn(
-                    "cannot record {path} ({why}); upload withdrawn",
-                    path=escape(record.path),
-                    why=failure.value,
-                )
-            else:
-                log.failure(
-                    "cannot record {path}; upload withdrawn", failure, path=escape(record.path)
-                )
-            upload.unpublish()
-            # The write may still land later (a timed-out query cannot be
-            # recalled): try to take it back too, so no record outlives its file.
-            fs.metadata.delete(record.path).addErrback(lambda _: None)
-            raise _Answered(
-                http.SERVICE_UNAVAILABLE,
-                "metadata store unavailable",
-                [(b"Retry-After", RETRY_AFTER)],
-            )
-
-        return d.addCallbacks(published, unrecorded)
-
-    def _commitFailed(self, failure: Failure, upload: Sink) -> None:
+    def _landed(self, answer: Answer) -> None:
+        """The upload has ended as C{answer} says: let go of it and say so."""
         self._letGo()
-        if failure.check(Conflict):
-            self._failed("conflict")
-            self._respond(http.CONFLICT, "file exists")
-        elif isinstance(failure.value, _Answered):
-            self._failed("store")
-            self._respond(*failure.value.args)
-        elif isinstance(failure.value, OSError) and failure.value.errno in _STORAGE_FULL:
-            self._failed("disk")
-            log.error(
-                "cannot store {path}: {error}", path=escape(upload.relpath), error=failure.value
-            )
-            self._respond(INSUFFICIENT_STORAGE, "insufficient storage")
-        else:
-            self._failed("internal")
-            log.failure("cannot store {path}", failure, path=escape(upload.relpath))
-            self._respond(http.INTERNAL_SERVER_ERROR, "cannot store the file")
+        if answer.failed is not None:
+            self._failed(answer.failed)
+        self._respond(answer.status, answer.message, answer.headers)
