@@ -119,6 +119,25 @@ class StorageContractMixin:
         self.storage.settle(["s/a.txt", "s/b.txt"])
         self.assertEqual(list(self.storage.files()), ["s/a.txt", "s/b.txt"])
 
+    def test_not_a_file(self) -> None:
+        """A name that is a directory of files is no file: no stat, no open."""
+        self.store("dir/f.txt", b"f")
+        self.assertIsNone(self.storage.stat("dir"))
+        self.assertIsNone(self.storage.open("dir"))
+
+    def test_adopt(self) -> None:
+        """A finished local file is published with its facts, never over another."""
+        source = self.mktemp()
+        with open(source, "wb") as f:
+            f.write(b"resumed")
+        record = record_for("r/s.txt", b"resumed")
+        self.storage.adopt(source, "r/s.txt", record)
+        stored = self.storage.open("r/s.txt")
+        self.assertEqual(stored.read(0, 100), b"resumed")
+        self.assertEqual(stored.facts(), record)
+        stored.close()
+        self.assertRaises(Conflict, self.storage.adopt, source, "r/s.txt", record)
+
     def test_sweep_spares_recent_temps(self) -> None:
         """A temp newer than the cut-off may be an upload in progress: the sweep keeps it."""
         writer = self.storage.writer("k.txt")

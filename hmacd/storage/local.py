@@ -111,9 +111,11 @@ class LocalStorage:
 
     def stat(self, relpath: str) -> Stat | None:
         try:
-            st = os.stat(store_path(self.root, relpath))
+            st = os.lstat(store_path(self.root, relpath))
         except (OSError, PathRefused):
             return None
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a directory, a link: not a stored file
         return Stat(st.st_size, st.st_mtime)
 
     def open(self, relpath: str) -> LocalFile | None:
@@ -121,7 +123,11 @@ class LocalStorage:
             fd = os.open(store_path(self.root, relpath), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except (OSError, PathRefused):
             return None
-        return LocalFile(open(fd, "rb", buffering=0), relpath)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None  # a directory (or a FIFO): not a stored file
+        return LocalFile(open(fd, "rb", buffering=0), relpath, st)
 
     def delete(self, relpath: str) -> bool:
         try:
@@ -216,10 +222,9 @@ class LocalStorage:
 class LocalFile:
     """A stored file open for reading; the open file is the zero-copy path."""
 
-    def __init__(self, f: IO[bytes], relpath: str) -> None:
+    def __init__(self, f: IO[bytes], relpath: str, st: os.stat_result) -> None:
         self._file = f
         self._relpath = relpath
-        st = os.fstat(f.fileno())
         self.size = st.st_size
         self.modified = st.st_mtime
 
