@@ -71,8 +71,16 @@ class StorageContractMixin:
             self.assertEqual(stored.read(7, 5), b"world")
             self.assertEqual(stored.read(12, 5), b"")
             self.assertEqual(stored.facts(), record)
+            self.assertEqual(int(stored.modified), stored.modified_ns // 10**9)
+            version = stored.version
+            hash(version)
         finally:
             stored.close()
+        self.storage.delete("d/e.txt")
+        self.store("d/e.txt", b"hello again, world")
+        again = self.storage.open("d/e.txt")
+        self.assertNotEqual(again.version, version)
+        again.close()
         self.assertEqual(list(self.storage.files()), ["d/e.txt"])
 
     def test_unpublished_is_invisible(self) -> None:

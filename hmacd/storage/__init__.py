@@ -84,6 +84,11 @@ class IReadable(Interface):
 
     size = Attribute("Its size in bytes.")
     modified = Attribute("When it was stored, in seconds since the epoch.")
+    modified_ns = Attribute("The same, in integer nanoseconds (weak ETags are made of it).")
+    version = Attribute(
+        "A hashable value that changes whenever the bytes at this name are replaced"
+        " (caches of its record key on it)."
+    )
 
     def facts() -> FileRecord | None:
         """Blocking.  The facts stored with the bytes; None when they have none."""

@@ -227,6 +227,8 @@ class LocalFile:
         self._relpath = relpath
         self.size = st.st_size
         self.modified = st.st_mtime
+        self.modified_ns = st.st_mtime_ns
+        self.version = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def facts(self) -> FileRecord | None:
         return read_facts(self._file.fileno(), self._relpath)
