@@ -87,3 +87,20 @@ class LocalStorageTests(SynchronousTestCase):
         self.assertTrue(self.storage.delete("p/q/r.txt"))
         self.assertEqual(store_files(self.root), [])
         self.assertTrue(os.path.isdir(self.root))
+
+    def test_link_inside_the_store_is_followed(self) -> None:
+        """A link to a file inside the store reads as that file, as downloads always did."""
+        with open(os.path.join(self.root, "target.txt"), "wb") as f:
+            f.write(b"target")
+        os.symlink("target.txt", os.path.join(self.root, "alias.txt"))
+        stored = self.storage.open("alias.txt")
+        assert stored is not None
+        self.assertEqual(stored.read(0, 10), b"target")
+        stored.close()
+        self.assertEqual(self.storage.stat("alias.txt").size, 6)
+
+    def test_fifo_is_no_file(self) -> None:
+        """A FIFO in the store is neither opened (which would hang) nor stat'ed as a file."""
+        os.mkfifo(os.path.join(self.root, "pipe"))
+        self.assertIsNone(self.storage.open("pipe"))
+        self.assertIsNone(self.storage.stat("pipe"))

@@ -111,16 +111,18 @@ class LocalStorage:
 
     def stat(self, relpath: str) -> Stat | None:
         try:
-            st = os.lstat(store_path(self.root, relpath))
+            st = os.stat(store_path(self.root, relpath))
         except (OSError, PathRefused):
             return None
         if not stat.S_ISREG(st.st_mode):
-            return None  # a directory, a link: not a stored file
+            return None  # a directory: not a stored file
         return Stat(st.st_size, st.st_mtime)
 
     def open(self, relpath: str) -> LocalFile | None:
         try:
-            fd = os.open(store_path(self.root, relpath), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            # Non-blocking: a FIFO placed in the store must not hang us (a regular file
+            # reads the same either way).  A link is followed: store_path has judged it.
+            fd = os.open(store_path(self.root, relpath), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except (OSError, PathRefused):
             return None
         st = os.fstat(fd)
