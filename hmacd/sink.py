@@ -3,13 +3,15 @@ The disk side of an upload: where an accepted body goes, and how it becomes a st
 
 A request that has been accepted holds one L{Sink}.  There are two, with one contract:
 
- - L{WholeUpload}: a body that is the whole file.  It goes into a temp dot file beside its
-   destination, written and hashed in a worker thread while the reactor reads on; at the
-   end it is fsynced and linked into place, never overwriting.  L{Sink.abort} removes every
-   trace of it.
+ - L{WholeUpload}: a body that is the whole file.  It streams into a writer of the
+   storage (L{hmacd.storage.IWriter}; for the local directory a temp dot file beside its
+   destination, written and hashed in a worker thread while the reactor reads on) and is
+   published at the end, never overwriting.  L{Sink.abort} removes every trace of it.
  - L{ResumablePiece}: one C{Content-Range} piece of a resumable upload, appended to the
-   upload's bytes so far under C{.hmacfs/partial/}.  L{Sink.abort} keeps the bytes that
-   arrived: that is the resumable protocol (the client asks for the offset and goes on).
+   upload's bytes so far under C{.hmacfs/partial/} (one piece at a time: a set in this
+   process, a lock across Workers); the last one hands the whole file to the storage
+   (L{hmacd.storage.IStorage.adopt}).  L{Sink.abort} keeps the bytes that arrived: that
+   is the resumable protocol (the client asks for the offset and goes on).
 
 Both commit, in a pool thread, through the one L{GroupCommit} of the server, to one result
 type: L{Stored} (the file is in place, here is its record) or L{Partial} (a piece is
