@@ -434,6 +434,12 @@ async def drain_uploads(fs: FileServer, grace: float) -> None:
     idle.addTimeout(grace, fs.reactor)
     with suppress(TimeoutError, DeferTimeoutError):
         await idle
+        # The last upload let go just before its answer was written, and what follows the
+        # drain (the stores' close, then the reactor's disconnectAll) must not overtake that
+        # answer: one reactor turn with I/O in it sends it.  A call made from a call that was
+        # due runs only after the next poll for I/O.
+        await deferLater(fs.reactor, 0, lambda: None)
+        await deferLater(fs.reactor, 0, lambda: None)
     for request in uploads:
         log.warn("shutting down: aborting the upload of {path}", path=escape(request.path))
         request.abortUpload()
