@@ -9,7 +9,7 @@ the claim on the path and whether something is there already.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 from twisted.web import http
@@ -35,12 +35,15 @@ from hmacd.verdict import (
     received_range,
 )
 
+if TYPE_CHECKING:
+    from hmacd.core import FileServer
+
 __all__ = ["admit"]
 
 log = Logger()
 
 
-def admit(fs: Any, plan: Plan, length: int | None) -> Sink | Refusal:
+def admit(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
     """
     The sink for the body of C{plan}, or the refusal (an offset query's answer, 308, too).
 
@@ -84,7 +87,7 @@ def admit(fs: Any, plan: Plan, length: int | None) -> Sink | Refusal:
         return Refusal(http.BAD_REQUEST, str(e))
 
 
-def _open(fs: Any, plan: Plan) -> Sink | Refusal:
+def _open(fs: FileServer, plan: Plan) -> Sink | Refusal:
     expires = fs.expiry(plan.expires)
     if plan.span is None:
         return WholeUpload(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -22,6 +22,9 @@ from hmacd.logs import escape
 from hmacd.sink import Conflict, Outcome, Partial, Sink
 from hmacd.store import StoreUnavailable
 from hmacd.verdict import INSUFFICIENT_STORAGE, RESUME_INCOMPLETE, received_range
+
+if TYPE_CHECKING:
+    from hmacd.core import FileServer
 
 __all__ = ["RETRY_AFTER", "STORAGE_FULL", "Answer", "land"]
 
@@ -52,7 +55,7 @@ class _Withdrawn(Exception):
     """The file was taken back: no store could record it."""
 
 
-def land(fs: Any, sink: Sink, acceptedAt: float) -> Deferred[Answer]:
+def land(fs: FileServer, sink: Sink, acceptedAt: float) -> Deferred[Answer]:
     """
     Commit C{sink} (a body received in full) and record what it stored; never fails.
 
@@ -73,7 +76,7 @@ def land(fs: Any, sink: Sink, acceptedAt: float) -> Deferred[Answer]:
     return answered.addErrback(_failed, sink)
 
 
-def _record(outcome: Outcome, fs: Any, sink: Sink, acceptedAt: float) -> Any:
+def _record(outcome: Outcome, fs: FileServer, sink: Sink, acceptedAt: float) -> Any:
     if isinstance(outcome, Partial):
         # A resumable piece is in; the upload is not complete yet.
         return Answer(

@@ -9,12 +9,15 @@ with it: our own pause is not the client's slowness.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.internet.interfaces import IDelayedCall
 
 from hmacd.guard import BodyRateFloor
 from hmacd.throttle import Bandwidth
+
+if TYPE_CHECKING:
+    from hmacd.core import FileServer
 
 __all__ = ["Paced", "Pacer"]
 
@@ -43,7 +46,7 @@ class Pacer:
     _resume: IDelayedCall | None = None  # the pending end of a throttling pause
     _savedTimeout: float | None = None
 
-    def __init__(self, request: Paced, fs: Any, bandwidth: Bandwidth | None) -> None:
+    def __init__(self, request: Paced, fs: FileServer, bandwidth: Bandwidth | None) -> None:
         self._request = request
         self._fs = fs
         self.bandwidth = bandwidth

@@ -28,7 +28,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -37,6 +37,9 @@ from hmacd.batch import Batcher
 from hmacd.claims import Claim, claim
 from hmacd.metadata import FileRecord
 from hmacd.storage import Conflict, IWriter
+
+if TYPE_CHECKING:
+    from hmacd.core import FileServer
 
 __all__ = [
     "ChunkInProgress",
@@ -155,7 +158,7 @@ class Sink:
     uploader: str | None
     expires: float | None
 
-    def __init__(self, fs: Any, relpath: str, size: int) -> None:
+    def __init__(self, fs: FileServer, relpath: str, size: int) -> None:
         """
         Claim the path for this body.
 
@@ -223,7 +226,7 @@ class WholeUpload(Sink):
 
     def __init__(
         self,
-        fs: Any,
+        fs: FileServer,
         relpath: str,
         size: int,
         content_type: str,
@@ -295,7 +298,7 @@ class ResumablePiece(Sink):
 
     def __init__(
         self,
-        fs: Any,
+        fs: FileServer,
         relpath: str,
         total: int,
         start: int,
