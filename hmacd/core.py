@@ -4,49 +4,28 @@ The state one running file server shares between its requests.
 
 from __future__ import annotations
 
-import mimetypes
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 
-from hmacd.auth import DEFAULT_CONTENT_TYPE
 from hmacd.guard import ClientCounts
-from hmacd.mediatype import BadMediaType, essence, parse_media_type
+from hmacd.mediatype import guess_type, is_inline_type
 from hmacd.metrics import Metrics
+from hmacd.sink import GroupCommit, Uploads
+from hmacd.storage import IStorage
+from hmacd.storage.local import LocalStorage
+from hmacd.store.failover import FailoverStore
+from hmacd.throttle import Bandwidth, RateLimiter
 
-__all__ = ["FileServer", "guess_type", "is_inline_type"]
+__all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
 
-# Built-in table only: the same answer on every machine, whatever
-# /etc/mime.types says.
-_TYPES = mimetypes.MimeTypes()
-
-
-def guess_type(name: str) -> str:
-    """The content type for a file name, by its extension."""
-    guessed, _ = _TYPES.guess_type(name, strict=False)
-    return guessed or DEFAULT_CONTENT_TYPE
-
-
-def is_inline_type(content_type: str) -> bool:
-    """
-    Whether a browser may show this type inline.
-
-    XEP-0363 deployments show pictures, video, audio and plain text in the
-    page; everything else is served as an attachment so that an uploaded
-    HTML or PDF file never runs in the server's origin.  Judged on the parsed
-    type alone: a value that is not exactly one media type (a list such as
-    C{image/png, text/html}, whose last type a browser would use) is never
-    inline.
-    """
-    try:
-        main = essence(parse_media_type(content_type))
-    except BadMediaType:
-        return False
-    return main == "text/plain" or main.split("/", 1)[0] in ("image", "video", "audio")
+# Runs a blocking callable off the reactor thread; a Deferred of its result.
+Blocking = Callable[[Callable[[], Any]], Deferred[Any]]
 
 
 @dataclass
@@ -70,32 +49,25 @@ class FileServer:
 
     secret: bytes
     store_dir: str
+    # IReactorTime and IReactorThreads: Python has no type for "both".
     reactor: Any
-    metadata: Any  # a hmacd.store.failover.FailoverStore
+    metadata: FailoverStore
     prefix: str = "upload"
     upload_max_size: int = 0
     chunk_size: int = 1 << 20
-    blocking: Callable[[Callable[[], Any]], Deferred] | None = None
-    clock: Any = None
+    # None (the default) is replaced in __post_init__, as documented above.
+    blocking: Blocking = None  # type: ignore[assignment]
+    clock: IReactorTime = None  # type: ignore[assignment]
     file_ttl: float = 0
     metrics: Metrics = field(default_factory=Metrics)
-    # The UploadRequests whose bodies are being received (graceful shutdown
-    # waits for them; a gauge counts them).
-    uploads: set = field(default_factory=set)
-    # False once shutdown has begun: new uploads are refused with 503.
-    accepting: bool = True
     # RateLimitPerMinute (a hmacd.throttle.RateLimiter), and the networks
     # whose X-Forwarded-For names the client.
-    limiter: Any = None
+    limiter: RateLimiter | None = None
     trusted_proxies: tuple = ()
     # MaxBytesPerSecond per upload, and a hmacd.throttle.Bandwidth shared by
     # all uploads (MaxTotalBytesPerSecond).
     max_bytes_per_second: int = 0
-    total_bandwidth: Any = None
-    # Paths whose resumable upload is receiving a chunk right now (one at a time).
-    resumable: set = field(default_factory=set)
-    # The hmacd.upload.GroupCommit that finished uploads are committed through.
-    committer: Any = None
+    total_bandwidth: Bandwidth | None = None
     # HeaderTimeout, MaxConnectionsPerClient, MinUploadBytesPerSecond and MinUploadRateWindow
     # (hmacd.guard); off unless given, so that a FileServer built by hand behaves as before.
     header_timeout: float = 0
@@ -109,6 +81,9 @@ class FileServer:
     min_free_space: int = 64 * 1024 * 1024
     # Where free space is asked (tests pass a fake file system).
     statvfs: Callable[[str], Any] = os.statvfs
+    # What the upload code shares between its requests: those receiving a body, the
+    # resumable uploads receiving a piece, the committer, whether uploads are accepted.
+    uploads: Uploads = field(init=False)
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
@@ -120,6 +95,15 @@ class FileServer:
             self.blocking = lambda f: deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), f
             )
+        # Through self: tests swap `blocking` after construction.
+        # Where the bytes of finished files live.
+        self.storage: IStorage = LocalStorage(
+            self.store_dir, lambda work: self.blocking(work), self.chunk_size
+        )
+        self.uploads = Uploads(
+            GroupCommit(lambda work: self.blocking(work), self.storage.settle),
+            lambda count: self.metrics.uploads_in_progress.set(count),
+        )
 
     def expiry(self, claimed: float | None) -> float | None:
         """When a file uploaded now may go: FileTTL or the slot's own claim, the sooner."""

@@ -9,7 +9,6 @@ name, where ours comes from the record of the upload.
 from __future__ import annotations
 
 import os
-import stat
 from collections import OrderedDict
 from datetime import UTC
 from email.utils import formatdate, parsedate_to_datetime
@@ -24,12 +23,12 @@ from zope.interface import implementer
 
 from hmacd import internals
 from hmacd.core import FileServer, guess_type
-from hmacd.facts import UnrecordedFiles, is_expired, read_facts
+from hmacd.facts import UnrecordedFiles, is_expired
 from hmacd.logs import escape
 from hmacd.mediatype import OCTET_STREAM, BadMediaType, parse_media_type
 from hmacd.metadata import FileRecord
 from hmacd.numbers import NotADecimal, parse_decimal
-from hmacd.paths import PathRefused, relative_path, store_path
+from hmacd.paths import PathRefused, relative_path
 from hmacd.store import StoreUnavailable
 from hmacd.web import ALLOWED_METHODS, CONTENT_SECURITY_POLICY, attachment_disposition
 
@@ -308,14 +307,15 @@ class StoreResource(Resource):
             relpath = relative_path(request.path, self.fs.prefix)
             if relpath is None:
                 return self._notFound(request)
-            f = self._open(store_path(self.fs.store_dir, relpath))
+            st = self.fs.storage.open(relpath)
         except (PathRefused, OSError):
             return self._notFound(request)
-        if f is None:
+        if st is None:
             return self._notFound(request)
-        st = os.fstat(f.fileno())
-        facts = read_facts(f.fileno(), relpath)
-        if facts is not None and facts.size == st.st_size:
+        f = st.local_file()
+        assert f is not None  # the local directory's; an object store's reads come next
+        facts = st.facts()
+        if facts is not None and facts.size == st.size:
             # The file's own facts: no store on the way to the bytes, up or not.
             if is_expired(facts, self.fs.now()):
                 f.close()
@@ -324,7 +324,7 @@ class StoreResource(Resource):
             # Whether the store knows it is asked off the response's path, now and then.
             self._unrecorded.check(relpath)
             return NOT_DONE_YET
-        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        identity = st.version
         cached = self._records.get(relpath)
         if cached is not None and cached[0] == identity:
             # The same file as when its record was looked up: no store round trip.
@@ -380,27 +380,17 @@ class StoreResource(Resource):
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"not found\n"
 
-    @staticmethod
-    def _open(path: str):
-        """The open regular file at C{path}, or L{None}."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=0)
-
     def _serve(self, request, f, relpath: str, record: FileRecord | None, st) -> None:
         if internals.request_disconnected(request):
             f.close()  # the client left while the record was looked up
             return
-        size = st.st_size
+        size = st.size
         if record is not None and record.size == size:
             etag, content_type = record.etag, record.content_type
         else:
-            etag = b'W/"%x-%x"' % (size, st.st_mtime_ns)
+            etag = b'W/"%x-%x"' % (size, st.modified_ns)
             content_type = guess_type(relpath)
-        mtime = int(st.st_mtime)
+        mtime = int(st.modified)
 
         request.setHeader(b"ETag", etag)
         request.setHeader(b"Last-Modified", formatdate(mtime, usegmt=True).encode("ascii"))

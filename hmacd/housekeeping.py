@@ -14,16 +14,17 @@ from functools import partial
 import psutil
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hmacd.core import FileServer
-from hmacd.facts import is_expired, read_facts_at
+from hmacd.facts import is_expired
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
-from hmacd.paths import PathRefused, store_path
+from hmacd.sink import partial_dir
+from hmacd.storage import IStorage
 from hmacd.store import StoreUnavailable
-from hmacd.upload import PART_PREFIX, PART_SUFFIX, partial_dir
 
 __all__ = [
     "ExpirySweep",
@@ -33,7 +34,6 @@ __all__ = [
     "drain_uploads",
     "remove_all",
     "remove_expired",
-    "remove_stored",
     "sweep_partials",
     "sweep_resumable",
 ]
@@ -41,31 +41,12 @@ __all__ = [
 log = Logger()
 
 
-def sweep_partials(store_dir: str, older_than: float) -> list[str]:
+def sweep_partials(storage: IStorage, older_than: float) -> list[str]:
     """
-    Remove the temp files of uploads that can no longer finish.
-
-    A broken connection removes its own temp file; only a crash or a kill
-    leaves one behind.  Files modified at or after C{older_than} are left
-    alone: they may belong to an upload in progress.
-
-    @return: the removed files, relative to C{store_dir}.
+    Remove the temps of uploads that can no longer finish, untouched since C{older_than}
+    (newer ones may belong to an upload in progress); the removed ones' names.
     """
-    removed = []
-    for dirpath, dirnames, filenames in os.walk(store_dir):
-        if dirpath == store_dir and ".hmacfs" in dirnames:
-            dirnames.remove(".hmacfs")
-        for name in filenames:
-            if not (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)):
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                if os.lstat(path).st_mtime < older_than:
-                    os.unlink(path)
-                    removed.append(os.path.relpath(path, store_dir))
-            except FileNotFoundError:
-                pass  # finished or swept meanwhile
-    return removed
+    return storage.sweep_temps(older_than)
 
 
 def sweep_resumable(store_dir: str, older_than: float) -> list[str]:
@@ -76,7 +57,7 @@ def sweep_resumable(store_dir: str, older_than: float) -> list[str]:
     @return: the removed data files' names.
     """
     partial = partial_dir(store_dir)
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(partial)
     except FileNotFoundError:
@@ -142,10 +123,11 @@ class PartialSweep(TimerService):
         self._sweeping = True
         now = self.fs.now()
         root = self.fs.store_dir
+        storage = self.fs.storage
 
         def both() -> tuple[list[str], list[str]]:
             return (
-                sweep_partials(root, now - self.maxAge),
+                sweep_partials(storage, now - self.maxAge),
                 sweep_resumable(root, now - self.resumableTTL),
             )
 
@@ -171,41 +153,16 @@ class PartialSweep(TimerService):
         d.addErrback(lambda f: log.failure("sweeping abandoned uploads failed", f))
 
 
-def remove_stored(store_dir: str, relpath: str) -> bool:
-    """
-    Delete the file a record names, and the directories it leaves empty.
-
-    @return: whether a file was there.
-    """
-    try:
-        path = store_path(store_dir, relpath)
-    except PathRefused:
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    directory = os.path.dirname(path)
-    root = os.path.realpath(store_dir)
-    while directory != root and directory.startswith(root + os.sep):
-        try:
-            os.rmdir(directory)
-        except OSError:
-            break  # not empty
-        directory = os.path.dirname(directory)
-    return True
-
-
 # Threads the expiry sweep removes files in at once.
 REMOVE_LANES = 4
 
 
-def remove_all(store_dir: str, relpaths: list[str]) -> int:
-    """L{remove_stored} for each of C{relpaths}, in one trip to a thread; how many were there."""
-    return sum(remove_stored(store_dir, relpath) for relpath in relpaths)
+def remove_all(storage: IStorage, relpaths: list[str]) -> int:
+    """Delete each of C{relpaths}, in one trip to a thread; how many were there."""
+    return sum(storage.delete(relpath) for relpath in relpaths)
 
 
-def remove_expired(store_dir: str, records: list[FileRecord], now: float) -> list[FileRecord]:
+def remove_expired(storage: IStorage, records: list[FileRecord], now: float) -> list[FileRecord]:
     """
     Delete the files of expired C{records}, except those that are another upload than
     their record says (a store restored from an old backup): a file whose facts name
@@ -215,15 +172,16 @@ def remove_expired(store_dir: str, records: list[FileRecord], now: float) -> lis
     """
     kept = []
     for record in records:
-        try:
-            path = store_path(store_dir, record.path)
-        except PathRefused:
-            continue
-        facts = read_facts_at(path, record.path)
-        if facts is not None and facts.created != record.created and not is_expired(facts, now):
-            kept.append(facts)
-            continue
-        remove_stored(store_dir, record.path)
+        stored = storage.open(record.path)
+        if stored is not None:
+            try:
+                facts = stored.facts()
+            finally:
+                stored.close()
+            if facts is not None and facts.created != record.created and not is_expired(facts, now):
+                kept.append(facts)
+                continue
+        storage.delete(record.path)
     return kept
 
 
@@ -288,7 +246,7 @@ class ExpirySweep(TimerService):
             # the newer file.
             return
         metrics = self.fs.metrics
-        started = self.clock.seconds()
+        started = self.fs.reactor.seconds()
         backlog = await self._countDue()
         removed = 0
         previous: set[str] = set()
@@ -309,7 +267,7 @@ class ExpirySweep(TimerService):
                 now = self.fs.now()
                 lanes = [due[n::REMOVE_LANES] for n in range(REMOVE_LANES)]
                 kept = await _gather(
-                    self.fs.blocking(partial(remove_expired, self.fs.store_dir, lane, now))
+                    self.fs.blocking(partial(remove_expired, self.fs.storage, lane, now))
                     for lane in lanes
                     if lane
                 )
@@ -332,11 +290,11 @@ class ExpirySweep(TimerService):
                 if len(due) < self.batch:
                     break
                 # Let requests in before the next batch.
-                await deferLater(self.clock, 0, lambda: None)
+                await deferLater(self.fs.reactor, 0, lambda: None)
         finally:
             if removed:
                 self.removed += removed
-                elapsed = self.clock.seconds() - started
+                elapsed = self.fs.reactor.seconds() - started
                 log.info(
                     "deleted {count} expired files in {seconds:.1f} s",
                     count=removed,
@@ -449,32 +407,41 @@ class SystemMonitor(TimerService):
                 lag=self.lag * 1000,
             )
             # The next lag figure: how late a call scheduled for "now" runs.
-            self.clock.callLater(0, self._lag, self.clock.seconds())
+            self.fs.reactor.callLater(0, self._lag, self.fs.reactor.seconds())
         except Exception:
             log.failure("system monitor sample failed")
 
     def _lag(self, scheduled: float) -> None:
-        self.lag = max(0.0, self.clock.seconds() - scheduled)
+        self.lag = max(0.0, self.fs.reactor.seconds() - scheduled)
         self.fs.metrics.reactor_lag.set(self.lag)
 
 
-async def drain_uploads(fs: FileServer, grace: float, poll: float = 0.1) -> None:
+async def drain_uploads(fs: FileServer, grace: float) -> None:
     """
     Shutdown: refuse new uploads, give those in progress C{grace} seconds,
     then abort the rest (their temp files go with their connections).
     """
-    fs.accepting = False
-    deadline = fs.reactor.seconds() + grace
-    if fs.uploads:
-        log.info(
-            "shutting down: waiting up to {grace}s for {count} uploads",
-            grace=grace,
-            count=len(fs.uploads),
-        )
-    while fs.uploads and fs.reactor.seconds() < deadline:
-        await deferLater(fs.reactor, poll, lambda: None)
-    for request in list(fs.uploads):
+    uploads = fs.uploads
+    uploads.accepting = False
+    if not uploads:
+        return
+    log.info(
+        "shutting down: waiting up to {grace}s for {count} uploads",
+        grace=grace,
+        count=len(uploads),
+    )
+    idle = uploads.idle()
+    idle.addTimeout(grace, fs.reactor)
+    with suppress(TimeoutError, DeferTimeoutError):
+        await idle
+        # The last upload let go just before its answer was written, and what follows the
+        # drain (the stores' close, then the reactor's disconnectAll) must not overtake that
+        # answer: one reactor turn with I/O in it sends it.  A call made from a call that was
+        # due runs only after the next poll for I/O.
+        await deferLater(fs.reactor, 0, lambda: None)
+        await deferLater(fs.reactor, 0, lambda: None)
+    for request in uploads:
         log.warn("shutting down: aborting the upload of {path}", path=escape(request.path))
         request.abortUpload()
-    if fs.uploads:
+    if uploads:
         await deferLater(fs.reactor, 0, lambda: None)  # let connectionLost run

@@ -15,9 +15,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.web import http
+from twisted.web.http import HTTPChannel
 
 # --- HTTP: channels, requests and transports (twisted.web.http, twisted.internet) --------
+
+# The upload request (hmacd.upload) ........................................................
+
+
+def request_line(channel: HTTPChannel) -> tuple[bytes, bytes, bytes]:
+    """
+    (method, target, version) of the request whose headers C{channel} has just parsed.
+
+    In C{Request.gotLength} the request line is parsed but not yet given to the request
+    (C{requestReceived} does that, after the body): C{HTTPChannel} keeps it in C{_command},
+    C{_path} and C{_version}.
+    """
+    return channel._command, channel._path, channel._version
+
+
+def set_read_size(transport: object, size: int) -> int:
+    """
+    Make C{transport} read up to C{size} bytes at a time; returns what it read before.
+
+    C{FileDescriptor.bufferSize} is documented but not meant to be set; a TCP transport
+    reads C{bufferSize} bytes per C{doRead}.  Whoever sets it restores it.
+    """
+    previous: int = getattr(transport, "bufferSize", FileDescriptor.bufferSize)
+    transport.bufferSize = size  # type: ignore[attr-defined]
+    return previous
 
 
 # ... HTTP, the read side and the policy (hmacd.download, hmacd.guard, hmacd.web) ...........

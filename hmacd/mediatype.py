@@ -20,9 +20,17 @@ C{text/plain; charset=UTF-8}.
 
 from __future__ import annotations
 
+import mimetypes
 import re
 
-__all__ = ["OCTET_STREAM", "BadMediaType", "essence", "parse_media_type"]
+__all__ = [
+    "OCTET_STREAM",
+    "BadMediaType",
+    "essence",
+    "guess_type",
+    "is_inline_type",
+    "parse_media_type",
+]
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -71,3 +79,32 @@ def parse_media_type(value: str) -> str:
 def essence(value: str) -> str:
     """C{type/subtype} of a type L{parse_media_type} returned."""
     return value.split(";", 1)[0]
+
+
+# Built-in table only: the same answer on every machine, whatever
+# /etc/mime.types says.
+_TYPES = mimetypes.MimeTypes()
+
+
+def guess_type(name: str) -> str:
+    """The content type for a file name, by its extension."""
+    guessed, _ = _TYPES.guess_type(name, strict=False)
+    return guessed or OCTET_STREAM
+
+
+def is_inline_type(content_type: str) -> bool:
+    """
+    Whether a browser may show this type inline.
+
+    XEP-0363 deployments show pictures, video, audio and plain text in the
+    page; everything else is served as an attachment so that an uploaded
+    HTML or PDF file never runs in the server's origin.  Judged on the parsed
+    type alone: a value that is not exactly one media type (a list such as
+    C{image/png, text/html}, whose last type a browser would use) is never
+    inline.
+    """
+    try:
+        main = essence(parse_media_type(content_type))
+    except BadMediaType:
+        return False
+    return main == "text/plain" or main.split("/", 1)[0] in ("image", "video", "audio")

@@ -15,16 +15,15 @@ temp files) and anything but regular files are skipped.
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 
-from hmacd.core import guess_type
-from hmacd.facts import read_facts
+from hmacd.mediatype import guess_type
 from hmacd.metadata import FileRecord
+from hmacd.storage import IStorage
+from hmacd.storage.local import LocalStorage
 
 __all__ = ["GUESSED_PROTOCOL", "ReindexCounts", "reindex", "stored_files"]
 
@@ -48,75 +47,76 @@ class ReindexCounts:
         )
 
 
-def stored_files(store_dir: str) -> Iterator[str]:
-    """The store paths of every served file under C{store_dir}: no dot entries, no links."""
-    for dirpath, dirnames, filenames in os.walk(store_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    continue
-            except FileNotFoundError:
-                continue
-            yield os.path.relpath(path, store_dir).replace(os.sep, "/")
+def _storage(where: IStorage | str) -> IStorage:
+    """The storage itself, or a directory's (the CLI names one: C{StoreDir})."""
+    if isinstance(where, str):
+        # Only read here: no writer, so nothing runs in a thread.
+        return LocalStorage(where, maybeDeferred)
+    return where
 
 
-def record_of(store_dir: str, relpath: str, file_ttl: float) -> tuple[FileRecord, bool] | None:
+def stored_files(where: IStorage | str) -> Iterator[str]:
+    """The store paths of every served file: no dot entries, no links."""
+    return _storage(where).files()
+
+
+def record_of(storage: IStorage, relpath: str, file_ttl: float) -> tuple[FileRecord, bool] | None:
     """
     The record of the file at C{relpath}, and whether it came from the file's facts; None
     when the file went away meanwhile.
     """
-    try:
-        fd = os.open(os.path.join(store_dir, relpath), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
+    stored = storage.open(relpath)
+    if stored is None:
         return None
-    with open(fd, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
-        facts = read_facts(f.fileno(), relpath)
-        if facts is not None and facts.size == st.st_size:
+    try:
+        facts = stored.facts()
+        if facts is not None and facts.size == stored.size:
             return facts, True
         digest = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):
+        offset = 0
+        while block := stored.read(offset, 1 << 20):
             digest.update(block)
+            offset += len(block)
+    finally:
+        stored.close()
     return (
         FileRecord(
             path=relpath,
-            size=st.st_size,
+            size=stored.size,
             content_type=guess_type(relpath),
             sha256=digest.hexdigest(),
-            created=st.st_mtime,
+            created=stored.modified,
             protocol=GUESSED_PROTOCOL,
-            expires=st.st_mtime + file_ttl if file_ttl else None,
+            expires=stored.modified + file_ttl if file_ttl else None,
         ),
         False,
     )
 
 
-async def reindex(store, store_dir: str, file_ttl: float = 0) -> ReindexCounts:
+async def reindex(store, where: IStorage | str, file_ttl: float = 0) -> ReindexCounts:
     """
-    Put a record for every file under C{store_dir} that C{store} has none for.
+    Put a record for every file of C{where} (a storage, or a local directory) that C{store}
+    has none for.
 
     @raise hmacd.store.StoreUnavailable: the store stopped answering (the counts so far
         are lost with it; running again picks up where it stood).
     """
+    storage = _storage(where)
     counts = ReindexCounts()
     batch: list[str] = []
-    for relpath in stored_files(store_dir):
+    for relpath in storage.files():
         counts.files += 1
         batch.append(relpath)
         if len(batch) == BATCH:
-            await _reindexBatch(store, store_dir, file_ttl, batch, counts)
+            await _reindexBatch(store, storage, file_ttl, batch, counts)
             batch = []
     if batch:
-        await _reindexBatch(store, store_dir, file_ttl, batch, counts)
+        await _reindexBatch(store, storage, file_ttl, batch, counts)
     return counts
 
 
 async def _reindexBatch(
-    store, store_dir: str, file_ttl: float, paths: list[str], counts: ReindexCounts
+    store, storage: IStorage, file_ttl: float, paths: list[str], counts: ReindexCounts
 ) -> None:
     found = await _together([store.get(path) for path in paths])
     puts: list[Deferred] = []
@@ -124,7 +124,7 @@ async def _reindexBatch(
         if existing is not None:
             counts.recorded += 1
             continue
-        made = record_of(store_dir, path, file_ttl)
+        made = record_of(storage, path, file_ttl)
         if made is None:
             counts.files -= 1  # deleted while we walked
             continue

@@ -20,7 +20,8 @@ from twisted.web import http
 from twisted.web.client import FileBodyProducer, readBody
 
 from hmacd.claims import PathBusy, claim, claims_file
-from hmacd.upload import DRAIN_LIMIT, _Upload
+from hmacd.sink import WholeUpload
+from hmacd.upload import DRAIN_LIMIT
 from tests.support import LoopbackServer, MemoryServer, store_files, v_query
 from tests.test_resumable import piece
 from tests.test_upload import chunked, put_head, request_head, status
@@ -255,7 +256,7 @@ class OneUploadPerPathTests(SynchronousTestCase):
 
         channel, transport = self.server.connect()
         channel.dataReceived(self.head)
-        patched = self.patch(_Upload, "write", full)
+        patched = self.patch(WholeUpload, "write", full)
         channel.dataReceived(b"0123456789")
         patched.restore()
         self.server.clock.advance(0)
@@ -348,13 +349,13 @@ class ConcurrentPutsOverSocketsTests(TestCase):
         # to the client (bench/one_slot.py shows 2 MiB with curl).
         size = DRAIN_LIMIT
         written = []
-        realWrite = _Upload.write
+        realWrite = WholeUpload.write
 
         def counting(upload, data):
             written.append(len(data))
             return realWrite(upload, data)
 
-        self.patch(_Upload, "write", counting)
+        self.patch(WholeUpload, "write", counting)
         url = server.url("one/slot.bin", v_query("one/slot.bin", size))
         body = os.urandom(size)
 

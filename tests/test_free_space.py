@@ -147,7 +147,7 @@ class FreeSpaceTests(SynchronousTestCase):
         """A chunked upload that runs out of disk mid-way still gets 507 and leaves nothing."""
         import errno
 
-        from hmacd.upload import _Upload
+        from hmacd.sink import WholeUpload
 
         self.disk.free = 10 * MiB
         head = request_head(
@@ -162,7 +162,7 @@ class FreeSpaceTests(SynchronousTestCase):
         def full(upload, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(_Upload, "write", full)
+        self.patch(WholeUpload, "write", full)
         channel.dataReceived(chunked(b"abc", b"def"))
         self.server.clock.advance(0)
         self.assertEqual(status(transport), INSUFFICIENT_STORAGE)

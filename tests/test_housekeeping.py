@@ -1,20 +1,32 @@
 """
-Periodic housekeeping, driven by a Clock.
+Periodic housekeeping, driven by a Clock; and the shutdown drain, on a real socket.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet import main
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hmacd.core import FileServer
 from hmacd.facts import write_facts
-from hmacd.housekeeping import ExpirySweep, PartialSweep, sweep_partials
+from hmacd.housekeeping import ExpirySweep, PartialSweep, drain_uploads, sweep_partials
+from hmacd.storage.local import LocalStorage
 from tests.store_contract import record
-from tests.support import SECRET, memory_metadata, store_files, synchronous
+from tests.support import (
+    SECRET,
+    LoopbackServer,
+    memory_metadata,
+    store_files,
+    synchronous,
+    v_query,
+)
 
 NOW = 1_800_000_000
 
@@ -53,7 +65,7 @@ class SweepTests(SynchronousTestCase):
 
     def test_sweep_removes_only_old_temp_files(self):
         """Old temp files go; fresh ones, ordinary files and .hmacfs/ stay."""
-        removed = sweep_partials(self.root, NOW - 600)
+        removed = sweep_partials(LocalStorage(self.root, synchronous), NOW - 600)
         self.assertEqual(
             sorted(removed),
             ["a/.hmacfs-0000000000000000.part", "a/b/.hmacfs-1111111111111111.part"],
@@ -82,7 +94,7 @@ class SweepTests(SynchronousTestCase):
         clock, fs = clocked_server(self.root)
         calls = []
 
-        def failing(store_dir, older_than):
+        def failing(storage, older_than):
             calls.append(older_than)
             raise OSError("disk gone")
 
@@ -251,3 +263,57 @@ class ExpiryTests(SynchronousTestCase):
         self.fs.file_ttl = 0
         self.assertIsNone(self.fs.expiry(None))
         self.assertEqual(self.fs.expiry(NOW + 60), NOW + 60)
+
+
+class DrainTests(TestCase):
+    """The shutdown drain waits for uploads in progress, and for their answers to leave."""
+
+    @inlineCallbacks
+    def test_answer_leaves_before_the_drain_returns(self):
+        """
+        What follows the drain (shutdown's disconnectAll drops every connection, sent or
+        not) does not take the last upload's 201 with it.
+        """
+        server = LoopbackServer(self)
+        protocols = []
+        build = server.site.buildProtocol
+
+        def recording(addr):
+            protocol = build(addr)
+            protocols.append(protocol)
+            return protocol
+
+        self.patch(server.site, "buildProtocol", recording)
+        accepted: Deferred[None] = Deferred()
+        add = server.fs.uploads.add
+
+        def adding(request):
+            add(request)
+            accepted.callback(None)
+
+        self.patch(server.fs.uploads, "add", adding)
+        s = socket.create_connection((server.host, server.portNumber))
+        self.addCleanup(s.close)
+        s.sendall(
+            f"PUT /upload/last.bin?{v_query('last.bin', 2000)} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 2000\r\n\r\n".encode()
+            + b"a" * 1000
+        )
+        yield accepted
+        drained = Deferred.fromCoroutine(drain_uploads(server.fs, grace=10))
+
+        def disconnectAll(_):
+            # What the reactor does during shutdown, once the services have stopped.
+            for protocol in protocols:
+                protocol.transport.connectionLost(Failure(main.CONNECTION_LOST))
+
+        drained.addCallback(disconnectAll)
+        yield deferToThread(s.sendall, b"a" * 1000)
+        yield drained
+
+        def answer() -> bytes:
+            s.settimeout(10)
+            return s.recv(4096)
+
+        received = yield deferToThread(answer)
+        self.assertIn(b"201 Created", received)

@@ -38,7 +38,7 @@ from hmacd.mediatype import BadMediaType, essence, parse_media_type
 from hmacd.numbers import MAX_DIGITS, NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path
 from hmacd.throttle import client_address, parse_networks
-from hmacd.upload import _parse_content_range
+from hmacd.verdict import parse_content_range
 from hmacd.web import HmacfsChannel, HmacfsSite
 from tests.support import SECRET, MemoryServer, store_files, v_query
 from tests.test_upload import chunked, put_head, request_head, status
@@ -165,11 +165,11 @@ class WhitespaceTests(SynchronousTestCase):
     def test_only_spaces_and_tabs(self):
         """\x1f or a Unicode space after a number makes the header malformed."""
         for junk in ("\x1f", "\x1c", "\u2003", "\x85"):
-            self.assertIsNone(_parse_content_range(f"bytes */5{junk}"), repr(junk))
-            self.assertIsNone(_parse_content_range(f"bytes 0-1/5{junk}"), repr(junk))
+            self.assertIsNone(parse_content_range(f"bytes */5{junk}"), repr(junk))
+            self.assertIsNone(parse_content_range(f"bytes 0-1/5{junk}"), repr(junk))
             self.assertIsNone(parse_range(f"bytes=0-5{junk}", 10), repr(junk))
             self.assertIsNone(parse_range(f"bytes=0{junk}-5", 10), repr(junk))
-        self.assertEqual(_parse_content_range(" bytes 0-1/5\t"), (0, 1, 5))
+        self.assertEqual(parse_content_range(" bytes 0-1/5\t"), (0, 1, 5))
         self.assertEqual(parse_range("bytes = 0-5 ", 10), (0, 5))
 
 
@@ -286,9 +286,9 @@ class NumberProperties(SynchronousTestCase):
     @FAST
     @given(number_texts, number_texts, number_texts, st.booleans())
     def test_content_range(self, first, last, total, star):
-        """_parse_content_range: None, or a span inside its total; nothing else."""
+        """parse_content_range: None, or a span inside its total; nothing else."""
         value = f"bytes */{total}" if star else f"bytes {first}-{last}/{total}"
-        span = _parse_content_range(value)
+        span = parse_content_range(value)
         if span is None:
             return
         if star:
@@ -301,7 +301,7 @@ class NumberProperties(SynchronousTestCase):
     @given(header_texts)
     def test_content_range_any_text(self, value):
         """Any header text: None or a well-formed span."""
-        span = _parse_content_range(value)
+        span = parse_content_range(value)
         self.assertTrue(span is None or len(span) == 1 or span[0] <= span[1] < span[2])
 
     @FAST

@@ -18,18 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
-from hmacd import upload as upload_module
+from hmacd.sink import WholeUpload
+from hmacd.storage import local as local_storage
+from hmacd.storage.local import MAX_WRITE_BUFFER, SPOOL_HIGH, LocalWriter
 from hmacd.store.failover import FailoverStore
-from hmacd.upload import (
-    DRAIN_LIMIT,
-    INSUFFICIENT_STORAGE,
-    MAX_WRITE_BUFFER,
-    READ_SIZE,
-    SPOOL_HIGH,
-    GroupCommit,
-    UploadRequest,
-    _Upload,
-)
+from hmacd.upload import DRAIN_LIMIT, INSUFFICIENT_STORAGE, READ_SIZE, UploadRequest
 from tests.support import SECRET, MemoryServer, store_files, v2_query, v_query
 from tests.test_store_failover import FlakyStore
 
@@ -338,7 +331,7 @@ class StreamingTests(SynchronousTestCase):
 
         channel, transport = self.server.connect()
         channel.dataReceived(put_head("full.bin", 10, v_query("full.bin", 10)))
-        self.patch(_Upload, "write", full)
+        self.patch(WholeUpload, "write", full)
         channel.dataReceived(b"0123456789")
         self.server.clock.advance(0)
         self.assertEqual(status(transport), INSUFFICIENT_STORAGE)
@@ -558,16 +551,15 @@ class GroupCommitTests(SynchronousTestCase):
         self.threads = _HeldThreads()
         self.server = MemoryServer(self.root)
         self.server.fs.blocking = self.threads
-        self.server.fs.committer = GroupCommit(self.server.fs)
-        self.server.fs.committer.lanes = 1
+        self.server.fs.uploads.committer.lanes = 1
         self.synced: list[str] = []
-        fsync_directory = upload_module.fsync_directory
+        fsync_directory = local_storage.fsync_directory
 
         def counting(directory):
             self.synced.append(directory)
             fsync_directory(directory)
 
-        self.patch(upload_module, "fsync_directory", counting)
+        self.patch(local_storage, "fsync_directory", counting)
 
     def put(self, name: str, body: bytes):
         channel, transport = self.server.connect()
@@ -611,7 +603,7 @@ class GroupCommitTests(SynchronousTestCase):
 
     def test_lanes(self):
         """With lanes free, each upload is committed at once, in a hand-off of its own."""
-        self.server.fs.committer.lanes = 2
+        self.server.fs.uploads.committer.lanes = 2
         self.put("a.txt", b"a")
         self.put("b.txt", b"b")
         self.assertEqual(len(self.threads.calls), 2)
@@ -665,7 +657,7 @@ class SpoolTests(SynchronousTestCase):
         def full(self, batch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(_Upload, "_spool", full)
+        self.patch(LocalWriter, "_spool", full)
         self.channel.dataReceived(self.body[:MAX_WRITE_BUFFER])
         self.threads.runAll()
         self.channel.dataReceived(self.body[MAX_WRITE_BUFFER : 2 * MAX_WRITE_BUFFER])
@@ -681,7 +673,7 @@ class SpoolTests(SynchronousTestCase):
         def full(self, batch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(_Upload, "_spool", full)
+        self.patch(LocalWriter, "_spool", full)
         self.channel.dataReceived(self.body[-1:])
         self.threads.runAll()
         self.server.clock.advance(0)
@@ -696,13 +688,25 @@ class SpoolTests(SynchronousTestCase):
         self.channel.dataReceived(self.body[: 2 * MAX_WRITE_BUFFER])
         self.assertEqual(len(self.threads.calls), 1)
         (request,) = self.server.fs.uploads
-        upload = request._upload
+        writer = request._upload._writer
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(store_files(self.root), [])
-        self.assertFalse(upload._file.closed)
+        self.assertFalse(writer._file.closed)
         self.threads.runAll()
-        self.assertTrue(upload._file.closed)
+        self.assertTrue(writer._file.closed)
         self.assertEqual(store_files(self.root), [])
+
+    def test_read_size_restored_on_a_kept_alive_connection(self):
+        """After a large upload's 201 the connection reads as any other again: 64 KiB."""
+        self.assertEqual(self.transport.bufferSize, READ_SIZE)
+        for start in range(0, self.size, MAX_WRITE_BUFFER):
+            self.channel.dataReceived(self.body[start : start + MAX_WRITE_BUFFER])
+            self.threads.runAll()
+        self.threads.runAll()
+        self.server.clock.advance(0)
+        self.assertEqual(status(self.transport), http.CREATED)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.transport.bufferSize, 64 * 1024)
 
     def test_read_size_under_a_bandwidth_limit(self):
         """Under MaxBytesPerSecond a large upload reads a sixteenth of a second's worth."""

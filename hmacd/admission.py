@@ -1,0 +1,108 @@
+"""
+Whether the server can take an upload the verdict accepted, and the sink it goes into.
+
+L{hmacd.verdict.judge} decides from what the request says; L{admit} then asks the server's
+own state, in this order: free space, shutdown, the metadata store's health, a resumable
+request's body against its range (L{hmacd.verdict.check_piece}), and, opening the sink,
+the claim on the path and whether something is there already.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.logger import Logger
+from twisted.web import http
+
+from hmacd.claims import PathBusy
+from hmacd.landing import RETRY_AFTER
+from hmacd.paths import PathRefused
+from hmacd.sink import (
+    ChunkInProgress,
+    Conflict,
+    OffsetMismatch,
+    ResumablePiece,
+    Sink,
+    WholeUpload,
+    partial_offset,
+)
+from hmacd.verdict import (
+    INSUFFICIENT_STORAGE,
+    RESUME_INCOMPLETE,
+    Plan,
+    Refusal,
+    check_piece,
+    received_range,
+)
+
+if TYPE_CHECKING:
+    from hmacd.core import FileServer
+
+__all__ = ["admit"]
+
+log = Logger()
+
+
+def admit(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    """
+    The sink for the body of C{plan}, or the refusal (an offset query's answer, 308, too).
+
+    @param fs: the L{hmacd.core.FileServer}.
+    @param length: the request's Content-Length; None for a chunked body.
+    @raise OSError: the storage cannot take the file (the caller says why, and logs it).
+    """
+    if plan.needed and fs.room_for(plan.needed) is False:
+        log.warn(
+            "refused {path} ({size} bytes): less free space than that plus MinFreeSpace",
+            path=plan.relpath,
+            size=plan.needed,
+        )
+        return Refusal(INSUFFICIENT_STORAGE, "insufficient storage")
+    if not fs.uploads.accepting:
+        return Refusal(http.SERVICE_UNAVAILABLE, "shutting down", [(b"Retry-After", RETRY_AFTER)])
+    if not fs.metadata.writable():
+        # No store could record the file: say so before the client spends its bandwidth on
+        # a body we would have to throw away.
+        return Refusal(
+            http.SERVICE_UNAVAILABLE, "metadata store unavailable", [(b"Retry-After", RETRY_AFTER)]
+        )
+    piece = check_piece(plan, length)
+    if piece is not None:
+        return piece
+    try:
+        return _open(fs, plan)
+    except Conflict:
+        return Refusal(http.CONFLICT, "file exists")
+    except PathBusy:
+        return Refusal(http.CONFLICT, "an upload of this path is in progress")
+    except ChunkInProgress:
+        return Refusal(http.CONFLICT, "another chunk of this upload is in progress")
+    except OffsetMismatch as e:
+        return Refusal(
+            http.REQUESTED_RANGE_NOT_SATISFIABLE,
+            f"the upload stands at {e.offset} bytes",
+            received_range(e.offset),
+        )
+    except PathRefused as e:
+        return Refusal(http.BAD_REQUEST, str(e))
+
+
+def _open(fs: FileServer, plan: Plan) -> Sink | Refusal:
+    expires = fs.expiry(plan.expires)
+    if plan.span is None:
+        return WholeUpload(
+            fs, plan.relpath, plan.size, plan.media_type, plan.protocol, plan.uploader, expires
+        )
+    if len(plan.span) == 1:
+        # "bytes */total": where does the upload stand?
+        if fs.storage.exists(plan.relpath):
+            raise Conflict()
+        offset = partial_offset(fs.store_dir, plan.relpath)
+        return Refusal(
+            RESUME_INCOMPLETE, f"{offset} bytes received", received_range(offset), error=False
+        )
+    start, _, total = plan.span
+    return ResumablePiece(
+        fs, plan.relpath, total, start, plan.needed, plan.media_type, plan.protocol,
+        plan.uploader, expires,
+    )  # fmt: skip
