@@ -149,7 +149,7 @@ class _Deadline:
     def __init__(self, clock: IReactorTime, seconds: float, expire: Callable[[], None]) -> None:
         self.clock = clock
         self.seconds = seconds
-        self._expire = expire
+        self.expire = expire
         self._call: IDelayedCall | None = None
         self.expired = False
 
@@ -170,7 +170,7 @@ class _Deadline:
     def _fire(self) -> None:
         self._call = None
         self.expired = True
-        self._expire()
+        self.expire()
 
 
 @implementer(IBodyProducer, IPushProducer)
@@ -198,6 +198,8 @@ class BodyWriter:
         self._paused = False
         self._finished = False
         self._stopped: Failure | None = None
+        # Why the caller gave up the body, to fail the request with that.
+        self.aborted: Failure | None = None
         self._done: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
         # Set by the client: the deadline that counts while we wait on the store.
@@ -240,6 +242,7 @@ class BodyWriter:
             return
         self._finished = True
         failure = Failure(reason if reason is not None else CancelledError("body aborted"))
+        self.aborted = failure
         self._pending.clear()
         if self._done is not None and not self._done.called:
             done, self._done = self._done, None
@@ -353,6 +356,7 @@ class _Collector(Protocol):
         self.size = 0
 
     def connectionMade(self) -> None:
+        self.deadline.expire = self.transport.stopProducing  # type: ignore[union-attr]
         self.deadline.reset()
 
     def dataReceived(self, data: bytes) -> None:
@@ -453,6 +457,7 @@ class _Pump(Protocol):
         self.paused = False
 
     def connectionMade(self) -> None:
+        self.deadline.expire = self.transport.stopProducing  # type: ignore[union-attr]
         self.consumer.registerProducer(self, True)
         self.deadline.reset()
 
@@ -707,9 +712,11 @@ class S3Client:
         sent: list[Deferred[IResponse]] = []
 
         def expire() -> None:
+            # Until the response arrives this cancels the request (a fired
+            # Deferred that waits on another passes the cancel on); once a
+            # body is being read, the reader replaces this with its own.
             for d in sent:
-                if not d.called:
-                    d.cancel()
+                d.cancel()
 
         deadline = _Deadline(self.clock, self.timeout, expire)
         if isinstance(producer, BodyWriter):
@@ -734,11 +741,10 @@ class S3Client:
 
         def failed(reason: Failure) -> None:
             deadline.disarm()
-            if isinstance(producer, BodyWriter) and producer._stopped is not None:
+            if isinstance(producer, BodyWriter) and producer.aborted is not None:
                 # The body's own source gave up: say that, not "store down".
-                if not producer._stopped.check(S3Unavailable):
-                    result.errback(producer._stopped)
-                    return
+                result.errback(producer.aborted)
+                return
             inner = getattr(reason.value, "reasons", None) or []
             for why in inner:
                 if isinstance(why, Failure) and why.check(S3Error):
