@@ -44,7 +44,7 @@ from botocore.auth import UNSIGNED_PAYLOAD, S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -209,10 +209,11 @@ class BodyWriter:
 
     def write(self, data: bytes) -> Deferred[None] | bool:
         """Hand over one chunk; True to go on, or a Deferred to wait for."""
+        if self._stopped is not None:
+            # The request is over: the caller learns it here and stops.
+            return fail(self._stopped)
         if self._finished:
             raise RuntimeError("write() after finish() or abort()")
-        if self._stopped is not None:
-            return Deferred.fromFailure(self._stopped)
         if self.written + len(data) > self.length:
             raise ValueError(f"body longer than its declared length {self.length}")
         self.written += len(data)
@@ -259,7 +260,7 @@ class BodyWriter:
         done = self._done
         if self._stopped is not None:
             self._done = None
-            return Deferred.fromFailure(self._stopped)
+            return fail(self._stopped)
         self._flush()
         return done
 
@@ -277,6 +278,22 @@ class BodyWriter:
         # The request is gone (connection lost, or an early answer).
         self._finished = True
         failure = Failure(S3Unavailable("the store's connection closed while sending a body"))
+        self._stopped = failure
+        self._pending.clear()
+        self._done = None
+        self._wake(failure)
+
+    def _answered(self) -> None:
+        """
+        The store answered before the whole body went (an early refusal):
+        Twisted then closes the connection without telling the producer, so
+        a caller waiting to write is told here, and the answer itself is the
+        request's result.
+        """
+        if self._finished and not self._pending:
+            return
+        self._finished = True
+        failure = Failure(S3Error("the store answered before the whole body was sent"))
         self._stopped = failure
         self._pending.clear()
         self._done = None
@@ -367,7 +384,7 @@ class _Collector(Protocol):
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self.deadline.disarm()
         if self.done.called:
             return
@@ -467,7 +484,7 @@ class _Pump(Protocol):
         if not self.paused:
             self.deadline.reset()
 
-    def connectionLost(self, reason: Failure = _DONE) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self.deadline.disarm()
         self.consumer.unregisterProducer()
         if reason.check(ResponseDone) and self.received == self.length:
@@ -727,6 +744,8 @@ class S3Client:
 
         def got(response: IResponse) -> None:
             deadline.disarm()
+            if isinstance(producer, BodyWriter):
+                producer._answered()
             if 200 <= response.code < 300 and stream:
                 result.callback((response, None, deadline))
                 return
@@ -801,9 +820,8 @@ class S3Client:
         metadata: Mapping[str, str] | None,
         if_none_match: bool,
     ) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        if content_type:
-            headers["Content-Type"] = content_type
+        # Without a type the store would pick one (SeaweedFS: text/plain).
+        headers = {"Content-Type": content_type or "application/octet-stream"}
         for name, value in (metadata or {}).items():
             lower = name.lower()
             if not _META_NAME.match(lower):

@@ -26,6 +26,7 @@ from hmacd.s3 import (
     NoSuchUpload,
     PreconditionFailed,
     S3Client,
+    S3Error,
     S3Refused,
     S3Unavailable,
     _Deadline,
@@ -337,12 +338,36 @@ class DeadlineTests(TestCase):
         transport = StringTransport()
         protocol.makeConnection(transport)
         self.assertIn(b"x-amz-content-sha256: unsigned-payload", transport.value().lower())
+        self.assertIn(b"content-type: application/octet-stream", transport.value().lower())
         self.assertIs(w.write(b"abc"), True)
         memory.advance(60)  # The uploader is slow: none of our business.
         self.assertNoResult(d)
         w.pauseProducing()  # The store stops reading.
         memory.advance(5.1)
         self.failureResultOf(d, S3Unavailable)
+
+    def test_early_answer_releases_the_writer(self):
+        """A refusal before the whole body went fails the PUT, and a waiting writer too."""
+        memory = MemoryReactorClock()
+        c = offline_client(memory, timeout=5)
+        w = BodyWriter(10 * MiB)
+        d = c.put_object("k", w, if_none_match=True)
+        _, _, factory, *_ = memory.tcpClients[0]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIs(w.write(b"x" * CHUNK), True)
+        w.pauseProducing()  # The transport is full.
+        waiting = w.write(b"x" * CHUNK)
+        self.assertNoResult(waiting)
+        body = b"<Error><Code>PreconditionFailed</Code><Message>no</Message></Error>"
+        protocol.dataReceived(
+            b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.failureResultOf(d, PreconditionFailed)
+        self.failureResultOf(waiting, S3Error)
+        self.assertTrue(transport.disconnecting)
+        self.failureResultOf(w.write(b"x"), S3Error)
 
     def test_deadline_arm_is_idempotent(self):
         """arm() does not push a running deadline back; reset() does."""
@@ -424,6 +449,22 @@ class ObjectTests(SeaweedCase):
         head = yield self.client.head_object("a.jpg")
         self.assertEqual((head.length, head.content_type, head.etag), (10, "image/jpeg", etag))
         self.assertEqual(head.metadata, {"sha256": "ab" * 32})
+
+    @inlineCallbacks
+    def test_store_sniffs_octet_stream(self):
+        """
+        SeaweedFS replaces application/octet-stream by a sniffed type (a fact
+        the backend must design around: the signed type travels as metadata).
+        """
+        yield self.client.put_object(
+            "untyped.html", b"<html><script>", metadata={"type": "application/octet-stream"}
+        )
+        head = yield self.client.head_object("untyped.html")
+        self.assertEqual(head.content_type, "text/html; charset=utf-8")
+        self.assertEqual(head.metadata["type"], "application/octet-stream")
+        yield self.client.put_object("typed.html", b"<html>", content_type="image/png")
+        head = yield self.client.head_object("typed.html")
+        self.assertEqual(head.content_type, "image/png")
 
     @inlineCallbacks
     def test_missing(self):
