@@ -689,6 +689,24 @@ class S3Client:
             )
         return url
 
+    def sign(
+        self,
+        method: str,
+        key: str | None = None,
+        query: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        payload_sha256: str = UNSIGNED_PAYLOAD,
+    ) -> tuple[str, dict[str, str]]:
+        """
+        The URL and the headers (with SigV4 C{Authorization}) of a request
+        valid for the next few minutes, for any HTTP client.
+        """
+        url = self.url(key, query)
+        request = AWSRequest(method=method, url=url, headers=dict(headers or {}))
+        request.context["payload_sha256"] = payload_sha256
+        _Signer(self._credentials, "s3", self.region).add_auth(request)
+        return url, {name: str(value) for name, value in request.headers.items()}
+
     # The one request path.
 
     def _request(
@@ -706,8 +724,6 @@ class S3Client:
         (small) body, or None with stream=True for a 2xx, whose body the
         caller then reads.  An error status fails with its exception.
         """
-        url = self.url(key, query)
-        sign_headers = dict(headers or {})
         producer: IBodyProducer | None
         if body is None:
             producer = None
@@ -718,12 +734,10 @@ class S3Client:
         else:
             producer = body
             sha = payload_sha256 or UNSIGNED_PAYLOAD
-        request = AWSRequest(method=method, url=url, headers=sign_headers)
-        request.context["payload_sha256"] = sha
-        _Signer(self._credentials, "s3", self.region).add_auth(request)
+        url, signed = self.sign(method, key, query, headers, sha)
         wire = Headers()
-        for name, value in request.headers.items():
-            wire.addRawHeader(name, value.encode("latin-1") if isinstance(value, str) else value)
+        for name, value in signed.items():
+            wire.addRawHeader(name, value)
 
         result: Deferred[tuple[IResponse, bytes | None, _Deadline]] = Deferred()
         sent: list[Deferred[IResponse]] = []
