@@ -848,6 +848,22 @@ class S3Client:
             headers["If-None-Match"] = "*"
         return headers
 
+    # The bucket.
+
+    def create_bucket(self) -> Deferred[None]:
+        """Create the bucket; one that is already ours is not an error."""
+
+        def created(answer: tuple[IResponse, bytes | None, _Deadline]) -> None:
+            return None
+
+        def exists(failure: Failure) -> None:
+            failure.trap(S3Error)
+            if failure.value.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return failure  # type: ignore[return-value]
+            return None
+
+        return self._request("PUT").addCallbacks(created, exists)
+
     # Objects.
 
     def put_object(

@@ -6,6 +6,7 @@ every operation against a real SeaweedFS of the tests' own (tests.seaweed).
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import time
 import urllib.error
@@ -31,7 +32,7 @@ from hmacd.s3 import (
     S3Unavailable,
     _Deadline,
 )
-from tests.seaweed import SeaweedMini
+from tests.seaweed import SeaweedCluster, SeaweedMini
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -757,3 +758,58 @@ class OutageTests(TestCase):
         self.store.kill()
         yield self.assertFailure(done, S3Unavailable)
         self.assertLess(sink.received, total)
+
+
+def _stored_bytes(directory: str) -> int:
+    """Bytes in a volume server's .dat files."""
+    return sum(
+        os.path.getsize(os.path.join(directory, name))
+        for name in os.listdir(directory)
+        if name.endswith(".dat")
+    )
+
+
+class ClusterTests(TestCase):
+    """The multi-node layout of issue 16: one master, three volumes (001), a filer, two gateways."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_two_gateways_and_a_dead_volume(self):
+        """What one gateway stores the other serves, and a killed volume server loses nothing."""
+        cluster = SeaweedCluster(self)
+        a, b = (
+            S3Client(
+                reactor,
+                endpoint,
+                cluster.bucket,
+                cluster.access_key,
+                cluster.secret_key,
+                timeout=10,
+            )
+            for endpoint in cluster.endpoints
+        )
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        yield a.create_bucket()
+        yield a.create_bucket()  # Already ours: not an error.
+        data = [hashlib.sha256(b"%d" % i).digest() * (MiB // 32) for i in range(12)]
+        for i, body in enumerate(data):
+            yield a.put_object(f"k{i}", body, content_type="image/png")
+        yield self.assertFailure(
+            b.put_object("k0", b"late", if_none_match=True), PreconditionFailed
+        )
+        # The one holding most: each object has a copy on some other server.
+        held, index = max(
+            (_stored_bytes(os.path.join(cluster.dir, f"volume{i}")), i)
+            for i in range(len(cluster.volumes))
+        )
+        self.assertGreater(held, 6 * MiB)
+        victim = cluster.volumes[index]
+        victim.kill()
+        for i, body in enumerate(data):
+            obj = yield b.get_object(f"k{i}")
+            sink = Sink()
+            yield obj.deliver(sink)
+            self.assertEqual(b"".join(sink.data), body)
+            self.assertEqual(obj.content_type, "image/png")
