@@ -47,7 +47,6 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -71,8 +70,6 @@ __all__ = [
     "S3Refused",
     "S3Unavailable",
 ]
-
-log = Logger()
 
 _DONE = Failure(ResponseDone())
 
@@ -487,7 +484,7 @@ class _Pump(Protocol):
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.deadline.disarm()
         self.consumer.unregisterProducer()
-        if reason.check(ResponseDone) and self.received == self.length:
+        if reason.check(ResponseDone) and self.length in (self.received, -1):
             self.done.callback(self.received)
         elif reason.check(ResponseDone, http.PotentialDataLoss):
             self.done.errback(
@@ -623,6 +620,7 @@ class S3Client:
         addressing_style: str = "path",
         timeout: float = 30.0,
         max_connections: int = 32,
+        idle_timeout: float = 4.0,
         clock: IReactorTime | None = None,
     ) -> None:
         parts = urlsplit(endpoint)
@@ -643,6 +641,10 @@ class S3Client:
         self._credentials = Credentials(access_key, secret_key)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
+        # Twisted retries no PUT or POST that meets a pooled connection the
+        # store has just closed, so idle ones are closed before any common
+        # server idle timeout (AWS about 20 s, nginx 75 s) can close them.
+        self.pool.cachedConnectionTimeout = idle_timeout
         self.agent = Agent(reactor, pool=self.pool, connectTimeout=timeout)
 
     def __repr__(self) -> str:

@@ -373,6 +373,26 @@ class DeadlineTests(TestCase):
         self.assertTrue(transport.disconnecting)
         self.failureResultOf(w.write(b"x"), S3Error)
 
+    def test_get_without_length(self):
+        """A chunked GET answer (no Content-Length) is delivered whole."""
+        memory = MemoryReactorClock()
+        c = offline_client(memory, timeout=5)
+        d = c.get_object("k")
+        _, _, factory, *_ = memory.tcpClients[0]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-amz-meta-sha256: ab\r\n\r\n"
+            b"5\r\nhello\r\n"
+        )
+        obj = self.successResultOf(d)
+        self.assertEqual((obj.length, obj.metadata), (-1, {"sha256": "ab"}))
+        sink = Sink()
+        done = obj.deliver(sink)
+        protocol.dataReceived(b"6\r\n world\r\n0\r\n\r\n")
+        self.assertEqual(self.successResultOf(done), 11)
+        self.assertEqual(b"".join(sink.data), b"hello world")
+
     def test_deadline_arm_is_idempotent(self):
         """arm() does not push a running deadline back; reset() does."""
         clock = Clock()
