@@ -148,11 +148,12 @@ def curl_small(client: S3Client, n: int, path: str, concurrency: int) -> float:
 
 @inlineCallbacks
 def main(reactor, args):
-    store = SeaweedMini(None)
+    store = SeaweedMini(None, reader_cache_mb=args.reader_cache_mb)
     results: dict = {
         "seaweedfs": SEAWEEDFS_VERSION,
         "size_mib": args.size_mib,
         "store_ready_s": round(store.ready_seconds, 2),
+        "reader_cache_mb": args.reader_cache_mb,
     }
     try:
         client = S3Client(
@@ -227,4 +228,7 @@ if __name__ == "__main__":
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--small", type=int, default=2000, help="4 KiB PUTs (0: skip)")
+    parser.add_argument(
+        "--reader-cache-mb", type=int, default=16, help="the S3 gateway's -s3.readerCacheSizeMB"
+    )
     task.react(main, [parser.parse_args()])

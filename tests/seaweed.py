@@ -193,7 +193,9 @@ class SeaweedMini:
     hand, as the benchmark does).
     """
 
-    def __init__(self, testCase=None, bucket: str = BUCKET) -> None:
+    def __init__(
+        self, testCase=None, bucket: str = BUCKET, reader_cache_mb: int = READER_CACHE_MB
+    ) -> None:
         self.binary = _require_weed()
         self.bucket = bucket
         self.access_key = ACCESS_KEY
@@ -235,7 +237,7 @@ class SeaweedMini:
             "-admin.ui=false",
             f"-s3.config={config}",
             f"-bucket={bucket}",
-            f"-s3.readerCacheSizeMB={READER_CACHE_MB}",
+            f"-s3.readerCacheSizeMB={reader_cache_mb}",
         ]
         self.weed = _Process("mini", args, self.dir)
         if testCase is not None:
