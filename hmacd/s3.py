@@ -644,7 +644,7 @@ class S3Client:
         # Twisted retries no PUT or POST that meets a pooled connection the
         # store has just closed, so idle ones are closed before any common
         # server idle timeout (AWS about 20 s, nginx 75 s) can close them.
-        self.pool.cachedConnectionTimeout = idle_timeout
+        self.pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]
         self.agent = Agent(reactor, pool=self.pool, connectTimeout=timeout)
 
     def __repr__(self) -> str:
@@ -860,6 +860,7 @@ class S3Client:
 
         def exists(failure: Failure) -> None:
             failure.trap(S3Error)
+            assert isinstance(failure.value, S3Error)
             if failure.value.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 return failure  # type: ignore[return-value]
             return None

@@ -24,20 +24,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
-from hmacd.config import (
-    KEYS,
-    ConfigError,
-    listen_endpoint,
-    load_config,
-    parse_duration,
-    parse_size,
-)
+from hmacd.config import KEYS, ConfigError, listen_endpoint, load_config
 from hmacd.core import is_inline_type
 from hmacd.download import Unsatisfiable, _etagMatches, _httpDate, parse_range
 from hmacd.mediatype import BadMediaType, essence, parse_media_type
 from hmacd.numbers import MAX_DIGITS, NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path
 from hmacd.throttle import client_address, parse_networks
+from hmacd.units import parse_duration, parse_size
 from hmacd.verdict import parse_content_range
 from hmacd.web import HmacfsChannel, HmacfsSite
 from tests.support import SECRET, MemoryServer, store_files, v_query
