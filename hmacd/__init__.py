@@ -59,9 +59,8 @@ def make_service(
     StoreDir and the secret are prepared as twistd prepares them
     (L{hmacd.prepare.prepare_store}); HMACFS_SECRET is not read.
     """
-    from hmacd.metrics import share_between_processes
     from hmacd.prepare import prepare_store
-    from hmacd.tap import build_service
+    from hmacd.tap import build_prepared
 
     # The environment is the host program's: HMACFS_SECRET is not read.
     prepared = prepare_store(
@@ -71,17 +70,7 @@ def make_service(
         environ={},
         shared_metrics=listen and config.workers > 1,
     )
-    if prepared.metrics_dir is not None:
-        # With Workers, for this whole process: the host asked for processes of hmacfs's own.
-        share_between_processes(prepared.metrics_dir)
-    return build_service(
-        prepared.config,
-        prepared.secret,
-        reactor,
-        prepared.origin,
-        listen=listen,
-        metricsDir=prepared.metrics_dir,
-    )
+    return build_prepared(prepared, reactor, listen=listen)
 
 
 def mount(site: Site, root: Resource, fileServer: FileServer) -> None:

@@ -217,17 +217,25 @@ def build_service(
     return top
 
 
-def makeService(options: Options) -> HmacfsService:
-    from twisted.internet import reactor
-
-    prepared = prepare(options)
+def build_prepared(prepared: Prepared, reactor: Any, listen: bool = True) -> HmacfsService:
+    """
+    The services of a prepared store (L{hmacd.prepare.prepare_store}), for twistd and for
+    L{hmacd.make_service} alike.  With Workers, prometheus_client is switched to values
+    shared between processes, for this whole process: it asked for processes of hmacfs's own.
+    """
     if prepared.metrics_dir is not None:
-        # For this whole process, which is hmacfs's own under twistd.
         share_between_processes(prepared.metrics_dir)
     return build_service(
         prepared.config,
         prepared.secret,
         reactor,
         prepared.origin,
+        listen=listen,
         metricsDir=prepared.metrics_dir,
     )
+
+
+def makeService(options: Options) -> HmacfsService:
+    from twisted.internet import reactor
+
+    return build_prepared(prepare(options), reactor)
