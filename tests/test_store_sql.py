@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from hmacd.config import Config
 from hmacd.store import StoreUnavailable
 from hmacd.store.sql import SQLStore, parse_db_host
-from tests.store_contract import StoreContract, record, require_service
+from tests.store_contract import SharedContract, StoreContract, record, require_service
 
 POSTGRES = dict(host="127.0.0.1", port=5432, user="postgres", password="", database="test")
 MYSQL = dict(host="127.0.0.1", port=3306, user="root", password="", database="test")
@@ -99,6 +99,7 @@ def drop_table(connect, table: str) -> None:
     try:
         cursor = connection.cursor()
         cursor.execute(f"DROP TABLE IF EXISTS {table}")
+        cursor.execute(f"DROP TABLE IF EXISTS {table}_shared")
         cursor.close()
     finally:
         connection.close()
@@ -227,7 +228,7 @@ class SQLChecks:
         self.assertEqual((yield self.store.records(0)), [])
 
 
-class SQLiteStoreTests(StoreContract, SQLChecks, TestCase):
+class SQLiteStoreTests(StoreContract, SharedContract, SQLChecks, TestCase):
     """The embedded SQLite store."""
 
     def makeStore(self, fresh=True, **options):
@@ -313,7 +314,7 @@ class ServerStoreMixin:
         self.assertIn(f"{self.constructor} at 127.0.0.1:{port}: ", str(error))
 
 
-class PostgresStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
+class PostgresStoreTests(ServerStoreMixin, StoreContract, SharedContract, SQLChecks, TestCase):
     """PostgreSQL through psycopg2, each test on its own table."""
 
     service, params, constructor = "PostgreSQL", POSTGRES, "postgres"
@@ -372,7 +373,7 @@ class PostgresStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
         self.assertNotEqual(before, after)
 
 
-class MySQLStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
+class MySQLStoreTests(ServerStoreMixin, StoreContract, SharedContract, SQLChecks, TestCase):
     """MariaDB through pymysql, each test on its own table."""
 
     service, params, constructor = "MariaDB", MYSQL, "mysql"

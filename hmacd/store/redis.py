@@ -28,6 +28,9 @@ and the pool tries again with its usual backoff.
 
 txredisapi imports the global reactor (for its reconnect timers); that import
 stays behind this module.
+
+The Lua scripts are in L{hmacd.store.redis_scripts}; what nodes share
+(claims, leases, state) in L{hmacd.store.redis_shared}.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from zope.interface import implementer
 from hmacd.address import HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.redis_scripts import _DELETE, _DELETE_MANY, _EXPIRED, _PUT, _RECORDS
+from hmacd.store.redis_shared import SharedRedis
 
 __all__ = ["RedisStore", "parse_redis_addr"]
 
@@ -56,75 +61,6 @@ log = Logger()
 # Non-blocking commands all run on whichever pooled connection is up; a
 # second one is a spare for when the first drops.
 _POOL_SIZE = 2
-
-# KEYS: file hash, expiry zset, files set.  ARGV: path, expires or "",
-# then field/value pairs.
-_PUT = """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-if ARGV[2] == '' then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-else
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-end
-redis.call('SADD', KEYS[3], ARGV[1])
-return 1
-"""
-
-# KEYS: file hash, expiry zset, files set.  ARGV: path.
-_DELETE = """
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-return 1
-"""
-
-# KEYS: expiry zset, files set.  ARGV: file key prefix, then paths.  The deletes made
-# while one is in flight, in one round trip (see RedisStore.delete).
-_DELETE_MANY = """
-for i = 2, #ARGV do
-  redis.call('DEL', ARGV[1] .. ARGV[i])
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('SREM', KEYS[2], ARGV[i])
-end
-return 1
-"""
-
-# KEYS: expiry zset, files set.  ARGV: file key prefix, now, limit.
-# Returns path, fields, path, fields..., each record's fields as one JSON array
-# (txredisapi parses a nested reply item by item in Python, which made this call the
-# expiry sweep's bound).  An entry whose hash has vanished (evicted, or deleted by
-# hand) is dropped on the way.
-_EXPIRED = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
-local found = {}
-for _, path in ipairs(due) do
-  local fields = redis.call('HGETALL', ARGV[1] .. path)
-  if #fields == 0 then
-    redis.call('ZREM', KEYS[1], path)
-    redis.call('SREM', KEYS[2], path)
-  else
-    found[#found + 1] = path
-    found[#found + 1] = cjson.encode(fields)
-  end
-end
-return found
-"""
-
-# KEYS: files set.  ARGV: file key prefix, limit.  Read-only: SRANDMEMBER is
-# not deterministic, and old servers refuse writes after it in a script.
-_RECORDS = """
-local paths = redis.call('SRANDMEMBER', KEYS[1], ARGV[2])
-local found = {}
-for _, path in ipairs(paths) do
-  local fields = redis.call('HGETALL', ARGV[1] .. path)
-  if #fields > 0 then
-    found[#found + 1] = path
-    found[#found + 1] = fields
-  end
-end
-return found
-"""
 
 
 def parse_redis_addr(addr: str) -> HostPort:
@@ -276,7 +212,7 @@ class _StoreFactory(txredisapi.RedisFactory):
 
 
 @implementer(IMetadataStore)
-class RedisStore:
+class RedisStore(SharedRedis):
     """
     File records in Redis (see the module docstring for the keys).
 
