@@ -129,6 +129,32 @@ class SQLChecks:
     """Checks every SQL dialect passes, beyond the store contract."""
 
     @inlineCallbacks
+    def test_expired_shared_rows_purged(self):
+        """Expired claims, leases and state rows are deleted by a later claim, live ones kept."""
+        from tests.store_contract import pause
+
+        query = f"SELECT COUNT(*) FROM {self.store.table}_shared"
+
+        def count():
+            return self.store.pool.runQuery(query).addCallback(lambda rows: int(rows[0][0]))
+
+        yield self.store.claim("p/old", "node-a", 0.1)
+        yield self.store.lease("old", "node-a", 0.1)
+        yield self.store.put_state("old", "v", 0.1)
+        yield self.store.put_state("live", "v", 30.0)
+        self.assertEqual((yield count()), 4)
+        yield pause(0.3)
+        self.store.purgeInterval = 0.0
+        yield self.store.claim("p/new", "node-a", 30.0)
+        for _ in range(50):  # the purge runs beside the claim
+            rows = yield count()
+            if rows == 2:
+                break
+            yield pause(0.05)
+        self.assertEqual(rows, 2)
+        self.assertEqual((yield self.store.get_state("live")), "v")
+
+    @inlineCallbacks
     def test_two_stores_one_table(self):
         """Two stores on one table see each other's puts and deletes."""
         other = yield self.makeStore(fresh=False)
