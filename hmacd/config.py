@@ -183,9 +183,7 @@ class Config:
     rate_limit_shared: bool = _key(
         "RateLimitShared", False, cv.boolean, "rate-limit buckets in Redis, shared by all nodes"
     )
-    node_name: str = _key(
-        "NodeName", "", cv.string, "this node among nodes sharing a store"
-    )
+    node_name: str = _key("NodeName", "", cv.string, "this node among nodes sharing a store")
     trusted_proxies: tuple[str, ...] = _key(
         "TrustedProxies",
         (),

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hmacd.core import FileServer
 from hmacd.facts import is_expired
@@ -136,8 +137,12 @@ class PartialSweep(TimerService):
             else:
                 self._sweeping = False
 
+        def failed(failure: Failure) -> None:
+            self._sweeping = False
+            log.failure("sweeping abandoned uploads failed", failure)
+
         d.addCallback(decided)
-        d.addErrback(lambda f: (setattr(self, "_sweeping", False), log.failure("partial sweep", f)))
+        d.addErrback(failed)
 
     def _sweepNow(self) -> None:
         now = self.fs.now()

@@ -108,3 +108,28 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 1
 """
+
+# KEYS: the bucket.  ARGV: tokens per second, burst.  One token bucket shared by every node
+# (RateLimitShared): refill by the time elapsed on the server's clock, take one if there is
+# one.  Returns the seconds to wait as text (0: taken); a Lua number reply would be truncated
+# to an integer.  The bucket expires once it would be full again anyway.
+_TAKE_TOKEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'last')
+local tokens = tonumber(b[1]) or burst
+local last = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+           'last', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return string.format('%.17g', wait)
+"""

@@ -4,7 +4,8 @@ under the store's prefix:
 
  - C{<prefix>claim:<path>}: the owner of a claim on a path;
  - C{<prefix>lease:<name>}: the holder of a named lease (one sweeper);
- - C{<prefix>state:<key>}: a shared value (resumable upload state).
+ - C{<prefix>state:<key>}: a shared value (resumable upload state);
+ - C{<prefix>rate:<address>}: a client's request-rate bucket (RateLimitShared).
 
 Each is a string key with a PX expiry kept by the server, so nothing is
 left behind by a node that dies.
@@ -17,7 +18,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from hmacd.store.redis_scripts import _RELEASE, _RENEW, _TAKE
+from hmacd.store.redis_scripts import _RELEASE, _RENEW, _TAKE, _TAKE_TOKEN
 
 __all__ = ["SharedRedis"]
 
@@ -76,3 +77,14 @@ class SharedRedis:
         """Forget C{key}; no error if unknown."""
         d = self._call("delete_state", "execute_command", "DEL", self._key("state", key))
         return d.addCallback(lambda _: None)
+
+    def take_token(self, address: str, rate: float, burst: float) -> Deferred[float]:
+        """
+        Take one token from C{address}'s shared bucket (C{rate} per second, C{burst}
+        at most): 0 if taken, else the seconds until one is there.
+        """
+        d = self._call(
+            "rate limit", "eval", _TAKE_TOKEN, [self._key("rate", address)],
+            [repr(float(rate)), repr(float(burst))],
+        )  # fmt: skip
+        return d.addCallback(float)
