@@ -177,3 +177,17 @@ class SharedLimitConfigTests(SynchronousTestCase):
         """NodeName is read as given; empty by default (host:pid is used then)."""
         self.assertEqual(self.parse('NodeName = "up-1"\n').node_name, "up-1")
         self.assertEqual(self.parse("").node_name, "")
+
+
+class HealthCheckTests(SynchronousTestCase):
+    """The load balancer's health check in README: a cheap OPTIONS that answers 200."""
+
+    def test_options_answers_200(self):
+        """OPTIONS on the upload space answers 200 with no body, touching no store or file."""
+        from tests.support import MemoryServer
+
+        server = MemoryServer(self.mktemp())
+        channel, transport = server.connect()
+        channel.dataReceived(b"OPTIONS /upload/ HTTP/1.1\r\nHost: up\r\n\r\n")
+        head = transport.value().split(b"\r\n\r\n", 1)[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
