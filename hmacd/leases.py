@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from hmacd.store import StoreUnavailable
 
-__all__ = ["SweepLease", "default_node_name", "is_shared", "sweep_lease"]
+__all__ = ["SweepLease", "default_node_name", "is_shared", "node_name", "sweep_lease"]
 
 log = Logger()
 
@@ -27,6 +27,11 @@ log = Logger()
 def default_node_name() -> str:
     """This process's name among the nodes: host name and process id."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def node_name(config: Any) -> str:
+    """C{NodeName}, or host name and process id: the owner of this node's claims and leases."""
+    return getattr(config, "node_name", "") or default_node_name()
 
 
 def is_shared(config: Any) -> bool:
@@ -82,5 +87,4 @@ def sweep_lease(config: Any, store: Any, interval: float, name: str = "sweep") -
     """
     if not is_shared(config):
         return None
-    node = getattr(config, "node_name", "") or default_node_name()
-    return SweepLease(store, node, ttl=max(3 * interval, 30.0), name=name)
+    return SweepLease(store, node_name(config), ttl=max(3 * interval, 30.0), name=name)

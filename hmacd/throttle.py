@@ -33,6 +33,7 @@ __all__ = [
     "client_address",
     "is_trusted",
     "parse_networks",
+    "rate_limiter",
 ]
 
 log = Logger()
@@ -236,3 +237,19 @@ class SharedRateLimiter:
                 "counting per process until it does",
                 why=failure.getErrorMessage(),
             )
+
+
+def rate_limiter(config: Any, clock: Any, metadata: Any) -> RateLimiter | SharedRateLimiter | None:
+    """
+    The request-rate limiter C{config} asks for: none, per-process buckets, or
+    (C{RateLimitShared}) buckets in the Redis that is C{metadata}'s primary store
+    (the config refuses RateLimitShared without RedisAddr, so Redis is the primary).
+    """
+    if not config.rate_limit_per_minute:
+        return None
+    if config.rate_limit_shared:
+        redis = metadata.primary.store
+        return SharedRateLimiter(
+            config.rate_limit_per_minute, config.rate_limit_burst, clock, redis
+        )
+    return RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, clock)

@@ -191,3 +191,27 @@ class HealthCheckTests(SynchronousTestCase):
         channel.dataReceived(b"OPTIONS /upload/ HTTP/1.1\r\nHost: up\r\n\r\n")
         head = transport.value().split(b"\r\n\r\n", 1)[0]
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+
+
+class RateLimiterChoiceTests(SynchronousTestCase):
+    """rate_limiter(config, clock, metadata): which limiter a configuration gets."""
+
+    def test_choice(self):
+        """None without a rate, per-process buckets by default, Redis's with RateLimitShared."""
+        from hmacd.store.failover import FailoverStore
+        from hmacd.throttle import rate_limiter
+
+        clock = Clock()
+        redis = RedisStore("127.0.0.1", 6379, reactor=clock)
+        metadata = FailoverStore(redis, clock=clock, healthInterval=0)
+        self.assertIsNone(rate_limiter(Config(), clock, metadata))
+        local = rate_limiter(Config(rate_limit_per_minute=60), clock, metadata)
+        self.assertIsInstance(local, RateLimiter)
+        shared = rate_limiter(
+            Config(rate_limit_per_minute=60, rate_limit_shared=True, redis_addr="127.0.0.1:6379"),
+            clock,
+            metadata,
+        )
+        self.assertIsInstance(shared, SharedRateLimiter)
+        self.assertIs(shared.store, redis)
+        self.assertEqual((shared.rate, shared.burst), (1.0, 60.0))
