@@ -29,21 +29,21 @@ and the pool tries again with its usual backoff.
 txredisapi imports the global reactor (for its reconnect timers); that import
 stays behind this module.
 
-The Lua scripts are in L{hmacd.store.redis_scripts}; what nodes share
+The Lua scripts are in L{hmacd.store.redis_scripts}, the connection pool in
+L{hmacd.store.redis_connection}; what nodes share
 (claims, leases, state) in L{hmacd.store.redis_shared}.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import txredisapi
-from twisted.internet import defer, error
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -51,16 +51,18 @@ from zope.interface import implementer
 from hmacd.address import HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.redis_connection import (
+    _connect_failure,
+    _one_line,
+    _ReportingEndpoint,
+    _StoreFactory,
+)
 from hmacd.store.redis_scripts import _DELETE, _DELETE_MANY, _EXPIRED, _PUT, _RECORDS
 from hmacd.store.redis_shared import SharedRedis
 
 __all__ = ["RedisStore", "parse_redis_addr"]
 
 log = Logger()
-
-# Non-blocking commands all run on whichever pooled connection is up; a
-# second one is a spare for when the first drops.
-_POOL_SIZE = 2
 
 
 def parse_redis_addr(addr: str) -> HostPort:
@@ -71,35 +73,6 @@ def parse_redis_addr(addr: str) -> HostPort:
         raise ValueError(
             f'not a Redis address like "host:6379" or "[::1]:6379": {addr!r}'
         ) from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) or "no reason given"
-
-
-def _connect_failure(exc: BaseException | None, connect_timeout: float) -> str:
-    """Why a TCP connection attempt failed, for people."""
-    if exc is None:  # a Failure always has its exception; the type allows None
-        return "cannot connect"
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, error.TimeoutError):
-        return f"no connection within {connect_timeout:g} s"
-    if isinstance(exc, error.DNSLookupError):
-        return "cannot resolve the host name"
-    return "cannot connect: " + _one_line(exc.args[0] if exc.args else type(exc).__name__)
-
-
-def _handshake_failure(store: RedisStore, step: str, e: Exception) -> str:
-    """Why AUTH or SELECT failed on a new connection, for people."""
-    if isinstance(e, defer.TimeoutError):
-        return f"no answer to {step} within {store.connect_timeout:g} s"
-    if isinstance(e, txredisapi.ConnectionError):
-        return f"connection lost during {step}"
-    message = _one_line(e.args[0] if e.args else type(e).__name__)
-    if step == "AUTH":
-        return f"authentication failed: {message}"
-    return f"cannot use database {store.dbid}: {message}"
 
 
 def _record(path: bytes, flat: list[bytes]) -> FileRecord:
@@ -120,95 +93,6 @@ def _packed_records(reply: list[Any]) -> list[FileRecord]:
 
 def _records(reply: list[Any]) -> list[FileRecord]:
     return [_record(path, flat) for path, flat in zip(reply[::2], reply[1::2], strict=True)]
-
-
-@implementer(IStreamClientEndpoint)
-class _ReportingEndpoint:
-    """An endpoint that tells the store why a connection attempt failed."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint, report: Callable[[Failure], None]):
-        self._endpoint = endpoint
-        self._report = report
-
-    def connect(self, protocolFactory):
-        def failed(failure: Failure) -> Failure:
-            if not failure.check(defer.CancelledError):
-                self._report(failure)
-            return failure
-
-        return self._endpoint.connect(protocolFactory).addErrback(failed)
-
-
-class _StoreProtocol(txredisapi.RedisProtocol):
-    """
-    A connection that authenticates and selects its database itself.
-
-    The factory gives txredisapi no password and no dbid, so the base class
-    only marks the connection ready; a failed handshake drops this connection
-    instead of stopping the whole pool (txredisapi #146).
-    """
-
-    factory: _StoreFactory
-
-    def connectionMade(self) -> Deferred[None]:
-        return self._handshake()
-
-    @inlineCallbacks
-    def _handshake(self):
-        store = self.factory.store
-        step = "AUTH"
-        try:
-            if store.password is not None:
-                yield self._deadline(self.auth(store.password), store)
-            if store.dbid:
-                step = "SELECT"
-                yield self._deadline(self.select(store.dbid), store)
-        except Exception as e:
-            self.factory.handshakeFailed(_handshake_failure(store, step, e))
-            self.transport.abortConnection()
-            return
-        # With no password and no dbid, this only marks the connection ready.
-        yield super().connectionMade()
-        self.factory.handshakeDone()
-
-    @staticmethod
-    def _deadline(d: Deferred, store: RedisStore) -> Deferred:
-        # A hung server accepts connections (the kernel does) but never
-        # answers: drop such a connection and let the pool try again.
-        return d.addTimeout(store.connect_timeout, store.reactor)
-
-    def connectionLost(self, why=None):
-        super().connectionLost(why)
-        self.factory.lost()
-
-
-class _StoreFactory(txredisapi.RedisFactory):
-    """txredisapi's lazy pool, with our protocol and our reports to the store."""
-
-    protocol = _StoreProtocol
-
-    def __init__(self, store: RedisStore) -> None:
-        # charset=None and convertNumbers=False: replies stay bytes, so a
-        # content type or uploader that looks like a number stays a string.
-        super().__init__(
-            store.where,
-            None,
-            _POOL_SIZE,
-            isLazy=True,
-            charset=None,
-            password=None,
-            convertNumbers=False,
-        )
-        self.store = store
-
-    def handshakeFailed(self, reason: str) -> None:
-        self.store._connectionFailed(self, reason)
-
-    def handshakeDone(self) -> None:
-        self.store._connectionReady(self)
-
-    def lost(self) -> None:
-        self.store._connectionLost(self)
 
 
 @implementer(IMetadataStore)
