@@ -180,6 +180,10 @@ class Config:
     rate_limit_burst: int = _key(
         "RateLimitBurst", 0, cv.nonnegative_int, "requests a client may make at once"
     )
+    rate_limit_shared: bool = _key(
+        "RateLimitShared", False, cv.boolean, "rate-limit buckets in Redis, shared by all nodes"
+    )
+    node_name: str = _key("NodeName", "", cv.string, "this node among nodes sharing a store")
     trusted_proxies: tuple[str, ...] = _key(
         "TrustedProxies",
         (),
@@ -436,12 +440,16 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
             )
         # Their counters live in each process: N workers would let N times the limit through.
         for canonical in ("RateLimitPerMinute", "MaxTotalBytesPerSecond"):
+            if canonical == "RateLimitPerMinute" and config.rate_limit_shared:
+                continue  # its buckets are in Redis, shared by every process
             if getattr(config, KEYS[canonical]):
                 raise _error(
                     source,
                     name(canonical),
                     "cannot be enforced across processes: use it with Workers = 1",
                 )
+    if config.rate_limit_shared and not config.redis_addr:
+        raise _error(source, name("RateLimitShared"), "needs RedisAddr: the buckets live in Redis")
     if config.min_upload_bytes_per_second and not config.min_upload_rate_window:
         # A floor judged over no time at all would cut every upload at its first byte.
         raise _error(

@@ -17,9 +17,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hmacd.core import FileServer
 from hmacd.facts import is_expired
+from hmacd.leases import SweepLease
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.sink import partial_dir
@@ -105,12 +107,15 @@ class PartialSweep(TimerService):
         interval: float = 3600,
         maxAge: float = 600,
         resumableTTL: float = 86400,
+        lease: SweepLease | None = None,
     ) -> None:
         super().__init__(interval, self.sweep)
         self.fs = fs
         self.maxAge = maxAge
         self.resumableTTL = resumableTTL
         self.clock = fs.reactor
+        # Given when the temps are shared (an object store's uploads): one node sweeps them.
+        self.lease = lease
 
     _sweeping = False
 
@@ -121,6 +126,25 @@ class PartialSweep(TimerService):
         if self._sweeping:
             return
         self._sweeping = True
+        if self.lease is None:
+            self._sweepNow()
+            return
+        d = Deferred.fromCoroutine(self.lease.take())
+
+        def decided(held: bool) -> None:
+            if held:
+                self._sweepNow()
+            else:
+                self._sweeping = False
+
+        def failed(failure: Failure) -> None:
+            self._sweeping = False
+            log.failure("sweeping abandoned uploads failed", failure)
+
+        d.addCallback(decided)
+        d.addErrback(failed)
+
+    def _sweepNow(self) -> None:
         now = self.fs.now()
         root = self.fs.store_dir
         storage = self.fs.storage
@@ -203,10 +227,18 @@ class ExpirySweep(TimerService):
     expiry on, see L{hmacd.download}.)
     """
 
-    def __init__(self, fs: FileServer, interval: float = 60, batch: int = 200) -> None:
+    def __init__(
+        self,
+        fs: FileServer,
+        interval: float = 60,
+        batch: int = 200,
+        lease: SweepLease | None = None,
+    ) -> None:
         super().__init__(interval, self.sweep)
         self.fs = fs
         self.batch = batch
+        # With a store other nodes share: sweep only while holding this lease.
+        self.lease = lease
         self.clock = fs.reactor
         self.removed = 0
         self._sweeping = False
@@ -252,6 +284,8 @@ class ExpirySweep(TimerService):
         previous: set[str] = set()
         try:
             while True:
+                if self.lease is not None and not await self.lease.take():
+                    break  # another node sweeps (or took over mid-sweep): stop here
                 due = await store.expired(self.fs.now(), self.batch)
                 if not due:
                     break

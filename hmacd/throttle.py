@@ -6,6 +6,9 @@ C{perMinute / 60} per second.  The address is the connection's peer, or,
 when that peer is one of C{TrustedProxies}, the nearest untrusted address in
 X-Forwarded-For.  Loopback gets no exemption unless it is configured as a
 trusted proxy.
+
+With C{RateLimitShared}, L{SharedRateLimiter} keeps the buckets in Redis,
+shared by every node and every Workers process.
 """
 
 from __future__ import annotations
@@ -14,15 +17,26 @@ import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hmacd.store import StoreUnavailable
 
 __all__ = [
     "Bandwidth",
     "Network",
     "RateLimiter",
+    "SharedRateLimiter",
     "client_address",
     "is_trusted",
     "parse_networks",
+    "rate_limiter",
 ]
+
+log = Logger()
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -132,3 +146,110 @@ class Bandwidth:
         self.last = now
         self.tokens -= count
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
+
+class SharedRateLimiter:
+    """
+    Token buckets by address in Redis, one per client for every node and
+    process (C{RateLimitShared}), with the L{RateLimiter} interface.
+
+    C{check} must answer at once (the verdict is given after the headers,
+    without waiting), so it answers from what this process knows: its own
+    bucket (the same limits; it bounds a burst that arrives between two
+    Redis answers) and the last wait Redis gave for this address.  Every
+    request it lets through takes its token from the shared bucket in the
+    background; when Redis answers that the bucket is empty, the address is
+    refused here until the wait it gave.  So the shared limit is exact to
+    within one request per process per Redis round trip.
+
+    While Redis does not answer, each process counts alone (its own bucket),
+    and asks Redis again after C{retry} seconds; each transition is logged once.
+    """
+
+    def __init__(
+        self,
+        perMinute: int,
+        burst: int,
+        clock: Any,
+        store: Any,
+        retry: float = 5.0,
+        maxClients: int = 65536,
+    ) -> None:
+        self.local = RateLimiter(perMinute, burst, clock, maxClients)
+        self.rate = self.local.rate
+        self.burst = self.local.burst
+        self.clock = clock
+        self.store = store
+        self.retry = retry
+        self.maxClients = maxClients
+        self.shared = True  # whether Redis answered last
+        self._blocked: OrderedDict[str, float] = OrderedDict()
+        self._downUntil = float("-inf")
+        # Answers still on their way (tests wait for them).
+        self.pending: set[Deferred[None]] = set()
+
+    def check(self, address: str) -> float:
+        """0 if the request may go on, else the seconds until it may (see the class)."""
+        wait = self.local.check(address)
+        now = self.clock.seconds()
+        if now < self._downUntil:
+            return wait
+        until = self._blocked.get(address)
+        if until is not None:
+            if now < until:
+                return max(wait, until - now)
+            del self._blocked[address]
+        if not wait:
+            self._take(address)
+        return wait
+
+    retry_after = staticmethod(RateLimiter.retry_after)
+
+    def _take(self, address: str) -> None:
+        d: Deferred[None] = self.store.take_token(address, self.rate, self.burst)
+        d.addCallbacks(lambda wait: self._answered(address, wait), self._failed)
+        # Not d.called: a txredisapi Deferred may be "called" with another one still to fire.
+        self.pending.add(d)
+
+        def settled(result: object) -> object:
+            self.pending.discard(d)
+            return result
+
+        d.addBoth(settled)
+
+    def _answered(self, address: str, wait: float) -> None:
+        if not self.shared:
+            self.shared = True
+            log.warn("shared rate limit: Redis answers again; buckets shared by every node")
+        if wait > 0:
+            self._blocked[address] = self.clock.seconds() + wait
+            self._blocked.move_to_end(address)
+            if len(self._blocked) > self.maxClients:
+                self._blocked.popitem(last=False)
+
+    def _failed(self, failure: Failure) -> None:
+        failure.trap(StoreUnavailable)
+        self._downUntil = self.clock.seconds() + self.retry
+        if self.shared:
+            self.shared = False
+            log.warn(
+                "shared rate limit: Redis does not answer ({why}); "
+                "counting per process until it does",
+                why=failure.getErrorMessage(),
+            )
+
+
+def rate_limiter(config: Any, clock: Any, metadata: Any) -> RateLimiter | SharedRateLimiter | None:
+    """
+    The request-rate limiter C{config} asks for: none, per-process buckets, or
+    (C{RateLimitShared}) buckets in the Redis that is C{metadata}'s primary store
+    (the config refuses RateLimitShared without RedisAddr, so Redis is the primary).
+    """
+    if not config.rate_limit_per_minute:
+        return None
+    if config.rate_limit_shared:
+        redis = metadata.primary.store
+        return SharedRateLimiter(
+            config.rate_limit_per_minute, config.rate_limit_burst, clock, redis
+        )
+    return RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, clock)

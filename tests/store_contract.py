@@ -4,6 +4,8 @@ in with TestCase and provides makeStore(fresh=True) -> Deferred[store]: a
 started store; with fresh=True one with no records (it gets its own table or
 key prefix, removed at cleanup); with fresh=False a second store on the same
 table/prefix as the test's first one.  The mixin stops the stores.
+L{SharedContract} is the cross-node part (claims, leases, state), mixed in
+beside it.
 """
 
 from __future__ import annotations
@@ -190,3 +192,131 @@ class StoreContract:
         other = yield self.makeStore(fresh=False)
         self.addCleanup(other.stop)
         self.assertEqual((yield other.get("a/b.txt")), record())
+
+
+def pause(seconds: float):
+    """A Deferred that fires after C{seconds} of real time (leases expire on real clocks)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class SharedContract:
+    """
+    What several nodes share through a store: claims, leases and state.  Other
+    nodes are other store objects on the same database (makeStore(fresh=False)).
+    """
+
+    @inlineCallbacks
+    def otherStore(self):
+        other = yield self.makeStore(fresh=False)
+        self.addCleanup(other.stop)
+        return other
+
+    @inlineCallbacks
+    def test_claim_is_exclusive(self):
+        """One owner holds a path; another is refused; the holder may claim again."""
+        other = yield self.otherStore()
+        self.assertTrue((yield self.store.claim("c/x.bin", "node-a", 30.0)))
+        self.assertFalse((yield other.claim("c/x.bin", "node-b", 30.0)))
+        self.assertTrue((yield other.claim("c/x.bin", "node-a", 30.0)))
+        self.assertTrue((yield other.claim("c/other.bin", "node-b", 30.0)))
+
+    @inlineCallbacks
+    def test_claim_race(self):
+        """Twenty owners on twenty store objects racing for one path: exactly one wins."""
+        from twisted.internet.defer import gatherResults
+
+        stores = [self.store]
+        for _ in range(19):
+            stores.append((yield self.otherStore()))
+        won = yield gatherResults(
+            [s.claim("race/one.bin", f"node-{n}", 30.0) for n, s in enumerate(stores)]
+        )
+        self.assertEqual(won.count(True), 1, won)
+        # ... and the winner is the one every store now sees as the holder.
+        winner = f"node-{won.index(True)}"
+        for n, s in enumerate(stores):
+            self.assertEqual(
+                (yield s.claim("race/one.bin", f"node-{n}", 30.0)), n == won.index(True)
+            )
+        self.assertTrue((yield self.store.renew("race/one.bin", winner, 30.0)))
+
+    @inlineCallbacks
+    def test_claim_expires(self):
+        """An expired claim goes to the next owner, and its old owner cannot renew it."""
+        other = yield self.otherStore()
+        self.assertTrue((yield self.store.claim("c/lapse", "node-a", 0.2)))
+        yield pause(0.4)
+        self.assertTrue((yield other.claim("c/lapse", "node-b", 30.0)))
+        self.assertFalse((yield self.store.renew("c/lapse", "node-a", 30.0)))
+        self.assertFalse((yield self.store.claim("c/lapse", "node-a", 30.0)))
+
+    @inlineCallbacks
+    def test_renew_keeps(self):
+        """A renewed claim outlives its first lease; only its owner may renew it."""
+        other = yield self.otherStore()
+        self.assertTrue((yield self.store.claim("c/kept", "node-a", 0.3)))
+        self.assertTrue((yield self.store.renew("c/kept", "node-a", 30.0)))
+        self.assertFalse((yield other.renew("c/kept", "node-b", 30.0)))
+        yield pause(0.5)
+        self.assertFalse((yield other.claim("c/kept", "node-b", 30.0)))
+        self.assertFalse((yield self.store.renew("c/never-claimed", "node-a", 30.0)))
+
+    @inlineCallbacks
+    def test_release(self):
+        """A release by someone else does nothing; the owner's frees the path at once."""
+        other = yield self.otherStore()
+        self.assertTrue((yield self.store.claim("c/r", "node-a", 30.0)))
+        self.assertIsNone((yield other.release("c/r", "node-b")))
+        self.assertFalse((yield other.claim("c/r", "node-b", 30.0)))
+        yield self.store.release("c/r", "node-a")
+        self.assertTrue((yield other.claim("c/r", "node-b", 30.0)))
+        yield self.store.release("c/unknown", "node-a")
+
+    @inlineCallbacks
+    def test_lease(self):
+        """A lease has one holder at a time, who renews it by taking it again, until it lapses."""
+        other = yield self.otherStore()
+        self.assertTrue((yield self.store.lease("sweep", "node-a", 0.3)))
+        self.assertFalse((yield other.lease("sweep", "node-b", 0.3)))
+        self.assertTrue((yield self.store.lease("sweep", "node-a", 0.3)))
+        yield pause(0.5)
+        self.assertTrue((yield other.lease("sweep", "node-b", 30.0)))
+        self.assertFalse((yield self.store.lease("sweep", "node-a", 30.0)))
+
+    @inlineCallbacks
+    def test_kinds_apart(self):
+        """A claim, a lease and a state entry of the same name are different things."""
+        yield self.store.put_state("same", "value", 30.0)
+        self.assertTrue((yield self.store.claim("same", "node-a", 30.0)))
+        self.assertTrue((yield self.store.lease("same", "node-b", 30.0)))
+        self.assertEqual((yield self.store.get_state("same")), "value")
+        self.assertIsNone((yield self.store.get("same")))
+
+    @inlineCallbacks
+    def test_state(self):
+        """State is shared, replaced by a later put, forgotten by delete, text kept exactly."""
+        other = yield self.otherStore()
+        value = '{"upload": "ïd/日本", "parts": [[1, "\\"etag\\""]], "offset": 5242880}'
+        self.assertIsNone((yield self.store.get_state("up/1")))
+        yield self.store.put_state("up/1", value, 30.0)
+        self.assertEqual((yield other.get_state("up/1")), value)
+        yield other.put_state("up/1", "second", 30.0)
+        self.assertEqual((yield self.store.get_state("up/1")), "second")
+        yield self.store.delete_state("up/1")
+        yield self.store.delete_state("up/1")
+        self.assertIsNone((yield other.get_state("up/1")))
+        big = "x" * 200_000
+        yield self.store.put_state("up/big", big, 30.0)
+        self.assertEqual((yield other.get_state("up/big")), big)
+
+    @inlineCallbacks
+    def test_state_ttl(self):
+        """State lapses after its TTL; a put starts a new TTL."""
+        yield self.store.put_state("up/ttl", "short", 0.2)
+        yield self.store.put_state("up/long", "long", 30.0)
+        yield pause(0.4)
+        self.assertIsNone((yield self.store.get_state("up/ttl")))
+        self.assertEqual((yield self.store.get_state("up/long")), "long")

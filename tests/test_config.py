@@ -203,6 +203,8 @@ class DefaultsTests(ConfigFileTestCase):
                 "Workers",
                 "RateLimitPerMinute",
                 "RateLimitBurst",
+                "RateLimitShared",
+                "NodeName",
                 "TrustedProxies",
                 "HeaderTimeout",
                 "MaxConnectionsPerClient",

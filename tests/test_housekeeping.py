@@ -317,3 +317,157 @@ class DrainTests(TestCase):
 
         received = yield deferToThread(answer)
         self.assertIn(b"201 Created", received)
+
+
+class SweepLeaseTests(SynchronousTestCase):
+    """Two nodes' sweeps on one shared store, on a Clock: one sweeps, the other waits."""
+
+    def setUp(self):
+        from hmacd.store.failover import FailoverStore
+        from hmacd.store.memory import MemoryStore
+
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.shared = MemoryStore(self.clock)
+        self.nodes = []
+        for name in ("node-a", "node-b"):
+            root = os.path.abspath(self.mktemp())
+            os.makedirs(root)
+            metadata = FailoverStore(self.shared, clock=self.clock, healthInterval=0)
+            metadata.start()
+            fs = FileServer(
+                secret=SECRET, store_dir=root, reactor=self.clock, metadata=metadata,
+                blocking=synchronous,
+            )  # fmt: skip
+            self.nodes.append((name, root, fs))
+
+    def sweeps(self, **kwargs) -> list[ExpirySweep]:
+        from hmacd.leases import SweepLease
+
+        made = []
+        for name, _, fs in self.nodes:
+            sweep = ExpirySweep(fs, interval=60, **kwargs)
+            sweep.lease = SweepLease(fs.metadata, name, ttl=180)
+            made.append(sweep)
+        return made
+
+    def due(self, relpath: str) -> None:
+        # Every node's StoreDir holds a copy: whichever node sweeps deletes its own.
+        for _, root, _ in self.nodes:
+            touch(root, relpath, NOW)
+        self.successResultOf(self.shared.put(record(relpath, expires=NOW - 1)))
+
+    def test_one_sweeper(self):
+        """Only the lease holder deletes; the other node's files and sweep stay untouched."""
+        self.due("x/old.bin")
+        a, b = self.sweeps()
+        a.startService()
+        self.addCleanup(a.stopService)
+        b.startService()
+        self.addCleanup(b.stopService)
+        self.assertEqual((a.removed, b.removed), (1, 0))
+        self.assertTrue(a.lease.held)
+        self.assertFalse(b.lease.held)
+        self.assertNotIn("x/old.bin", store_files(self.nodes[0][1]))
+        self.assertIn("x/old.bin", store_files(self.nodes[1][1]))
+        # The holder keeps it sweep after sweep.
+        self.due("x/later.bin")
+        self.clock.advance(60)
+        self.assertEqual((a.removed, b.removed), (2, 0))
+
+    def test_takeover(self):
+        """A holder that stops sweeping (dies) is replaced once its lease lapses."""
+        self.due("x/1.bin")
+        a, b = self.sweeps()
+        a.startService()
+        a.stopService()  # node A is gone, its lease runs for 180 s
+        b.startService()
+        self.addCleanup(b.stopService)
+        self.due("x/2.bin")
+        self.clock.advance(120)
+        self.assertEqual(b.removed, 0)
+        self.clock.advance(60)
+        self.assertEqual(b.removed, 1)
+        self.assertTrue(b.lease.held)
+
+    def test_loser_stops_mid_sweep(self):
+        """A node whose lease goes to another between two batches stops after its batch."""
+        for n in range(5):
+            self.due(f"x/{n}.bin")
+        a, _ = self.sweeps(batch=2)
+        real = a.lease.take
+        taken = []
+
+        async def losing() -> bool:
+            taken.append(1)
+            if len(taken) == 2:
+                # Another node took the lease (A's lapsed while it was stalled).
+                self.shared._shared[("lease", "sweep")] = ("node-b", NOW + 1000)
+            return await real()
+
+        a.lease.take = losing
+        a.startService()
+        self.addCleanup(a.stopService)
+        self.clock.advance(0)  # the sweep yields to the reactor between batches
+        self.clock.advance(0)
+        self.assertEqual(a.removed, 2)
+        self.assertEqual(len(taken), 2)
+        self.assertFalse(a.lease.held)
+
+    def test_store_down_no_sweep(self):
+        """When the lease cannot be asked for, the node does not sweep."""
+        from hmacd.store import StoreUnavailable
+
+        self.due("x/old.bin")
+        (a, _) = self.sweeps()
+        self.patch(self.shared, "lease", lambda *a: fail(StoreUnavailable("down")))
+        a.startService()
+        self.addCleanup(a.stopService)
+        self.assertEqual(a.removed, 0)
+        self.assertFalse(a.lease.held)
+
+    def test_partial_sweep_lease(self):
+        """A partial sweep with a lease runs on its holder only."""
+        from hmacd.leases import SweepLease
+
+        ran = []
+        self.patch(
+            __import__("hmacd.housekeeping").housekeeping,
+            "sweep_partials",
+            lambda storage, older: ran.append(storage) or [],
+        )
+        services = []
+        for name, _, fs in self.nodes:
+            service = PartialSweep(fs, lease=SweepLease(fs.metadata, name, 7200, "partial-sweep"))
+            service.startService()
+            self.addCleanup(service.stopService)
+            services.append(service)
+        self.assertEqual(len(ran), 1)
+        self.assertEqual([s.lease.held for s in services], [True, False])
+
+
+class SweepLeaseConfigTests(SynchronousTestCase):
+    """Which configurations share their store, and the lease they sweep under."""
+
+    def test_local_store_no_lease(self):
+        """SQLite alone is this node's own: no lease, sweeps as before."""
+        from hmacd.config import Config
+        from hmacd.leases import sweep_lease
+
+        self.assertIsNone(sweep_lease(Config(), object(), 60))
+
+    def test_shared_store_lease(self):
+        """With Redis (or an SQL fallback) the sweep takes a lease named for this node."""
+        from hmacd.config import Config
+        from hmacd.leases import default_node_name, sweep_lease
+
+        store = object()
+        lease = sweep_lease(Config(redis_addr="127.0.0.1:6379"), store, 60)
+        self.assertEqual(
+            (lease.store, lease.node, lease.ttl, lease.name),
+            (store, default_node_name(), 180, "sweep"),
+        )
+        lease = sweep_lease(
+            Config(fallback_enabled=True, node_name="n1"), store, 5, "partial-sweep"
+        )
+        self.assertEqual((lease.node, lease.ttl, lease.name), ("n1", 30.0, "partial-sweep"))

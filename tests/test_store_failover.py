@@ -8,12 +8,12 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hmacd.store import StoreUnavailable
 from hmacd.store.failover import FailoverStore
 from hmacd.store.memory import MemoryStore
-from tests.store_contract import record
+from tests.store_contract import SharedContract, StoreContract, record
 
 
 class FlakyStore(MemoryStore):
@@ -56,6 +56,27 @@ class FlakyStore(MemoryStore):
 
     def ping(self):
         return self._guard("ping")
+
+    def claim(self, path, owner, lease):
+        return self._guard("claim", path, owner, lease)
+
+    def renew(self, path, owner, lease):
+        return self._guard("renew", path, owner, lease)
+
+    def release(self, path, owner):
+        return self._guard("release", path, owner)
+
+    def lease(self, name, owner, ttl):
+        return self._guard("lease", name, owner, ttl)
+
+    def put_state(self, key, value, ttl):
+        return self._guard("put_state", key, value, ttl)
+
+    def get_state(self, key):
+        return self._guard("get_state", key)
+
+    def delete_state(self, key):
+        return self._guard("delete_state", key)
 
 
 class FailoverTests(SynchronousTestCase):
@@ -281,3 +302,64 @@ class HealthWatchTests(SynchronousTestCase):
         self.assertEqual(len(downs), 1)
         self.successResultOf(store.stop())
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class FailoverContractTests(StoreContract, SharedContract, TestCase):
+    """The store contract through a FailoverStore (over memory stores) on the real reactor."""
+
+    def makeStore(self, fresh=True):
+        from twisted.internet import reactor
+
+        if fresh:
+            self.memory = MemoryStore()
+        inner = MemoryStore()
+        inner._records = self.memory._records
+        inner._shared = self.memory._shared
+        store = FailoverStore(inner, clock=reactor, healthInterval=0)
+        return store.start().addCallback(lambda _: store)
+
+
+class SharedRoutingTests(SynchronousTestCase):
+    """Claims, leases and state go to the primary, and to the fallback only in an outage."""
+
+    setUp = FailoverTests.setUp
+
+    def test_primary_holds_claims(self):
+        """With the primary up, claims, leases and state live there only."""
+        self.assertTrue(self.successResultOf(self.store.claim("p", "node-a", 30.0)))
+        self.assertTrue(self.successResultOf(self.store.lease("sweep", "node-a", 30.0)))
+        self.successResultOf(self.store.put_state("k", "v", 30.0))
+        self.assertEqual(self.successResultOf(self.store.get_state("k")), "v")
+        self.assertEqual(len(self.primary._shared), 3)
+        self.assertEqual(self.fallback._shared, {})
+        self.assertNotIn("claim", self.fallback.calls)
+
+    def test_outage_moves_to_fallback(self):
+        """
+        In an outage the fallback decides alone: a claim held in the primary is
+        not seen there, so its owner's renew fails (it stops) and another may take it.
+        """
+        self.assertTrue(self.successResultOf(self.store.claim("p", "node-a", 30.0)))
+        self.primary.mode = "down"
+        self.assertFalse(self.successResultOf(self.store.renew("p", "node-a", 30.0)))
+        self.assertTrue(self.successResultOf(self.store.claim("p", "node-b", 30.0)))
+        self.assertFalse(self.successResultOf(self.store.claim("p", "node-a", 30.0)))
+        self.assertIn("claim", self.fallback.calls)
+        self.assertIsNone(self.successResultOf(self.store.get_state("k")))
+        self.successResultOf(self.store.release("p", "node-b"))
+        self.successResultOf(self.store.delete_state("k"))
+
+    def test_no_store_fails(self):
+        """With both stores down, a claim fails with StoreUnavailable (the caller answers 503)."""
+        self.primary.mode = self.fallback.mode = "down"
+        self.failureResultOf(self.store.claim("p", "node-a", 30.0), StoreUnavailable)
+        self.failureResultOf(self.store.lease("sweep", "node-a", 30.0), StoreUnavailable)
+
+    def test_hung_primary_claim_times_out(self):
+        """A hung primary costs a claim one timeout; then the fallback answers."""
+        self.primary.mode = "hang"
+        d = self.store.claim("p", "node-a", 30.0)
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        self.assertTrue(self.successResultOf(d))
+        self.assertIn(("claim", "p"), self.fallback._shared)

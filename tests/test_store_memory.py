@@ -8,10 +8,10 @@ from twisted.internet.defer import succeed
 from twisted.trial.unittest import TestCase
 
 from hmacd.store.memory import MemoryStore
-from tests.store_contract import StoreContract
+from tests.store_contract import SharedContract, StoreContract
 
 
-class MemoryStoreContractTests(StoreContract, TestCase):
+class MemoryStoreContractTests(StoreContract, SharedContract, TestCase):
     def makeStore(self, fresh=True):
         if fresh:
             self._shared = MemoryStore()
@@ -19,4 +19,5 @@ class MemoryStoreContractTests(StoreContract, TestCase):
         # A second view of the same records, as a second process would have.
         other = MemoryStore()
         other._records = self._shared._records
+        other._shared = self._shared._shared
         return succeed(other)

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from hmacd.config import Config
 from hmacd.store import StoreUnavailable
 from hmacd.store.sql import SQLStore, parse_db_host
-from tests.store_contract import StoreContract, record, require_service
+from tests.store_contract import SharedContract, StoreContract, record, require_service
 
 POSTGRES = dict(host="127.0.0.1", port=5432, user="postgres", password="", database="test")
 MYSQL = dict(host="127.0.0.1", port=3306, user="root", password="", database="test")
@@ -99,6 +99,7 @@ def drop_table(connect, table: str) -> None:
     try:
         cursor = connection.cursor()
         cursor.execute(f"DROP TABLE IF EXISTS {table}")
+        cursor.execute(f"DROP TABLE IF EXISTS {table}_shared")
         cursor.close()
     finally:
         connection.close()
@@ -126,6 +127,32 @@ def unique_table() -> str:
 
 class SQLChecks:
     """Checks every SQL dialect passes, beyond the store contract."""
+
+    @inlineCallbacks
+    def test_expired_shared_rows_purged(self):
+        """Expired claims, leases and state rows are deleted by a later claim, live ones kept."""
+        from tests.store_contract import pause
+
+        query = f"SELECT COUNT(*) FROM {self.store.table}_shared"
+
+        def count():
+            return self.store.pool.runQuery(query).addCallback(lambda rows: int(rows[0][0]))
+
+        yield self.store.claim("p/old", "node-a", 0.1)
+        yield self.store.lease("old", "node-a", 0.1)
+        yield self.store.put_state("old", "v", 0.1)
+        yield self.store.put_state("live", "v", 30.0)
+        self.assertEqual((yield count()), 4)
+        yield pause(0.3)
+        self.store.purgeInterval = 0.0
+        yield self.store.claim("p/new", "node-a", 30.0)
+        for _ in range(50):  # the purge runs beside the claim
+            rows = yield count()
+            if rows == 2:
+                break
+            yield pause(0.05)
+        self.assertEqual(rows, 2)
+        self.assertEqual((yield self.store.get_state("live")), "v")
 
     @inlineCallbacks
     def test_two_stores_one_table(self):
@@ -227,7 +254,7 @@ class SQLChecks:
         self.assertEqual((yield self.store.records(0)), [])
 
 
-class SQLiteStoreTests(StoreContract, SQLChecks, TestCase):
+class SQLiteStoreTests(StoreContract, SharedContract, SQLChecks, TestCase):
     """The embedded SQLite store."""
 
     def makeStore(self, fresh=True, **options):
@@ -313,7 +340,7 @@ class ServerStoreMixin:
         self.assertIn(f"{self.constructor} at 127.0.0.1:{port}: ", str(error))
 
 
-class PostgresStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
+class PostgresStoreTests(ServerStoreMixin, StoreContract, SharedContract, SQLChecks, TestCase):
     """PostgreSQL through psycopg2, each test on its own table."""
 
     service, params, constructor = "PostgreSQL", POSTGRES, "postgres"
@@ -372,7 +399,7 @@ class PostgresStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
         self.assertNotEqual(before, after)
 
 
-class MySQLStoreTests(ServerStoreMixin, StoreContract, SQLChecks, TestCase):
+class MySQLStoreTests(ServerStoreMixin, StoreContract, SharedContract, SQLChecks, TestCase):
     """MariaDB through pymysql, each test on its own table."""
 
     service, params, constructor = "MariaDB", MYSQL, "mysql"

@@ -57,3 +57,34 @@ class IMetadataStore(Interface):
 
     def ping():
         """A cheap round trip to the server; fires None or fails."""
+
+    # What several nodes share.  Expiries are the server's (Redis) or the node's clock (SQL,
+    # memory): nodes sharing an SQL store need synchronised clocks.
+
+    def claim(path, owner, lease):
+        """
+        Fire True if C{owner} now holds C{path} for C{lease} seconds: taken if
+        free or expired, re-taken (and extended) if C{owner} already holds it;
+        False if someone else does.  Atomic across every node of the store.
+        """
+
+    def renew(path, owner, lease):
+        """Extend C{owner}'s claim on C{path} to C{lease} seconds; False if it lost it."""
+
+    def release(path, owner):
+        """Drop the claim on C{path} if C{owner} holds it (someone else's stays); fires None."""
+
+    def put_state(key, value, ttl):
+        """Set the shared text C{value} of C{key} for C{ttl} seconds; fires None."""
+
+    def get_state(key):
+        """Fire the text of C{key}, or None if unset or expired."""
+
+    def delete_state(key):
+        """Forget C{key}; no error if unknown; fires None."""
+
+    def lease(name, owner, ttl):
+        """
+        Fire True if C{owner} now holds the lease C{name} for C{ttl} seconds
+        (one holder at a time; its holder renews by calling again), else False.
+        """

@@ -360,6 +360,33 @@ class FailoverStore:
     def ping(self) -> Deferred[None]:
         return self._first("ping")
 
+    # What nodes share goes to the primary, and to the fallback only while the primary is
+    # down: during an outage each node asks the store its own breaker points at, so a claim
+    # or lease is exclusive among the nodes on the same side only (see README, "Several
+    # nodes").  None of it is copied back: claims and leases are short-lived, and state
+    # written to one side is not seen from the other.
+
+    def claim(self, path: str, owner: str, lease: float) -> Deferred[bool]:
+        return self._first("claim", path, owner, lease)
+
+    def renew(self, path: str, owner: str, lease: float) -> Deferred[bool]:
+        return self._first("renew", path, owner, lease)
+
+    def release(self, path: str, owner: str) -> Deferred[None]:
+        return self._first("release", path, owner)
+
+    def put_state(self, key: str, value: str, ttl: float) -> Deferred[None]:
+        return self._first("put_state", key, value, ttl)
+
+    def get_state(self, key: str) -> Deferred[str | None]:
+        return self._first("get_state", key)
+
+    def delete_state(self, key: str) -> Deferred[None]:
+        return self._first("delete_state", key)
+
+    def lease(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
+        return self._first("lease", name, owner, ttl)
+
     def _copyBack(self) -> None:
         """When both stores answer, move what the fallback holds into the primary."""
         if self._copying or self.fallback is None:

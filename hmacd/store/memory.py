@@ -5,6 +5,9 @@ elsewhere.  Nothing survives a restart.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
@@ -17,8 +20,12 @@ __all__ = ["MemoryStore"]
 class MemoryStore:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
+        """C{clock}: an IReactorTime for the expiry of claims, leases and state (else wall time)."""
         self._records: dict[str, FileRecord] = {}
+        self._clock = clock
+        # (kind, name) -> (owner or value, absolute expiry)
+        self._shared: dict[tuple[str, str], tuple[str, float]] = {}
 
     def start(self) -> Deferred[None]:
         return succeed(None)
@@ -55,3 +62,52 @@ class MemoryStore:
 
     def ping(self) -> Deferred[None]:
         return succeed(None)
+
+    # -- shared between nodes (here: between the users of this one object) ---------------------
+
+    def _now(self) -> float:
+        return self._clock.seconds() if self._clock is not None else time.time()
+
+    def _live(self, kind: str, name: str) -> str | None:
+        entry = self._shared.get((kind, name))
+        if entry is None:
+            return None
+        if entry[1] <= self._now():
+            del self._shared[(kind, name)]
+            return None
+        return entry[0]
+
+    def _take(self, kind: str, name: str, owner: str, ttl: float) -> bool:
+        holder = self._live(kind, name)
+        if holder is not None and holder != owner:
+            return False
+        self._shared[(kind, name)] = (owner, self._now() + ttl)
+        return True
+
+    def claim(self, path: str, owner: str, lease: float) -> Deferred[bool]:
+        return succeed(self._take("claim", path, owner, lease))
+
+    def renew(self, path: str, owner: str, lease: float) -> Deferred[bool]:
+        if self._live("claim", path) != owner:
+            return succeed(False)
+        self._shared[("claim", path)] = (owner, self._now() + lease)
+        return succeed(True)
+
+    def release(self, path: str, owner: str) -> Deferred[None]:
+        if self._live("claim", path) == owner:
+            del self._shared[("claim", path)]
+        return succeed(None)
+
+    def put_state(self, key: str, value: str, ttl: float) -> Deferred[None]:
+        self._shared[("state", key)] = (value, self._now() + ttl)
+        return succeed(None)
+
+    def get_state(self, key: str) -> Deferred[str | None]:
+        return succeed(self._live("state", key))
+
+    def delete_state(self, key: str) -> Deferred[None]:
+        self._shared.pop(("state", key), None)
+        return succeed(None)
+
+    def lease(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
+        return succeed(self._take("lease", name, owner, ttl))

@@ -28,19 +28,22 @@ and the pool tries again with its usual backoff.
 
 txredisapi imports the global reactor (for its reconnect timers); that import
 stays behind this module.
+
+The Lua scripts are in L{hmacd.store.redis_scripts}, the connection pool in
+L{hmacd.store.redis_connection}; what nodes share
+(claims, leases, state) in L{hmacd.store.redis_shared}.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import txredisapi
-from twisted.internet import defer, error
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -48,83 +51,18 @@ from zope.interface import implementer
 from hmacd.address import HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.redis_connection import (
+    _connect_failure,
+    _one_line,
+    _ReportingEndpoint,
+    _StoreFactory,
+)
+from hmacd.store.redis_scripts import _DELETE, _DELETE_MANY, _EXPIRED, _PUT, _RECORDS
+from hmacd.store.redis_shared import SharedRedis
 
 __all__ = ["RedisStore", "parse_redis_addr"]
 
 log = Logger()
-
-# Non-blocking commands all run on whichever pooled connection is up; a
-# second one is a spare for when the first drops.
-_POOL_SIZE = 2
-
-# KEYS: file hash, expiry zset, files set.  ARGV: path, expires or "",
-# then field/value pairs.
-_PUT = """
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-if ARGV[2] == '' then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-else
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-end
-redis.call('SADD', KEYS[3], ARGV[1])
-return 1
-"""
-
-# KEYS: file hash, expiry zset, files set.  ARGV: path.
-_DELETE = """
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-return 1
-"""
-
-# KEYS: expiry zset, files set.  ARGV: file key prefix, then paths.  The deletes made
-# while one is in flight, in one round trip (see RedisStore.delete).
-_DELETE_MANY = """
-for i = 2, #ARGV do
-  redis.call('DEL', ARGV[1] .. ARGV[i])
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('SREM', KEYS[2], ARGV[i])
-end
-return 1
-"""
-
-# KEYS: expiry zset, files set.  ARGV: file key prefix, now, limit.
-# Returns path, fields, path, fields..., each record's fields as one JSON array
-# (txredisapi parses a nested reply item by item in Python, which made this call the
-# expiry sweep's bound).  An entry whose hash has vanished (evicted, or deleted by
-# hand) is dropped on the way.
-_EXPIRED = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
-local found = {}
-for _, path in ipairs(due) do
-  local fields = redis.call('HGETALL', ARGV[1] .. path)
-  if #fields == 0 then
-    redis.call('ZREM', KEYS[1], path)
-    redis.call('SREM', KEYS[2], path)
-  else
-    found[#found + 1] = path
-    found[#found + 1] = cjson.encode(fields)
-  end
-end
-return found
-"""
-
-# KEYS: files set.  ARGV: file key prefix, limit.  Read-only: SRANDMEMBER is
-# not deterministic, and old servers refuse writes after it in a script.
-_RECORDS = """
-local paths = redis.call('SRANDMEMBER', KEYS[1], ARGV[2])
-local found = {}
-for _, path in ipairs(paths) do
-  local fields = redis.call('HGETALL', ARGV[1] .. path)
-  if #fields > 0 then
-    found[#found + 1] = path
-    found[#found + 1] = fields
-  end
-end
-return found
-"""
 
 
 def parse_redis_addr(addr: str) -> HostPort:
@@ -135,35 +73,6 @@ def parse_redis_addr(addr: str) -> HostPort:
         raise ValueError(
             f'not a Redis address like "host:6379" or "[::1]:6379": {addr!r}'
         ) from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) or "no reason given"
-
-
-def _connect_failure(exc: BaseException | None, connect_timeout: float) -> str:
-    """Why a TCP connection attempt failed, for people."""
-    if exc is None:  # a Failure always has its exception; the type allows None
-        return "cannot connect"
-    if isinstance(exc, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, error.TimeoutError):
-        return f"no connection within {connect_timeout:g} s"
-    if isinstance(exc, error.DNSLookupError):
-        return "cannot resolve the host name"
-    return "cannot connect: " + _one_line(exc.args[0] if exc.args else type(exc).__name__)
-
-
-def _handshake_failure(store: RedisStore, step: str, e: Exception) -> str:
-    """Why AUTH or SELECT failed on a new connection, for people."""
-    if isinstance(e, defer.TimeoutError):
-        return f"no answer to {step} within {store.connect_timeout:g} s"
-    if isinstance(e, txredisapi.ConnectionError):
-        return f"connection lost during {step}"
-    message = _one_line(e.args[0] if e.args else type(e).__name__)
-    if step == "AUTH":
-        return f"authentication failed: {message}"
-    return f"cannot use database {store.dbid}: {message}"
 
 
 def _record(path: bytes, flat: list[bytes]) -> FileRecord:
@@ -186,97 +95,8 @@ def _records(reply: list[Any]) -> list[FileRecord]:
     return [_record(path, flat) for path, flat in zip(reply[::2], reply[1::2], strict=True)]
 
 
-@implementer(IStreamClientEndpoint)
-class _ReportingEndpoint:
-    """An endpoint that tells the store why a connection attempt failed."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint, report: Callable[[Failure], None]):
-        self._endpoint = endpoint
-        self._report = report
-
-    def connect(self, protocolFactory):
-        def failed(failure: Failure) -> Failure:
-            if not failure.check(defer.CancelledError):
-                self._report(failure)
-            return failure
-
-        return self._endpoint.connect(protocolFactory).addErrback(failed)
-
-
-class _StoreProtocol(txredisapi.RedisProtocol):
-    """
-    A connection that authenticates and selects its database itself.
-
-    The factory gives txredisapi no password and no dbid, so the base class
-    only marks the connection ready; a failed handshake drops this connection
-    instead of stopping the whole pool (txredisapi #146).
-    """
-
-    factory: _StoreFactory
-
-    def connectionMade(self) -> Deferred[None]:
-        return self._handshake()
-
-    @inlineCallbacks
-    def _handshake(self):
-        store = self.factory.store
-        step = "AUTH"
-        try:
-            if store.password is not None:
-                yield self._deadline(self.auth(store.password), store)
-            if store.dbid:
-                step = "SELECT"
-                yield self._deadline(self.select(store.dbid), store)
-        except Exception as e:
-            self.factory.handshakeFailed(_handshake_failure(store, step, e))
-            self.transport.abortConnection()
-            return
-        # With no password and no dbid, this only marks the connection ready.
-        yield super().connectionMade()
-        self.factory.handshakeDone()
-
-    @staticmethod
-    def _deadline(d: Deferred, store: RedisStore) -> Deferred:
-        # A hung server accepts connections (the kernel does) but never
-        # answers: drop such a connection and let the pool try again.
-        return d.addTimeout(store.connect_timeout, store.reactor)
-
-    def connectionLost(self, why=None):
-        super().connectionLost(why)
-        self.factory.lost()
-
-
-class _StoreFactory(txredisapi.RedisFactory):
-    """txredisapi's lazy pool, with our protocol and our reports to the store."""
-
-    protocol = _StoreProtocol
-
-    def __init__(self, store: RedisStore) -> None:
-        # charset=None and convertNumbers=False: replies stay bytes, so a
-        # content type or uploader that looks like a number stays a string.
-        super().__init__(
-            store.where,
-            None,
-            _POOL_SIZE,
-            isLazy=True,
-            charset=None,
-            password=None,
-            convertNumbers=False,
-        )
-        self.store = store
-
-    def handshakeFailed(self, reason: str) -> None:
-        self.store._connectionFailed(self, reason)
-
-    def handshakeDone(self) -> None:
-        self.store._connectionReady(self)
-
-    def lost(self) -> None:
-        self.store._connectionLost(self)
-
-
 @implementer(IMetadataStore)
-class RedisStore:
+class RedisStore(SharedRedis):
     """
     File records in Redis (see the module docstring for the keys).
 

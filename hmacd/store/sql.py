@@ -5,8 +5,9 @@ L{twisted.enterprise.adbapi}.
 
 One table, keyed by the SHA-256 (hex) of the UTF-8 path: MySQL cannot index a
 2048-byte utf8mb4 column, and a fixed-width key is as good everywhere else.
-Values are always bound parameters; the table name, checked against
-L{_IDENTIFIER}, is the only thing ever formatted into a statement.
+A second one, C{<table>_shared}, holds what nodes share (claims, leases,
+state: L{hmacd.store.sql_shared}).  The statements are in
+L{hmacd.store.sql_statements}, the adbapi machinery in L{hmacd.store.sql_pool}.
 
 adbapi keeps one connection per pool thread and does not notice a connection
 the server has dropped until a query on it fails.  Every call here is
@@ -23,116 +24,31 @@ import importlib
 import math
 import os
 import re
-import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.enterprise import adbapi
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hmacd import internals
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
 from hmacd.batch import Batcher
-from hmacd.metadata import RECORD_FIELDS
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.sql_pool import MYSQL_QUERY_TIMEOUT, _ConnectionPool, _mysql_open, _sqlite_open
+from hmacd.store.sql_shared import SharedSQL
+from hmacd.store.sql_statements import _COLUMNS, _DIALECTS, _IDENTIFIER
 
 log = Logger()
 
-__all__ = ["DEFAULT_PORTS", "DEFAULT_TABLE", "SQLStore", "parse_db_host"]
+__all__ = ["DEFAULT_PORTS", "DEFAULT_TABLE", "MYSQL_QUERY_TIMEOUT", "SQLStore", "parse_db_host"]
 
 DEFAULT_TABLE = "hmacfs_files"
 DEFAULT_PORTS = DEFAULT_DB_PORTS
 DEFAULT_CONNECT_TIMEOUT = 5.0
-
-# Short enough that "<table>_expires" stays within PostgreSQL's 63-byte names.
-_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,47}")
-
-_COLUMNS = RECORD_FIELDS
-
-
-@dataclass(frozen=True)
-class _Dialect:
-    """What differs between the three databases: driver, placeholder, DDL, upsert."""
-
-    name: str
-    module: str
-    placeholder: str
-    schema: tuple[str, ...]
-    upsert: str
-
-
-# content_type is TEXT rather than VARCHAR(255): nothing upstream bounds the signed
-# Content-Type, and a put must not fail on a long one.  sha256 is VARCHAR(64), not CHAR(64):
-# PostgreSQL pads CHAR values with spaces and MySQL strips them, so only VARCHAR gives back
-# exactly what was put.
-_COLUMN_DDL = """
-    path TEXT NOT NULL,
-    size BIGINT NULL,
-    content_type TEXT NULL,
-    sha256 VARCHAR(64) NULL,
-    created {double} NULL,
-    protocol VARCHAR(16) NULL,
-    uploader TEXT NULL,
-    expires {double} NULL"""
-
-_INSERT = "INSERT {verb} {{table}} (path_hash, " + ", ".join(_COLUMNS) + ") VALUES ({marks})"
-
-
-def _insert(verb: str, placeholder: str) -> str:
-    return _INSERT.format(verb=verb, marks=", ".join([placeholder] * (len(_COLUMNS) + 1)))
-
-
-_DIALECTS = {
-    "sqlite": _Dialect(
-        name="sqlite",
-        module="sqlite3",
-        placeholder="?",
-        schema=(
-            "CREATE TABLE IF NOT EXISTS {table} (\n    path_hash CHAR(64) PRIMARY KEY,"
-            + _COLUMN_DDL.format(double="DOUBLE PRECISION")
-            + "\n)",
-            "CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires)",
-        ),
-        upsert=_insert("OR REPLACE INTO", "?"),
-    ),
-    "postgres": _Dialect(
-        name="postgres",
-        module="psycopg2",
-        placeholder="%s",
-        schema=(
-            "CREATE TABLE IF NOT EXISTS {table} (\n    path_hash CHAR(64) PRIMARY KEY,"
-            + _COLUMN_DDL.format(double="DOUBLE PRECISION")
-            + "\n)",
-            "CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires)",
-        ),
-        upsert=_insert("INTO", "%s")
-        + " ON CONFLICT (path_hash) DO UPDATE SET "
-        + ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS),
-    ),
-    "mysql": _Dialect(
-        name="mysql",
-        module="pymysql",
-        placeholder="%s",
-        # MySQL has no CREATE INDEX IF NOT EXISTS (MariaDB does): the index goes in the table.
-        schema=(
-            "CREATE TABLE IF NOT EXISTS {table} (\n"
-            "    path_hash CHAR(64) CHARACTER SET ascii NOT NULL PRIMARY KEY,"
-            + _COLUMN_DDL.format(double="DOUBLE")
-            + ",\n    INDEX {table}_expires (expires)\n"
-            ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-        ),
-        # VALUES(col), not the MySQL 8 "AS new" alias, which MariaDB does not have.
-        upsert=_insert("INTO", "%s")
-        + " ON DUPLICATE KEY UPDATE "
-        + ", ".join(f"{c} = VALUES({c})" for c in _COLUMNS),
-    ),
-}
 
 
 def parse_db_host(text: str, default_port: int) -> HostPort:
@@ -166,127 +82,12 @@ def _reason(error: BaseException | None) -> str:
     return text or type(error).__name__
 
 
-class _Connection(adbapi.Connection):
-    """
-    adbapi's connection wrapper, but a dead connection is dropped quietly
-    instead of logged as an error (twice) from inside adbapi: the caller gets
-    the driver's exception, and the thread's next call connects afresh.
-    """
-
-    def rollback(self) -> None:
-        try:
-            internals.adbapi_raw_connection(self).rollback()
-        except Exception:
-            self._drop()
-
-    def reconnect(self) -> None:
-        self._drop()
-        internals.adbapi_set_raw_connection(self, internals.adbapi_pool_of(self).connect())
-
-    def _drop(self) -> None:
-        dead = internals.adbapi_raw_connection(self)
-        internals.adbapi_set_raw_connection(self, None)
-        if dead is None:
-            return
-        internals.adbapi_forget_connection(internals.adbapi_pool_of(self), dead)
-        with suppress(Exception):
-            dead.close()
-
-
-class _DaemonThread(threading.Thread):
-    """
-    A pool thread.  A query stuck on a hung server (SIGSTOPped, or a dead
-    host behind a live TCP connection) never returns: such a thread must not
-    keep the process from exiting.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.daemon = True
-
-
-class _ConnectionPool(adbapi.ConnectionPool):
-    """
-    adbapi's pool with daemon threads, closed off the reactor thread.
-
-    @ivar clock: the reactor given to adbapi as C{cp_reactor}.
-    """
-
-    connectionFactory = _Connection
-
-    def __init__(self, *args: Any, cp_reactor: Any, **kwargs: Any) -> None:
-        # Before adbapi's __init__: on a running reactor it calls start() at once.
-        self.clock = cp_reactor
-        super().__init__(*args, cp_reactor=cp_reactor, **kwargs)
-        self.threadpool.threadFactory = _DaemonThread
-
-    def start(self) -> None:
-        super().start()
-        # adbapi joins its threads in a reactor shutdown trigger, which
-        # blocks the reactor for as long as any query is stuck; SQLStore.stop
-        # closes the pool off the reactor thread instead.
-        internals.adbapi_remove_shutdown_trigger(self, self.clock)
-
-    def closeInBackground(self, patience: float = 5.0) -> Deferred[None]:
-        """
-        Close the pool from a helper thread: ThreadPool.stop() joins the
-        worker threads, which must never happen in the reactor thread.
-        Fires when closed, or after C{patience} seconds (threads stuck on a
-        hung server are daemon threads and are left behind).
-        """
-        internals.adbapi_remove_start_trigger(self, self.clock)
-        done: Deferred[None] = Deferred()
-
-        def close() -> None:
-            try:
-                self.finalClose()
-            finally:
-                self.clock.callFromThread(closed)
-
-        def closed() -> None:
-            if not done.called:  # the patience below may have run out first
-                done.callback(None)
-
-        threading.Thread(target=close, name=f"{self.name}-close", daemon=True).start()
-
-        def late(failure: Failure) -> None:
-            failure.trap(defer.TimeoutError)
-            log.warn(
-                "{name}: connections to a server that does not answer left behind",
-                name=self.name,
-            )
-
-        return done.addTimeout(patience, self.clock).addErrback(late)
-
-
-def _sqlite_open(connection: Any) -> None:
-    # WAL: readers never block the writer; the setting lives in the file, asking again is free.
-    connection.execute("PRAGMA journal_mode=WAL").fetchall()
-    # In WAL mode NORMAL is SQLite's advice: a commit survives the process dying, and only
-    # a power cut may lose the last ones, where FULL fsyncs the log on every commit (one
-    # more fsync per upload).  The file itself is fsynced; a file without its record is
-    # still served (type from its name) and swept by FileTTL.
-    connection.execute("PRAGMA synchronous=NORMAL").fetchall()
-
-
-# Queries are tiny: one taking this long is stuck on a hung server, and its
-# pool thread is better freed (the call fails, and is retried once).
-MYSQL_QUERY_TIMEOUT = 30
-
-
-def _mysql_open(connection: Any) -> None:
-    # pymysql bounds its handshake only by read_timeout (connect_timeout covers the TCP connect
-    # alone), so the handshake ran with read/write timeouts equal to connect_timeout; queries
-    # get a longer bound.
-    internals.pymysql_set_timeouts(connection, MYSQL_QUERY_TIMEOUT, MYSQL_QUERY_TIMEOUT)
-
-
 def _path_hash(path: str) -> str:
     return hashlib.sha256(path.encode("utf-8")).hexdigest()
 
 
 @implementer(IMetadataStore)
-class SQLStore:
+class SQLStore(SharedSQL):
     """
     File records in one SQL table.  Build one with L{sqlite}, L{postgres},
     L{mysql} or L{from_config}; nothing connects (and adbapi starts no
@@ -612,7 +413,13 @@ class SQLStore:
             "count_expired": f"SELECT COUNT(*) FROM {{table}} WHERE expires <= {p}",
             "records": f"{select} LIMIT {p}",
         }
-        return {key: sql.format(table=self.table) for key, sql in statements.items()}
+        prepared = {key: sql.format(table=self.table) for key, sql in statements.items()}
+        prepared.update(self._dialect.shared.format(self.table, p))
+        return prepared
+
+    def _now(self) -> float:
+        # The reactor's clock when one was given (tests drive it), else the wall clock.
+        return self._reactor.seconds() if self._reactor is not None else time.time()
 
     def _makePool(self) -> _ConnectionPool:
         reactor = self._reactor
@@ -637,7 +444,7 @@ class SQLStore:
 
     def _createSchema(self, connection: Any) -> None:
         # Not retried: a retry would double the wait for an unreachable server.
-        for statement in self._dialect.schema:
+        for statement in (*self._dialect.schema, *self._dialect.shared.schema):
             self._execute(connection, statement.format(table=self.table), (), False)
 
     @staticmethod
