@@ -20,7 +20,7 @@ from hmacd.sink import GroupCommit, Uploads
 from hmacd.storage import IStorage
 from hmacd.storage.local import LocalStorage
 from hmacd.store.failover import FailoverStore
-from hmacd.throttle import Bandwidth, RateLimiter
+from hmacd.throttle import Bandwidth, RateLimiter, SharedRateLimiter
 
 __all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
 
@@ -62,7 +62,7 @@ class FileServer:
     metrics: Metrics = field(default_factory=Metrics)
     # RateLimitPerMinute (a hmacd.throttle.RateLimiter), and the networks
     # whose X-Forwarded-For names the client.
-    limiter: RateLimiter | None = None
+    limiter: RateLimiter | SharedRateLimiter | None = None
     trusted_proxies: tuple = ()
     # MaxBytesPerSecond per upload, and a hmacd.throttle.Bandwidth shared by
     # all uploads (MaxTotalBytesPerSecond).

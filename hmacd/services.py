@@ -28,9 +28,10 @@ from hmacd.housekeeping import (
     SystemMonitor,
     drain_uploads,
 )
+from hmacd.leases import sweep_lease
 from hmacd.metrics import Metrics, metrics_site
 from hmacd.store.failover import FailoverStore
-from hmacd.throttle import Bandwidth, RateLimiter, parse_networks
+from hmacd.throttle import Bandwidth, parse_networks, rate_limiter
 from hmacd.web import HmacfsSite
 
 __all__ = [
@@ -122,11 +123,7 @@ def build_file_server(
         min_free_space=config.min_free_space,
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
-        limiter=(
-            RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, reactor)
-            if config.rate_limit_per_minute
-            else None
-        ),
+        limiter=rate_limiter(config, reactor, metadata),
         trusted_proxies=parse_networks(config.trusted_proxies),
         max_bytes_per_second=config.max_bytes_per_second,
         total_bandwidth=(
@@ -224,7 +221,13 @@ def sweeps(config: Config, fs: FileServer) -> list[IService]:
     """The sweeps one process runs for the whole StoreDir: stale partials, expired files."""
     return [
         PartialSweep(fs, resumableTTL=config.resumable_ttl),
-        ExpirySweep(fs, interval=config.expiry_interval, batch=config.expiry_batch),
+        ExpirySweep(
+            fs,
+            interval=config.expiry_interval,
+            batch=config.expiry_batch,
+            # One sweeper across the nodes sharing the store (None: the store is ours alone).
+            lease=sweep_lease(config, fs.metadata, config.expiry_interval),
+        ),
     ]
 
 
