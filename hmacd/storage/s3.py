@@ -1,0 +1,423 @@
+"""
+L{IStorage} in a bucket of an S3-compatible object store (C{StorageBackend = "s3"}).
+
+The seam's blocking methods run in a worker thread (C{FileServer.blocking}); each hands its
+requests to the reactor thread, where L{hmacd.s3.S3Client} talks to the store, and waits
+for the answer.  Called from the reactor thread they would wait on themselves: they refuse
+instead (L{ReactorThreadCall}).
+
+Writing: the body of an upload is spooled and hashed in a local temp file under
+C{StoreDir/.hmacfs/s3-spool} (the local directory's own writer, with its back-pressure),
+and sent to the store at L{S3Writer.publish}, once its SHA-256 is known: the facts travel
+as the object's metadata, which S3 takes only before the body.  Up to the multipart
+threshold that is one PutObject, above it a multipart upload of parts streamed from the
+file; the final write (PutObject or CompleteMultipartUpload) carries C{If-None-Match: *},
+so a taken name is a L{Conflict} and is never overwritten, and nothing is visible before
+the object is whole.  A failed publish aborts its multipart upload; a crash leaves one
+that L{S3Storage.sweep_temps} aborts later.
+
+Each object carries the signed Content-Type as its type and its facts
+(L{hmacd.facts.encode}, as ASCII JSON) in C{x-amz-meta-hmacfs}, with the SHA-256 also in
+C{x-amz-meta-sha256} for tools.  Keys are the relative paths; names with a dot segment
+(C{.hmacfs/}) are never listed as files.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IConsumer, IProducer
+from twisted.internet.task import Cooperator
+from twisted.internet.threads import blockingCallFromThread
+from twisted.python import threadable
+from twisted.web.client import FileBodyProducer
+from zope.interface import implementer
+
+from hmacd.facts import decode, encode
+from hmacd.metadata import FileRecord
+from hmacd.paths import PathRefused, store_path
+from hmacd.s3 import NoSuchKey, NoSuchUpload, PreconditionFailed, S3Client, S3Error
+from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat
+from hmacd.storage.local import Blocking, LocalStorage, LocalWriter
+
+__all__ = [
+    "FACTS_META",
+    "SHA256_META",
+    "SPOOL_DIR",
+    "ReactorThreadCall",
+    "S3Readable",
+    "S3Storage",
+    "S3Writer",
+    "StoreFailed",
+]
+
+# Where bodies wait for their hash before they go to the store (under StoreDir).
+SPOOL_DIR = os.path.join(".hmacfs", "s3-spool")
+FACTS_META = "hmacfs"
+SHA256_META = "sha256"
+# A body read from a file can be sent again: the store may close a pooled connection just
+# as a PUT starts on it, which Twisted does not retry.
+_ATTEMPTS = 2
+# A dummy root against which names are judged (no path outside the store: no "..").
+_JUDGE_ROOT = os.path.join(os.sep, "hmacfs-s3")
+
+
+class ReactorThreadCall(RuntimeError):
+    """A blocking S3Storage method was called in the reactor thread, which it would block."""
+
+
+class StoreFailed(OSError):
+    """The object store could not do it (unreachable, refusing, or an error of its own)."""
+
+    def __init__(self, error: S3Error) -> None:
+        super().__init__(errno.EIO, f"object store: {error}")
+        self.error = error
+
+
+def _judge(relpath: str) -> str:
+    """The key of C{relpath}, or PathRefused for a name that leads out of the store."""
+    path = store_path(_JUDGE_ROOT, relpath)
+    return os.path.relpath(path, _JUDGE_ROOT).replace(os.sep, "/")
+
+
+def _hidden(key: str) -> bool:
+    return key.endswith("/") or any(part.startswith(".") for part in key.split("/"))
+
+
+def _metadata(record: FileRecord) -> dict[str, str]:
+    # Header values are ASCII: the facts as JSON with escapes (a JID may be UTF-8).
+    facts = json.dumps(json.loads(encode(record)), separators=(",", ":"), ensure_ascii=True)
+    return {FACTS_META: facts, SHA256_META: record.sha256}
+
+
+def _seconds(last_modified: str | None) -> float:
+    if not last_modified:
+        return 0.0
+    try:
+        return parsedate_to_datetime(last_modified).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@implementer(IConsumer)
+class _Collect:
+    """A consumer that keeps what it is given (one ranged read, bounded by the caller)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+class _Slice:
+    """C{length} bytes of a file from C{offset}, as a file for FileBodyProducer (a part)."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self._start = offset
+        self._length = length
+        self._at = 0
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._length - self._at
+        size = left if size < 0 else min(size, left)
+        data = os.pread(self._fd, size, self._start + self._at) if size > 0 else b""
+        self._at += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self._length}[whence]
+        self._at = max(0, min(self._length, base + offset))
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def close(self) -> None:
+        pass  # the fd is the caller's
+
+
+@implementer(IStorage)
+class S3Storage:
+    """
+    The files of one bucket (and prefix) of an object store.
+
+    @param client: the store, on the reactor C{reactor}.
+    @param spool_root: the local directory where bodies wait for publish.
+    @param blocking: runs a blocking callable in a worker thread (the spool's writes).
+    @param threshold: bodies above this go up as multipart uploads of C{part_size} parts.
+    """
+
+    def __init__(
+        self,
+        client: S3Client,
+        reactor: Any,
+        spool_root: str,
+        blocking: Blocking,
+        chunk_size: int = 1 << 20,
+        threshold: int = 16 * 1024 * 1024,
+        part_size: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.client = client
+        self.reactor = reactor
+        os.makedirs(spool_root, exist_ok=True)
+        self.spool = LocalStorage(spool_root, blocking, chunk_size)
+        self.threshold = threshold
+        self.part_size = part_size
+        self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+
+    def _call(self, f: Callable[..., Deferred[Any]], *args: Any) -> Any:
+        """Run C{f} in the reactor thread and wait for its Deferred's result."""
+        if threadable.isInIOThread():
+            raise ReactorThreadCall(f"{f.__name__} would block the reactor thread")
+        try:
+            return blockingCallFromThread(self.reactor, f, *args)
+        except (NoSuchKey, NoSuchUpload, PreconditionFailed):
+            raise
+        except S3Error as e:
+            raise StoreFailed(e) from e
+
+    def _head(self, relpath: str) -> Any:
+        try:
+            key = _judge(relpath)
+        except PathRefused:
+            return None
+        if _hidden(key):
+            return None
+        try:
+            return self._call(self.client.head_object, key)
+        except NoSuchKey:
+            return None
+
+    # Writing.
+
+    def writer(self, relpath: str) -> S3Writer:
+        key = _judge(relpath)
+        if _hidden(key):
+            raise PathRefused("a name with a dot segment is not served")
+        # In the reactor thread (an upload's head) there is no asking the store: the claim
+        # in the metadata store decides before the body, If-None-Match at publish after it.
+        if not threadable.isInIOThread() and self._head(relpath) is not None:
+            raise Conflict()
+        return S3Writer(self, key)
+
+    def adopt(self, source: str, relpath: str, record: FileRecord) -> None:
+        key = _judge(relpath)
+        with open(source, "rb") as f:
+            self.put_file(f.fileno(), os.fstat(f.fileno()).st_size, key, record)
+
+    def put_file(self, fd: int, size: int, key: str, record: FileRecord) -> None:
+        """
+        Blocking.  Send C{size} bytes of the open file C{fd} as the object C{key} with
+        C{record}'s facts, never overwriting (L{Conflict}); nothing is left on failure.
+        """
+        try:
+            if size <= self.threshold:
+                self._put_single(fd, size, key, record)
+            else:
+                self._call(self._put_multipart, fd, size, key, record)
+        except PreconditionFailed:
+            raise Conflict() from None
+
+    def _put_single(self, fd: int, size: int, key: str, record: FileRecord) -> None:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                self._call(self._put_object, fd, size, key, record)
+                return
+            except StoreFailed:
+                if attempt == _ATTEMPTS:
+                    raise
+
+    def _producer(self, fd: int, offset: int, length: int) -> FileBodyProducer:
+        return FileBodyProducer(_Slice(fd, offset, length), self._cooperator)
+
+    def _put_object(self, fd: int, size: int, key: str, record: FileRecord) -> Deferred[str]:
+        return self.client.put_object(
+            key,
+            self._producer(fd, 0, size),
+            size,
+            content_type=record.content_type,
+            metadata=_metadata(record),
+            if_none_match=True,
+        )
+
+    @inlineCallbacks
+    def _put_multipart(self, fd: int, size: int, key: str, record: FileRecord) -> Any:
+        upload_id = yield self.client.create_multipart_upload(
+            key, record.content_type, _metadata(record)
+        )
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, self.part_size), start=1):
+                length = min(self.part_size, size - offset)
+                for attempt in range(1, _ATTEMPTS + 1):
+                    try:
+                        etag = yield self.client.upload_part(
+                            key, upload_id, number, self._producer(fd, offset, length), length
+                        )
+                        break
+                    except S3Error:
+                        if attempt == _ATTEMPTS:
+                            raise
+                parts.append((number, etag))
+            yield self.client.complete_multipart_upload(key, upload_id, parts, if_none_match=True)
+        except BaseException:
+            # A refused or broken upload leaves no parts behind (nor a visible object).
+            try:
+                yield self.client.abort_multipart_upload(key, upload_id)
+            except S3Error:
+                pass  # the sweep aborts it after ResumableTTL
+            raise
+
+    def settle(self, relpaths: list[str]) -> None:
+        pass  # a completed PutObject is durable: the store answered after storing it
+
+    # Reading.
+
+    def exists(self, relpath: str) -> bool:
+        _judge(relpath)
+        return self._head(relpath) is not None
+
+    def stat(self, relpath: str) -> Stat | None:
+        head = self._head(relpath)
+        if head is None:
+            return None
+        return Stat(head.length, _seconds(head.last_modified))
+
+    def open(self, relpath: str) -> S3Readable | None:
+        head = self._head(relpath)
+        if head is None:
+            return None
+        return S3Readable(self, relpath, head)
+
+    def delete(self, relpath: str) -> bool:
+        if self._head(relpath) is None:
+            return False
+        self._call(self.client.delete_object, _judge(relpath))
+        return True
+
+    def files(self) -> Iterator[str]:
+        """Every stored object but hidden (dot) names, in the store's (byte) order."""
+        token: str | None = None
+        while True:
+            page = self._call(self.client.list_objects_v2, "", token)
+            for listed in page.objects:
+                if not _hidden(listed.key):
+                    yield listed.key
+            token = page.next_token
+            if token is None:
+                return
+
+    def sweep_temps(self, older_than: float) -> list[str]:
+        # Spooled bodies of a process that died, and multipart uploads it never finished
+        # or aborted; never an object (a finished file always has its record).
+        removed = self.spool.sweep_temps(older_than)
+        for upload in self._call(self.client.list_multipart_uploads, ""):
+            if upload.initiated is None or upload.initiated.timestamp() >= older_than:
+                continue
+            try:
+                self._call(self.client.abort_multipart_upload, upload.key, upload.upload_id)
+            except NoSuchUpload:
+                continue  # finished or aborted meanwhile
+            removed.append(f"{upload.key} (multipart {upload.upload_id})")
+        return removed
+
+
+@implementer(IWriter)
+class S3Writer:
+    """A body spooled locally while it arrives, sent to the store at publish."""
+
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        # A name of its own in the spool: two uploads of one URL never share a temp.
+        self._local: LocalWriter = storage.spool.writer(secrets.token_hex(16))
+        self._sealed = False
+
+    @property
+    def received(self) -> int:
+        return self._local.received
+
+    @property
+    def onRelief(self) -> Callable[[], None] | None:
+        return self._local.onRelief
+
+    @onRelief.setter
+    def onRelief(self, value: Callable[[], None] | None) -> None:
+        self._local.onRelief = value
+
+    def write(self, data: bytes) -> bool:
+        return self._local.write(data)
+
+    def drained(self) -> Deferred[None]:
+        return self._local.drained()
+
+    def seal(self) -> str:
+        digest = self._local.seal()
+        self._sealed = True
+        return digest
+
+    def publish(self, record: FileRecord) -> None:
+        assert self._sealed and self._local.temp is not None
+        try:
+            # The spool's temp is open write-only: the bytes are read back from its name.
+            with open(self._local.temp, "rb") as f:
+                self.storage.put_file(f.fileno(), self._local.received, self.key, record)
+        finally:
+            self._local.discard()
+
+    def discard(self) -> None:
+        self._local.discard()
+
+
+@implementer(IReadable)
+class S3Readable:
+    """An object, as HEAD found it; reads are ranged GETs."""
+
+    def __init__(self, storage: S3Storage, relpath: str, head: Any) -> None:
+        self._storage = storage
+        self._relpath = relpath
+        self._key = head.key
+        self.size: int = head.length
+        self.content_type: str | None = head.content_type
+        self.metadata: dict[str, str] = head.metadata
+        self.modified = _seconds(head.last_modified)
+        self.modified_ns = int(self.modified) * 10**9
+        self.version = (head.etag, head.last_modified, head.length)
+
+    def facts(self) -> FileRecord | None:
+        value = self.metadata.get(FACTS_META)
+        return None if value is None else decode(self._relpath, value.encode("ascii", "replace"))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0 or offset >= self.size:
+            return b""
+        last = min(self.size, offset + length) - 1
+        return self._storage._call(self._get, offset, last)
+
+    @inlineCallbacks
+    def _get(self, first: int, last: int) -> Any:
+        answer = yield self._storage.client.get_object(self._key, (first, last))
+        sink = _Collect()
+        yield answer.deliver(sink)
+        return b"".join(sink.chunks)
+
+    def local_file(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass  # nothing held between reads
