@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from hmacd.config import S3_MIN_PART
 from hmacd.paths import PathRefused
 from hmacd.s3 import S3Client
-from hmacd.storage import Conflict
+from hmacd.storage import Conflict, StorageUnavailable
 from hmacd.storage.s3 import FACTS_META, SHA256_META, ReactorThreadCall, S3Storage, StoreFailed
 from tests.seaweed import shared_mini
 from tests.storage_contract import StorageContractMixin, record_for
@@ -67,7 +67,7 @@ class SeaweedStorageCase(TestCase):
 
     def makeStorage(self) -> S3Storage:
         self.client = self.makeClient()
-        return S3Storage(
+        storage = S3Storage(
             self.client,
             reactor,
             os.path.abspath(self.mktemp()),
@@ -75,6 +75,8 @@ class SeaweedStorageCase(TestCase):
             threshold=S3_MIN_PART,
             part_size=S3_MIN_PART,
         )
+        self.addCleanup(storage.stop)
+        return storage
 
 
 @in_a_thread
@@ -186,6 +188,10 @@ class S3StorageTests(SeaweedStorageCase):
             os.path.abspath(self.mktemp()),
             synchronous,
         )
+        self.addCleanup(storage.stop)
         with self.assertRaises(StoreFailed) as caught:
             yield deferToThread(storage.exists, "x.txt")
         self.assertIsInstance(caught.exception, OSError)
+        self.assertFalse(storage.available)
+        # Known down: an upload's head is refused before its body.
+        self.assertRaises(StorageUnavailable, storage.writer, "x.txt")

@@ -30,21 +30,31 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.internet.task import Cooperator
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
 from twisted.python import threadable
+from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from zope.interface import implementer
 
 from hmacd.facts import decode, encode
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, store_path
-from hmacd.s3 import NoSuchKey, NoSuchUpload, PreconditionFailed, S3Client, S3Error
-from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat
+from hmacd.s3 import (
+    NoSuchKey,
+    NoSuchUpload,
+    PreconditionFailed,
+    S3Client,
+    S3Error,
+    S3Refused,
+    S3Unavailable,
+)
+from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat, StorageUnavailable
 from hmacd.storage.local import Blocking, LocalStorage, LocalWriter
 
 __all__ = [
@@ -67,13 +77,19 @@ SHA256_META = "sha256"
 _ATTEMPTS = 2
 # A dummy root against which names are judged (no path outside the store: no "..").
 _JUDGE_ROOT = os.path.join(os.sep, "hmacfs-s3")
+# While the store is down, how often it is asked whether it is back.
+PROBE_INTERVAL = 5.0
+
+T = TypeVar("T")
+
+log = Logger()
 
 
 class ReactorThreadCall(RuntimeError):
     """A blocking S3Storage method was called in the reactor thread, which it would block."""
 
 
-class StoreFailed(OSError):
+class StoreFailed(StorageUnavailable):
     """The object store could not do it (unreachable, refusing, or an error of its own)."""
 
     def __init__(self, error: S3Error) -> None:
@@ -179,13 +195,82 @@ class S3Storage:
         self.threshold = threshold
         self.part_size = part_size
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        # Whether the store answered the last request; logged once per change.
+        self.available = True
+        self._probe: Any = None
+
+    # Health: like the metadata stores, a transition is logged once, and while the store is
+    # down uploads are refused before their body (503) until a probe finds it back.
+
+    def _went_down(self, error: S3Error) -> None:
+        if self.available:
+            self.available = False
+            log.error("object store unavailable: {error}", error=error)
+        if self._probe is None:
+            self._probe = self.reactor.callLater(PROBE_INTERVAL, self._ask)
+
+    def _came_back(self, result: T) -> T:
+        """A callback (result passed on): the store answered."""
+        if not self.available:
+            self.available = True
+            log.info("object store {endpoint} available again", endpoint=self.client.endpoint)
+        return result
+
+    def _ask(self) -> None:
+        self._probe = None
+        d = self.client.list_objects_v2("", None, 1)
+        d.addCallbacks(self._came_back, self._judged)
+        d.addErrback(lambda _: None)
+
+    def _judged(self, failure: Failure) -> Failure:
+        """An errback that keeps the health up to date; the failure goes on."""
+        error = failure.value
+        if isinstance(error, (S3Unavailable, S3Refused)):
+            self._went_down(error)
+        elif isinstance(error, S3Error):
+            self._came_back(None)  # it answered: an error of its own is no outage
+        return failure
+
+    def stop(self) -> None:
+        """No more probes (the service stops)."""
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
+
+    def check(self) -> Deferred[bool]:
+        """
+        Reactor thread, at start: whether the bucket answers to our credentials.  A refusal
+        is logged in one line naming S3AccessKey/S3SecretKey; a store that does not answer
+        is logged and probed until it does.
+        """
+
+        def refused(failure: Failure) -> bool:
+            if failure.check(S3Refused):
+                log.error(
+                    "S3AccessKey/S3SecretKey: {error}", error=str(failure.value).splitlines()[0]
+                )
+            elif not failure.check(S3Error):
+                return failure  # type: ignore[return-value]
+            return False
+
+        d: Deferred[Any] = self.client.list_objects_v2("", None, 1)
+        d.addCallback(self._came_back)
+        d.addCallback(lambda _: True)
+        d.addErrback(self._judged)
+        return d.addErrback(refused)
 
     def _call(self, f: Callable[..., Deferred[Any]], *args: Any) -> Any:
         """Run C{f} in the reactor thread and wait for its Deferred's result."""
         if threadable.isInIOThread():
             raise ReactorThreadCall(f"{f.__name__} would block the reactor thread")
+
+        def watched() -> Deferred[Any]:
+            d = f(*args)
+            d.addCallback(self._came_back)
+            return d.addErrback(self._judged)
+
         try:
-            return blockingCallFromThread(self.reactor, f, *args)
+            return blockingCallFromThread(self.reactor, watched)
         except (NoSuchKey, NoSuchUpload, PreconditionFailed):
             raise
         except S3Error as e:
@@ -211,7 +296,10 @@ class S3Storage:
             raise PathRefused("a name with a dot segment is not served")
         # In the reactor thread (an upload's head) there is no asking the store: the claim
         # in the metadata store decides before the body, If-None-Match at publish after it.
-        if not threadable.isInIOThread() and self._head(relpath) is not None:
+        if threadable.isInIOThread():
+            if not self.available:
+                raise StorageUnavailable(errno.EIO, "object store unavailable")
+        elif self._head(relpath) is not None:
             raise Conflict()
         return S3Writer(self, key)
 
@@ -304,7 +392,35 @@ class S3Storage:
             return None
         return S3Readable(self, relpath, head)
 
+    def open_async(self, relpath: str) -> Deferred[S3Readable | None]:
+        """Reactor thread: L{open} for a GET; fails with L{S3Error} when the store does."""
+        try:
+            key = _judge(relpath)
+        except PathRefused:
+            return succeed(None)
+        if _hidden(key):
+            return succeed(None)
+
+        def found(head: Any) -> S3Readable:
+            return S3Readable(self, relpath, self._came_back(head))
+
+        def missing(failure: Failure) -> None:
+            failure.trap(NoSuchKey)
+            return self._came_back(None)
+
+        d: Deferred[Any] = self.client.head_object(key)
+        d.addCallbacks(found, self._judged)
+        return d.addErrback(missing)
+
     def delete(self, relpath: str) -> bool:
+        if threadable.isInIOThread():
+            # An upload taken back in the reactor thread (its record could not be written):
+            # the delete goes without waiting for it.
+            d = self.client.delete_object(_judge(relpath))
+            d.addErrback(
+                lambda f: log.error("cannot delete {key}: {error}", key=relpath, error=f.value)
+            )
+            return True
         if self._head(relpath) is None:
             return False
         self._call(self.client.delete_object, _judge(relpath))
@@ -415,6 +531,16 @@ class S3Readable:
         sink = _Collect()
         yield answer.deliver(sink)
         return b"".join(sink.chunks)
+
+    def deliver(self, consumer: IConsumer, first: int, last: int) -> Deferred[Any]:
+        """
+        Reactor thread: stream bytes C{first}..C{last} (inclusive) into C{consumer}, with
+        its back-pressure; fires with an L{hmacd.s3.S3Object} once the store's answer
+        begins, whose C{deliver} then moves the bytes.
+        """
+        whole = first == 0 and last == self.size - 1
+        d = self._storage.client.get_object(self._key, None if whole else (first, last))
+        return d.addErrback(self._storage._judged)
 
     def local_file(self) -> None:
         return None
