@@ -639,6 +639,8 @@ class S3Client:
         self.timeout = timeout
         self.clock: IReactorTime = clock if clock is not None else reactor
         self._credentials = Credentials(access_key, secret_key)
+        # Whether a secret key was given (for a start-up check; never the key itself).
+        self.has_secret_key = bool(secret_key)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
         # Twisted retries no PUT or POST that meets a pooled connection the

@@ -178,6 +178,9 @@ class S3Storage:
     @param threshold: bodies above this go up as multipart uploads of C{part_size} parts.
     """
 
+    # No partial files here yet: resumable uploads are refused (501) before their body.
+    resumable = False
+
     def __init__(
         self,
         client: S3Client,
@@ -187,6 +190,7 @@ class S3Storage:
         chunk_size: int = 1 << 20,
         threshold: int = 16 * 1024 * 1024,
         part_size: int = 8 * 1024 * 1024,
+        probe_interval: float = PROBE_INTERVAL,
     ) -> None:
         self.client = client
         self.reactor = reactor
@@ -197,6 +201,7 @@ class S3Storage:
         self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         # Whether the store answered the last request; logged once per change.
         self.available = True
+        self.probe_interval = probe_interval
         self._probe: Any = None
 
     # Health: like the metadata stores, a transition is logged once, and while the store is
@@ -207,7 +212,7 @@ class S3Storage:
             self.available = False
             log.error("object store unavailable: {error}", error=error)
         if self._probe is None:
-            self._probe = self.reactor.callLater(PROBE_INTERVAL, self._ask)
+            self._probe = self.reactor.callLater(self.probe_interval, self._ask)
 
     def _came_back(self, result: T) -> T:
         """A callback (result passed on): the store answered."""
