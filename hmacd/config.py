@@ -288,7 +288,7 @@ class Config:
         "``path`` or ``virtual`` (bucket in the host name)",
     )
     s3_redirect_downloads: bool = _key(
-        "S3RedirectDownloads", False, cv.boolean, "GET: 302 to a presigned URL (not built yet)"
+        "S3RedirectDownloads", False, cv.boolean, "GET: 302 to a presigned URL of the store"
     )
     # S3 refuses parts under 5 MiB (but the last): so do these two.
     s3_multipart_threshold: int = _key(
@@ -509,9 +509,6 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
         parts = urlsplit(config.s3_endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _error(source, name("S3Endpoint"), 'must be a URL like "http://host:port"')
-    if config.s3_redirect_downloads:
-        # Refused rather than ignored: an operator who asked for it must not believe it is on.
-        raise _error(source, name("S3RedirectDownloads"), "is not built yet: leave it false")
     return config
 
 

@@ -181,6 +181,7 @@ def storage_builder(
             fs.chunk_size,
             threshold=config.s3_multipart_threshold,
             part_size=config.s3_part_size,
+            redirect_downloads=config.s3_redirect_downloads,
         )
 
     return build

@@ -38,7 +38,14 @@ COMPARED = [
 ]
 
 
-def s3_server(testCase: TestCase, endpoint: str, bucket: str, keys: tuple[str, str], **kw):
+def s3_server(
+    testCase: TestCase,
+    endpoint: str,
+    bucket: str,
+    keys: tuple[str, str],
+    redirect: bool = False,
+    **kw,
+):
     """A LoopbackServer whose storage is an S3Storage under a prefix of the test's own."""
     client = S3Client(
         reactor,
@@ -61,6 +68,7 @@ def s3_server(testCase: TestCase, endpoint: str, bucket: str, keys: tuple[str, s
             threshold=S3_MIN_PART,
             part_size=S3_MIN_PART,
             probe_interval=0.2,
+            redirect_downloads=redirect,
         )
         made.append(storage)
         testCase.addCleanup(storage.stop)
@@ -241,3 +249,36 @@ class S3OutageTests(TestCase):
         self.assertEqual(code, 201)
         response = yield server.http.get(server.url("a.png"))
         self.assertEqual((yield readBody(response)), b"a")
+
+
+class S3RedirectTests(TestCase):
+    """S3RedirectDownloads: a 302 to a presigned URL that serves the signed type."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_redirect(self):
+        """GET is a 302 to the store; the URL gives the bytes, the type and the disposition."""
+        store = shared_mini()
+        server = s3_server(
+            self, store.endpoint, store.bucket, (store.access_key, store.secret_key), True
+        )
+        data = body_of(3000, "r")
+        code, _, _ = yield S3HTTPTests.put(self, server, "r/doc.pdf", data, "application/pdf")
+        self.assertEqual(code, 201)
+        response = yield server.http.get(server.url("r/doc.pdf"), allow_redirects=False)
+        yield readBody(response)
+        self.assertEqual(response.code, 302)
+        location = header(response, "Location")
+        self.assertTrue(location.startswith(store.endpoint + "/"), location)
+        self.assertIn("X-Amz-Signature=", location)
+        followed = yield server.http.get(location)
+        self.assertEqual((yield readBody(followed)), data)
+        self.assertEqual(header(followed, "Content-Type"), "application/pdf")
+        self.assertEqual(
+            header(followed, "Content-Disposition"), "attachment; filename*=UTF-8''doc.pdf"
+        )
+        # Ours still: a missing name is 404, an expired one 410, not a redirect.
+        response = yield server.http.get(server.url("r/none.pdf"), allow_redirects=False)
+        yield readBody(response)
+        self.assertEqual(response.code, 404)

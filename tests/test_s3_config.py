@@ -63,10 +63,13 @@ class S3ConfigTests(SynchronousTestCase):
                              .replace("s3multipartthreshold", "s3_multipart_threshold")),
                              S3_MIN_PART)  # fmt: skip
 
-    def test_redirect_refused_until_built(self) -> None:
-        """S3RedirectDownloads = true is refused, not silently ignored."""
+    def test_redirect_downloads(self) -> None:
+        """S3RedirectDownloads is a boolean, off unless asked for."""
+        self.assertTrue(
+            parse_config({**S3, "S3RedirectDownloads": True}, "t").s3_redirect_downloads
+        )
         with self.assertRaises(ConfigError) as caught:
-            parse_config({**S3, "S3RedirectDownloads": True}, "t")
+            parse_config({**S3, "S3RedirectDownloads": "yes please"}, "t")
         self.assertEqual(caught.exception.key, "S3RedirectDownloads")
 
     def test_credentials_from_environment(self) -> None:

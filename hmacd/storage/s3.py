@@ -191,6 +191,7 @@ class S3Storage:
         threshold: int = 16 * 1024 * 1024,
         part_size: int = 8 * 1024 * 1024,
         probe_interval: float = PROBE_INTERVAL,
+        redirect_downloads: bool = False,
     ) -> None:
         self.client = client
         self.reactor = reactor
@@ -202,6 +203,8 @@ class S3Storage:
         # Whether the store answered the last request; logged once per change.
         self.available = True
         self.probe_interval = probe_interval
+        # S3RedirectDownloads: a GET is a 302 to a presigned URL (hmacd.download_s3).
+        self.redirect_downloads = redirect_downloads
         self._probe: Any = None
 
     # Health: like the metadata stores, a transition is logged once, and while the store is
@@ -512,7 +515,7 @@ class S3Readable:
     def __init__(self, storage: S3Storage, relpath: str, head: Any) -> None:
         self._storage = storage
         self._relpath = relpath
-        self._key = head.key
+        self.key = head.key
         self.size: int = head.length
         self.content_type: str | None = head.content_type
         self.metadata: dict[str, str] = head.metadata
@@ -532,7 +535,7 @@ class S3Readable:
 
     @inlineCallbacks
     def _get(self, first: int, last: int) -> Any:
-        answer = yield self._storage.client.get_object(self._key, (first, last))
+        answer = yield self._storage.client.get_object(self.key, (first, last))
         sink = _Collect()
         yield answer.deliver(sink)
         return b"".join(sink.chunks)
@@ -544,7 +547,7 @@ class S3Readable:
         begins, whose C{deliver} then moves the bytes.
         """
         whole = first == 0 and last == self.size - 1
-        d = self._storage.client.get_object(self._key, None if whole else (first, last))
+        d = self._storage.client.get_object(self.key, None if whole else (first, last))
         return d.addErrback(self._storage._judged)
 
     def local_file(self) -> None:
