@@ -16,7 +16,7 @@ from email.utils import formatdate
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -46,30 +46,58 @@ REDIRECT_SECONDS = 300
 
 @implementer(IConsumer)
 class _ToResponse:
-    """The store's bytes into a response: counted, and stopped when the client leaves."""
+    """
+    The store's bytes into a response: counted, and stopped when the client leaves.
 
-    def __init__(self, request: Any, fs: FileServer) -> None:
+    While the client does not read, the store's connection is paused (and its own deadline
+    with it), so a client that stops reading would hold both forever: as for a file from
+    disk, a deadline renewed whenever bytes move cuts it off.
+    """
+
+    def __init__(self, request: Any, fs: FileServer, stallTimeout: float) -> None:
         self.request = request
         self.fs = fs
+        self.stallTimeout = stallTimeout
         self.producer: IProducer | None = None
+        self._deadline: IDelayedCall | None = None
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.producer = producer
         self.request.registerProducer(producer, streaming)
+        self._renew()
 
     def unregisterProducer(self) -> None:
         self.producer = None
+        self._disarm()
         if self.request.producer is not None:
             self.request.unregisterProducer()
 
     def write(self, data: bytes) -> None:
         self.fs.metrics.download_bytes.inc(len(data))
+        self._renew()
         self.request.write(data)
 
     def left(self) -> None:
         """The client went away: stop the store's connection too."""
+        self._disarm()
         if self.producer is not None:
             self.producer.stopProducing()
+
+    def _renew(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(self.stallTimeout)
+        else:
+            self._deadline = self.fs.reactor.callLater(self.stallTimeout, self._stalled)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _stalled(self) -> None:
+        self._deadline = None
+        log.info("client stopped reading {path}; dropping it", path=escape(self.request.path))
+        self.request.transport.abortConnection()
 
 
 class S3Reads:
@@ -230,7 +258,8 @@ class S3Reads:
                 self.fs.metrics.downloads.inc()
             return None
 
-        consumer = _ToResponse(request, self.fs)
+        stallTimeout = getattr(request.channel.site, "timeOut", None) or 60
+        consumer = _ToResponse(request, self.fs, stallTimeout)
         request.notifyFinish().addErrback(lambda _: consumer.left())
 
         def streaming(answer: Any) -> Deferred[int]:

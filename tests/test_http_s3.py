@@ -196,6 +196,30 @@ class S3HTTPTests(TestCase):
         self.assertEqual(code, 410)
 
     @inlineCallbacks
+    def test_expiry_sweep_deletes_object_and_record(self):
+        """The expiry sweep deletes an expired object and its record, and no other object."""
+        from twisted.internet.defer import Deferred
+
+        from hmacd.housekeeping import ExpirySweep
+
+        self.server.fs.file_ttl = 1
+        code, _, _ = yield self.put(self.server, "old.png", b"old")
+        self.assertEqual(code, 201)
+        self.server.fs.file_ttl = 0
+        code, _, _ = yield self.put(self.server, "new.png", b"new")
+        self.assertEqual(code, 201)
+        # An object without a record: the sweep never deletes it.
+        yield self.server.storage.client.put_object("stray.png", b"stray")
+        yield deferLater(reactor, 1.2, lambda: None)
+        sweep = ExpirySweep(self.server.fs, interval=60, batch=10)
+        yield Deferred.fromCoroutine(sweep._sweep())
+        listed = yield self.server.storage.client.list_objects_v2()
+        self.assertEqual(sorted(o.key for o in listed.objects), ["new.png", "stray.png"])
+        self.assertIsNone((yield self.server.fs.metadata.get("old.png")))
+        code, _, _, _ = yield self.answer(self.server, "GET", "old.png", {})
+        self.assertEqual(code, 404)
+
+    @inlineCallbacks
     def test_resumable_refused(self):
         """A resumable piece is refused (501) before its body: no partials in S3 yet."""
         data = b"0123456789"
