@@ -12,6 +12,7 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -20,6 +21,7 @@ from hmacd.paths import PathRefused
 from hmacd.s3 import S3Client
 from hmacd.storage import Conflict, StorageUnavailable
 from hmacd.storage.s3 import FACTS_META, SHA256_META, ReactorThreadCall, S3Storage, StoreFailed
+from hmacd.storage.s3_writer import STAGING
 from tests.seaweed import shared_mini
 from tests.storage_contract import StorageContractMixin, record_for
 from tests.support import synchronous
@@ -121,6 +123,80 @@ class S3StorageTests(SeaweedStorageCase):
         self.assertEqual(middle, body[S3_MIN_PART - 10 : S3_MIN_PART + 10])
         uploads = yield self.client.list_multipart_uploads()
         self.assertEqual(uploads, [])
+
+    @inlineCallbacks
+    def waitForUploads(self, predicate, what: str):
+        """The multipart uploads in progress, once predicate(them) holds (5 s at most)."""
+        for _ in range(100):
+            uploads = yield self.client.list_multipart_uploads()
+            if predicate(uploads):
+                return uploads
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"never: {what} ({uploads})")
+
+    def writeInReactor(self, writer, body: bytes) -> None:
+        """Feed a writer as an upload does: 64 KiB at a time, in the reactor thread."""
+        for i in range(0, len(body), 64 * 1024):
+            writer.write(body[i : i + 64 * 1024])
+
+    @inlineCallbacks
+    def test_large_body_streams_before_its_last_byte(self):
+        """Above the threshold, parts go to a staging upload as they arrive; then the copy."""
+        body = os.urandom(3 * S3_MIN_PART + 100)
+        writer = self.storage.writer("stream/big.bin")
+        self.writeInReactor(writer, body[: 2 * S3_MIN_PART + 10])
+        # Before the body is whole, the store has a staging upload with parts in it.
+        (upload,) = yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        self.assertTrue(upload.key.startswith(STAGING), upload.key)
+        for _ in range(100):
+            parts = yield self.client.list_parts(upload.key, upload.upload_id)
+            if parts:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(parts)
+        self.assertFalse((yield deferToThread(self.storage.exists, "stream/big.bin")))
+        self.writeInReactor(writer, body[2 * S3_MIN_PART + 10 :])
+        digest = yield deferToThread(writer.seal)
+        record = record_for("stream/big.bin", body)
+        self.assertEqual(digest, record.sha256)
+        yield deferToThread(writer.publish, record)
+        stored = yield deferToThread(self.storage.open, "stream/big.bin")
+        self.assertEqual(stored.facts(), record)
+        self.assertEqual((yield deferToThread(stored.read, 0, len(body))), body)
+        # Nothing of the staging is left, in the store or the spool.
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+        listed = yield self.client.list_objects_v2()
+        self.assertEqual([o.key for o in listed.objects], ["stream/big.bin"])
+        self.assertEqual(os.listdir(self.storage.spool.root), [])
+
+    @inlineCallbacks
+    def test_streamed_body_never_overwrites(self):
+        """A streamed body whose name was taken meanwhile is a Conflict; the first stands."""
+        body = os.urandom(2 * S3_MIN_PART + 1)
+        writer = self.storage.writer("stream/taken.bin")
+        self.writeInReactor(writer, body)
+        yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        yield deferToThread(self.publish, "stream/taken.bin", b"first")
+        yield deferToThread(writer.seal)
+        with self.assertRaises(Conflict):
+            yield deferToThread(writer.publish, record_for("stream/taken.bin", body))
+        stored = yield deferToThread(self.storage.open, "stream/taken.bin")
+        self.assertEqual((yield deferToThread(stored.read, 0, 100)), b"first")
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+        listed = yield self.client.list_objects_v2()
+        self.assertEqual([o.key for o in listed.objects], ["stream/taken.bin"])
+
+    @inlineCallbacks
+    def test_discarded_stream_leaves_nothing(self):
+        """An upload broken off mid-stream aborts its staging upload and its spool file."""
+        writer = self.storage.writer("stream/broken.bin")
+        self.writeInReactor(writer, os.urandom(2 * S3_MIN_PART + 1))
+        yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        writer.discard()
+        yield self.waitForUploads(lambda u: u == [], "the staging upload aborted")
+        self.assertEqual(os.listdir(self.storage.spool.root), [])
+        listed = yield self.client.list_objects_v2()
+        self.assertEqual(listed.objects, [])
 
     @inlineCallbacks
     def test_multipart_never_overwrites(self):

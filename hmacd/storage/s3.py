@@ -24,10 +24,9 @@ C{x-amz-meta-sha256} for tools.  Keys are the relative paths; names with a dot s
 
 from __future__ import annotations
 
+import datetime
 import errno
-import json
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -42,7 +41,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from zope.interface import implementer
 
-from hmacd.facts import decode, encode
+from hmacd.facts import decode
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, store_path
 from hmacd.s3 import (
@@ -54,8 +53,16 @@ from hmacd.s3 import (
     S3Refused,
     S3Unavailable,
 )
-from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat, StorageUnavailable
-from hmacd.storage.local import Blocking, LocalStorage, LocalWriter
+from hmacd.storage import Conflict, IReadable, IStorage, Stat, StorageUnavailable
+from hmacd.storage.local import Blocking, LocalStorage
+from hmacd.storage.s3_writer import (
+    FACTS_META,
+    SHA256_META,
+    STAGING,
+    S3Writer,
+    _metadata,
+    _Slice,
+)
 
 __all__ = [
     "FACTS_META",
@@ -70,8 +77,6 @@ __all__ = [
 
 # Where bodies wait for their hash before they go to the store (under StoreDir).
 SPOOL_DIR = os.path.join(".hmacfs", "s3-spool")
-FACTS_META = "hmacfs"
-SHA256_META = "sha256"
 # A body read from a file can be sent again: the store may close a pooled connection just
 # as a PUT starts on it, which Twisted does not retry.
 _ATTEMPTS = 2
@@ -107,10 +112,12 @@ def _hidden(key: str) -> bool:
     return key.endswith("/") or any(part.startswith(".") for part in key.split("/"))
 
 
-def _metadata(record: FileRecord) -> dict[str, str]:
-    # Header values are ASCII: the facts as JSON with escapes (a JID may be UTF-8).
-    facts = json.dumps(json.loads(encode(record)), separators=(",", ":"), ensure_ascii=True)
-    return {FACTS_META: facts, SHA256_META: record.sha256}
+def _seconds_iso(text: str) -> float:
+    """A listing's LastModified (ISO 8601) in seconds; 0 when unreadable (swept)."""
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _seconds(last_modified: str | None) -> float:
@@ -137,34 +144,6 @@ class _Collect:
 
     def write(self, data: bytes) -> None:
         self.chunks.append(data)
-
-
-class _Slice:
-    """C{length} bytes of a file from C{offset}, as a file for FileBodyProducer (a part)."""
-
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self._fd = fd
-        self._start = offset
-        self._length = length
-        self._at = 0
-
-    def read(self, size: int = -1) -> bytes:
-        left = self._length - self._at
-        size = left if size < 0 else min(size, left)
-        data = os.pread(self._fd, size, self._start + self._at) if size > 0 else b""
-        self._at += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self._length}[whence]
-        self._at = max(0, min(self._length, base + offset))
-        return self._at
-
-    def tell(self) -> int:
-        return self._at
-
-    def close(self) -> None:
-        pass  # the fd is the caller's
 
 
 @implementer(IStorage)
@@ -450,6 +429,18 @@ class S3Storage:
         # Spooled bodies of a process that died, and multipart uploads it never finished
         # or aborted; never an object (a finished file always has its record).
         removed = self.spool.sweep_temps(older_than)
+        # Staging objects of streamed bodies whose process died between completing and
+        # copying them: internal temps (a dot name), never files.
+        token = None
+        while True:
+            page = self._call(self.client.list_objects_v2, STAGING, token)
+            for listed in page.objects:
+                if _seconds_iso(listed.last_modified) < older_than:
+                    self._call(self.client.delete_object, listed.key)
+                    removed.append(listed.key)
+            token = page.next_token
+            if token is None:
+                break
         for upload in self._call(self.client.list_multipart_uploads, ""):
             if upload.initiated is None or upload.initiated.timestamp() >= older_than:
                 continue
@@ -459,53 +450,6 @@ class S3Storage:
                 continue  # finished or aborted meanwhile
             removed.append(f"{upload.key} (multipart {upload.upload_id})")
         return removed
-
-
-@implementer(IWriter)
-class S3Writer:
-    """A body spooled locally while it arrives, sent to the store at publish."""
-
-    def __init__(self, storage: S3Storage, key: str) -> None:
-        self.storage = storage
-        self.key = key
-        # A name of its own in the spool: two uploads of one URL never share a temp.
-        self._local: LocalWriter = storage.spool.writer(secrets.token_hex(16))
-        self._sealed = False
-
-    @property
-    def received(self) -> int:
-        return self._local.received
-
-    @property
-    def onRelief(self) -> Callable[[], None] | None:
-        return self._local.onRelief
-
-    @onRelief.setter
-    def onRelief(self, value: Callable[[], None] | None) -> None:
-        self._local.onRelief = value
-
-    def write(self, data: bytes) -> bool:
-        return self._local.write(data)
-
-    def drained(self) -> Deferred[None]:
-        return self._local.drained()
-
-    def seal(self) -> str:
-        digest = self._local.seal()
-        self._sealed = True
-        return digest
-
-    def publish(self, record: FileRecord) -> None:
-        assert self._sealed and self._local.temp is not None
-        try:
-            # The spool's temp is open write-only: the bytes are read back from its name.
-            with open(self._local.temp, "rb") as f:
-                self.storage.put_file(f.fileno(), self._local.received, self.key, record)
-        finally:
-            self._local.discard()
-
-    def discard(self) -> None:
-        self._local.discard()
 
 
 @implementer(IReadable)
