@@ -76,6 +76,7 @@ def main(reactor, options):
             client, reactor, os.path.join(root, SPOOL_DIR), lambda w: fs.blocking(w)
         ),
     )
+    fs.storage.stream = not options.no_stream  # type: ignore[attr-defined]
     port = reactor.listenTCP(0, HmacfsSite(fs), interface="127.0.0.1")
     base = f"http://127.0.0.1:{port.getHost().port}/upload/"
     rows: dict[str, list[float]] = {
@@ -112,6 +113,7 @@ def main(reactor, options):
     result["GET ratio"] = round(result["hmacfs GET"] / result["bare GET"], 2)
     result["RSS growth MiB (max)"] = round(max(growth), 1)
     result["size MiB"] = options.size_mib
+    result["streamed"] = not options.no_stream
     result["seaweedfs"] = SEAWEEDFS_VERSION
     print(json.dumps(result, indent=1))
 
@@ -120,4 +122,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--no-stream", action="store_true", help="large bodies go up after their last byte"
+    )
     task.react(main, [parser.parse_args()])

@@ -137,6 +137,7 @@ class S3Writer:
             or self._failed is not None
             or self._closed
             or self._sealed
+            or not self.storage.stream
             or not threadable.isInIOThread()
         ):
             return
