@@ -26,6 +26,7 @@ from hmacd.sink import (
     WholeUpload,
     partial_offset,
 )
+from hmacd.storage import StorageUnavailable
 from hmacd.verdict import (
     INSUFFICIENT_STORAGE,
     RESUME_INCOMPLETE,
@@ -73,6 +74,11 @@ def admit(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
         return _open(fs, plan)
     except Conflict:
         return Refusal(http.CONFLICT, "file exists")
+    except StorageUnavailable:
+        # An object store known to be down: before the body, as for the metadata store.
+        return Refusal(
+            http.SERVICE_UNAVAILABLE, "object store unavailable", [(b"Retry-After", RETRY_AFTER)]
+        )
     except PathBusy:
         return Refusal(http.CONFLICT, "an upload of this path is in progress")
     except ChunkInProgress:
@@ -93,6 +99,9 @@ def _open(fs: FileServer, plan: Plan) -> Sink | Refusal:
         return WholeUpload(
             fs, plan.relpath, plan.size, plan.media_type, plan.protocol, plan.uploader, expires
         )
+    if not getattr(fs.storage, "resumable", True):
+        # An object store keeps no partial files yet (issue 16: state in the shared store).
+        return Refusal(http.NOT_IMPLEMENTED, "resumable uploads are not available here")
     if len(plan.span) == 1:
         # "bytes */total": where does the upload stand?
         if fs.storage.exists(plan.relpath):

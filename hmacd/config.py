@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
+from urllib.parse import urlsplit
 
 from hmacd import config_values as cv
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
@@ -52,6 +53,9 @@ class ConfigError(Exception):
         self.source = source
         self.key = key
 
+
+# S3's smallest multipart part (all but the last): S3PartSize and S3MultipartThreshold.
+S3_MIN_PART = 5 * 1024 * 1024
 
 # ---------------------------------------------------------------------------------------------
 # The table
@@ -265,7 +269,54 @@ class Config:
         cv.public_url,
         "the upload space as clients reach it, for its slots",
     )
+    storage_backend: str = _key(
+        "StorageBackend",
+        "local",
+        cv.choice({"local": "local", "s3": "s3"}, 'must be "local" or "s3"'),
+        "where file bytes live: ``local`` (StoreDir) or ``s3``",
+    )
+    s3_endpoint: str = _key("S3Endpoint", "", cv.string, "S3 URL, ``http://host:port``")
+    s3_region: str = _key("S3Region", "us-east-1", cv.string, "S3 region (signing)")
+    s3_bucket: str = _key("S3Bucket", "", cv.string, "S3 bucket of the files")
+    s3_prefix: str = _key("S3Prefix", "", cv.string, "key prefix inside ``S3Bucket``")
+    s3_access_key: str = _key(
+        "S3AccessKey", "", cv.string, "or ``HMACFS_S3_ACCESS_KEY``", secret=True
+    )
+    s3_secret_key: str = _key(
+        "S3SecretKey", "", cv.string, "or ``HMACFS_S3_SECRET_KEY``", secret=True
+    )
+    s3_addressing_style: str = _key(
+        "S3AddressingStyle",
+        "path",
+        cv.choice({"path": "path", "virtual": "virtual"}, 'must be "path" or "virtual"'),
+        "``path`` or ``virtual`` (bucket in the host name)",
+    )
+    s3_redirect_downloads: bool = _key(
+        "S3RedirectDownloads", False, cv.boolean, "GET: 302 to a presigned URL of the store"
+    )
+    # S3 refuses parts under 5 MiB (but the last): so do these two.
+    s3_multipart_threshold: int = _key(
+        "S3MultipartThreshold",
+        16 * 1024 * 1024,
+        cv.size(S3_MIN_PART),
+        "multipart above this (at least 5MB)",
+    )
+    s3_part_size: int = _key(
+        "S3PartSize",
+        8 * 1024 * 1024,
+        cv.size(S3_MIN_PART),
+        "bytes per multipart part (at least 5MB)",
+    )
     source: str | None = None
+
+    def s3_credentials(self, environ: Mapping[str, str]) -> tuple[str, str]:
+        """S3AccessKey and S3SecretKey, each from the file or else from the environment
+        (``HMACFS_S3_ACCESS_KEY``, ``HMACFS_S3_SECRET_KEY``), so that no secret need be in
+        the file."""
+        return (
+            self.s3_access_key or environ.get("HMACFS_S3_ACCESS_KEY", ""),
+            self.s3_secret_key or environ.get("HMACFS_S3_SECRET_KEY", ""),
+        )
 
     # The listeners too are read once: parse_config checks them by reading them.
 
@@ -459,6 +510,13 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
         )
     if config.fallback_enabled and not config.fallback_db_name:
         raise _error(source, name("FallbackDBName"), "must be set when FallbackEnabled is true")
+    if config.storage_backend == "s3":
+        for canonical in ("S3Endpoint", "S3Bucket"):
+            if not getattr(config, KEYS[canonical]):
+                raise _error(source, name(canonical), 'must be set when StorageBackend is "s3"')
+        parts = urlsplit(config.s3_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _error(source, name("S3Endpoint"), 'must be a URL like "http://host:port"')
     return config
 
 

@@ -84,6 +84,8 @@ class FileServer:
     # What the upload code shares between its requests: those receiving a body, the
     # resumable uploads receiving a piece, the committer, whether uploads are accepted.
     uploads: Uploads = field(init=False)
+    # Builds the storage of another backend than the local directory, given the server.
+    make_storage: Callable[[FileServer], IStorage] | None = None
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
@@ -100,6 +102,8 @@ class FileServer:
         self.storage: IStorage = LocalStorage(
             self.store_dir, lambda work: self.blocking(work), self.chunk_size
         )
+        if self.make_storage is not None:
+            self.storage = self.make_storage(self)  # StorageBackend = "s3"
         self.uploads = Uploads(
             GroupCommit(lambda work: self.blocking(work), self.storage.settle),
             lambda count: self.metrics.uploads_in_progress.set(count),

@@ -29,6 +29,7 @@ from hmacd.mediatype import OCTET_STREAM, BadMediaType, parse_media_type
 from hmacd.metadata import FileRecord
 from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path
+from hmacd.storage.local import LocalStorage
 from hmacd.store import StoreUnavailable
 from hmacd.web import ALLOWED_METHODS, CONTENT_SECURITY_POLICY, attachment_disposition
 
@@ -284,6 +285,12 @@ class StoreResource(Resource):
         # inode, also when another process did it).
         self._records: OrderedDict[str, tuple[tuple[int, int, int], FileRecord]] = OrderedDict()
         self._unrecorded = UnrecordedFiles(fs.metadata, fs.reactor)
+        if not isinstance(fs.storage, LocalStorage):
+            # An object store has a read path of its own, chosen once here: the local
+            # directory's GET stays as it is.
+            from hmacd.download_s3 import S3Reads
+
+            self.render_GET = S3Reads(fs, self).render_GET  # type: ignore[method-assign]
 
     def render(self, request):
         body = super().render(request)

@@ -20,6 +20,7 @@ from twisted.web import http
 
 from hmacd.logs import escape
 from hmacd.sink import Conflict, Outcome, Partial, Sink
+from hmacd.storage import StorageUnavailable
 from hmacd.store import StoreUnavailable
 from hmacd.verdict import INSUFFICIENT_STORAGE, RESUME_INCOMPLETE, received_range
 
@@ -125,6 +126,14 @@ def _failed(failure: Failure, sink: Sink) -> Answer:
             "metadata store unavailable",
             [(b"Retry-After", RETRY_AFTER)],
             failed="store",
+        )
+    if failure.check(StorageUnavailable):
+        # The object store failed us mid-upload; it logs the outage once itself.
+        return Answer(
+            http.SERVICE_UNAVAILABLE,
+            "object store unavailable",
+            [(b"Retry-After", RETRY_AFTER)],
+            failed="storage",
         )
     if isinstance(failure.value, OSError) and failure.value.errno in STORAGE_FULL:
         log.error("cannot store {path}: {error}", path=escape(sink.relpath), error=failure.value)

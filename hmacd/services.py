@@ -10,6 +10,7 @@ a worker process from the same ones.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application import strports
@@ -30,6 +31,7 @@ from hmacd.housekeeping import (
 )
 from hmacd.leases import sweep_lease
 from hmacd.metrics import Metrics, metrics_site
+from hmacd.storage import IStorage
 from hmacd.store.failover import FailoverStore
 from hmacd.throttle import Bandwidth, parse_networks, rate_limiter
 from hmacd.web import HmacfsSite
@@ -136,9 +138,84 @@ def build_file_server(
         max_connections_per_client=config.max_connections_per_client,
         min_upload_bytes_per_second=config.min_upload_bytes_per_second,
         min_upload_rate_window=config.min_upload_rate_window,
+        make_storage=storage_builder(config, reactor, os.environ),
     )
     fs.metrics.watch_stores(metadata)
     return fs
+
+
+def storage_builder(
+    config: Config, reactor: Any, environ: Mapping[str, str]
+) -> Callable[[FileServer], IStorage] | None:
+    """
+    How C{config}'s StorageBackend is built for a file server; None for the local
+    directory, which the server builds itself.
+    """
+    if config.storage_backend != "s3":
+        return None
+
+    def build(fs: FileServer) -> IStorage:
+        # Here, not at the top: botocore is imported only where S3 is used.
+        from hmacd.s3 import S3Client
+        from hmacd.storage.s3 import SPOOL_DIR, S3Storage
+
+        access_key, secret_key = config.s3_credentials(environ)
+        client = S3Client(
+            reactor,
+            config.s3_endpoint,
+            config.s3_bucket,
+            access_key,
+            secret_key,
+            region=config.s3_region,
+            prefix=config.s3_prefix,
+            addressing_style=config.s3_addressing_style,
+        )
+        return S3Storage(
+            client,
+            reactor,
+            os.path.join(fs.store_dir, SPOOL_DIR),
+            lambda work: fs.blocking(work),
+            fs.chunk_size,
+            threshold=config.s3_multipart_threshold,
+            part_size=config.s3_part_size,
+            redirect_downloads=config.s3_redirect_downloads,
+        )
+
+    return build
+
+
+class ObjectStoreService(Service):
+    """
+    At start, asks the object store whether it takes our credentials (a refusal is one
+    line naming S3AccessKey/S3SecretKey); at stop, ends its probes and closes its
+    connections.
+    """
+
+    name = "object-store"
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+
+    def startService(self) -> None:
+        super().startService()
+        for key, value in (
+            ("S3AccessKey", self.storage.client.access_key),
+            ("S3SecretKey", self.storage.client.has_secret_key),
+        ):
+            if not value:
+                log.error(
+                    "{key}: not set (nor HMACFS_{env} in the environment)",
+                    key=key,
+                    env="S3_" + key[2:-3].upper() + "_KEY",
+                )
+        # Not awaited: a store that is down at start is logged and probed; uploads get
+        # 503 until it answers, as for the metadata stores.
+        self.storage.check()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.storage.stop()
+        return self.storage.client.close()
 
 
 class Announce(Service):
@@ -238,6 +315,8 @@ def timers(config: Config, fs: FileServer, site: HmacfsSite, reactor: Any) -> li
         found.append(GarbageCollector(config.gc_interval, reactor))
     if config.monitor_interval:
         found.append(SystemMonitor(fs, site, config.monitor_interval))
+    if config.storage_backend == "s3":
+        found.append(ObjectStoreService(fs.storage))
     return found
 
 

@@ -158,6 +158,20 @@ class _Process:
         if self.alive():
             assert self.process is not None
             self.process.send_signal(signal.SIGSTOP)
+            # The signal is delivered asynchronously: a request sent right after it could
+            # still be answered (seen under load).  Return once the process is stopped.
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not self._stopped():
+                time.sleep(0.005)
+
+    def _stopped(self) -> bool:
+        assert self.process is not None
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as f:
+                # "pid (comm) state ...": comm may hold spaces, the state follows its ")".
+                return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+        except (OSError, IndexError):
+            return True
 
     def resume(self) -> None:
         if self.alive():

@@ -218,6 +218,17 @@ class DefaultsTests(ConfigFileTestCase):
                 "ComponentPingInterval",
                 "ComponentPingTimeout",
                 "PublicURL",
+                "StorageBackend",
+                "S3Endpoint",
+                "S3Region",
+                "S3Bucket",
+                "S3Prefix",
+                "S3AccessKey",
+                "S3SecretKey",
+                "S3AddressingStyle",
+                "S3RedirectDownloads",
+                "S3MultipartThreshold",
+                "S3PartSize",
             ],
         )
         fields = [name for name in Config.__dataclass_fields__ if name != "source"]
@@ -269,7 +280,7 @@ class TableTests(SynchronousTestCase):
         """etc/config.toml has a comment and a line for every key, and no key it does not know."""
         with open(ETC_CONFIG, encoding="utf-8") as f:
             text = f.read()
-        named = re.findall(r"^(?:# )?([A-Za-z]+) = ", text, re.MULTILINE)
+        named = re.findall(r"^(?:# )?([A-Za-z0-9]+) = ", text, re.MULTILINE)
         self.assertEqual(sorted(named), sorted(KEYS))
         for key in KEYS:
             self.assertRegex(text, rf"#[^\n]*\n(?:# )?{key} = ", key)

@@ -22,11 +22,18 @@ from zope.interface import Attribute, Interface
 
 from hmacd.metadata import FileRecord
 
-__all__ = ["Conflict", "IReadable", "IStorage", "IWriter", "Stat"]
+__all__ = ["Conflict", "IReadable", "IStorage", "IWriter", "Stat", "StorageUnavailable"]
 
 
 class Conflict(Exception):
     """The name is taken already (or a parent of it is a file): nothing is overwritten."""
+
+
+class StorageUnavailable(OSError):
+    """
+    A remote storage (an object store) cannot be reached or refuses us: a 503 with
+    Retry-After, since it may well answer again soon.  The local directory never raises it.
+    """
 
 
 @dataclass(frozen=True)

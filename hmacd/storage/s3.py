@@ -1,0 +1,504 @@
+"""
+L{IStorage} in a bucket of an S3-compatible object store (C{StorageBackend = "s3"}).
+
+The seam's blocking methods run in a worker thread (C{FileServer.blocking}); each hands its
+requests to the reactor thread, where L{hmacd.s3.S3Client} talks to the store, and waits
+for the answer.  Called from the reactor thread they would wait on themselves: they refuse
+instead (L{ReactorThreadCall}).
+
+Writing: the body of an upload is spooled and hashed in a local temp file under
+C{StoreDir/.hmacfs/s3-spool} (the local directory's own writer, with its back-pressure),
+and sent to the store at L{S3Writer.publish}, once its SHA-256 is known: the facts travel
+as the object's metadata, which S3 takes only before the body.  Up to the multipart
+threshold that is one PutObject, above it a multipart upload of parts streamed from the
+file; the final write (PutObject or CompleteMultipartUpload) carries C{If-None-Match: *},
+so a taken name is a L{Conflict} and is never overwritten, and nothing is visible before
+the object is whole.  A failed publish aborts its multipart upload; a crash leaves one
+that L{S3Storage.sweep_temps} aborts later.
+
+Each object carries the signed Content-Type as its type and its facts
+(L{hmacd.facts.encode}, as ASCII JSON) in C{x-amz-meta-hmacfs}, with the SHA-256 also in
+C{x-amz-meta-sha256} for tools.  Keys are the relative paths; names with a dot segment
+(C{.hmacfs/}) are never listed as files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IConsumer, IProducer
+from twisted.internet.task import Cooperator
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
+from twisted.python import threadable
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer
+from zope.interface import implementer
+
+from hmacd.facts import decode
+from hmacd.metadata import FileRecord
+from hmacd.paths import PathRefused, store_path
+from hmacd.s3 import (
+    NoSuchKey,
+    NoSuchUpload,
+    PreconditionFailed,
+    S3Client,
+    S3Error,
+    S3Refused,
+    S3Unavailable,
+)
+from hmacd.storage import Conflict, IReadable, IStorage, Stat, StorageUnavailable
+from hmacd.storage.local import Blocking, LocalStorage
+from hmacd.storage.s3_writer import (
+    FACTS_META,
+    SHA256_META,
+    STAGING,
+    S3Writer,
+    _metadata,
+    _Slice,
+)
+
+__all__ = [
+    "FACTS_META",
+    "SHA256_META",
+    "SPOOL_DIR",
+    "ReactorThreadCall",
+    "S3Readable",
+    "S3Storage",
+    "S3Writer",
+    "StoreFailed",
+]
+
+# Where bodies wait for their hash before they go to the store (under StoreDir).
+SPOOL_DIR = os.path.join(".hmacfs", "s3-spool")
+# A body read from a file can be sent again: the store may close a pooled connection just
+# as a PUT starts on it, which Twisted does not retry.
+_ATTEMPTS = 2
+# A dummy root against which names are judged (no path outside the store: no "..").
+_JUDGE_ROOT = os.path.join(os.sep, "hmacfs-s3")
+# While the store is down, how often it is asked whether it is back.
+PROBE_INTERVAL = 5.0
+
+T = TypeVar("T")
+
+log = Logger()
+
+
+class ReactorThreadCall(RuntimeError):
+    """A blocking S3Storage method was called in the reactor thread, which it would block."""
+
+
+class StoreFailed(StorageUnavailable):
+    """The object store could not do it (unreachable, refusing, or an error of its own)."""
+
+    def __init__(self, error: S3Error) -> None:
+        super().__init__(errno.EIO, f"object store: {error}")
+        self.error = error
+
+
+def _judge(relpath: str) -> str:
+    """The key of C{relpath}, or PathRefused for a name that leads out of the store."""
+    path = store_path(_JUDGE_ROOT, relpath)
+    return os.path.relpath(path, _JUDGE_ROOT).replace(os.sep, "/")
+
+
+def _hidden(key: str) -> bool:
+    return key.endswith("/") or any(part.startswith(".") for part in key.split("/"))
+
+
+def _seconds_iso(text: str) -> float:
+    """A listing's LastModified (ISO 8601) in seconds; 0 when unreadable (swept)."""
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _seconds(last_modified: str | None) -> float:
+    if not last_modified:
+        return 0.0
+    try:
+        return parsedate_to_datetime(last_modified).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@implementer(IConsumer)
+class _Collect:
+    """A consumer that keeps what it is given (one ranged read, bounded by the caller)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+@implementer(IStorage)
+class S3Storage:
+    """
+    The files of one bucket (and prefix) of an object store.
+
+    @param client: the store, on the reactor C{reactor}.
+    @param spool_root: the local directory where bodies wait for publish.
+    @param blocking: runs a blocking callable in a worker thread (the spool's writes).
+    @param threshold: bodies above this go up as multipart uploads of C{part_size} parts.
+    """
+
+    # No partial files here yet: resumable uploads are refused (501) before their body.
+    resumable = False
+
+    def __init__(
+        self,
+        client: S3Client,
+        reactor: Any,
+        spool_root: str,
+        blocking: Blocking,
+        chunk_size: int = 1 << 20,
+        threshold: int = 16 * 1024 * 1024,
+        part_size: int = 8 * 1024 * 1024,
+        probe_interval: float = PROBE_INTERVAL,
+        redirect_downloads: bool = False,
+    ) -> None:
+        self.client = client
+        self.reactor = reactor
+        os.makedirs(spool_root, exist_ok=True)
+        self.spool = LocalStorage(spool_root, blocking, chunk_size)
+        self.threshold = threshold
+        self.part_size = part_size
+        self._cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        # Whether the store answered the last request; logged once per change.
+        self.available = True
+        self.probe_interval = probe_interval
+        # S3RedirectDownloads: a GET is a 302 to a presigned URL (hmacd.download_s3).
+        self.redirect_downloads = redirect_downloads
+        # Whether large bodies go to the store as they arrive (hmacd.storage.s3_writer), or
+        # after their last byte, from the spool (the benchmark compares the two).
+        self.stream = True
+        self._probe: Any = None
+
+    # Health: like the metadata stores, a transition is logged once, and while the store is
+    # down uploads are refused before their body (503) until a probe finds it back.
+
+    def _went_down(self, error: S3Error) -> None:
+        if self.available:
+            self.available = False
+            log.error("object store unavailable: {error}", error=error)
+        if self._probe is None:
+            self._probe = self.reactor.callLater(self.probe_interval, self._ask)
+
+    def _came_back(self, result: T) -> T:
+        """A callback (result passed on): the store answered."""
+        if not self.available:
+            self.available = True
+            log.info("object store {endpoint} available again", endpoint=self.client.endpoint)
+        return result
+
+    def _ask(self) -> None:
+        self._probe = None
+        d = self.client.list_objects_v2("", None, 1)
+        d.addCallbacks(self._came_back, self._judged)
+        d.addErrback(lambda _: None)
+
+    def _judged(self, failure: Failure) -> Failure:
+        """An errback that keeps the health up to date; the failure goes on."""
+        error = failure.value
+        if isinstance(error, (S3Unavailable, S3Refused)):
+            self._went_down(error)
+        elif isinstance(error, S3Error):
+            self._came_back(None)  # it answered: an error of its own is no outage
+        return failure
+
+    def stop(self) -> None:
+        """No more probes (the service stops)."""
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
+
+    def check(self) -> Deferred[bool]:
+        """
+        Reactor thread, at start: whether the bucket answers to our credentials.  A refusal
+        is logged in one line naming S3AccessKey/S3SecretKey; a store that does not answer
+        is logged and probed until it does.
+        """
+
+        def refused(failure: Failure) -> bool:
+            if failure.check(S3Refused):
+                log.error(
+                    "S3AccessKey/S3SecretKey: {error}", error=str(failure.value).splitlines()[0]
+                )
+            elif not failure.check(S3Error):
+                return failure  # type: ignore[return-value]
+            return False
+
+        d: Deferred[Any] = self.client.list_objects_v2("", None, 1)
+        d.addCallback(self._came_back)
+        d.addCallback(lambda _: True)
+        d.addErrback(self._judged)
+        return d.addErrback(refused)
+
+    def _call(self, f: Callable[..., Deferred[Any]], *args: Any) -> Any:
+        """Run C{f} in the reactor thread and wait for its Deferred's result."""
+        if threadable.isInIOThread():
+            raise ReactorThreadCall(f"{f.__name__} would block the reactor thread")
+
+        def watched() -> Deferred[Any]:
+            d = f(*args)
+            d.addCallback(self._came_back)
+            return d.addErrback(self._judged)
+
+        try:
+            return blockingCallFromThread(self.reactor, watched)
+        except (NoSuchKey, NoSuchUpload, PreconditionFailed):
+            raise
+        except S3Error as e:
+            raise StoreFailed(e) from e
+
+    def _head(self, relpath: str) -> Any:
+        try:
+            key = _judge(relpath)
+        except PathRefused:
+            return None
+        if _hidden(key):
+            return None
+        try:
+            return self._call(self.client.head_object, key)
+        except NoSuchKey:
+            return None
+
+    # Writing.
+
+    def writer(self, relpath: str) -> S3Writer:
+        key = _judge(relpath)
+        if _hidden(key):
+            raise PathRefused("a name with a dot segment is not served")
+        # In the reactor thread (an upload's head) there is no asking the store: the claim
+        # in the metadata store decides before the body, If-None-Match at publish after it.
+        if threadable.isInIOThread():
+            if not self.available:
+                raise StorageUnavailable(errno.EIO, "object store unavailable")
+        elif self._head(relpath) is not None:
+            raise Conflict()
+        return S3Writer(self, key)
+
+    def adopt(self, source: str, relpath: str, record: FileRecord) -> None:
+        key = _judge(relpath)
+        with open(source, "rb") as f:
+            self.put_file(f.fileno(), os.fstat(f.fileno()).st_size, key, record)
+
+    def put_file(self, fd: int, size: int, key: str, record: FileRecord) -> None:
+        """
+        Blocking.  Send C{size} bytes of the open file C{fd} as the object C{key} with
+        C{record}'s facts, never overwriting (L{Conflict}); nothing is left on failure.
+        """
+        try:
+            if size <= self.threshold:
+                self._put_single(fd, size, key, record)
+            else:
+                self._call(self._put_multipart, fd, size, key, record)
+        except PreconditionFailed:
+            raise Conflict() from None
+
+    def _put_single(self, fd: int, size: int, key: str, record: FileRecord) -> None:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                self._call(self._put_object, fd, size, key, record)
+                return
+            except StoreFailed:
+                if attempt == _ATTEMPTS:
+                    raise
+
+    def _producer(self, fd: int, offset: int, length: int) -> FileBodyProducer:
+        return FileBodyProducer(_Slice(fd, offset, length), self._cooperator)
+
+    def _put_object(self, fd: int, size: int, key: str, record: FileRecord) -> Deferred[str]:
+        return self.client.put_object(
+            key,
+            self._producer(fd, 0, size),
+            size,
+            content_type=record.content_type,
+            metadata=_metadata(record),
+            if_none_match=True,
+        )
+
+    @inlineCallbacks
+    def _put_multipart(self, fd: int, size: int, key: str, record: FileRecord) -> Any:
+        upload_id = yield self.client.create_multipart_upload(
+            key, record.content_type, _metadata(record)
+        )
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, self.part_size), start=1):
+                length = min(self.part_size, size - offset)
+                for attempt in range(1, _ATTEMPTS + 1):
+                    try:
+                        etag = yield self.client.upload_part(
+                            key, upload_id, number, self._producer(fd, offset, length), length
+                        )
+                        break
+                    except S3Error:
+                        if attempt == _ATTEMPTS:
+                            raise
+                parts.append((number, etag))
+            yield self.client.complete_multipart_upload(key, upload_id, parts, if_none_match=True)
+        except BaseException:
+            # A refused or broken upload leaves no parts behind (nor a visible object).
+            try:
+                yield self.client.abort_multipart_upload(key, upload_id)
+            except S3Error:
+                pass  # the sweep aborts it after ResumableTTL
+            raise
+
+    def settle(self, relpaths: list[str]) -> None:
+        pass  # a completed PutObject is durable: the store answered after storing it
+
+    # Reading.
+
+    def exists(self, relpath: str) -> bool:
+        _judge(relpath)
+        return self._head(relpath) is not None
+
+    def stat(self, relpath: str) -> Stat | None:
+        head = self._head(relpath)
+        if head is None:
+            return None
+        return Stat(head.length, _seconds(head.last_modified))
+
+    def open(self, relpath: str) -> S3Readable | None:
+        head = self._head(relpath)
+        if head is None:
+            return None
+        return S3Readable(self, relpath, head)
+
+    def open_async(self, relpath: str) -> Deferred[S3Readable | None]:
+        """Reactor thread: L{open} for a GET; fails with L{S3Error} when the store does."""
+        try:
+            key = _judge(relpath)
+        except PathRefused:
+            return succeed(None)
+        if _hidden(key):
+            return succeed(None)
+
+        def found(head: Any) -> S3Readable:
+            return S3Readable(self, relpath, self._came_back(head))
+
+        def missing(failure: Failure) -> None:
+            failure.trap(NoSuchKey)
+            return self._came_back(None)
+
+        d: Deferred[Any] = self.client.head_object(key)
+        d.addCallbacks(found, self._judged)
+        return d.addErrback(missing)
+
+    def delete(self, relpath: str) -> bool:
+        if threadable.isInIOThread():
+            # An upload taken back in the reactor thread (its record could not be written):
+            # the delete goes without waiting for it.
+            d = self.client.delete_object(_judge(relpath))
+            d.addErrback(
+                lambda f: log.error("cannot delete {key}: {error}", key=relpath, error=f.value)
+            )
+            return True
+        if self._head(relpath) is None:
+            return False
+        self._call(self.client.delete_object, _judge(relpath))
+        return True
+
+    def files(self) -> Iterator[str]:
+        """Every stored object but hidden (dot) names, in the store's (byte) order."""
+        token: str | None = None
+        while True:
+            page = self._call(self.client.list_objects_v2, "", token)
+            for listed in page.objects:
+                if not _hidden(listed.key):
+                    yield listed.key
+            token = page.next_token
+            if token is None:
+                return
+
+    def sweep_temps(self, older_than: float) -> list[str]:
+        # Spooled bodies of a process that died, and multipart uploads it never finished
+        # or aborted; never an object (a finished file always has its record).
+        removed = self.spool.sweep_temps(older_than)
+        # Staging objects of streamed bodies whose process died between completing and
+        # copying them: internal temps (a dot name), never files.
+        token = None
+        while True:
+            page = self._call(self.client.list_objects_v2, STAGING, token)
+            for listed in page.objects:
+                if _seconds_iso(listed.last_modified) < older_than:
+                    self._call(self.client.delete_object, listed.key)
+                    removed.append(listed.key)
+            token = page.next_token
+            if token is None:
+                break
+        for upload in self._call(self.client.list_multipart_uploads, ""):
+            if upload.initiated is None or upload.initiated.timestamp() >= older_than:
+                continue
+            try:
+                self._call(self.client.abort_multipart_upload, upload.key, upload.upload_id)
+            except NoSuchUpload:
+                continue  # finished or aborted meanwhile
+            removed.append(f"{upload.key} (multipart {upload.upload_id})")
+        return removed
+
+
+@implementer(IReadable)
+class S3Readable:
+    """An object, as HEAD found it; reads are ranged GETs."""
+
+    def __init__(self, storage: S3Storage, relpath: str, head: Any) -> None:
+        self._storage = storage
+        self._relpath = relpath
+        self.key = head.key
+        self.size: int = head.length
+        self.content_type: str | None = head.content_type
+        self.metadata: dict[str, str] = head.metadata
+        self.modified = _seconds(head.last_modified)
+        self.modified_ns = int(self.modified) * 10**9
+        self.version = (head.etag, head.last_modified, head.length)
+
+    def facts(self) -> FileRecord | None:
+        value = self.metadata.get(FACTS_META)
+        return None if value is None else decode(self._relpath, value.encode("ascii", "replace"))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0 or offset >= self.size:
+            return b""
+        last = min(self.size, offset + length) - 1
+        return self._storage._call(self._get, offset, last)
+
+    @inlineCallbacks
+    def _get(self, first: int, last: int) -> Any:
+        answer = yield self._storage.client.get_object(self.key, (first, last))
+        sink = _Collect()
+        yield answer.deliver(sink)
+        return b"".join(sink.chunks)
+
+    def deliver(self, consumer: IConsumer, first: int, last: int) -> Deferred[Any]:
+        """
+        Reactor thread: stream bytes C{first}..C{last} (inclusive) into C{consumer}, with
+        its back-pressure; fires with an L{hmacd.s3.S3Object} once the store's answer
+        begins, whose C{deliver} then moves the bytes.
+        """
+        whole = first == 0 and last == self.size - 1
+        d = self._storage.client.get_object(self.key, None if whole else (first, last))
+        return d.addErrback(self._storage._judged)
+
+    def local_file(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass  # nothing held between reads

@@ -1,0 +1,273 @@
+"""
+An S3 bucket behind hmacd.storage.IStorage (hmacd.storage.s3), on a real SeaweedFS: the
+contract every backend keeps, and what only the object store does (multipart, metadata,
+If-None-Match, the sweep of abandoned multipart uploads, refusing the reactor thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from hmacd.config import S3_MIN_PART
+from hmacd.paths import PathRefused
+from hmacd.s3 import S3Client
+from hmacd.storage import Conflict, StorageUnavailable
+from hmacd.storage.s3 import FACTS_META, SHA256_META, ReactorThreadCall, S3Storage, StoreFailed
+from hmacd.storage.s3_writer import STAGING
+from tests.seaweed import shared_mini
+from tests.storage_contract import StorageContractMixin, record_for
+from tests.support import synchronous
+
+MiB = 1024 * 1024
+
+
+def in_a_thread(cls: type) -> type:
+    """
+    Run each of the contract's tests in a worker thread: the storage's blocking methods
+    wait there for the reactor, which runs on in trial's thread.
+    """
+    for name in dir(StorageContractMixin):
+        if not name.startswith("test_"):
+            continue
+
+        def run(self, _name: str = name):  # type: ignore[no-untyped-def]
+            return deferToThread(getattr(StorageContractMixin, _name), self)
+
+        run.__name__ = name
+        run.__doc__ = getattr(StorageContractMixin, name).__doc__
+        setattr(cls, name, run)
+    return cls
+
+
+class SeaweedStorageCase(TestCase):
+    """An S3Storage over the process's SeaweedFS, under a prefix of the test's own."""
+
+    timeout = 120
+
+    def makeClient(self, **kw: object) -> S3Client:
+        store = shared_mini()
+        options: dict = dict(prefix=".".join(self.id().split(".")[-2:]) + "/", timeout=10.0)
+        options.update(kw)
+        client = S3Client(
+            reactor,
+            options.pop("endpoint", store.endpoint),
+            store.bucket,
+            store.access_key,
+            store.secret_key,
+            **options,
+        )
+        self.addCleanup(client.close)
+        return client
+
+    def makeStorage(self) -> S3Storage:
+        self.client = self.makeClient()
+        storage = S3Storage(
+            self.client,
+            reactor,
+            os.path.abspath(self.mktemp()),
+            synchronous,
+            threshold=S3_MIN_PART,
+            part_size=S3_MIN_PART,
+        )
+        self.addCleanup(storage.stop)
+        return storage
+
+
+@in_a_thread
+class S3StorageContractTests(StorageContractMixin, SeaweedStorageCase):
+    """The IStorage contract on a SeaweedFS bucket."""
+
+    makeStorage = SeaweedStorageCase.makeStorage
+
+
+class S3StorageTests(SeaweedStorageCase):
+    """What only the object store does."""
+
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+
+    def publish(self, relpath: str, body: bytes, content_type: str = "text/plain") -> None:
+        """Blocking: write, seal and publish C{body} as an upload does."""
+        writer = self.storage.writer(relpath)
+        for i in range(0, len(body), 64 * 1024):
+            writer.write(body[i : i + 64 * 1024])
+        digest = writer.seal()
+        record = record_for(relpath, body)
+        self.assertEqual(digest, record.sha256)
+        from dataclasses import replace
+
+        writer.publish(replace(record, content_type=content_type))
+
+    @inlineCallbacks
+    def test_multipart_round_trip(self):
+        """Above the threshold a body goes up in parts; the object has the signed type and facts."""
+        body = os.urandom(2 * S3_MIN_PART + 12345)
+        yield deferToThread(self.publish, "big/blob.bin", body, "application/octet-stream")
+        head = yield self.client.head_object("big/blob.bin")
+        self.assertEqual(head.length, len(body))
+        self.assertEqual(head.metadata[SHA256_META], hashlib.sha256(body).hexdigest())
+        self.assertIn(FACTS_META, head.metadata)
+        stored = yield deferToThread(self.storage.open, "big/blob.bin")
+        facts = stored.facts()
+        self.assertEqual(facts.content_type, "application/octet-stream")
+        self.assertEqual(facts.sha256, hashlib.sha256(body).hexdigest())
+        middle = yield deferToThread(stored.read, S3_MIN_PART - 10, 20)
+        self.assertEqual(middle, body[S3_MIN_PART - 10 : S3_MIN_PART + 10])
+        uploads = yield self.client.list_multipart_uploads()
+        self.assertEqual(uploads, [])
+
+    @inlineCallbacks
+    def waitForUploads(self, predicate, what: str):
+        """The multipart uploads in progress, once predicate(them) holds (5 s at most)."""
+        for _ in range(100):
+            uploads = yield self.client.list_multipart_uploads()
+            if predicate(uploads):
+                return uploads
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"never: {what} ({uploads})")
+
+    def writeInReactor(self, writer, body: bytes) -> None:
+        """Feed a writer as an upload does: 64 KiB at a time, in the reactor thread."""
+        for i in range(0, len(body), 64 * 1024):
+            writer.write(body[i : i + 64 * 1024])
+
+    @inlineCallbacks
+    def test_large_body_streams_before_its_last_byte(self):
+        """Above the threshold, parts go to a staging upload as they arrive; then the copy."""
+        body = os.urandom(3 * S3_MIN_PART + 100)
+        writer = self.storage.writer("stream/big.bin")
+        self.writeInReactor(writer, body[: 2 * S3_MIN_PART + 10])
+        # Before the body is whole, the store has a staging upload with parts in it.
+        (upload,) = yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        self.assertTrue(upload.key.startswith(STAGING), upload.key)
+        for _ in range(100):
+            parts = yield self.client.list_parts(upload.key, upload.upload_id)
+            if parts:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(parts)
+        self.assertFalse((yield deferToThread(self.storage.exists, "stream/big.bin")))
+        self.writeInReactor(writer, body[2 * S3_MIN_PART + 10 :])
+        digest = yield deferToThread(writer.seal)
+        record = record_for("stream/big.bin", body)
+        self.assertEqual(digest, record.sha256)
+        yield deferToThread(writer.publish, record)
+        stored = yield deferToThread(self.storage.open, "stream/big.bin")
+        self.assertEqual(stored.facts(), record)
+        self.assertEqual((yield deferToThread(stored.read, 0, len(body))), body)
+        # Nothing of the staging is left, in the store or the spool.
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+        listed = yield self.client.list_objects_v2()
+        self.assertEqual([o.key for o in listed.objects], ["stream/big.bin"])
+        self.assertEqual(os.listdir(self.storage.spool.root), [])
+
+    @inlineCallbacks
+    def test_streamed_body_never_overwrites(self):
+        """A streamed body whose name was taken meanwhile is a Conflict; the first stands."""
+        body = os.urandom(2 * S3_MIN_PART + 1)
+        writer = self.storage.writer("stream/taken.bin")
+        self.writeInReactor(writer, body)
+        yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        yield deferToThread(self.publish, "stream/taken.bin", b"first")
+        yield deferToThread(writer.seal)
+        with self.assertRaises(Conflict):
+            yield deferToThread(writer.publish, record_for("stream/taken.bin", body))
+        stored = yield deferToThread(self.storage.open, "stream/taken.bin")
+        self.assertEqual((yield deferToThread(stored.read, 0, 100)), b"first")
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+        listed = yield self.client.list_objects_v2()
+        self.assertEqual([o.key for o in listed.objects], ["stream/taken.bin"])
+
+    @inlineCallbacks
+    def test_discarded_stream_leaves_nothing(self):
+        """An upload broken off mid-stream aborts its staging upload and its spool file."""
+        writer = self.storage.writer("stream/broken.bin")
+        self.writeInReactor(writer, os.urandom(2 * S3_MIN_PART + 1))
+        yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        writer.discard()
+        yield self.waitForUploads(lambda u: u == [], "the staging upload aborted")
+        self.assertEqual(os.listdir(self.storage.spool.root), [])
+        listed = yield self.client.list_objects_v2()
+        self.assertEqual(listed.objects, [])
+
+    @inlineCallbacks
+    def test_multipart_never_overwrites(self):
+        """A multipart publish at a taken name is a Conflict, and leaves no upload behind."""
+        yield deferToThread(self.publish, "taken.bin", b"first")
+        body = os.urandom(S3_MIN_PART + 1)
+        # Writer first, then the name is taken: only If-None-Match can catch it.
+        writer = yield deferToThread(self.storage.writer, "late.bin")
+        yield deferToThread(self.publish, "late.bin", b"first")
+        writer.write(body)
+        yield deferToThread(writer.seal)
+        with self.assertRaises(Conflict):
+            yield deferToThread(writer.publish, record_for("late.bin", body))
+        stored = yield deferToThread(self.storage.open, "late.bin")
+        self.assertEqual((yield deferToThread(stored.read, 0, 100)), b"first")
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+        self.assertEqual(os.listdir(self.storage.spool.root), [])
+
+    @inlineCallbacks
+    def test_utf8_facts(self):
+        """Facts with UTF-8 (a JID, a type parameter) travel as ASCII metadata and come back."""
+        from dataclasses import replace
+
+        record = replace(record_for("u.txt", b"u"), uploader="jörg@example.org")
+
+        def go() -> object:
+            writer = self.storage.writer("u.txt")
+            writer.write(b"u")
+            writer.seal()
+            writer.publish(record)
+            stored = self.storage.open("u.txt")
+            return stored.facts()
+
+        self.assertEqual((yield deferToThread(go)), record)
+
+    @inlineCallbacks
+    def test_sweep_aborts_abandoned_multipart(self):
+        """The sweep aborts multipart uploads begun before the cut-off, never an object."""
+        yield deferToThread(self.publish, "kept.txt", b"kept")
+        old = yield self.client.create_multipart_upload("crashed.bin")
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() - 3600)
+        self.assertEqual(removed, [])
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() + 3600)
+        self.assertEqual(removed, [f"crashed.bin (multipart {old})"])
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+        self.assertEqual(list((yield deferToThread(list, self.storage.files()))), ["kept.txt"])
+
+    def test_reactor_thread_refused(self) -> None:
+        """A blocking method called in the reactor thread refuses rather than deadlocks."""
+        self.assertRaises(ReactorThreadCall, self.storage.exists, "x.txt")
+        # A writer is made there (an upload's head): the store is not asked.
+        self.storage.writer("x.txt").discard()
+
+    def test_names_out_of_the_store(self) -> None:
+        """A name leading out of the store or into a dot directory gets no writer."""
+        self.assertRaises(PathRefused, self.storage.writer, "../x.txt")
+        self.assertRaises(PathRefused, self.storage.writer, ".hmacfs/x.txt")
+
+    @inlineCallbacks
+    def test_unreachable_store(self):
+        """A store that does not answer is an OSError (StoreFailed), not a hang."""
+        storage = S3Storage(
+            self.makeClient(endpoint="http://127.0.0.1:9", timeout=2.0),
+            reactor,
+            os.path.abspath(self.mktemp()),
+            synchronous,
+        )
+        self.addCleanup(storage.stop)
+        with self.assertRaises(StoreFailed) as caught:
+            yield deferToThread(storage.exists, "x.txt")
+        self.assertIsInstance(caught.exception, OSError)
+        self.assertFalse(storage.available)
+        # Known down: an upload's head is refused before its body.
+        self.assertRaises(StorageUnavailable, storage.writer, "x.txt")
