@@ -521,6 +521,27 @@ class EmitsTests(SynchronousTestCase):
         [line] = [formatEvent(e) for e in written if e.get("log_namespace") == "hmacfs.access"]
         self.assertIn('"GET /upload/x HTTP/1.1" 200 1234', line)
 
+    def stored_lines(self, name: str) -> list[str]:
+        """Upload name through a MemoryServer; the "stored" lines that reached any observer."""
+        server = MemoryServer(self.mktemp())
+        captured = Captured(self)
+        channel, transport = server.connect()
+        channel.dataReceived(
+            b"PUT /upload/%s?%s HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 2\r\n\r\nhi"
+            % (name.encode(), v2_query(name, 2, "text/plain").encode())
+        )
+        self.assertIn(b" 201 ", transport.value().split(b"\r\n", 1)[0] + b" ")
+        return [line for line in captured.lines("hmacd.landing") if line.startswith("stored ")]
+
+    def test_stored_line_follows_level(self) -> None:
+        """The per-upload "stored" line is built under twistd's info, and skipped under warn."""
+        self.assertEqual(len(self.stored_lines("a.txt")), 1)  # no twistd: always
+        self.twistd_log("info")
+        self.assertEqual(len(self.stored_lines("b.txt")), 1)
+        self.twistd_log("warn")
+        self.assertEqual(self.stored_lines("c.txt"), [])
+
     def test_site_skips_access_line_but_counts(self) -> None:
         """LogLevel warn: no access event is built, and requests_total still counts it."""
         self.twistd_log("warn")
