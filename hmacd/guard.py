@@ -134,6 +134,7 @@ class GuardedChannel(http.HTTPChannel):
     site: Any
     _headDeadline = None  # the pending IDelayedCall of the head being received
     _awaitingHead = True  # between requests: the next byte starts a head
+    _headBegun = False  # bytes of the awaited head have been read
     _headTimedOut = False
 
     def _timeout(self) -> float:
@@ -147,6 +148,7 @@ class GuardedChannel(http.HTTPChannel):
 
     def _endHead(self) -> None:
         self._awaitingHead = False
+        self._headBegun = False
         if self._headDeadline is not None:
             if self._headDeadline.active():
                 self._headDeadline.cancel()
@@ -156,8 +158,13 @@ class GuardedChannel(http.HTTPChannel):
         if self._headTimedOut:
             return  # answered with 408 and closing; the rest is not read
         if self._awaitingHead and data:
-            self._startHead()
+            self._headBegun = True
         super().dataReceived(data)
+        # The deadline is armed only for a head still incomplete after the read that brought
+        # its first bytes (the same instant): a head that arrives whole, as nearly every one
+        # does, costs no DelayedCall.  A head replayed by requestDone comes through here too.
+        if self._awaitingHead and self._headBegun and self._headDeadline is None:
+            self._startHead()
 
     def allHeadersReceived(self) -> None:
         # Before the request sees its head: it may finish at once, and the

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
 
-from hmacd.logs import escape
+from hmacd.logs import emits, escape
 from hmacd.sink import Conflict, Outcome, Partial, Sink
 from hmacd.storage import StorageUnavailable
 from hmacd.store import StoreUnavailable
@@ -90,13 +90,14 @@ def _record(outcome: Outcome, fs: FileServer, sink: Sink, acceptedAt: float) -> 
         metrics.uploads.inc()
         metrics.upload_bytes.inc(record.size)
         metrics.upload_duration.observe(fs.reactor.seconds() - acceptedAt)
-        log.info(
-            "stored {path} ({size} bytes, {type}, {protocol})",
-            path=escape(record.path),
-            size=record.size,
-            type=record.content_type,
-            protocol=record.protocol,
-        )
+        if emits(LogLevel.info, log.namespace):  # not escaped per upload only to be dropped
+            log.info(
+                "stored {path} ({size} bytes, {type}, {protocol})",
+                path=escape(record.path),
+                size=record.size,
+                type=record.content_type,
+                protocol=record.protocol,
+            )
         return Answer(http.CREATED, "created")
 
     def unrecorded(failure: Failure) -> None:

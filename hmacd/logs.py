@@ -17,6 +17,7 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
@@ -25,6 +26,7 @@ __all__ = [
     "LEVELS",
     "censor",
     "censored_uri",
+    "emits",
     "escape",
     "for_twistd",
     "is_secret_name",
@@ -195,6 +197,35 @@ def for_twistd(level: str, log_file: str, default: Callable[[], ILogObserver]) -
 
 
 def twistd_observer() -> ILogObserver:
+    global _process_filter
     if _for_twistd is None:
         raise RuntimeError("hmacd.logs.for_twistd() was not called")
-    return make_observer(*_for_twistd, rotateOnSignal=True)
+    level, log_file, default = _for_twistd
+    observer = make_observer(level, log_file, default, rotateOnSignal=True)
+    # twistd makes this the process's one observer: what it filters out reaches no log.
+    _process_filter = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    _emits.clear()
+    return observer
+
+
+# The level filter of the process's own log when twistd runs hmacfs; None where a host (or
+# a test) owns the observers, and any event may be wanted by one of them.
+_process_filter: LogLevelFilterPredicate | None = None
+_emits: dict[tuple[LogLevel, str], bool] = {}
+
+
+def emits(level: LogLevel, namespace: str) -> bool:
+    """
+    Whether an event at C{level} in C{namespace} can reach a log.  False only
+    when the process logs through L{twistd_observer} and its LogLevel drops
+    such events: then a caller may skip building the event (the access log's
+    escaping, per request) without anyone missing it.
+    """
+    if _process_filter is None:
+        return True
+    try:
+        return _emits[level, namespace]
+    except KeyError:
+        event = {"log_level": level, "log_namespace": namespace}
+        result = _emits[level, namespace] = _process_filter(event) != PredicateResult.no
+        return result

@@ -20,6 +20,7 @@ C{text/plain; charset=UTF-8}.
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import re
 
@@ -48,6 +49,9 @@ class BadMediaType(ValueError):
     """Not exactly one media type: a list, a bare word, a stray character."""
 
 
+# Every GET of a file parses its stored type again, and a server sees few distinct types:
+# remembered, the answer is a dict look-up.  A refusal raises each time (not cached).
+@functools.lru_cache(maxsize=512)
 def parse_media_type(value: str) -> str:
     """
     The normal form of the one media type C{value} is (surrounding spaces and tabs allowed).

@@ -19,12 +19,12 @@ from urllib.parse import quote
 
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from hmacd import internals
+from hmacd import internals, logs
 from hmacd.core import FileServer, is_inline_type
 from hmacd.guard import GuardedChannel, address_key
 from hmacd.logs import censor, censored_uri, escape, is_secret_name
@@ -74,7 +74,8 @@ def attachment_disposition(content_type: str, name: str) -> bytes | None:
 
 # Module level: a Logger class attribute would take the class's name as its
 # namespace, and access-log filters want a stable one.
-_access = Logger(namespace="hmacfs.access")
+_ACCESS_NAMESPACE = "hmacfs.access"
+_access = Logger(namespace=_ACCESS_NAMESPACE)
 log = Logger()
 
 
@@ -206,6 +207,8 @@ class HmacfsSite(server.Site):
         # each, kept for the life of the process.
         method = request.method if request.method in ALLOWED_METHODS else b"other"
         self.fileServer.metrics.requests.labels(method.decode("ascii"), str(request.code)).inc()
+        if not logs.emits(LogLevel.info, _ACCESS_NAMESPACE):
+            return  # LogLevel above info: the line would be built, escaped, and dropped
         referrer = request.getHeader(b"referer")
         agent = request.getHeader(b"user-agent")
         peer = request.getClientAddress()

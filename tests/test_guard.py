@@ -140,6 +140,40 @@ class HeadDeadlineTests(SynchronousTestCase):
         self.assertEqual(responses(transport), [404, 404, 408])
         self.assertTrue(transport.disconnecting)
 
+    def head_deadlines(self) -> list:
+        """The pending head deadlines on the clock (the idle timeout's call left out)."""
+        return [
+            call
+            for call in self.clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_headTooSlow"
+        ]
+
+    def test_whole_head_arms_no_deadline(self):
+        """A head that arrives in one read is answered without a head DelayedCall ever made."""
+        channel, transport = connect(self.server)
+        made = []
+        real = channel.callLater
+        channel.callLater = lambda *a, **kw: made.append(a[1]) or real(*a, **kw)
+        for _ in range(3):
+            channel.dataReceived(b"GET /upload/missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(responses(transport), [404, 404, 404])
+        self.assertNotIn(channel._headTooSlow, made)
+        self.assertEqual(self.head_deadlines(), [])
+
+    def test_dribbled_head_after_whole_ones(self):
+        """After heads that came whole, a kept-alive head split across reads still gets 408."""
+        channel, transport = connect(self.server)
+        channel.dataReceived(b"GET /upload/missing HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.clock.advance(5)
+        channel.dataReceived(DRIBBLE)
+        self.assertEqual(len(self.head_deadlines()), 1)
+        self.dribble(channel, transport, 15)
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertEqual(responses(transport), [404, 408])
+        self.assertTrue(transport.disconnecting)
+
     def test_bytes_after_408_ignored(self):
         """Once the 408 is out, further bytes are not parsed into a request."""
         channel, transport = connect(self.server)

@@ -18,12 +18,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http
 from twisted.web.client import readBody
 
-from hmacd import auth
+from hmacd import auth, logs
 from hmacd.logs import censor, escape
 from hmacd.throttle import RateLimiter
 from hmacd.upload import UploadRequest
@@ -479,3 +479,77 @@ class MethodLabelTests(SynchronousTestCase):
             if sample.name.endswith("requests_total")
         }
         self.assertEqual(families, {(("method", "other"), ("status", "405"))})
+
+
+class EmitsTests(SynchronousTestCase):
+    """emits: the access line is skipped only where twistd's own LogLevel would drop it."""
+
+    def setUp(self) -> None:
+        self.patch(logs, "_for_twistd", None)
+        self.patch(logs, "_process_filter", None)
+        self.patch(logs, "_emits", {})
+
+    def twistd_log(self, level: str) -> list[dict]:
+        """Make the twistd observer at level, as twistd does; the events that pass it."""
+        written: list[dict] = []
+        logs.for_twistd(level, "", lambda: written.append)
+        logs.twistd_observer()
+        return written
+
+    def test_without_twistd_everything_emits(self) -> None:
+        """Embedded or in tests, the host's observers may want any level: nothing is skipped."""
+        self.assertTrue(logs.emits(LogLevel.debug, "hmacfs.access"))
+        self.assertTrue(logs.emits(LogLevel.info, "hmacfs.access"))
+
+    def test_twistd_level_decides(self) -> None:
+        """Under twistd, a level below LogLevel does not emit; LogLevel and above do."""
+        self.twistd_log("warn")
+        self.assertFalse(logs.emits(LogLevel.info, "hmacfs.access"))
+        self.assertFalse(logs.emits(LogLevel.debug, "hmacd.web"))
+        self.assertTrue(logs.emits(LogLevel.warn, "hmacfs.access"))
+        self.assertTrue(logs.emits(LogLevel.error, "hmacfs.access"))
+
+    def test_twistd_info_keeps_access_log(self) -> None:
+        """LogLevel info: the access line is built and reaches the observer twistd made."""
+        written = self.twistd_log("info")
+        self.assertTrue(logs.emits(LogLevel.info, "hmacfs.access"))
+        observer = logs.make_observer("info", "", lambda: written.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        server = MemoryServer(self.mktemp())
+        server.site.log(a_request(server, b"/upload/x", {b"user-agent": b"ua"}))
+        [line] = [formatEvent(e) for e in written if e.get("log_namespace") == "hmacfs.access"]
+        self.assertIn('"GET /upload/x HTTP/1.1" 200 1234', line)
+
+    def stored_lines(self, name: str) -> list[str]:
+        """Upload name through a MemoryServer; the "stored" lines that reached any observer."""
+        server = MemoryServer(self.mktemp())
+        captured = Captured(self)
+        channel, transport = server.connect()
+        channel.dataReceived(
+            b"PUT /upload/%s?%s HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 2\r\n\r\nhi"
+            % (name.encode(), v2_query(name, 2, "text/plain").encode())
+        )
+        self.assertIn(b" 201 ", transport.value().split(b"\r\n", 1)[0] + b" ")
+        return [line for line in captured.lines("hmacd.landing") if line.startswith("stored ")]
+
+    def test_stored_line_follows_level(self) -> None:
+        """The per-upload "stored" line is built under twistd's info, and skipped under warn."""
+        self.assertEqual(len(self.stored_lines("a.txt")), 1)  # no twistd: always
+        self.twistd_log("info")
+        self.assertEqual(len(self.stored_lines("b.txt")), 1)
+        self.twistd_log("warn")
+        self.assertEqual(self.stored_lines("c.txt"), [])
+
+    def test_site_skips_access_line_but_counts(self) -> None:
+        """LogLevel warn: no access event is built, and requests_total still counts it."""
+        self.twistd_log("warn")
+        server = MemoryServer(self.mktemp())
+        captured = Captured(self)
+        server.site.log(a_request(server, b"/upload/x", {b"user-agent": HOSTILE}))
+        self.assertEqual(captured.access(), [])
+        value = server.fs.metrics.registry.get_sample_value(
+            "hmac_file_server_requests_total", {"method": "GET", "status": "200"}
+        )
+        self.assertEqual(value, 1)

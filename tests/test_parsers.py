@@ -356,6 +356,13 @@ class MediaTypeProperties(SynchronousTestCase):
         parsed = parse_media_type(value)
         self.assertEqual(essence(parsed), value.split(";", 1)[0].lower())
 
+    def test_remembered_answers_stay_answers(self):
+        """Asked again, a type gets the same answer, and a refusal is a refusal every time."""
+        self.assertEqual(parse_media_type("Text/Plain ;Charset=UTF-8"), "text/plain; charset=UTF-8")
+        self.assertEqual(parse_media_type("Text/Plain ;Charset=UTF-8"), "text/plain; charset=UTF-8")
+        for _ in range(2):
+            self.assertRaises(BadMediaType, parse_media_type, "text/plain, image/png")
+
 
 class PathProperties(SynchronousTestCase):
     """Request paths: PathRefused or None escapes; what is accepted stays in the store."""
