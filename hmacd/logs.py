@@ -13,12 +13,13 @@ from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     PredicateResult,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
 )
 from twisted.python.logfile import LogFile
 
@@ -132,6 +133,34 @@ def censor(uri: bytes | None) -> str:
     return escape(censored_uri(uri))
 
 
+# The last line of defence for "one entry, one printable line": whatever a log call passed
+# unescaped (a client's path with NEL, CSI or U+2028 in it, a driver's message) is escaped
+# where the line is written.  Newlines and tabs stay: tracebacks are ours.  Terminal
+# controls (C0, DEL, C1), line and paragraph separators and the bidirectional overrides
+# (which reorder what a reader sees) do not.
+_UNPRINTABLE = {
+    code: _escape_char(chr(code))
+    for code in [
+        *(c for c in range(0x20) if chr(c) not in "\n\t"),
+        *range(0x7F, 0xA0),
+        0x2028,
+        0x2029,
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    ]
+}
+
+
+def printable_line(event: dict) -> str | None:
+    """The classic text line of C{event}, with every control character in it escaped."""
+    text = formatEventAsClassicLogText(event)
+    return None if text is None else text.translate(_UNPRINTABLE)
+
+
+def _text_observer(out) -> ILogObserver:
+    return FileLogObserver(out, printable_line)
+
+
 def _file_observer(path: str, rotateOnSignal: bool = False) -> ILogObserver:
     # No size-based rotation: rotating is logrotate's job.
     logFile = LogFile.fromFullPath(path, rotateLength=None)
@@ -141,7 +170,7 @@ def _file_observer(path: str, rotateOnSignal: bool = False) -> ILogObserver:
         # after logrotate has moved it.
         _on_signal(signal.SIGUSR1, logFile.rotate)
         _on_signal(signal.SIGHUP, logFile.reopen)
-    return textFileLogObserver(logFile)
+    return _text_observer(logFile)
 
 
 def _on_signal(signum: int, action: Callable[[], object]) -> None:
@@ -166,7 +195,7 @@ def twistd_sink(logfile: str | None, nodaemon: bool) -> Callable[[], ILogObserve
 
     def make() -> ILogObserver:
         if logfile == "-" or (nodaemon and not logfile):
-            return textFileLogObserver(sys.stdout)
+            return _text_observer(sys.stdout)
         return _file_observer(logfile or "twistd.log", rotateOnSignal=True)
 
     return make

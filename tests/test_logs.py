@@ -553,3 +553,54 @@ class EmitsTests(SynchronousTestCase):
             "hmac_file_server_requests_total", {"method": "GET", "status": "200"}
         )
         self.assertEqual(value, 1)
+
+
+class PrintableLineTests(SynchronousTestCase):
+    """Whatever a log call passed unescaped, the written entry is one printable line."""
+
+    def test_unescaped_client_text_is_escaped_where_written(self):
+        """NEL, CSI, ESC, U+2028 and a bidi override in an unescaped value come out escaped."""
+        from hmacd.logs import make_observer
+
+        path = self.mktemp()
+        observer = make_observer("info", path, lambda: None)
+        hostile = "a\x85b\x9b31mc\x1b[2Jd\u2028e\u202ef\x7f"
+        event = {
+            "log_format": "refused {path}",
+            "path": hostile,
+            "log_level": LogLevel.warn,
+            "log_namespace": "hmacd.admission",
+            "log_time": 0.0,
+        }
+        observer(event)
+        with open(path, encoding="utf-8") as f:
+            written = f.read()
+        self.assertEqual(written.count("\n"), 1, written)
+        self.assertTrue(written.endswith("\n"))
+        line = written[:-1]
+        self.assertTrue(line.isprintable(), line)
+        for escaped in ("\\x85", "\\x9b", "\\x1b", "\\u2028", "\\u202e", "\\x7f"):
+            self.assertIn(escaped, line)
+
+    def test_tracebacks_keep_their_lines(self):
+        """A failure's traceback keeps its newlines: only control characters are escaped."""
+        from twisted.python.failure import Failure
+
+        from hmacd.logs import printable_line
+
+        try:
+            raise ValueError("boom\x1b")
+        except ValueError:
+            failure = Failure()
+        text = printable_line(
+            {
+                "log_format": "cannot store {path}",
+                "path": "x",
+                "log_failure": failure,
+                "log_level": LogLevel.error,
+                "log_namespace": "hmacd",
+                "log_time": 0.0,
+            }
+        )
+        self.assertGreater(text.count("\n"), 2)
+        self.assertIn("boom\\x1b", text)
