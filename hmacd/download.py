@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC
 from email.utils import formatdate, parsedate_to_datetime
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
@@ -392,55 +394,19 @@ class StoreResource(Resource):
             f.close()  # the client left while the record was looked up
             return
         size = st.size
-        if record is not None and record.size == size:
-            etag, content_type = record.etag, record.content_type
-        else:
-            etag = b'W/"%x-%x"' % (size, st.modified_ns)
-            content_type = guess_type(relpath)
-        mtime = int(st.modified)
-
-        request.setHeader(b"ETag", etag)
-        request.setHeader(b"Last-Modified", formatdate(mtime, usegmt=True).encode("ascii"))
-        request.setHeader(b"Cache-Control", CACHE_CONTROL)
-        request.setHeader(b"Accept-Ranges", b"bytes")
-        request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
-
-        if self._notModified(request, etag, mtime):
+        headed = describe(request, relpath, record, size, st.modified, st.modified_ns)
+        if headed is None:  # 304: the headers are the answer
             f.close()
-            request.setResponseCode(http.NOT_MODIFIED)
             request.finish()
             return
-
-        try:
-            content_type = parse_media_type(content_type)
-        except BadMediaType:
-            # A record from before types were parsed on upload: never served as it stands.
-            content_type = OCTET_STREAM
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
-        disposition = attachment_disposition(content_type, relpath.rsplit("/", 1)[-1])
-        if disposition is not None:
-            request.setHeader(b"Content-Disposition", disposition)
-
-        offset, length = 0, size
-        rangeHeader = request.getHeader(b"range")
-        if rangeHeader and request.method == b"GET" and self._rangeApplies(request, etag, mtime):
-            try:
-                span = parse_range(rangeHeader.decode("latin-1"), size)
-            except Unsatisfiable:
-                f.close()
-                request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
-                request.setHeader(b"Content-Range", b"bytes */%d" % size)
-                request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-                request.responseHeaders.removeHeader(b"Content-Disposition")
-                body = b"range not satisfiable\n"
-                request.setHeader(b"Content-Length", b"%d" % len(body))
-                request.write(body)
-                request.finish()
-                return
-            if span is not None:
-                offset, length = span[0], span[1] - span[0] + 1
-                request.setResponseCode(http.PARTIAL_CONTENT)
-                request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (span[0], span[1], size))
+        setDisposition(request, headed)
+        span = chooseRange(request, headed, size)
+        if isinstance(span, bytes):  # 416
+            f.close()
+            request.write(span)
+            request.finish()
+            return
+        offset, length = span
         request.setHeader(b"Content-Length", b"%d" % length)
 
         if request.method == b"HEAD" or length == 0:
@@ -492,3 +458,85 @@ class StoreResource(Resource):
             return not etag.startswith(b"W/") and value.encode("latin-1") == etag
         since = _httpDate(value)
         return since is not None and int(since) == mtime
+
+
+@dataclass(frozen=True)
+class Headed:
+    """What the validators and the type of a served file came to (L{describe})."""
+
+    etag: bytes
+    mtime: int
+    content_type: str
+    disposition: bytes | None
+
+
+def describe(
+    request: Any,
+    relpath: str,
+    record: FileRecord | None,
+    size: int,
+    modified: float,
+    modified_ns: int,
+) -> Headed | None:
+    """
+    Set the validators, the safe-serving headers and the Content-Type of a stored file's
+    answer, for every backend alike; None when it is a 304 (its headers are set).
+    """
+    if record is not None and record.size == size:
+        etag, content_type = record.etag, record.content_type
+    else:
+        etag = b'W/"%x-%x"' % (size, modified_ns)
+        content_type = guess_type(relpath)
+    mtime = int(modified)
+    request.setHeader(b"ETag", etag)
+    request.setHeader(b"Last-Modified", formatdate(mtime, usegmt=True).encode("ascii"))
+    request.setHeader(b"Cache-Control", CACHE_CONTROL)
+    request.setHeader(b"Accept-Ranges", b"bytes")
+    request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    if StoreResource._notModified(request, etag, mtime):
+        request.setResponseCode(http.NOT_MODIFIED)
+        return None
+    try:
+        content_type = parse_media_type(content_type)
+    except BadMediaType:
+        # A record from before types were parsed on upload: never served as it stands.
+        content_type = OCTET_STREAM
+    request.setHeader(b"Content-Type", content_type.encode("ascii"))
+    disposition = attachment_disposition(content_type, relpath.rsplit("/", 1)[-1])
+    return Headed(etag, mtime, content_type, disposition)
+
+
+def setDisposition(request: Any, headed: Headed) -> None:
+    """The Content-Disposition of the answer, where the type is not served inline."""
+    if headed.disposition is not None:
+        request.setHeader(b"Content-Disposition", headed.disposition)
+
+
+def chooseRange(request: Any, headed: Headed, size: int) -> tuple[int, int] | bytes:
+    """
+    (offset, length) of the bytes to send, with the status and Content-Range of a 206 and
+    the Content-Length set; or, for a 416, the body to send (its headers are set).
+    """
+    offset, length = 0, size
+    rangeHeader = request.getHeader(b"range")
+    if (
+        rangeHeader
+        and request.method == b"GET"
+        and StoreResource._rangeApplies(request, headed.etag, headed.mtime)
+    ):
+        try:
+            span = parse_range(rangeHeader.decode("latin-1"), size)
+        except Unsatisfiable:
+            request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+            request.setHeader(b"Content-Range", b"bytes */%d" % size)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            request.responseHeaders.removeHeader(b"Content-Disposition")
+            body = b"range not satisfiable\n"
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return body
+        if span is not None:
+            offset, length = span[0], span[1] - span[0] + 1
+            request.setResponseCode(http.PARTIAL_CONTENT)
+            request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (span[0], span[1], size))
+    request.setHeader(b"Content-Length", b"%d" % length)
+    return offset, length

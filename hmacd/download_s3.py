@@ -12,7 +12,6 @@ the store a 502; either after the headers have gone cuts the response short.
 
 from __future__ import annotations
 
-from email.utils import formatdate
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -24,17 +23,15 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from hmacd import internals
-from hmacd.core import FileServer, guess_type
-from hmacd.download import CACHE_CONTROL, StoreResource, Unsatisfiable, parse_range
+from hmacd.core import FileServer
+from hmacd.download import StoreResource, chooseRange, describe, setDisposition
 from hmacd.facts import is_expired
 from hmacd.landing import RETRY_AFTER
 from hmacd.logs import escape
-from hmacd.mediatype import OCTET_STREAM, BadMediaType, parse_media_type
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, relative_path
 from hmacd.s3 import S3Refused, S3Unavailable
 from hmacd.storage.s3 import S3Readable, S3Storage
-from hmacd.web import CONTENT_SECURITY_POLICY, attachment_disposition
 
 __all__ = ["REDIRECT_SECONDS", "S3Reads"]
 
@@ -202,56 +199,21 @@ class S3Reads:
             self._answer(request, self.resource._gone(request))
             return None
         size = st.size
-        if record is not None and record.size == size:
-            etag, content_type = record.etag, record.content_type
-        else:
-            etag = b'W/"%x-%x"' % (size, st.modified_ns)
-            content_type = guess_type(relpath)
-        mtime = int(st.modified)
-
-        request.setHeader(b"ETag", etag)
-        request.setHeader(b"Last-Modified", formatdate(mtime, usegmt=True).encode("ascii"))
-        request.setHeader(b"Cache-Control", CACHE_CONTROL)
-        request.setHeader(b"Accept-Ranges", b"bytes")
-        request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        if StoreResource._notModified(request, etag, mtime):
-            request.setResponseCode(http.NOT_MODIFIED)
+        headed = describe(request, relpath, record, size, st.modified, st.modified_ns)
+        if headed is None:  # 304: the headers are the answer
             request.finish()
             return None
-        try:
-            content_type = parse_media_type(content_type)
-        except BadMediaType:
-            content_type = OCTET_STREAM
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
-        disposition = attachment_disposition(content_type, relpath.rsplit("/", 1)[-1])
         if self.storage.redirect_downloads:
-            self._redirect(request, st, content_type, disposition)
+            self._redirect(request, st, headed.content_type, headed.disposition)
             return None
-        if disposition is not None:
-            request.setHeader(b"Content-Disposition", disposition)
-
-        first, last = 0, size - 1
-        rangeHeader = request.getHeader(b"range")
-        if (
-            rangeHeader
-            and request.method == b"GET"
-            and StoreResource._rangeApplies(request, etag, mtime)
-        ):
-            try:
-                span = parse_range(rangeHeader.decode("latin-1"), size)
-            except Unsatisfiable:
-                request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
-                request.setHeader(b"Content-Range", b"bytes */%d" % size)
-                request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-                request.responseHeaders.removeHeader(b"Content-Disposition")
-                self._answer(request, b"range not satisfiable\n")
-                return None
-            if span is not None:
-                first, last = span
-                request.setResponseCode(http.PARTIAL_CONTENT)
-                request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (first, last, size))
-        length = last - first + 1
-        request.setHeader(b"Content-Length", b"%d" % length)
+        setDisposition(request, headed)
+        span = chooseRange(request, headed, size)
+        if isinstance(span, bytes):  # 416
+            request.write(span)
+            request.finish()
+            return None
+        first, length = span
+        last = first + length - 1
         if request.method == b"HEAD" or length == 0:
             request.finish()
             if request.method == b"GET":

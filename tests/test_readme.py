@@ -16,6 +16,11 @@ TEST = (
 )
 
 
+# A path beside the checkout, as a file would name it; built here so that this file does not
+# contain what it looks for.
+BESIDE = ("/".join(["..", "shared"]), ", ".join(['".."', '".."', '"shared"']))
+
+
 def read(name: str) -> str:
     with open(os.path.join(ROOT, name), encoding="utf-8") as f:
         return f.read()
@@ -41,7 +46,7 @@ class ReadmeTests(SynchronousTestCase):
         self.assertIn('cd "$alone/hmacfs"', script)
 
     def test_nothing_reads_outside_the_checkout(self):
-        """No source, test or script names a path beside the checkout (such as ../shared)."""
+        """No source, test or script names a path beside the checkout (see BESIDE)."""
         offenders = []
         for top in ("hmacd", "tests", "bench", "examples", ".ci", "twisted"):
             for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
@@ -51,7 +56,6 @@ class ReadmeTests(SynchronousTestCase):
                     path = os.path.join(dirpath, name)
                     with open(path, encoding="utf-8", errors="replace") as f:
                         text = f.read()
-                    if "../shared" in text or '"..", "..", "shared"' in text:
+                    if any(needle in text for needle in BESIDE):
                         offenders.append(os.path.relpath(path, ROOT))
-        offenders.remove(os.path.join("tests", "test_readme.py"))  # this test's own needles
         self.assertEqual(offenders, [])
