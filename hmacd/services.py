@@ -297,7 +297,17 @@ def metrics_listener(config: Config, fs: FileServer, reactor: Any) -> IService:
 def sweeps(config: Config, fs: FileServer) -> list[IService]:
     """The sweeps one process runs for the whole StoreDir: stale partials, expired files."""
     return [
-        PartialSweep(fs, resumableTTL=config.resumable_ttl),
+        PartialSweep(
+            fs,
+            resumableTTL=config.resumable_ttl,
+            # In a shared object store, one node sweeps abandoned uploads for all; a local
+            # StoreDir's temps are its own node's, so each sweeps its own.
+            lease=(
+                sweep_lease(config, fs.metadata, 3600, "partial-sweep")
+                if config.storage_backend == "s3"
+                else None
+            ),
+        ),
         ExpirySweep(
             fs,
             interval=config.expiry_interval,

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hmacd.config import Config
-from hmacd.housekeeping import ExpirySweep
+from hmacd.housekeeping import ExpirySweep, PartialSweep
 from hmacd.services import build_file_server, sweeps
 from hmacd.store.failover import FailoverStore
 from hmacd.store.memory import MemoryStore
@@ -57,3 +57,19 @@ class BuildersTests(SynchronousTestCase):
         fs = _server(shared)
         [expiry] = [s for s in sweeps(shared, fs) if isinstance(s, ExpirySweep)]
         self.assertIsNotNone(expiry.lease)
+
+    def test_partial_sweep_lease_only_for_a_shared_object_store(self) -> None:
+        """Abandoned uploads are swept by one node in a shared bucket, by each in its StoreDir."""
+        shared = dataclasses.replace(self.config, redis_addr="127.0.0.1:6379")
+        [local] = [s for s in sweeps(shared, _server(shared)) if isinstance(s, PartialSweep)]
+        self.assertIsNone(local.lease)
+        s3 = dataclasses.replace(
+            shared,
+            storage_backend="s3",
+            s3_endpoint="http://127.0.0.1:1",
+            s3_bucket="b",
+        )
+        fs = _server(dataclasses.replace(shared))
+        [bucket] = [s for s in sweeps(s3, fs) if isinstance(s, PartialSweep)]
+        self.assertIsNotNone(bucket.lease)
+        self.assertEqual(bucket.lease.name, "partial-sweep")
