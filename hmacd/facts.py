@@ -42,18 +42,7 @@ _TOO_LARGE = (errno.E2BIG, errno.ERANGE, errno.ENOSPC)
 
 def encode(record: FileRecord) -> bytes:
     """The attribute value for C{record}: everything but the path, which is the file's name."""
-    facts: dict[str, object] = {
-        "v": VERSION,
-        "size": record.size,
-        "type": record.content_type,
-        "sha256": record.sha256,
-        "created": record.created,
-        "protocol": record.protocol,
-    }
-    if record.uploader is not None:
-        facts["uploader"] = record.uploader
-    if record.expires is not None:
-        facts["expires"] = record.expires
+    facts = {"v": VERSION, **record.to_fields()}
     return json.dumps(facts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -63,17 +52,7 @@ def decode(relpath: str, value: bytes) -> FileRecord | None:
         facts = json.loads(value)
         if facts.get("v") != VERSION:
             return None
-        expires = facts.get("expires")
-        return FileRecord(
-            path=relpath,
-            size=int(facts["size"]),
-            content_type=str(facts["type"]),
-            sha256=str(facts["sha256"]),
-            created=float(facts["created"]),
-            protocol=str(facts["protocol"]),
-            uploader=facts.get("uploader"),
-            expires=None if expires is None else float(expires),
-        )
+        return FileRecord.from_fields(relpath, facts)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
