@@ -23,7 +23,6 @@ every file descriptor.  Three limits, all on the injected reactor:
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from hmacd import internals
-from hmacd.throttle import Network, client_address, is_trusted
+from hmacd.throttle import Network, client_address, client_ip, is_trusted
 
 __all__ = [
     "HEAD_TIMEOUT_BODY",
@@ -63,13 +62,8 @@ def address_key(host: str) -> str:
     reaching a dual-stack listener as ::ffff:192.0.2.1 and an IPv4 one as
     192.0.2.1 is one client.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
+    ip = client_ip(host)
+    return host if ip is None else str(ip)
 
 
 def counted_client(

@@ -46,18 +46,27 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
 
 
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    The IP address C{address} names, an IPv4-mapped IPv6 one (a dual-stack listener's
+    view of an IPv4 client) as its IPv4 address; None for text that is no IP address.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     """
     Whether C{address} is in one of the C{trusted} networks (an IPv4-mapped IPv6
     address as its IPv4 one); text that is no IP address is never trusted.
     """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in trusted)
+    ip = client_ip(address)
+    return ip is not None and any(ip in network for network in trusted)
 
 
 def client_address(
