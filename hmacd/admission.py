@@ -5,17 +5,23 @@ L{hmacd.verdict.judge} decides from what the request says; L{admit} then asks th
 own state, in this order: free space, shutdown, the metadata store's health, a resumable
 request's body against its range (L{hmacd.verdict.check_piece}), and, opening the sink,
 the claim on the path and whether something is there already.
+
+Nodes that share an object store claim the path in the shared metadata store first
+(L{admit_across_nodes}): the answer comes later than the headers, and the request waits
+for it without reading the body (L{hmacd.upload.UploadRequest}).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web import http
 
 from hmacd.claims import PathBusy
 from hmacd.landing import RETRY_AFTER
+from hmacd.logs import escape
 from hmacd.paths import PathRefused
 from hmacd.sink import (
     ChunkInProgress,
@@ -27,6 +33,7 @@ from hmacd.sink import (
     partial_offset,
 )
 from hmacd.storage import StorageUnavailable
+from hmacd.store import StoreUnavailable
 from hmacd.verdict import (
     INSUFFICIENT_STORAGE,
     RESUME_INCOMPLETE,
@@ -39,9 +46,61 @@ from hmacd.verdict import (
 if TYPE_CHECKING:
     from hmacd.core import FileServer
 
-__all__ = ["admit"]
+__all__ = ["admit", "admit_across_nodes"]
 
 log = Logger()
+
+
+def admit_across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Deferred[Sink | Refusal]:
+    """
+    L{admit}, once this node holds the claim on the path in the shared metadata store
+    (C{fs.node_claims}) and the store has no record of a file there: fires the sink, which
+    holds the claim until it is released, or the refusal (409 while another node's upload
+    holds the path or once a file is there, 503 when the store cannot say).  Fires at once
+    when the store answers at once.
+
+    @raise OSError: (as a failure) the storage cannot take the file.
+    """
+    return Deferred.fromCoroutine(_across_nodes(fs, plan, length))
+
+
+async def _across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    claims = fs.node_claims
+    assert claims is not None
+    try:
+        claim = await claims.take(plan.relpath)
+    except Exception as e:
+        return _store_failed(plan, e)
+    if claim is None:
+        return Refusal(http.CONFLICT, "an upload of this path is in progress")
+    admitted: Sink | Refusal
+    try:
+        try:
+            record = await fs.metadata.get(plan.relpath)
+        except Exception as e:
+            admitted = _store_failed(plan, e)
+        else:
+            if record is not None:
+                # A file is there (or was, and waits for the expiry sweep): no body for it.
+                admitted = Refusal(http.CONFLICT, "file exists")
+            else:
+                admitted = admit(fs, plan, length)
+    except BaseException:
+        claim.release()
+        raise
+    if isinstance(admitted, Refusal):
+        claim.release()
+    else:
+        admitted.hold(claim)
+    return admitted
+
+
+def _store_failed(plan: Plan, error: Exception) -> Refusal:
+    if not isinstance(error, (StoreUnavailable, TimeoutError, CancelledError)):
+        log.error("claiming {path} failed: {error!r}", path=escape(plan.relpath), error=error)
+    return Refusal(
+        http.SERVICE_UNAVAILABLE, "metadata store unavailable", [(b"Retry-After", RETRY_AFTER)]
+    )
 
 
 def admit(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:

@@ -29,8 +29,9 @@ from hmacd.housekeeping import (
     SystemMonitor,
     drain_uploads,
 )
-from hmacd.leases import sweep_lease
+from hmacd.leases import node_name, sweep_lease
 from hmacd.metrics import Metrics, metrics_site
+from hmacd.node_claims import NodeClaims
 from hmacd.storage import IStorage
 from hmacd.store.failover import FailoverStore
 from hmacd.throttle import Bandwidth, parse_networks, rate_limiter
@@ -139,6 +140,12 @@ def build_file_server(
         min_upload_bytes_per_second=config.min_upload_bytes_per_second,
         min_upload_rate_window=config.min_upload_rate_window,
         make_storage=storage_builder(config, reactor, os.environ),
+        # Nodes that share an object store share no directory to claim paths in.
+        node_claims=(
+            NodeClaims(metadata, node_name(config), reactor)
+            if config.storage_backend == "s3"
+            else None
+        ),
     )
     fs.metrics.watch_stores(metadata)
     return fs
