@@ -126,6 +126,7 @@ def build_file_server(
         min_free_space=config.min_free_space,
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
+        resumable_ttl=config.resumable_ttl,
         limiter=rate_limiter(config, reactor, metadata),
         trusted_proxies=parse_networks(config.trusted_proxies),
         max_bytes_per_second=config.max_bytes_per_second,
@@ -148,6 +149,10 @@ def build_file_server(
         ),
     )
     fs.metrics.watch_stores(metadata)
+    if config.storage_backend == "s3":
+        from hmacd.sink_s3 import staging_in_use
+
+        fs.storage.staging_in_use = staging_in_use(fs)  # type: ignore[attr-defined]
     return fs
 
 
