@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_LEASE", "NodeClaim", "NodeClaims"]
 
 # How long a claim outlives a node that stopped renewing it (seconds).  It is renewed every
 # third of that while its upload runs.
-DEFAULT_LEASE = 30.0
+DEFAULT_LEASE = 15.0
 
 log = Logger()
 
