@@ -68,6 +68,11 @@ def admit_across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Deferr
 async def _across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
     claims = fs.node_claims
     assert claims is not None
+    if plan.span is not None and len(plan.span) == 1 and not _local_pieces(fs):
+        # Where does a resumable upload stand: read, never claimed, so that a client asks
+        # while a piece is on its way (or its node died holding the claim).  A piece
+        # takes the claim and checks the offset again.
+        return await _where(fs, plan, length)
     try:
         claim = await claims.take(plan.relpath)
     except Exception as e:
@@ -96,6 +101,16 @@ async def _across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Sink 
     else:
         admitted.hold(claim)
     return admitted
+
+
+async def _where(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    try:
+        record = await fs.metadata.get(plan.relpath)
+    except Exception as e:
+        return _store_failed(plan, e)
+    if record is not None:
+        return Refusal(http.CONFLICT, "file exists")
+    return await _shared_piece(fs, plan, length)
 
 
 def _local_pieces(fs: FileServer) -> bool:

@@ -13,6 +13,7 @@ asks for the offset and goes on from there.
 
 from __future__ import annotations
 
+import errno
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
 
+from hmacd.s3 import NoSuchUpload
 from hmacd.sink import ChunkInProgress, Conflict, OffsetMismatch, Outcome, Partial, Sink, Stored
 from hmacd.storage.s3_pieces import Pieces, UploadState, live_key, state_key
 
@@ -27,7 +29,11 @@ if TYPE_CHECKING:
     from hmacd.core import FileServer
     from hmacd.storage.s3 import S3Storage
 
-__all__ = ["S3ResumablePiece", "check_state", "offset_of", "staging_in_use"]
+__all__ = ["S3ResumablePiece", "UploadLost", "check_state", "offset_of", "staging_in_use"]
+
+
+class UploadLost(OSError):
+    """The staging upload of a resumable upload is gone (swept): the client starts again."""
 
 
 def staging_in_use(fs: FileServer) -> Callable[[str], bool]:
@@ -89,6 +95,9 @@ class S3ResumablePiece(Sink):
             check_state(state, relpath, total)
             if start != offset_of(state):
                 raise OffsetMismatch(offset_of(state))
+            if state is not None and state.completed and start + length != total:
+                # Every byte is in already: only the last piece, sent again, finishes it.
+                raise OffsetMismatch(offset_of(state))
             if relpath in fs.uploads.resumable:
                 raise ChunkInProgress()
             self.state = state
@@ -149,7 +158,7 @@ class S3ResumablePiece(Sink):
         temp = self._spool.temp
         assert temp is not None
         fs, pieces = self.fs, self._pieces
-        metadata = fs.metadata
+        ttl = fs.resumable_ttl
         try:
             state = self.state
             if state is None:
@@ -161,17 +170,28 @@ class S3ResumablePiece(Sink):
                     self.uploader,
                     self.expires,
                 )
-            with open(temp, "rb") as f:
-                after = pieces.append(state, f.fileno(), self.received)
+                # In use from now on: the sweep leaves it alone while the first piece goes.
+                self._put_state(live_key(state.staging), "1", ttl)
+            if state.completed:
+                # The last piece again, after the file failed to appear: its bytes are all
+                # in the staging object already.
+                after = state
+            else:
+                with open(temp, "rb") as f:
+                    after = self._append(state, f.fileno())
         finally:
             self._spool.discard()
-        if after.offset < self.total:
-            ttl = fs.resumable_ttl
-            self._ask_store(metadata.put_state, live_key(after.staging), "1", ttl)
-            self._ask_store(metadata.put_state, state_key(self.relpath), after.to_json(), ttl)
+        if not after.completed:
+            self._put_state(live_key(after.staging), "1", ttl)
+            self._put_state(state_key(self.relpath), after.to_json(), ttl)
             if state.tail != after.tail:
                 pieces.forget_tail(state.tail)
             return Partial(after.offset)
+        if after is not state:
+            # Completed: should what follows fail, the last piece sent again goes on from
+            # here (the upload id is gone now).
+            self._put_state(state_key(self.relpath), after.to_json(), ttl)
+            pieces.forget_tail(state.tail)  # in the staging object now
         record = self._record(self.total, pieces.digest(after))
         try:
             pieces.publish(after, record)
@@ -179,9 +199,29 @@ class S3ResumablePiece(Sink):
             pieces.discard(after)
             self._forget(after)
             raise
-        pieces.forget_tail(state.tail)
         self._forget(after)
         return Stored(record)
+
+    def _append(self, state: UploadState, fd: int) -> UploadState:
+        """L{Pieces.append}, knowing what a multipart upload that is gone means."""
+        pieces = self._pieces
+        try:
+            return pieces.append(state, fd, self.received)
+        except NoSuchUpload:
+            if state.offset + self.received == self.total:
+                # Completed by a commit that failed after it (or timed out as S3 did it).
+                whole = pieces.completed(state)
+                if whole is not None:
+                    return whole
+            # Aborted (its state had lapsed, and the sweep took it): start again.
+            pieces.forget_tail(state.tail)
+            self._forget(state)
+            raise UploadLost(
+                errno.EIO, f"the upload of {self.relpath} was lost; start again"
+            ) from None
+
+    def _put_state(self, key: str, value: str, ttl: float) -> None:
+        self._ask_store(self.fs.metadata.put_state, key, value, ttl)
 
     def _forget(self, state: UploadState) -> None:
         metadata = self.fs.metadata

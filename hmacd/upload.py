@@ -73,6 +73,10 @@ DRAIN_LIMIT = 1 << 20
 # What a large upload's connection reads at a time (Twisted's default is 64 KiB).
 READ_SIZE = 1024 * 1024
 
+# While a PUT waits for its claim across nodes its connection is paused: what arrives is
+# one read or two.  A client that gets more in (it would take a bug) is cut off.
+MAX_WAIT_BUFFER = 4 * READ_SIZE
+
 
 # upload_errors_total{reason} for each refusal status of a PUT.
 _REASONS = {
@@ -125,6 +129,7 @@ class _Wait:
         self.expect = expect  # the request's Expect header, withheld from the channel
         self.judging = False  # still in gotLength
         self.chunks: list[bytes] = []
+        self.buffered = 0
         self.done: tuple[bytes, bytes, bytes] | None = None  # requestReceived's arguments
 
 
@@ -235,9 +240,17 @@ class UploadRequest(server.Request):
         return True
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._wait is not None:
-            # What came with the headers, before the claim was ours.
-            self._wait.chunks.append(data)
+        wait = self._wait
+        if wait is not None:
+            # What came with the headers, before the claim was ours.  The channel resumes
+            # its transport when a response to an earlier request has drained: pause again.
+            wait.chunks.append(data)
+            wait.buffered += len(data)
+            connection = self._connection()
+            if wait.buffered > MAX_WAIT_BUFFER:
+                connection.abortConnection()
+            else:
+                connection.pauseProducing()
             return
         upload = self._upload
         if upload is None:
@@ -395,10 +408,27 @@ class UploadRequest(server.Request):
     def _claimAnswered(
         self, admitted: Sink | Refusal | Failure, size: int, length: int | None, wait: _Wait
     ) -> None:
+        try:
+            self._claimAnsweredNow(admitted, size, length, wait)
+        except Exception:
+            # A bug must cost one request, never a paused connection or a claim held on.
+            log.failure("admitting {request!r} failed", request=self)
+            if self._upload is not None:
+                self._upload.abort()
+                self._letGo()
+            elif isinstance(admitted, Sink):
+                admitted.abort()
+            if not self._gone and not self._refused and not self.finished:
+                self._refuse(http.INTERNAL_SERVER_ERROR, "internal error", length, waited=wait)
+
+    def _claimAnsweredNow(
+        self, admitted: Sink | Refusal | Failure, size: int, length: int | None, wait: _Wait
+    ) -> None:
         self._wait = None
         if self._gone:
             if isinstance(admitted, Sink):
                 admitted.abort()
+                self._failed("aborted")
             return None
         connection = self._connection()
         if wait.judging:
@@ -411,7 +441,7 @@ class UploadRequest(server.Request):
             return self._admitted(admitted, size, length, wait)
         self._accept(admitted, size)
         if wait.expect is not None and not wait.chunks and wait.done is None:
-            if self.clientproto == b"HTTP/1.1":
+            if wait.expect.lower() == "100-continue" and self.clientproto == b"HTTP/1.1":
                 connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         connection.resumeProducing()
         for data in wait.chunks:

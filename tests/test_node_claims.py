@@ -24,6 +24,7 @@ NAME = "slot/claimed.bin"
 
 
 def put_head(path: str = NAME, size: int = len(BODY), expect: bool = True) -> bytes:
+    """The head of a PUT of C{size} bytes at C{path}, signed (v2)."""
     query = v2_query(path, size, "application/octet-stream")
     lines = [
         f"PUT /upload/{path}?{query} HTTP/1.1",
@@ -268,3 +269,51 @@ class StoreFailureShapes(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
         self.assertEqual(len(fs.node_claims), 0)
         self.assertTrue(self.successResultOf(fs.metadata.claim(NAME, "x/1", 3)))
+
+
+class WaitEdgesTests(SynchronousTestCase):
+    """The wait for a claim: the channel resuming its transport, bugs, Expect values."""
+
+    def setUp(self) -> None:
+        self.server = MemoryServer(self.mktemp())
+        fs = self.server.fs
+        fs.node_claims = NodeClaims(fs.metadata, "here", self.server.clock)
+        self.gate = Gate(fs.metadata)
+        self.channel, self.transport = self.server.connect()
+
+    def test_channel_resumes_transport(self):
+        """
+        The channel resumes its transport when a response has drained: the wait pauses it
+        again at the next bytes, and cuts off a client that gets too much in.
+        """
+        from hmacd.upload import MAX_WAIT_BUFFER
+
+        size = 2 * MAX_WAIT_BUFFER
+        self.channel.dataReceived(put_head(size=size, expect=False))
+        self.channel.resumeProducing()  # as the transport does once its buffer drained
+        self.assertEqual(self.transport.producerState, "producing")
+        self.channel.dataReceived(b"y" * 1000)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.channel.dataReceived(b"y" * MAX_WAIT_BUFFER)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_bug_after_the_wait(self):
+        """An error once the claim is ours: 500, the claim let go, nothing paused forever."""
+        fs = self.server.fs
+
+        def broken(request):
+            raise RuntimeError("a bug")
+
+        fs.uploads.add = broken
+        self.channel.dataReceived(put_head())
+        self.gate.open()
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 500 "))
+        self.assertEqual(len(fs.node_claims), 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_other_expectation(self):
+        """Only 100-continue gets 100 Continue."""
+        head = put_head().replace(b"100-continue", b"something-else")
+        self.channel.dataReceived(head)
+        self.gate.open()
+        self.assertNotIn(b"100 Continue", self.transport.value())

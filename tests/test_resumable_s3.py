@@ -73,8 +73,8 @@ class StateTests(SynchronousTestCase):
         self.assertRaises(ValueError, UploadState.from_json, bad.to_json())
 
 
-class S3ResumableTests(TestCase):
-    """Pieces through two hmacfs nodes that share a metadata store and a bucket."""
+class TwoNodes(TestCase):
+    """Two hmacfs nodes that share a metadata store and a bucket, and a client of both."""
 
     timeout = 300
 
@@ -130,6 +130,10 @@ class S3ResumableTests(TestCase):
         listed = yield self.client.list_objects_v2(STAGING)
         uploads = yield self.client.list_multipart_uploads(STAGING)
         return [o.key for o in listed.objects] + [u.key for u in uploads]
+
+
+class S3ResumableTests(TwoNodes):
+    """Pieces through two nodes."""
 
     @inlineCallbacks
     def test_pieces_alternate_between_nodes(self):
@@ -247,6 +251,99 @@ class S3ResumableTests(TestCase):
         code, _, _ = yield self.piece(self.nodes[1], "live.pdf", data[20:], 20, total)
         self.assertEqual(code, 201)
         self.assertEqual((yield self.staged()), [])
+
+
+class S3ResumableFailureTests(TwoNodes):
+    """What fails at each step of the last piece, and a client that goes on."""
+
+    def once(self, obj, name: str, error: Exception, when=lambda *a: True) -> list:
+        """Make C{obj.name} fail once with C{error} (when C{when} says so)."""
+        real = getattr(obj, name)
+        failed: list = []
+
+        def failing(*args, **kwargs):
+            if not failed and when(*args):
+                failed.append(args)
+                from twisted.internet.defer import fail
+
+                return fail(error)
+            return real(*args, **kwargs)
+
+        setattr(obj, name, failing)
+        self.addCleanup(setattr, obj, name, real)
+        return failed
+
+    @inlineCallbacks
+    def finish_after(self, fail_how) -> None:
+        total = S3_MIN_PART + 100
+        data = data_of(total, b"last")
+        code, _, _ = yield self.piece(self.nodes[0], "l.pdf", data[:100], 0, total)
+        self.assertEqual(code, 308)
+        failed = fail_how()
+        code, _, _ = yield self.piece(self.nodes[1], "l.pdf", data[100:], 100, total)
+        self.assertTrue(failed)
+        self.assertEqual(code, 503)
+        response = yield self.nodes[0].http.get(self.nodes[0].url("l.pdf"))
+        yield readBody(response)
+        self.assertEqual(response.code, 404)  # nothing visible
+        # The client sends the last piece again (it never heard 201), on either node.
+        code, _, _ = yield self.piece(self.nodes[0], "l.pdf", data[100:], 100, total)
+        self.assertEqual(code, 201)
+        response = yield self.nodes[1].http.get(self.nodes[1].url("l.pdf"))
+        self.assertEqual((yield readBody(response)), data)
+        self.assertEqual((yield self.staged()), [])
+        self.assertIsNone((yield self.metadata.get_state(state_key("l.pdf"))))
+
+    def test_copy_fails(self):
+        """The copy to its name fails: the staging object is kept for the retry."""
+        from hmacd.s3 import S3Unavailable
+
+        return self.finish_after(
+            lambda: self.once(
+                self.nodes[1].storage.client, "copy_object", S3Unavailable("store gone")
+            )
+        )
+
+    def test_state_fails_after_completing(self):
+        """
+        The shared store fails just after the staging object was completed: the upload id
+        is gone, and the retry finds the staging object whole.
+        """
+        from hmacd.store import StoreUnavailable
+
+        return self.finish_after(
+            lambda: self.once(
+                self.metadata,
+                "put_state",
+                StoreUnavailable("no store"),
+                lambda key, value, ttl: '"completed":true' in value,
+            )
+        )
+
+    @inlineCallbacks
+    def test_lost_upload(self):
+        """A staging upload that is gone (swept): the client hears so, and starts again."""
+        total = S3_MIN_PART + 100
+        data = data_of(total, b"lost")
+        yield self.piece(self.nodes[0], "x.pdf", data[:100], 0, total)
+        state = UploadState.from_json((yield self.metadata.get_state(state_key("x.pdf"))))
+        yield self.client.abort_multipart_upload(state.staging, state.upload_id)
+        code, _, _ = yield self.piece(self.nodes[1], "x.pdf", data[100:], 100, total)
+        self.assertEqual(code, 500)
+        self.flushLoggedErrors()
+        self.assertEqual((yield self.where(self.nodes[0], "x.pdf", total)), (308, None))
+        code, _, _ = yield self.piece(self.nodes[0], "x.pdf", data, 0, total)
+        self.assertEqual(code, 201)
+        self.assertEqual((yield self.staged()), [])
+
+    @inlineCallbacks
+    def test_where_while_claimed(self):
+        """The offset query needs no claim: asked while another node holds the path."""
+        yield self.piece(self.nodes[0], "w.pdf", b"abc", 0, 10)
+        yield self.metadata.claim("w.pdf", "dead-node/1", 60)
+        self.assertEqual((yield self.where(self.nodes[1], "w.pdf", 10)), (308, "bytes=0-2"))
+        code, _, _ = yield self.piece(self.nodes[1], "w.pdf", b"defghij", 3, 10)
+        self.assertEqual(code, 409)  # the piece itself waits for the claim
 
 
 def deferLater_(seconds: float):

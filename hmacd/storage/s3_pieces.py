@@ -82,6 +82,9 @@ class UploadState:
     offset: int = 0  # bytes received: in the parts, and in the tail
     tail: str | None = None
     tail_size: int = 0
+    # The staging object is complete (every byte is in it): what is left is to hash it
+    # and copy it to its name, when the last piece (from C{offset}) is sent again.
+    completed: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -255,6 +258,10 @@ class Pieces:
                     state.upload_id,
                     [(n, etag) for n, etag in parts],
                 )
+            if last:
+                # The offset stays where the last piece began: should the file fail to
+                # appear, the client sends that piece again, and it finishes the file.
+                return replace(state, parts=parts, tail=None, tail_size=0, completed=True)
             return replace(
                 state, parts=parts, offset=state.offset + size, tail=tail, tail_size=tail_size
             )
@@ -303,6 +310,19 @@ class Pieces:
         answer = yield self.client.get_object(key)
         yield answer.deliver(_ToFile(fd))
 
+    def completed(self, state: UploadState) -> UploadState | None:
+        """
+        The state after the last piece if the staging object is whole already (its
+        multipart upload was completed by a commit that failed after it); else None.
+        """
+        try:
+            head = self.storage._call(self.client.head_object, state.staging)
+        except NoSuchKey:
+            return None
+        if head.length != state.total:
+            return None
+        return replace(state, tail=None, tail_size=0, completed=True)
+
     def digest(self, state: UploadState) -> str:
         """The SHA-256 of the completed staging object, read back once."""
         return self.storage._call(self._hash, state.staging)
@@ -317,7 +337,7 @@ class Pieces:
     def publish(self, state: UploadState, record: FileRecord) -> None:
         """
         Copy the completed staging object to its name with C{record}'s facts, never
-        overwriting; the staging object goes either way.
+        overwriting; the staging object goes once copied, or once the name is taken.
 
         @raise Conflict: the name was taken meanwhile.
         """
@@ -332,9 +352,10 @@ class Pieces:
                 True,
             )
         except PreconditionFailed:
-            raise Conflict() from None
-        finally:
             self._quietly(self.client.delete_object, state.staging)
+            raise Conflict() from None
+        # Kept after any other failure: the last piece sent again copies it then.
+        self._quietly(self.client.delete_object, state.staging)
 
     def forget_tail(self, key: str | None) -> None:
         """Remove a tail a newer state no longer names (the sweep takes it on failure)."""
