@@ -1,0 +1,491 @@
+"""
+Several hmacfs nodes as real processes, for the cluster suite (issue 16).
+
+A L{Cluster} is N C{twistd -n hmacfs --config F} processes, each with its own
+C{StoreDir}, C{ListenPort}, C{MetricsPort} and C{NodeName}, sharing one Redis
+database (C{RedisDB} L{REDIS_DB}, flushed before the nodes start), one
+PostgreSQL fallback (a database of the cluster's own, created and dropped
+here: the table name is not a config key) and one object store
+(C{StorageBackend = "s3"}, under a key prefix of the cluster's own).  A node
+can be killed (SIGKILL), stopped and started again; its log is kept and
+quoted in failure messages.
+
+The client side is blocking (C{http.client}, threads for concurrency): the
+nodes are other processes, so the test's own reactor has nothing to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit
+
+from hmacd.auth import slot_put
+
+from tests.servers import RawRedis, free_port
+from tests.store_contract import require_service
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+# The cluster suite's own Redis database: flushed before every cluster starts, so no
+# other test may use it.
+REDIS_PORT = 6379
+REDIS_DB = 12
+POSTGRES = dict(host="127.0.0.1", port=5432, user="postgres", password="", dbname="test")
+
+SECRET = "cluster-suite-secret-0123456789"
+SUBDIR = "upload"
+
+# How long a node may take to answer after it was started (imports, stores, the
+# object store's start-up check), several times what it takes on a quiet machine.
+READY_DEADLINE = 60.0
+# Every request of the suite gives up after this long without a byte.
+SOCKET_TIMEOUT = 60.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """
+    In the child before exec: SIGKILL when the thread that started it dies
+    (a killed trial worker runs no cleanup), so no node outlives the suite.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Answer:
+    """One HTTP response, read whole: status, headers (names lowercased), body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+@dataclass
+class Node:
+    """One hmacfs process: its ports, its directory, its config and its log."""
+
+    name: str
+    dir: str
+    port: int
+    metrics_port: int
+    keys: dict[str, object]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    starts: int = 0
+    log: str = field(init=False)
+    config: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = os.path.join(self.dir, "twistd.log")
+        self.config = os.path.join(self.dir, "hmacfs.toml")
+        with open(self.config, "w", encoding="utf-8") as f:
+            f.write(toml(self.keys))
+
+    @property
+    def store_dir(self) -> str:
+        return str(self.keys["StoreDir"])
+
+    def start(self) -> None:
+        """Start the process (returns at once: see L{wait_ready})."""
+        assert not self.alive(), f"{self.name} is running"
+        self.starts += 1
+        with open(self.log, "ab") as log:
+            log.write(b"===== start %d of %s\n" % (self.starts, self.name.encode()))
+            log.flush()
+            self.process = subprocess.Popen(
+                [TWISTD, "-n", "hmacfs", "--config", self.config],
+                cwd=self.dir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def answers(self) -> bool:
+        """True once the health check of README ("Several nodes") and /metrics answer 200."""
+        try:
+            if request(self, "OPTIONS", f"/{SUBDIR}/", timeout=2).status != 200:
+                return False
+            metrics = _raw(self.metrics_port, "GET", "/metrics", b"", {}, 2)
+            return metrics.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, deadline: float = READY_DEADLINE) -> None:
+        until = time.monotonic() + deadline
+        while not self.answers():
+            if not self.alive():
+                raise AssertionError(f"node {self.name} exited:\n{self.tail()}")
+            if time.monotonic() > until:
+                raise AssertionError(
+                    f"node {self.name} not answering after {deadline}s:\n{self.tail()}"
+                )
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: gone without a goodbye, its connections reset, its claims left behind."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM (uploads may finish), then SIGKILL if it lingers."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def tail(self, chars: int = 4000) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
+    def spool_files(self) -> list[str]:
+        """What is left in the node's S3 spool (nothing, once every upload has ended)."""
+        spool = os.path.join(self.store_dir, ".hmacfs", "s3-spool")
+        found = []
+        for dirpath, _, names in os.walk(spool):
+            found += [os.path.relpath(os.path.join(dirpath, n), spool) for n in names]
+        return sorted(found)
+
+
+def toml(keys: Mapping[str, object]) -> str:
+    """A flat TOML document of strings, integers and booleans."""
+    lines = []
+    for key, value in keys.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def flush_redis() -> None:
+    """Empty the suite's Redis database (claims, leases, records of an earlier run)."""
+    try:
+        raw = RawRedis(REDIS_PORT, db=REDIS_DB)
+    except OSError as e:
+        require_service("redis", f"127.0.0.1:{REDIS_PORT}: {e}")
+    try:
+        raw.call("FLUSHDB")
+    finally:
+        raw.close()
+
+
+def create_database() -> tuple[str, Callable[[], None]]:
+    """A PostgreSQL database of the cluster's own, and the function that drops it."""
+    import psycopg2
+
+    name = "hmacfs_cluster_" + uuid.uuid4().hex[:12]
+    try:
+        conn = psycopg2.connect(connect_timeout=5, **POSTGRES)
+    except psycopg2.OperationalError as e:
+        require_service("PostgreSQL", str(e).strip())
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {name}")
+    finally:
+        conn.close()
+
+    def drop() -> None:
+        conn = psycopg2.connect(connect_timeout=5, **POSTGRES)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            conn.close()
+
+    return name, drop
+
+
+class Cluster:
+    """
+    C{count} hmacfs nodes on one shared Redis database, one PostgreSQL
+    database and one object store, started and answering when this returns;
+    killed and removed at test cleanup.  C{endpoints} gives each node its
+    C{S3Endpoint} (round-robin), C{extra} adds config keys to every node.
+    """
+
+    def __init__(
+        self,
+        testCase,
+        endpoints: list[str],
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        count: int = 3,
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        if not os.path.exists(TWISTD):
+            require_service("twistd", f"no twistd script next to {sys.executable}")
+        self.testCase = testCase
+        self.dir = tempfile.mkdtemp(prefix="hmacfs-cluster-")
+        testCase.addCleanup(shutil.rmtree, self.dir, True)
+        flush_redis()
+        self.database, drop = create_database()
+        testCase.addCleanup(drop)
+        # The nodes are killed before the database is dropped (cleanups run last first).
+        testCase.addCleanup(self.kill_all)
+        self.prefix = f"cluster-{uuid.uuid4().hex[:12]}/"
+        self.secret = SECRET.encode()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HMACFS_")}
+        env["PYTHONPATH"] = REPO
+        self.nodes: list[Node] = []
+        for i in range(count):
+            name = "node-" + "abcdefghij"[i]
+            home = os.path.join(self.dir, name)
+            os.mkdir(home)
+            port, metrics_port = free_port(), free_port()
+            keys: dict[str, object] = {
+                "ListenPort": f"127.0.0.1:{port}",
+                "StoreDir": os.path.join(home, "store"),
+                "UploadSubDir": SUBDIR,
+                "Secret": SECRET,
+                "NodeName": name,
+                "LogLevel": "info",
+                "MetricsEnabled": True,
+                "MetricsPort": f"127.0.0.1:{metrics_port}",
+                "MonitorInterval": 0,
+                "RedisAddr": f"127.0.0.1:{REDIS_PORT}",
+                "RedisDB": REDIS_DB,
+                "FallbackEnabled": True,
+                "FallbackDBType": "postgres",
+                "FallbackDBHost": f"{POSTGRES['host']}:{POSTGRES['port']}",
+                "FallbackDBUser": POSTGRES["user"],
+                "FallbackDBName": self.database,
+                "StorageBackend": "s3",
+                "S3Endpoint": endpoints[i % len(endpoints)],
+                "S3Bucket": bucket,
+                "S3Prefix": self.prefix,
+                "S3AccessKey": access_key,
+                "S3SecretKey": secret_key,
+                **(extra or {}),
+            }
+            self.nodes.append(Node(name, home, port, metrics_port, keys, env))
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:
+            node.wait_ready()
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __getitem__(self, index: int) -> Node:
+        return self.nodes[index]
+
+    def kill_all(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def logs(self) -> str:
+        """The end of every node's log, for a failure message."""
+        return "\n".join(f"----- {n.name}:\n{n.tail(2500)}" for n in self.nodes)
+
+    def url(self, path: str) -> str:
+        """The request target of path in the upload space, for GET and HEAD."""
+        return f"/{SUBDIR}/{quote(path)}"
+
+    def slot(
+        self, path: str, size: int, content_type: str | None = None, protocol: str = "v2"
+    ) -> tuple[str, dict[str, str]]:
+        """
+        A slot as the XMPP server hands it out: the PUT's request target and the headers
+        to send with it (C{Authorization} for C{jwt}, the signed C{Content-Type}).
+        """
+        url, headers = slot_put(
+            self.secret, f"http://upload/{SUBDIR}/", path, size, content_type, protocol, time.time()
+        )
+        parts = urlsplit(url)
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return parts.path + (f"?{parts.query}" if parts.query else ""), headers
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+def _raw(
+    port: int,
+    method: str,
+    target: str,
+    body: bytes | Iterator[bytes],
+    headers: Mapping[str, str],
+    timeout: float,
+    length: int | None = None,
+) -> Answer:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        if isinstance(body, bytes):
+            length = len(body)
+        if length is not None and method in ("PUT", "POST"):
+            conn.putheader("Content-Length", str(length))
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        if isinstance(body, bytes):
+            if body:
+                conn.send(body)
+        else:
+            for chunk in body:
+                conn.send(chunk)
+        response = conn.getresponse()
+        data = response.read()
+        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+def request(
+    node: Node,
+    method: str,
+    target: str,
+    body: bytes | Iterator[bytes] = b"",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = SOCKET_TIMEOUT,
+    length: int | None = None,
+) -> Answer:
+    """One request on a connection of its own; a streamed body needs its length."""
+    return _raw(node.port, method, target, body, headers or {}, timeout, length)
+
+
+def download_digest(
+    node: Node, target: str, timeout: float = SOCKET_TIMEOUT
+) -> tuple[int, str, int, dict[str, str]]:
+    """
+    GET target, streaming: (status, SHA-256 hex of the body, its length, headers).
+    A body cut short raises L{http.client.IncompleteRead}.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=timeout)
+    try:
+        conn.request("GET", target)
+        response = conn.getresponse()
+        digest, count = hashlib.sha256(), 0
+        while True:
+            chunk = response.read(1 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+            count += len(chunk)
+        expected = response.getheader("Content-Length")
+        if response.status == 200 and expected is not None and int(expected) != count:
+            raise http.client.IncompleteRead(b"", int(expected) - count)
+        return (
+            response.status,
+            digest.hexdigest(),
+            count,
+            {k.lower(): v for k, v in response.getheaders()},
+        )
+    finally:
+        conn.close()
+
+
+def expect_continue(
+    node: Node,
+    target: str,
+    length: int,
+    headers: Mapping[str, str],
+    timeout: float = SOCKET_TIMEOUT,
+) -> tuple[bytes, dict[str, str], bytes]:
+    """
+    Send only the head of a PUT with C{Expect: 100-continue} and read what
+    comes back before any body byte: (status line, headers, body).  A
+    C{100 Continue} is returned as such: the caller then knows the server
+    wanted the body.
+    """
+    with socket.create_connection(("127.0.0.1", node.port), timeout=timeout) as sock:
+        head = [
+            f"PUT {target} HTTP/1.1",
+            "Host: 127.0.0.1",
+            f"Content-Length: {length}",
+            "Expect: 100-continue",
+        ]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        reader = sock.makefile("rb")
+        status = reader.readline().rstrip(b"\r\n")
+        found: dict[str, str] = {}
+        while True:
+            line = reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            found[name.strip().lower()] = value.strip()
+        body = b""
+        if b" 100 " not in status + b" " and "content-length" in found:
+            body = reader.read(int(found["content-length"]))
+        return status, found, body
+
+
+class Pattern:
+    """
+    A file's worth of bytes that differ everywhere, made again on demand from a
+    seed (1 MiB blocks of SHAKE-128), so a 200 MiB body is never whole in memory.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self, seed: str, size: int) -> None:
+        self.seed = seed
+        self.size = size
+
+    def _block(self, index: int) -> bytes:
+        return hashlib.shake_128(f"{self.seed}:{index}".encode()).digest(self.BLOCK)
+
+    def chunks(self, first: int = 0, last: int | None = None) -> Iterator[bytes]:
+        """Bytes first..last (inclusive; default: to the end), a block at most at a time."""
+        end = self.size if last is None else last + 1
+        offset = first
+        while offset < end:
+            index, skip = divmod(offset, self.BLOCK)
+            chunk = self._block(index)[skip : skip + end - offset]
+            yield chunk
+            offset += len(chunk)
+
+    def bytes(self, first: int = 0, last: int | None = None) -> bytes:
+        return b"".join(self.chunks(first, last))
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
