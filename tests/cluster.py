@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from hmacd.auth import slot_put
-
 from tests.servers import RawRedis, free_port
 from tests.store_contract import require_service
 
@@ -177,6 +176,8 @@ class Node:
     def spool_files(self) -> list[str]:
         """What is left in the node's S3 spool (nothing, once every upload has ended)."""
         spool = os.path.join(self.store_dir, ".hmacfs", "s3-spool")
+        if not os.path.isdir(spool):
+            raise AssertionError(f"{self.name} has no S3 spool at {spool}")
         found = []
         for dirpath, _, names in os.walk(spool):
             found += [os.path.relpath(os.path.join(dirpath, n), spool) for n in names]
@@ -237,21 +238,56 @@ def create_database() -> tuple[str, Callable[[], None]]:
     return name, drop
 
 
+@dataclass
+class ObjectStore:
+    """Where the nodes keep their files: S3 gateways of one store (node i uses i mod n)."""
+
+    endpoints: list[str]
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    @classmethod
+    def of(cls, seaweed) -> ObjectStore:
+        """The store of a L{tests.seaweed.SeaweedMini} or L{tests.seaweed.SeaweedCluster}."""
+        endpoints = getattr(seaweed, "endpoints", None) or [seaweed.endpoint]
+        return cls(list(endpoints), seaweed.bucket, seaweed.access_key, seaweed.secret_key)
+
+    def signed(
+        self, method: str, key: str | None = None, query: Mapping[str, str] | None = None
+    ) -> tuple[str, dict[str, str]]:
+        """A SigV4-signed request to the first gateway, for looking behind hmacfs's back."""
+        from twisted.internet import reactor
+
+        from hmacd.s3 import S3Client
+
+        client = S3Client(reactor, self.endpoints[0], self.bucket, self.access_key, self.secret_key)
+        return client.sign(method, key, query)
+
+    def create_bucket(self) -> None:
+        """Create the bucket (a fresh SeaweedCluster has none); one already ours is fine."""
+        url, headers = self.signed("PUT")
+        parts = urlsplit(url)
+        assert parts.port is not None
+        answer = _raw(parts.port, "PUT", parts.path, b"", headers, 30)
+        if answer.status not in (200, 409):
+            raise AssertionError(f"creating bucket {self.bucket}: {answer}")
+
+
 class Cluster:
     """
-    C{count} hmacfs nodes on one shared Redis database, one PostgreSQL
-    database and one object store, started and answering when this returns;
-    killed and removed at test cleanup.  C{endpoints} gives each node its
-    C{S3Endpoint} (round-robin), C{extra} adds config keys to every node.
+    C{count} hmacfs nodes on one shared Redis database and one PostgreSQL
+    database, started and answering when this returns; killed and removed at
+    test cleanup.  With C{store}, files live in that object store under a
+    prefix of the cluster's own; without, every node has the same local
+    C{StoreDir} (as on a shared file system: README, "StoreDir on NFS or
+    CephFS").  C{extra} adds config keys to every node.
     """
 
     def __init__(
         self,
         testCase,
-        endpoints: list[str],
-        bucket: str,
-        access_key: str,
-        secret_key: str,
+        store: ObjectStore | None,
         count: int = 3,
         extra: Mapping[str, object] | None = None,
     ) -> None:
@@ -269,6 +305,7 @@ class Cluster:
         self.secret = SECRET.encode()
         env = {k: v for k, v in os.environ.items() if not k.startswith("HMACFS_")}
         env["PYTHONPATH"] = REPO
+        shared_store_dir = os.path.join(self.dir, "shared-store")
         self.nodes: list[Node] = []
         for i in range(count):
             name = "node-" + "abcdefghij"[i]
@@ -277,7 +314,7 @@ class Cluster:
             port, metrics_port = free_port(), free_port()
             keys: dict[str, object] = {
                 "ListenPort": f"127.0.0.1:{port}",
-                "StoreDir": os.path.join(home, "store"),
+                "StoreDir": os.path.join(home, "store") if store else shared_store_dir,
                 "UploadSubDir": SUBDIR,
                 "Secret": SECRET,
                 "NodeName": name,
@@ -292,14 +329,17 @@ class Cluster:
                 "FallbackDBHost": f"{POSTGRES['host']}:{POSTGRES['port']}",
                 "FallbackDBUser": POSTGRES["user"],
                 "FallbackDBName": self.database,
-                "StorageBackend": "s3",
-                "S3Endpoint": endpoints[i % len(endpoints)],
-                "S3Bucket": bucket,
-                "S3Prefix": self.prefix,
-                "S3AccessKey": access_key,
-                "S3SecretKey": secret_key,
-                **(extra or {}),
             }
+            if store is not None:
+                keys.update(
+                    StorageBackend="s3",
+                    S3Endpoint=store.endpoints[i % len(store.endpoints)],
+                    S3Bucket=store.bucket,
+                    S3Prefix=self.prefix,
+                    S3AccessKey=store.access_key,
+                    S3SecretKey=store.secret_key,
+                )
+            keys.update(extra or {})
             self.nodes.append(Node(name, home, port, metrics_port, keys, env))
         for node in self.nodes:
             node.start()
@@ -362,13 +402,19 @@ def _raw(
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders()
-        if isinstance(body, bytes):
-            if body:
-                conn.send(body)
+        try:
+            for chunk in [body] if isinstance(body, bytes) else body:
+                if chunk:
+                    conn.send(chunk)
+        except OSError as broken:
+            # A refusal from the head is answered at once and the connection closed:
+            # that answer, if it can still be read, says more than the broken pipe.
+            try:
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                raise broken from None
         else:
-            for chunk in body:
-                conn.send(chunk)
-        response = conn.getresponse()
+            response = conn.getresponse()
         data = response.read()
         return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
     finally:
@@ -489,3 +535,77 @@ class Pattern:
         for chunk in self.chunks():
             digest.update(chunk)
         return digest.hexdigest()
+
+
+# -- resumable uploads (README, "Resumable uploads") -----------------------------------------
+
+
+def received(answer: Answer) -> int:
+    """How many bytes a 308 or 416 says the upload holds (its C{Range}, none: 0)."""
+    value = answer.header("Range")
+    if value is None:
+        return 0
+    unit, _, span = value.partition("=")
+    first, _, last = span.partition("-")
+    if unit != "bytes" or first != "0" or not last.isdigit():
+        raise AssertionError(f"unexpected Range {value!r} in {answer}")
+    return int(last) + 1
+
+
+def ask(node: Node, target: str, headers: Mapping[str, str], total: int) -> Answer:
+    """Where does the upload stand?  C{PUT} with C{Content-Range: bytes */total}, no body."""
+    return request(node, "PUT", target, b"", {**headers, "Content-Range": f"bytes */{total}"})
+
+
+def send_piece(
+    node: Node,
+    target: str,
+    headers: Mapping[str, str],
+    data: Pattern,
+    first: int,
+    last: int,
+) -> Answer:
+    """One piece, bytes first..last of data, streamed on a connection of its own."""
+    return request(
+        node,
+        "PUT",
+        target,
+        data.chunks(first, last),
+        {**headers, "Content-Range": f"bytes {first}-{last}/{data.size}"},
+        length=last - first + 1,
+    )
+
+
+def send_piece_and_kill(
+    node: Node,
+    target: str,
+    headers: Mapping[str, str],
+    data: Pattern,
+    first: int,
+    last: int,
+    cut: int,
+) -> None:
+    """
+    Start a piece, send its first C{cut} bytes, then SIGKILL the node: the client
+    is left with a connection that breaks under it.
+    """
+    head = [
+        f"PUT {target} HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Content-Length: {last - first + 1}",
+        f"Content-Range: bytes {first}-{last}/{data.size}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    with socket.create_connection(("127.0.0.1", node.port), timeout=SOCKET_TIMEOUT) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        for chunk in data.chunks(first, first + cut - 1):
+            sock.sendall(chunk)
+        node.kill()
+        try:
+            for chunk in data.chunks(first + cut, last):
+                sock.sendall(chunk)
+            reply = sock.recv(100)
+        except OSError:
+            return  # reset, as it should be: nobody is there any more
+        if reply:
+            raise AssertionError(f"{node.name} answered after it was killed: {reply!r}")
