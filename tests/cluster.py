@@ -3,9 +3,9 @@ Several hmacfs nodes as real processes, for the cluster suite (issue 16).
 
 A L{Cluster} is N C{twistd -n hmacfs --config F} processes, each with its own
 C{StoreDir}, C{ListenPort}, C{MetricsPort} and C{NodeName}, sharing one Redis
-database (C{RedisDB} L{REDIS_DB}, flushed before the nodes start), one
-PostgreSQL fallback (a database of the cluster's own, created and dropped
-here: the table name is not a config key) and one object store
+(a redis-server of the cluster's own, database L{REDIS_DB}), one PostgreSQL
+fallback (a database of the cluster's own on the running server, created and
+dropped here: the table name is not a config key) and one object store
 (C{StorageBackend = "s3"}, under a key prefix of the cluster's own).  A node
 can be killed (SIGKILL), stopped and started again; its log is kept and
 quoted in failure messages.
@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from hmacd.auth import slot_put
-from tests.servers import RawRedis, free_port
+from tests.servers import RawRedis, RedisServer, free_port
 from tests.store_contract import require_service
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
-# The cluster suite's own Redis database: flushed before every cluster starts, so no
-# other test may use it.
-REDIS_PORT = 6379
+# Not the running Redis: a cluster flushes its Redis before it starts, and two runs of
+# the suite at once (trial -j2, or two checkouts) would flush each other's claims.  A
+# database other than 0, as many deployments use (txredisapi's SELECT on reconnect).
 REDIS_DB = 12
 POSTGRES = dict(host="127.0.0.1", port=5432, user="postgres", password="", dbname="test")
 
@@ -124,6 +124,10 @@ class Node:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def pid(self) -> int | None:
+        """The running process's id (None when it is not running)."""
+        return self.process.pid if self.alive() and self.process is not None else None
+
     def answers(self) -> bool:
         """True once the health check of README ("Several nodes") and /metrics answer 200."""
         try:
@@ -198,12 +202,9 @@ def toml(keys: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def flush_redis() -> None:
-    """Empty the suite's Redis database (claims, leases, records of an earlier run)."""
-    try:
-        raw = RawRedis(REDIS_PORT, db=REDIS_DB)
-    except OSError as e:
-        require_service("redis", f"127.0.0.1:{REDIS_PORT}: {e}")
+def flush_redis(port: int) -> None:
+    """Empty the cluster's Redis database (claims, leases, records of an earlier start)."""
+    raw = RawRedis(port, db=REDIS_DB)
     try:
         raw.call("FLUSHDB")
     finally:
@@ -296,7 +297,8 @@ class Cluster:
         self.testCase = testCase
         self.dir = tempfile.mkdtemp(prefix="hmacfs-cluster-")
         testCase.addCleanup(shutil.rmtree, self.dir, True)
-        flush_redis()
+        self.redis = RedisServer(testCase)
+        flush_redis(self.redis.port)
         self.database, drop = create_database()
         testCase.addCleanup(drop)
         # The nodes are killed before the database is dropped (cleanups run last first).
@@ -322,7 +324,7 @@ class Cluster:
                 "MetricsEnabled": True,
                 "MetricsPort": f"127.0.0.1:{metrics_port}",
                 "MonitorInterval": 0,
-                "RedisAddr": f"127.0.0.1:{REDIS_PORT}",
+                "RedisAddr": f"127.0.0.1:{self.redis.port}",
                 "RedisDB": REDIS_DB,
                 "FallbackEnabled": True,
                 "FallbackDBType": "postgres",

@@ -116,6 +116,7 @@ class ClusterTests(SynchronousTestCase):
         answer = request(cluster[0], "PUT", target, before.bytes(), headers)
         self.assertEqual(answer.status, 201, (answer, cluster.logs()))
 
+        pids = [node.pid() for node in cluster]
         weed.stop()
         for node in cluster:
             # The first upload to meet the outage may learn of it only after its body.
@@ -149,6 +150,7 @@ class ClusterTests(SynchronousTestCase):
                 self.assertEqual(answer.status, 503, (node.name, answer, node.tail()))
                 self.assertLess(time.monotonic(), deadline, (list(waiting), cluster.logs()))
             time.sleep(0.5)
+        self.assertEqual([node.pid() for node in cluster], pids, "no node was restarted")
         for node in cluster:
             status, digest, _, _ = download_digest(node, cluster.url("outage/before.png"))
             self.assertEqual((status, digest), (200, before.sha256()), node.name)
