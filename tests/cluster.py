@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -295,8 +294,11 @@ class Cluster:
         if not os.path.exists(TWISTD):
             require_service("twistd", f"no twistd script next to {sys.executable}")
         self.testCase = testCase
-        self.dir = tempfile.mkdtemp(prefix="hmacfs-cluster-")
-        testCase.addCleanup(shutil.rmtree, self.dir, True)
+        # In the test's own temp directory, so the nodes' configs and logs outlive the run
+        # (trial keeps _trial_temp until the next); the files they stored do not.
+        self.dir = os.path.abspath(testCase.mktemp())
+        os.makedirs(self.dir)
+        testCase.addCleanup(self.remove_files)
         self.redis = RedisServer(testCase)
         flush_redis(self.redis.port)
         self.database, drop = create_database()
@@ -357,6 +359,11 @@ class Cluster:
     def kill_all(self) -> None:
         for node in self.nodes:
             node.kill()
+
+    def remove_files(self) -> None:
+        """Remove every StoreDir (the logs and configs stay for a look after a failure)."""
+        for node in self.nodes:
+            shutil.rmtree(node.store_dir, ignore_errors=True)
 
     def logs(self) -> str:
         """The end of every node's log, for a failure message."""
