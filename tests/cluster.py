@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from hmacd.auth import slot_put
@@ -38,11 +39,14 @@ from tests.store_contract import require_service
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
-# Not the running Redis: a cluster flushes its Redis before it starts, and two runs of
-# the suite at once (trial -j2, or two checkouts) would flush each other's claims.  A
-# database other than 0, as many deployments use (txredisapi's SELECT on reconnect).
+# A redis-server of each cluster's own, not the running one: two runs of the suite at
+# once (trial -j2, or two checkouts) would share one database, and flush each other's
+# claims.  A database other than 0, as many deployments use (txredisapi SELECTs it on
+# every reconnect).
 REDIS_DB = 12
-POSTGRES = dict(host="127.0.0.1", port=5432, user="postgres", password="", dbname="test")
+POSTGRES: dict[str, Any] = dict(
+    host="127.0.0.1", port=5432, user="postgres", password="", dbname="test"
+)
 
 SECRET = "cluster-suite-secret-0123456789"
 SUBDIR = "upload"

@@ -34,9 +34,9 @@ from tests.seaweed import SeaweedCluster, SeaweedMini, shared_mini
 MiB = 1 << 20
 
 
-def mini_cluster(testCase: SynchronousTestCase, **extra: object) -> Cluster:
+def mini_cluster(testCase: SynchronousTestCase) -> Cluster:
     """Three nodes on the SeaweedFS shared by this test process, under a prefix of their own."""
-    return Cluster(testCase, ObjectStore.of(shared_mini()), extra=extra)
+    return Cluster(testCase, ObjectStore.of(shared_mini()))
 
 
 class ClusterTests(SynchronousTestCase):
@@ -46,8 +46,9 @@ class ClusterTests(SynchronousTestCase):
         """A file uploaded on one node is served by the others byte for byte, with its type."""
         cluster = mini_cluster(self)
         files = [
-            # (path, size, signed type, protocol): one PutObject, one multipart upload
-            # streamed to the store (above the 16 MiB threshold), one of each slot kind.
+            # (path, size, signed type, protocol): two bodies that go up as one PutObject,
+            # one streamed to a multipart upload (above the 16 MiB threshold); three kinds
+            # of slot (v2 and token in the URL, a JWT in Authorization).
             ("one/notes.txt", 1000, "text/plain; charset=utf-8", "v2"),
             ("two/photo day 1.jpg", MiB + 3, "image/jpeg", "jwt"),
             ("three/clip.mp4", 20 * MiB + 5, "video/mp4", "token"),
@@ -125,8 +126,8 @@ class ClusterTests(SynchronousTestCase):
             self.assertEqual(answer.status, 503, (node.name, answer, node.tail()))
             # Now known: refused from the head, before any body byte, and no 100 Continue.
             target, headers = cluster.slot(f"outage/refused-{node.name}.png", 10, "image/png")
-            status, got, _ = expect_continue(node, target, 10, headers)
-            self.assertTrue(status.startswith(b"HTTP/1.1 503 "), (node.name, status, got))
+            line, got, _ = expect_continue(node, target, 10, headers)
+            self.assertTrue(line.startswith(b"HTTP/1.1 503 "), (node.name, line, got))
             retry_after = got.get("retry-after", "")
             self.assertTrue(retry_after.isdigit() and int(retry_after) > 0, got)
             # Downloads cannot be served either (but are not a 404: the file is there).
