@@ -16,6 +16,7 @@ nodes are other processes, so the test's own reactor has nothing to do.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import http.client
@@ -610,9 +611,17 @@ def send_piece_and_kill(
         *(f"{k}: {v}" for k, v in headers.items()),
     ]
     with socket.create_connection(("127.0.0.1", node.port), timeout=SOCKET_TIMEOUT) as sock:
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        for chunk in data.chunks(first, first + cut - 1):
-            sock.sendall(chunk)
+        try:
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            for chunk in data.chunks(first, first + cut - 1):
+                sock.sendall(chunk)
+        except OSError as e:
+            early = b""
+            with contextlib.suppress(OSError):
+                early = sock.recv(1000)
+            raise AssertionError(
+                f"{node.name} broke off the piece before the kill: {early!r}"
+            ) from e
         node.kill()
         try:
             for chunk in data.chunks(first + cut, last):
