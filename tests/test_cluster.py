@@ -100,10 +100,6 @@ class ClusterTests(SynchronousTestCase):
         """200 MiB in pieces alternating A/B, A killed mid-piece, on at B and C: whole at C."""
         resumable_across_nodes(self, mini_cluster(self))
 
-    test_resumable_across_nodes_with_a_node_killed.todo = (  # type: ignore[attr-defined]
-        "S3 resumable uploads land with issue 16"
-    )
-
     def test_resumable_across_nodes_on_a_shared_store_dir(self) -> None:
         """The same 200 MiB journey with one local StoreDir for every node (a shared FS)."""
         resumable_across_nodes(self, Cluster(self, None))
