@@ -6,9 +6,10 @@ C{StoreDir}, C{ListenPort}, C{MetricsPort} and C{NodeName}, sharing one Redis
 (a redis-server of the cluster's own, database L{REDIS_DB}), one PostgreSQL
 fallback (a database of the cluster's own on the running server, created and
 dropped here: the table name is not a config key) and one object store
-(C{StorageBackend = "s3"}, under a key prefix of the cluster's own).  A node
-can be killed (SIGKILL), stopped and started again; its log is kept and
-quoted in failure messages.
+(C{StorageBackend = "s3"}, under a key prefix of the cluster's own), or else
+one local C{StoreDir} for every node, as on a shared file system.  A node can
+be killed (SIGKILL), stopped and started again; its log stays in the test's
+temp directory and is quoted in failure messages.
 
 The client side is blocking (C{http.client}, threads for concurrency): the
 nodes are other processes, so the test's own reactor has nothing to do.
@@ -34,16 +35,16 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from hmacd.auth import slot_put
-from tests.servers import RawRedis, RedisServer, free_port
+from tests.servers import RedisServer, free_port
 from tests.store_contract import require_service
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 # A redis-server of each cluster's own, not the running one: two runs of the suite at
-# once (trial -j2, or two checkouts) would share one database, and flush each other's
-# claims.  A database other than 0, as many deployments use (txredisapi SELECTs it on
-# every reconnect).
+# once (trial -j2, or two checkouts) would share one database, each flushing the
+# other's claims and records before it starts.  A database other than 0, as many
+# deployments use (txredisapi SELECTs it on every reconnect).
 REDIS_DB = 12
 POSTGRES: dict[str, Any] = dict(
     host="127.0.0.1", port=5432, user="postgres", password="", dbname="test"
@@ -206,15 +207,6 @@ def toml(keys: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def flush_redis(port: int) -> None:
-    """Empty the cluster's Redis database (claims, leases, records of an earlier start)."""
-    raw = RawRedis(port, db=REDIS_DB)
-    try:
-        raw.call("FLUSHDB")
-    finally:
-        raw.close()
-
-
 def create_database() -> tuple[str, Callable[[], None]]:
     """A PostgreSQL database of the cluster's own, and the function that drops it."""
     import psycopg2
@@ -304,8 +296,7 @@ class Cluster:
         self.dir = os.path.abspath(testCase.mktemp())
         os.makedirs(self.dir)
         testCase.addCleanup(self.remove_files)
-        self.redis = RedisServer(testCase)
-        flush_redis(self.redis.port)
+        self.redis = RedisServer(testCase)  # empty: no claim or lease of an earlier run
         self.database, drop = create_database()
         testCase.addCleanup(drop)
         # The nodes are killed before the database is dropped (cleanups run last first).
