@@ -328,6 +328,28 @@ class ServerStoreMixin:
         return store.start().addCallback(lambda _: store)
 
     @inlineCallbacks
+    def test_nodes_start_together(self):
+        """Nodes that start at once on an empty database all create the table, none fails."""
+        from twisted.internet.defer import gatherResults
+
+        reason = self.down()
+        if reason:
+            require_service(self.service, reason)
+        self.table = unique_table()
+        self.addCleanup(drop_table, self.connect, self.table)
+        params = dict(self.params, connect_timeout=TIMEOUT, table=self.table)
+        stores = [getattr(SQLStore, self.constructor)(**params) for _ in range(8)]
+        try:
+            # Each start's outcome, a failure included: every store is stopped after.
+            results = yield gatherResults(
+                [store.start().addErrback(lambda f: f.value) for store in stores]
+            )
+        finally:
+            for store in stores:
+                yield store.stop()
+        self.assertEqual(results, [None] * len(stores))
+
+    @inlineCallbacks
     def test_silent_server(self):
         """A server that accepts but never answers fails start() after the connect timeout."""
         port = silent_server(self)

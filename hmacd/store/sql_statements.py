@@ -163,6 +163,10 @@ _DIALECTS = {
         module="psycopg2",
         placeholder="%s",
         schema=(
+            # Nodes starting together on an empty database: PostgreSQL's CREATE ... IF NOT
+            # EXISTS is not safe against a concurrent one (a unique violation in pg_type),
+            # so they take turns, until the schema's transaction commits.
+            "SELECT pg_advisory_xact_lock(hashtext('hmacfs schema {table}'))",
             "CREATE TABLE IF NOT EXISTS {table} (\n    path_hash CHAR(64) PRIMARY KEY,"
             + _COLUMN_DDL.format(double="DOUBLE PRECISION")
             + "\n)",
