@@ -122,10 +122,9 @@ def _reindex(args) -> int:
 
 
 async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
-    from twisted.internet.threads import deferToThreadPool
     from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
-    from hmacd.reindex import open_storage, reindex
+    from hmacd.reindex import open_storage, reindex, worker_threads
     from hmacd.services import build_metadata
     from hmacd.storage import StorageUnavailable
     from hmacd.store import StoreUnavailable
@@ -136,10 +135,6 @@ async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
     def complain(event: dict) -> None:
         if event.get("log_level", LogLevel.info) >= LogLevel.warn:
             complaints.append(formatEvent(event))
-
-    def blocking(work):
-        # The walk and the reads: an object store's blocking calls wait on this reactor.
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     if config.storage_backend == "s3" and not all(config.s3_credentials(os.environ)):
         # Nothing is sent unsigned: without both keys the store can only refuse.
@@ -156,6 +151,8 @@ async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
         print(f"hmacfs reindex: {e}", file=sys.stderr)
         result.append(1)
         return
+    # The walk and the reads (an object store's blocking calls wait on this reactor).
+    blocking, stop_workers = worker_threads(reactor)
     # A plain callable is an observer to the log publisher; the cast says so to mypy.
     listen = cast(ILogObserver, complain)
     globalLogPublisher.addObserver(listen)
@@ -181,6 +178,7 @@ async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
         result.append(0)
     finally:
         globalLogPublisher.removeObserver(listen)
+        stop_workers()  # idle by now: every call they ran has returned
         await store.stop()
         await release()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +32,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IProducer
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from hmacd.config import Config
@@ -50,12 +52,15 @@ __all__ = [
     "record_of",
     "reindex",
     "stored_files",
+    "worker_threads",
 ]
 
 # The protocol field of a record made without facts: no slot is known.
 GUESSED_PROTOCOL = "reindex"
 # Files looked up (and recorded) together: enough to keep a remote store busy.
 BATCH = 64
+# Threads of the walk's own (worker_threads): HEADs and GETs wait on the store, not a CPU.
+WORKERS = 16
 # A SHA-256 as an object's metadata may state it.
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -122,6 +127,35 @@ def open_storage(
         return client.close()
 
     return storage, close
+
+
+class _DaemonThread(threading.Thread):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, daemon=True, **kwargs)
+
+
+class _WalkPool(ThreadPool):
+    threadFactory = _DaemonThread
+
+
+def worker_threads(reactor: Any, size: int = WORKERS) -> tuple[Blocking, Callable[[], None]]:
+    """
+    A pool of C{size} threads of the walk's own (for L{reindex}'s C{blocking}), started,
+    and what stops it once the walk is over.
+
+    Not the reactor's pool: an object store's blocking call waits on a request whose new
+    connection has its host name resolved in the reactor's pool (getaddrinfo), so a
+    reactor pool full of waiting calls would wait on itself.  The threads are daemons: when
+    a signal stops the reactor, a call still waiting on it never returns, and the process
+    must exit all the same.
+    """
+    pool = _WalkPool(0, size, "hmacfs-reindex")
+    pool.start()
+
+    def blocking(work: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(reactor, pool, work)
+
+    return blocking, pool.stop
 
 
 class _Replaced(Exception):
@@ -239,9 +273,9 @@ async def reindex(
     has none for.
 
     @param blocking: runs the walk and the reading of files (blocking calls); an object
-        store needs a worker thread (its methods refuse the reactor's), e.g.
-        C{lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f)}.  The default
-        runs them in the calling thread, which a local directory allows.
+        store needs a worker thread (its methods refuse the reactor's): see
+        L{worker_threads}.  The default runs them in the calling thread, which a local
+        directory allows.
     @raise hmacd.store.StoreUnavailable: the store stopped answering (the counts so far
         are lost with it; running again picks up where it stood).
     @raise hmacd.storage.StorageUnavailable: the object store cannot be reached or

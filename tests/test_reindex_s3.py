@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
 
@@ -22,12 +24,12 @@ from twisted.trial.unittest import TestCase
 from hmacd.config import S3_MIN_PART, parse_config
 from hmacd.facts import encode
 from hmacd.metadata import FileRecord
-from hmacd.reindex import GUESSED_PROTOCOL, open_storage, record_of, reindex
+from hmacd.reindex import GUESSED_PROTOCOL, open_storage, record_of, reindex, worker_threads
 from hmacd.s3 import S3Client
 from hmacd.storage.s3 import FACTS_META, SHA256_META, ReactorThreadCall, S3Storage
 from hmacd.storage.s3_writer import STAGING
 from hmacd.store.sql import SQLStore
-from tests.seaweed import shared_mini
+from tests.seaweed import SeaweedMini, shared_mini
 from tests.servers import free_port
 from tests.store_contract import record
 from tests.support import synchronous
@@ -38,15 +40,15 @@ MiB = 1024 * 1024
 # The credentials' variables are taken out of the command's environment: each test says
 # where its keys come from.
 _KEY_VARIABLES = ("HMACFS_S3_ACCESS_KEY", "HMACFS_S3_SECRET_KEY")
+_MAIN = "import sys, hmacd.cli; sys.exit(hmacd.cli.main(sys.argv[1:]))"
 
 
 def run_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """hmacfs from this checkout, as an operator runs it."""
     environ = {k: v for k, v in os.environ.items() if k not in _KEY_VARIABLES}
     environ.update(env or {}, PYTHONPATH=ROOT)
-    code = "import sys, hmacd.cli; sys.exit(hmacd.cli.main(sys.argv[1:]))"
     return subprocess.run(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, "-c", _MAIN, *args],
         env=environ,
         capture_output=True,
         text=True,
@@ -93,13 +95,14 @@ class BucketCase(TestCase):
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
 
-    def client_for(self, prefix: str) -> S3Client:
+    def client_for(self, prefix: str, mini: SeaweedMini | None = None) -> S3Client:
+        mini = mini or self.mini
         client = S3Client(
             reactor,
-            self.mini.endpoint,
-            self.mini.bucket,
-            self.mini.access_key,
-            self.mini.secret_key,
+            mini.endpoint,
+            mini.bucket,
+            mini.access_key,
+            mini.secret_key,
             prefix=prefix,
             timeout=10.0,
         )
@@ -260,11 +263,55 @@ class CommandTests(BucketCase):
         )
 
 
+class StoppedTests(BucketCase):
+    """A command stopped while it waits on the store."""
+
+    @inlineCallbacks
+    def test_signal_while_waiting_on_the_store(self):
+        """SIGTERM while a worker waits on a store that hangs: the command exits, status 1."""
+        mini = SeaweedMini(self)  # its own: it is paused
+        client = self.client_for(self.prefix, mini)
+        yield client.put_object("a/one.txt", b"1")
+        config = self.write_config(
+            S3Endpoint=mini.endpoint,
+            S3AccessKey=mini.access_key,
+            S3SecretKey=mini.secret_key,
+        )
+        mini.pause()
+        code = yield deferToThread(self.stop_while_walking, config)
+        self.assertEqual(code, 1)
+
+    def stop_while_walking(self, config: str) -> int:
+        environ = {k: v for k, v in os.environ.items() if k not in _KEY_VARIABLES}
+        command = subprocess.Popen(
+            [sys.executable, "-c", _MAIN, "reindex", "--config", config],
+            env=dict(environ, PYTHONPATH=ROOT),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(command.wait)
+        self.addCleanup(command.kill)
+        # The metadata store is open (the reactor runs, with its signal handlers): the walk
+        # begins at once and waits on the paused store (whose deadline is 30 s).
+        sqlite = os.path.join(self.root, ".hmacfs", "meta.sqlite3")
+        for _ in range(600):
+            if os.path.exists(sqlite) or command.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(1)
+        command.send_signal(signal.SIGTERM)
+        return command.wait(timeout=60)
+
+
 class ObjectRecordTests(BucketCase):
     """What the record of an object is made of, and where the work runs."""
 
     def blocking(self, work):
-        return deferToThread(work)
+        """The command's workers: threads of the walk's own."""
+        if not hasattr(self, "_workers"):
+            self._workers, stop = worker_threads(reactor, 4)
+            self.addCleanup(stop)
+        return self._workers(work)
 
     @inlineCallbacks
     def test_stated_sha256_taken_as_it_is(self):
@@ -306,6 +353,28 @@ class ObjectRecordTests(BucketCase):
             yield Deferred.fromCoroutine(reindex(store, self.storage, TTL))
         counts = yield Deferred.fromCoroutine(reindex(store, self.storage, TTL, self.blocking))
         self.assertEqual((counts.files, counts.guessed), (1, 1))
+
+    @inlineCallbacks
+    def test_reactor_pool_left_free(self):
+        """
+        The walk waits in threads of its own: a new connection's host name is resolved in
+        the reactor's pool, which waiting calls would otherwise fill (here: its only thread).
+        """
+        threads = reactor.getThreadPool()
+        self.addCleanup(reactor.suggestThreadPoolSize, threads.max)
+        reactor.suggestThreadPoolSize(1)
+        for i in range(8):
+            yield self.client.put_object(f"a/{i}.txt", b"%d" % i)
+        config = parse_config(
+            self.config_keys(S3AccessKey=self.mini.access_key, S3SecretKey=self.mini.secret_key),
+            "t.toml",
+        )
+        # A client of its own, so that every request of the walk needs a new connection.
+        storage, release = open_storage(config, reactor, {})
+        self.addCleanup(release)
+        store = yield self.sqlite()
+        counts = yield Deferred.fromCoroutine(reindex(store, storage, TTL, self.blocking))
+        self.assertEqual((counts.files, counts.guessed), (8, 8))
 
     @inlineCallbacks
     def test_only_its_prefix(self):
