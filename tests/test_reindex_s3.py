@@ -234,6 +234,22 @@ class CommandTests(BucketCase):
         )
 
     @inlineCallbacks
+    def test_no_such_bucket(self):
+        """A bucket the store does not have: one line naming the store and the bucket."""
+        config = self.write_config(
+            S3Bucket="no-such-bucket",
+            S3AccessKey=self.mini.access_key,
+            S3SecretKey=self.mini.secret_key,
+        )
+        done = yield deferToThread(run_command, "reindex", "--config", config)
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertEqual(
+            done.stderr,
+            f"hmacfs reindex: object store {self.mini.endpoint} (bucket 'no-such-bucket'): "
+            f"no bucket 'no-such-bucket' at {self.mini.endpoint}\n",
+        )
+
+    @inlineCallbacks
     def test_refused_credentials(self):
         """A refused key pair: one line naming S3AccessKey/S3SecretKey, never the secret."""
         secret = "not-the-secret-" + os.urandom(8).hex()
