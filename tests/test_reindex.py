@@ -161,10 +161,13 @@ from hmacd.reindex import worker_threads
 
 blocking, stop = worker_threads(reactor)
 
+def stop():
+    reactor.stop()
+    return Deferred()  # never fires
+
 def wait():
-    reactor.callFromThread(reactor.stop)
     print("waiting", flush=True)
-    blockingCallFromThread(reactor, Deferred)  # never fires
+    blockingCallFromThread(reactor, stop)
 
 reactor.callWhenRunning(blocking, wait)
 reactor.run()
