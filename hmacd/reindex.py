@@ -14,8 +14,9 @@ Records that exist are left as they are; dot names (C{.hmacfs/}: staging objects
 temp files) and anything but regular files are skipped.
 
 The walk and the reading are blocking work (an object store's blocking methods wait on
-the reactor): they run through the C{blocking} callable given to L{reindex}, a worker
-thread in the command, and the metadata store is talked to from the reactor thread.
+the reactor): they run through the C{blocking} callable given to L{reindex}, threads of
+their own in the command (L{worker_threads}), and the metadata store is talked to from the
+reactor thread.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def open_storage(
         prefix=config.s3_prefix,
         addressing_style=config.s3_addressing_style,
     )
-    # Nothing is written: the spool (the server's, under StoreDir) is never used.
+    # Nothing is written: the spool (the server's, under StoreDir) is only made, not used.
     storage = S3Storage(client, reactor, os.path.join(config.store_dir, SPOOL_DIR), maybeDeferred)
 
     def close() -> Deferred[None]:
@@ -130,11 +131,15 @@ def open_storage(
 
 
 class _DaemonThread(threading.Thread):
+    """A thread the interpreter does not wait for at exit."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, daemon=True, **kwargs)
 
 
 class _WalkPool(ThreadPool):
+    """A thread pool of daemons (see L{worker_threads})."""
+
     threadFactory = _DaemonThread
 
 
@@ -159,7 +164,7 @@ def worker_threads(reactor: Any, size: int = WORKERS) -> tuple[Blocking, Callabl
 
 
 class _Replaced(Exception):
-    """The object was replaced between its HEAD and its GET: its facts are stale."""
+    """The object was replaced between its HEAD and its GET: what HEAD said is stale."""
 
 
 def record_of(storage: IStorage, relpath: str, file_ttl: float) -> tuple[FileRecord, bool] | None:
