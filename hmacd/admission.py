@@ -5,17 +5,23 @@ L{hmacd.verdict.judge} decides from what the request says; L{admit} then asks th
 own state, in this order: free space, shutdown, the metadata store's health, a resumable
 request's body against its range (L{hmacd.verdict.check_piece}), and, opening the sink,
 the claim on the path and whether something is there already.
+
+Nodes that share an object store claim the path in the shared metadata store first
+(L{admit_across_nodes}): the answer comes later than the headers, and the request waits
+for it without reading the body (L{hmacd.upload.UploadRequest}).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web import http
 
 from hmacd.claims import PathBusy
 from hmacd.landing import RETRY_AFTER
+from hmacd.logs import escape
 from hmacd.paths import PathRefused
 from hmacd.sink import (
     ChunkInProgress,
@@ -27,6 +33,7 @@ from hmacd.sink import (
     partial_offset,
 )
 from hmacd.storage import StorageUnavailable
+from hmacd.store import StoreUnavailable
 from hmacd.verdict import (
     INSUFFICIENT_STORAGE,
     RESUME_INCOMPLETE,
@@ -38,18 +45,118 @@ from hmacd.verdict import (
 
 if TYPE_CHECKING:
     from hmacd.core import FileServer
+    from hmacd.storage.s3_pieces import UploadState
 
-__all__ = ["admit"]
+__all__ = ["admit", "admit_across_nodes"]
 
 log = Logger()
 
 
-def admit(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+def admit_across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Deferred[Sink | Refusal]:
+    """
+    L{admit}, once this node holds the claim on the path in the shared metadata store
+    (C{fs.node_claims}) and the store has no record of a file there: fires the sink, which
+    holds the claim until it is released, or the refusal (409 while another node's upload
+    holds the path or once a file is there, 503 when the store cannot say).  Fires at once
+    when the store answers at once.
+
+    @raise OSError: (as a failure) the storage cannot take the file.
+    """
+    return Deferred.fromCoroutine(_across_nodes(fs, plan, length))
+
+
+async def _across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    claims = fs.node_claims
+    assert claims is not None
+    if plan.span is not None and len(plan.span) == 1 and not _local_pieces(fs):
+        # Where does a resumable upload stand: read, never claimed, so that a client asks
+        # while a piece is on its way (or its node died holding the claim).  A piece
+        # takes the claim and checks the offset again.
+        return await _where(fs, plan, length)
+    try:
+        claim = await claims.take(plan.relpath)
+    except Exception as e:
+        return _store_failed(plan, e)
+    if claim is None:
+        return Refusal(http.CONFLICT, "an upload of this path is in progress")
+    admitted: Sink | Refusal
+    try:
+        try:
+            record = await fs.metadata.get(plan.relpath)
+        except Exception as e:
+            admitted = _store_failed(plan, e)
+        else:
+            if record is not None:
+                # A file is there (or was, and waits for the expiry sweep): no body for it.
+                admitted = Refusal(http.CONFLICT, "file exists")
+            elif plan.span is not None and not _local_pieces(fs):
+                admitted = await _shared_piece(fs, plan, length)
+            else:
+                admitted = admit(fs, plan, length)
+    except BaseException:
+        claim.release()
+        raise
+    if isinstance(admitted, Refusal):
+        claim.release()
+    else:
+        admitted.hold(claim)
+    return admitted
+
+
+async def _where(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    try:
+        record = await fs.metadata.get(plan.relpath)
+    except Exception as e:
+        return _store_failed(plan, e)
+    if record is not None:
+        return Refusal(http.CONFLICT, "file exists")
+    return await _shared_piece(fs, plan, length)
+
+
+def _local_pieces(fs: FileServer) -> bool:
+    """Whether resumable uploads keep their bytes under StoreDir (not in an object store)."""
+    return getattr(fs.storage, "resumable", True)
+
+
+async def _shared_piece(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    """L{admit} for a piece of a resumable upload whose state is in the shared store."""
+    # Here, not at the top: the S3 modules (and botocore) are imported only where S3 is used.
+    from hmacd.storage.s3_pieces import MAX_COPY, UploadState, state_key, too_large
+
+    if too_large(plan.size):
+        return Refusal(
+            http.REQUEST_ENTITY_TOO_LARGE,
+            f"a resumable upload to the object store takes at most {MAX_COPY} bytes",
+        )
+    try:
+        text = await fs.metadata.get_state(state_key(plan.relpath))
+    except Exception as e:
+        return _store_failed(plan, e)
+    try:
+        state = None if text is None else UploadState.from_json(text)
+    except ValueError as e:
+        log.error("resumable upload of {path}: {error}", path=escape(plan.relpath), error=e)
+        state = None  # the upload starts again
+    return admit(fs, plan, length, state)
+
+
+def _store_failed(plan: Plan, error: Exception) -> Refusal:
+    if not isinstance(error, (StoreUnavailable, TimeoutError, CancelledError)):
+        log.error("claiming {path} failed: {error!r}", path=escape(plan.relpath), error=error)
+    return Refusal(
+        http.SERVICE_UNAVAILABLE, "metadata store unavailable", [(b"Retry-After", RETRY_AFTER)]
+    )
+
+
+def admit(
+    fs: FileServer, plan: Plan, length: int | None, state: UploadState | None = None
+) -> Sink | Refusal:
     """
     The sink for the body of C{plan}, or the refusal (an offset query's answer, 308, too).
 
     @param fs: the L{hmacd.core.FileServer}.
     @param length: the request's Content-Length; None for a chunked body.
+    @param state: a resumable upload's state in the shared store (an object store's).
     @raise OSError: the storage cannot take the file (the caller says why, and logs it).
     """
     if plan.needed and fs.room_for(plan.needed) is False:
@@ -71,7 +178,7 @@ def admit(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
     if piece is not None:
         return piece
     try:
-        return _open(fs, plan)
+        return _open(fs, plan, state)
     except Conflict:
         return Refusal(http.CONFLICT, "file exists")
     except StorageUnavailable:
@@ -93,15 +200,14 @@ def admit(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
         return Refusal(http.BAD_REQUEST, str(e))
 
 
-def _open(fs: FileServer, plan: Plan) -> Sink | Refusal:
+def _open(fs: FileServer, plan: Plan, state: UploadState | None) -> Sink | Refusal:
     expires = fs.expiry(plan.expires)
     if plan.span is None:
         return WholeUpload(
             fs, plan.relpath, plan.size, plan.media_type, plan.protocol, plan.uploader, expires
         )
-    if not getattr(fs.storage, "resumable", True):
-        # An object store keeps no partial files yet (issue 16: state in the shared store).
-        return Refusal(http.NOT_IMPLEMENTED, "resumable uploads are not available here")
+    if not _local_pieces(fs):
+        return _open_shared(fs, plan, state, expires)
     if len(plan.span) == 1:
         # "bytes */total": where does the upload stand?
         if fs.storage.exists(plan.relpath):
@@ -113,5 +219,29 @@ def _open(fs: FileServer, plan: Plan) -> Sink | Refusal:
     start, _, total = plan.span
     return ResumablePiece(
         fs, plan.relpath, total, start, plan.needed, plan.media_type, plan.protocol,
+        plan.uploader, expires,
+    )  # fmt: skip
+
+
+def _open_shared(
+    fs: FileServer, plan: Plan, state: UploadState | None, expires: float | None
+) -> Sink | Refusal:
+    """A piece (or an offset query) of a resumable upload into an object store."""
+    from hmacd.sink_s3 import S3ResumablePiece, check_state, offset_of
+
+    if fs.node_claims is None:
+        # Its pieces may reach any node: without claims in a shared store they could
+        # overlap.  (hmacd.services always sets them with an object store.)
+        return Refusal(http.NOT_IMPLEMENTED, "resumable uploads need claims across nodes")
+    assert plan.span is not None
+    check_state(state, plan.relpath, plan.size)
+    if len(plan.span) == 1:
+        offset = offset_of(state)
+        return Refusal(
+            RESUME_INCOMPLETE, f"{offset} bytes received", received_range(offset), error=False
+        )
+    start, _, total = plan.span
+    return S3ResumablePiece(
+        fs, plan.relpath, state, total, start, plan.needed, plan.media_type, plan.protocol,
         plan.uploader, expires,
     )  # fmt: skip

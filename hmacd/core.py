@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from hmacd.guard import ClientCounts
 from hmacd.mediatype import guess_type, is_inline_type
 from hmacd.metrics import Metrics
+from hmacd.node_claims import NodeClaims
 from hmacd.sink import GroupCommit, Uploads
 from hmacd.storage import IStorage
 from hmacd.storage.local import LocalStorage
@@ -86,6 +87,11 @@ class FileServer:
     uploads: Uploads = field(init=False)
     # Builds the storage of another backend than the local directory, given the server.
     make_storage: Callable[[FileServer], IStorage] | None = None
+    # ResumableTTL: how long the state of an unfinished resumable upload is kept.
+    resumable_ttl: float = 86400
+    # Claims across nodes (hmacd.node_claims) in the shared metadata store, taken before an
+    # upload's body where nodes share the storage (an object store); None on one host.
+    node_claims: NodeClaims | None = None
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

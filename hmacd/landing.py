@@ -121,7 +121,9 @@ def _record(outcome: Outcome, fs: FileServer, sink: Sink, acceptedAt: float) -> 
 def _failed(failure: Failure, sink: Sink) -> Answer:
     if failure.check(Conflict):
         return Answer(http.CONFLICT, "file exists", failed="conflict")
-    if failure.check(_Withdrawn):
+    if failure.check(_Withdrawn, StoreUnavailable, TimeoutError):
+        # Withdrawn, or the shared store failed a commit that needs it (a resumable
+        # upload's state in an object store): the client may try again soon.
         return Answer(
             http.SERVICE_UNAVAILABLE,
             "metadata store unavailable",

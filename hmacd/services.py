@@ -29,8 +29,9 @@ from hmacd.housekeeping import (
     SystemMonitor,
     drain_uploads,
 )
-from hmacd.leases import sweep_lease
+from hmacd.leases import node_name, sweep_lease
 from hmacd.metrics import Metrics, metrics_site
+from hmacd.node_claims import NodeClaims
 from hmacd.storage import IStorage
 from hmacd.store.failover import FailoverStore
 from hmacd.throttle import Bandwidth, parse_networks, rate_limiter
@@ -125,6 +126,7 @@ def build_file_server(
         min_free_space=config.min_free_space,
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
+        resumable_ttl=config.resumable_ttl,
         limiter=rate_limiter(config, reactor, metadata),
         trusted_proxies=parse_networks(config.trusted_proxies),
         max_bytes_per_second=config.max_bytes_per_second,
@@ -139,8 +141,18 @@ def build_file_server(
         min_upload_bytes_per_second=config.min_upload_bytes_per_second,
         min_upload_rate_window=config.min_upload_rate_window,
         make_storage=storage_builder(config, reactor, os.environ),
+        # Nodes that share an object store share no directory to claim paths in.
+        node_claims=(
+            NodeClaims(metadata, node_name(config), reactor)
+            if config.storage_backend == "s3"
+            else None
+        ),
     )
     fs.metrics.watch_stores(metadata)
+    if config.storage_backend == "s3":
+        from hmacd.sink_s3 import staging_in_use
+
+        fs.storage.staging_in_use = staging_in_use(fs)  # type: ignore[attr-defined]
     return fs
 
 

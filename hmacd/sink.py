@@ -40,6 +40,7 @@ from hmacd.storage import Conflict, IWriter
 
 if TYPE_CHECKING:
     from hmacd.core import FileServer
+    from hmacd.node_claims import NodeClaim
 
 __all__ = [
     "ChunkInProgress",
@@ -168,6 +169,12 @@ class Sink:
         self.relpath = relpath
         self.size = size
         self._hold: Claim | None = claim(fs.store_dir, relpath)
+        # The claim across nodes (hmacd.node_claims), when the storage is shared.
+        self._shared: NodeClaim | None = None
+
+    def hold(self, shared: NodeClaim) -> None:
+        """Hold C{shared}, this node's claim on the path in the shared store, until L{release}."""
+        self._shared = shared
 
     def write(self, data: bytes) -> bool:
         """
@@ -201,6 +208,14 @@ class Sink:
 
     def release(self) -> None:
         """Done with, however it ended: let the next upload of this path in (idempotent)."""
+        self._let_path_go()
+        if self._shared is not None:
+            # After the record is written (the request lets go in the reactor thread): a
+            # later upload's claim then finds the record and is refused before its body.
+            self._shared.release()
+
+    def _let_path_go(self) -> None:
+        """The claim on this host only (any thread): the file is in place, or never will be."""
         if self._hold is not None:
             self._hold.release()
 
@@ -275,10 +290,9 @@ class WholeUpload(Sink):
         try:
             record = self._record(self.received, self._writer.seal())
             self._writer.publish(record)
-        except BaseException:
-            self.release()
-            raise
-        self.release()  # the name is taken now: a later upload of it meets the file
+        finally:
+            # The name is taken now (or never will be): a later upload of it meets the file.
+            self._let_path_go()
         return Stored(record)
 
 

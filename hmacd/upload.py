@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from hmacd import internals
-from hmacd.admission import admit
+from hmacd.admission import admit, admit_across_nodes
 from hmacd.core import FileServer
 from hmacd.guard import counted_client, watch_body_rate
 from hmacd.landing import STORAGE_FULL, Answer, land
@@ -44,6 +44,7 @@ from hmacd.verdict import (
     INSUFFICIENT_STORAGE,
     RESUME_INCOMPLETE,
     TOO_MANY_REQUESTS,
+    Plan,
     Refusal,
     judge,
 )
@@ -72,6 +73,10 @@ DRAIN_LIMIT = 1 << 20
 # What a large upload's connection reads at a time (Twisted's default is 64 KiB).
 READ_SIZE = 1024 * 1024
 
+# While a PUT waits for its claim across nodes its connection is paused: what arrives is
+# one read or two.  A client that gets more in (it would take a bug) is cut off.
+MAX_WAIT_BUFFER = 4 * READ_SIZE
+
 
 # upload_errors_total{reason} for each refusal status of a PUT.
 _REASONS = {
@@ -98,6 +103,7 @@ class _Connection(Protocol):
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
     def abortConnection(self) -> None: ...
+    def write(self, data: bytes) -> None: ...
 
 
 # The request headers the verdict reads (hmacd.verdict.judge).
@@ -116,6 +122,17 @@ def _header(request: http.Request, name: bytes) -> str | None:
     return value[0].decode("latin-1") if value else None
 
 
+class _Wait:
+    """A PUT waiting for its claim in the shared store, and what arrived meanwhile."""
+
+    def __init__(self, expect: str | None) -> None:
+        self.expect = expect  # the request's Expect header, withheld from the channel
+        self.judging = False  # still in gotLength
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.done: tuple[bytes, bytes, bytes] | None = None  # requestReceived's arguments
+
+
 class UploadRequest(server.Request):
     """
     A request that judges and streams PUT bodies itself; every other method
@@ -130,6 +147,7 @@ class UploadRequest(server.Request):
     _savedReadSize: int | None = None  # the transport's read size before this upload's
     _finishOnBody = False
     _drainBudget: int | None = None  # bytes of a refused body still read and dropped
+    _wait: _Wait | None = None  # waiting for the claim in the shared store
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -222,6 +240,18 @@ class UploadRequest(server.Request):
         return True
 
     def handleContentChunk(self, data: bytes) -> None:
+        wait = self._wait
+        if wait is not None:
+            # What came with the headers, before the claim was ours.  The channel resumes
+            # its transport when a response to an earlier request has drained: pause again.
+            wait.chunks.append(data)
+            wait.buffered += len(data)
+            connection = self._connection()
+            if wait.buffered > MAX_WAIT_BUFFER:
+                connection.abortConnection()
+            else:
+                connection.pauseProducing()
+            return
         upload = self._upload
         if upload is None:
             if not self._refused:
@@ -259,6 +289,9 @@ class UploadRequest(server.Request):
         pacer.took(len(data))
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._wait is not None:
+            self._wait.done = (command, path, version)  # the whole body came with the headers
+            return
         pacer = self._pacer
         if pacer is not None:
             pacer.stopFloor()
@@ -320,15 +353,103 @@ class UploadRequest(server.Request):
         verdict = judge(self.path, query, length, headers, fs, fs.now())
         if isinstance(verdict, Refusal):
             return self._refuse(verdict.status, verdict.reason, length, verdict.headers)
+        if fs.node_claims is not None:
+            return self._admitAcrossNodes(verdict, length)
         try:
-            admitted = admit(fs, verdict, length)
-        except OSError as e:
-            return self._refuse(*self._storageError(e), length)
+            admitted: Sink | Refusal | Failure = admit(fs, verdict, length)
+        except OSError:
+            admitted = Failure()
+        self._admitted(admitted, verdict.size, length)
+        return None
+
+    def _admitted(
+        self,
+        admitted: Sink | Refusal | Failure,
+        size: int,
+        length: int | None,
+        waited: _Wait | None = None,
+    ) -> None:
+        """Receive the body into the sink admitted, or refuse as it says."""
+        if isinstance(admitted, Failure):
+            error = admitted.value
+            if not isinstance(error, OSError):
+                log.failure("admitting {request!r} failed", admitted, request=self)
+                return self._refuse(
+                    http.INTERNAL_SERVER_ERROR, "internal error", length, waited=waited
+                )
+            return self._refuse(*self._storageError(error), length, waited=waited)
         if isinstance(admitted, Refusal):
             return self._refuse(
-                admitted.status, admitted.reason, length, admitted.headers, admitted.error
+                admitted.status,
+                admitted.reason,
+                length,
+                admitted.headers,
+                admitted.error,
+                waited=waited,
             )
-        self._accept(admitted, verdict.size)
+        self._accept(admitted, size)
+        return None
+
+    def _admitAcrossNodes(self, plan: Plan, length: int | None) -> None:
+        """
+        Admit once the claim in the shared store is ours: until then nothing of the body is
+        read (what came with the headers waits in memory: one read at most), and a client
+        that expects 100 Continue gets it only then.
+        """
+        self._wait = wait = _Wait(_header(self, b"expect"))
+        self.requestHeaders.removeHeader(b"expect")  # else the channel says 100 Continue now
+        connection = self._connection()
+        connection.pauseProducing()
+        wait.judging = True
+        d = admit_across_nodes(self._fs, plan, length)
+        d.addBoth(self._claimAnswered, plan.size, length, wait)
+        wait.judging = False
+
+    def _claimAnswered(
+        self, admitted: Sink | Refusal | Failure, size: int, length: int | None, wait: _Wait
+    ) -> None:
+        try:
+            self._claimAnsweredNow(admitted, size, length, wait)
+        except Exception:
+            # A bug must cost one request, never a paused connection or a claim held on.
+            log.failure("admitting {request!r} failed", request=self)
+            if self._upload is not None:
+                self._upload.abort()
+                self._letGo()
+            elif isinstance(admitted, Sink):
+                admitted.abort()
+            if not self._gone and not self._refused and not self.finished:
+                self._refuse(http.INTERNAL_SERVER_ERROR, "internal error", length, waited=wait)
+
+    def _claimAnsweredNow(
+        self, admitted: Sink | Refusal | Failure, size: int, length: int | None, wait: _Wait
+    ) -> None:
+        self._wait = None
+        if self._gone:
+            if isinstance(admitted, Sink):
+                admitted.abort()
+                self._failed("aborted")
+            return None
+        connection = self._connection()
+        if wait.judging:
+            # Answered at once (a store in this process): as if there had been no wait.
+            if wait.expect is not None:
+                self.requestHeaders.setRawHeaders(b"expect", [wait.expect])
+            connection.resumeProducing()
+            return self._admitted(admitted, size, length)
+        if not isinstance(admitted, Sink):
+            return self._admitted(admitted, size, length, wait)
+        self._accept(admitted, size)
+        if wait.expect is not None and not wait.chunks and wait.done is None:
+            if wait.expect.lower() == "100-continue" and self.clientproto == b"HTTP/1.1":
+                connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        connection.resumeProducing()
+        for data in wait.chunks:
+            if self._upload is None:
+                break  # refused on the way (more than was signed, a write error)
+            self.handleContentChunk(data)
+        if wait.done is not None and not self._refused:
+            self.requestReceived(*wait.done)
         return None
 
     def _accept(self, sink: Sink, size: int) -> None:
@@ -430,6 +551,7 @@ class UploadRequest(server.Request):
         headers: Headers = (),
         error: bool = True,
         duringBody: bool = False,
+        waited: _Wait | None = None,
     ) -> None:
         """
         Answer now, before the body, and make sure the body is never stored.
@@ -437,11 +559,14 @@ class UploadRequest(server.Request):
         The connection is closed afterwards: its remaining bytes are a body
         nobody wants.  Small bodies are drained first (see L{DRAIN_LIMIT});
         others, and clients waiting for 100 Continue, are cut off at once.
+
+        @param waited: the answer comes after a wait for the shared store (the
+            connection is paused, what arrived meanwhile is in it).
         """
         self._refused = True
         if self.method == b"PUT" and error:
             self._failed(_REASONS.get(code, "other"))
-        expect = _header(self, b"expect")
+        expect = _header(self, b"expect") if waited is None else waited.expect
         self.requestHeaders.removeHeader(b"expect")
         if length != 0:
             # The connection closes after the answer: what is left of it is a
@@ -460,6 +585,8 @@ class UploadRequest(server.Request):
         )
         if duringBody:
             self._cutOffDuringBody()
+        elif waited is not None and waited.done is not None:
+            self.finish()  # the whole request is in: nothing left to drain
         elif length == 0 or (expect is None and (length is None or length <= DRAIN_LIMIT)):
             # HTTPChannel calls requestReceived once the body is in
             # (immediately, for an empty one); finishing before that would
@@ -467,6 +594,9 @@ class UploadRequest(server.Request):
             # chunked body that turns out larger than the limit is cut off.
             self._finishOnBody = True
             self._drainBudget = DRAIN_LIMIT
+            if waited is not None:
+                self._drainBudget -= sum(len(data) for data in waited.chunks)
+                self._connection().resumeProducing()
         else:
             # In gotLength: the channel checks `transport.disconnecting`
             # after the header block and reads no further.

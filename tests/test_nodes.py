@@ -5,6 +5,7 @@ against the real Redis, and its configuration.
 
 from __future__ import annotations
 
+import os
 import tomllib
 import uuid
 
@@ -215,3 +216,38 @@ class RateLimiterChoiceTests(SynchronousTestCase):
         self.assertIsInstance(shared, SharedRateLimiter)
         self.assertIs(shared.store, redis)
         self.assertEqual((shared.rate, shared.burst), (1.0, 60.0))
+
+
+class ClusterExampleTests(SynchronousTestCase):
+    """examples/cluster: two node configs that load, and share what nodes must share."""
+
+    # What may differ between nodes (README "Several nodes").
+    OWN = {
+        "ListenPort",
+        "MetricsPort",
+        "MetricsEnabled",
+        "NodeName",
+        "StoreDir",
+        "Workers",
+        "LogFile",
+    }
+
+    def test_nodes_share_what_they_must(self):
+        from hmacd.config import load_config
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        configs, tables = [], []
+        for name in ("node-a.toml", "node-b.toml"):
+            path = os.path.join(here, "examples", "cluster", name)
+            configs.append(load_config(path))
+            with open(path, "rb") as f:
+                tables.append(tomllib.load(f))
+        a, b = tables
+        self.assertEqual(set(a), set(b))
+        differ = {key for key in a if a[key] != b[key]}
+        self.assertLessEqual(differ, self.OWN)
+        self.assertIn("NodeName", differ)
+        for config in configs:
+            self.assertEqual(config.storage_backend, "s3")
+            self.assertTrue(config.redis_addr and config.rate_limit_shared)
+        self.assertNotIn("Secret", a)  # from the environment, never in a shared file

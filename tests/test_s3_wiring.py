@@ -14,6 +14,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from hmacd.config import parse_config
+from hmacd.leases import node_name
 from hmacd.services import ObjectStoreService, build_file_server, storage_builder, timers
 from hmacd.storage.local import LocalStorage
 from hmacd.storage.s3 import SPOOL_DIR, S3Storage
@@ -52,6 +53,7 @@ class WiringTests(TestCase):
         self.assertIsNone(storage_builder(config, reactor, {}))
         fs = build_file_server(config, b"s" * 16, reactor, memory_metadata(reactor))
         self.assertIsInstance(fs.storage, LocalStorage)
+        self.assertIsNone(fs.node_claims)  # one host: the claims are StoreDir's record locks
         children = timers(config, fs, HmacfsSite(fs), reactor)
         self.assertFalse([c for c in children if isinstance(c, ObjectStoreService)])
 
@@ -68,6 +70,10 @@ class WiringTests(TestCase):
         storage = fs.storage
         self.assertIsInstance(storage, S3Storage)
         assert isinstance(storage, S3Storage)
+        # Nodes sharing the bucket claim paths in the shared metadata store, as this node.
+        assert fs.node_claims is not None
+        self.assertIs(fs.node_claims.store, fs.metadata)
+        self.assertEqual(fs.node_claims.node, node_name(config))
         self.assertEqual(
             (storage.client.bucket, storage.client.prefix, storage.part_size),
             (store.bucket, "wiring/", 6 * 1024 * 1024),

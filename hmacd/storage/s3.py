@@ -55,6 +55,7 @@ from hmacd.s3 import (
 )
 from hmacd.storage import Conflict, IReadable, IStorage, Stat, StorageUnavailable
 from hmacd.storage.local import Blocking, LocalStorage
+from hmacd.storage.s3_pieces import staging_of
 from hmacd.storage.s3_writer import (
     FACTS_META,
     SHA256_META,
@@ -157,8 +158,13 @@ class S3Storage:
     @param threshold: bodies above this go up as multipart uploads of C{part_size} parts.
     """
 
-    # No partial files here yet: resumable uploads are refused (501) before their body.
+    # No partial files under StoreDir: a resumable upload is a staging object whose state
+    # is in the shared metadata store (hmacd.storage.s3_pieces, hmacd.sink_s3).
     resumable = False
+    # Blocking: whether the staging object given is still in use by a resumable upload
+    # (its state is alive in the shared store); the sweep leaves those alone.  Set where
+    # the metadata store is known (hmacd.services); None: none is.
+    staging_in_use: Callable[[str], bool] | None = None
 
     def __init__(
         self,
@@ -279,6 +285,10 @@ class S3Storage:
             return None
 
     # Writing.
+
+    def key_of(self, relpath: str) -> str:
+        """The object key of C{relpath}; PathRefused for a name that leads out of the store."""
+        return _judge(relpath)
 
     def writer(self, relpath: str) -> S3Writer:
         key = _judge(relpath)
@@ -434,11 +444,22 @@ class S3Storage:
         removed = self.spool.sweep_temps(older_than)
         # Staging objects of streamed bodies whose process died between completing and
         # copying them: internal temps (a dot name), never files.
+        # Resumable uploads still going (their state alive in the shared store) are left
+        # alone, however old their staging object: its tails too.
+        in_use: dict[str, bool] = {}
+
+        def used(key: str) -> bool:
+            staging = staging_of(key)
+            if staging not in in_use:
+                check = self.staging_in_use
+                in_use[staging] = check is not None and check(staging)
+            return in_use[staging]
+
         token = None
         while True:
             page = self._call(self.client.list_objects_v2, STAGING, token)
             for listed in page.objects:
-                if _seconds_iso(listed.last_modified) < older_than:
+                if _seconds_iso(listed.last_modified) < older_than and not used(listed.key):
                     self._call(self.client.delete_object, listed.key)
                     removed.append(listed.key)
             token = page.next_token
@@ -446,6 +467,8 @@ class S3Storage:
                 break
         for upload in self._call(self.client.list_multipart_uploads, ""):
             if upload.initiated is None or upload.initiated.timestamp() >= older_than:
+                continue
+            if upload.key.startswith(STAGING) and used(upload.key):
                 continue
             try:
                 self._call(self.client.abort_multipart_upload, upload.key, upload.upload_id)
