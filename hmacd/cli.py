@@ -124,8 +124,9 @@ def _reindex(args) -> int:
 async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
     from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
-    from hmacd.reindex import reindex
+    from hmacd.reindex import open_storage, reindex, worker_threads
     from hmacd.services import build_metadata
+    from hmacd.storage import StorageUnavailable
     from hmacd.store import StoreUnavailable
 
     # What the stores say about themselves when they cannot start is the user's answer.
@@ -135,6 +136,23 @@ async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
         if event.get("log_level", LogLevel.info) >= LogLevel.warn:
             complaints.append(formatEvent(event))
 
+    if config.storage_backend == "s3" and not all(config.s3_credentials(os.environ)):
+        # Nothing is sent unsigned: without both keys the store can only refuse.
+        print(
+            "hmacfs reindex: S3AccessKey/S3SecretKey: not set (nor HMACFS_S3_ACCESS_KEY/"
+            "HMACFS_S3_SECRET_KEY in the environment)",
+            file=sys.stderr,
+        )
+        result.append(1)
+        return
+    try:
+        storage, release = open_storage(config, reactor, os.environ)
+    except ValueError as e:  # a Config made without load_config's checks
+        print(f"hmacfs reindex: {e}", file=sys.stderr)
+        result.append(1)
+        return
+    # The walk and the reads (an object store's blocking calls wait on this reactor).
+    blocking, stop_workers = worker_threads(reactor)
     # A plain callable is an observer to the log publisher; the cast says so to mypy.
     listen = cast(ILogObserver, complain)
     globalLogPublisher.addObserver(listen)
@@ -147,16 +165,36 @@ async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
             result.append(1)
             return
         try:
-            counts = await reindex(store, config.store_dir, config.file_ttl)
+            counts = await reindex(store, storage, config.file_ttl, blocking)
         except StoreUnavailable as e:
             print(f"hmacfs reindex: the metadata store stopped answering: {e}", file=sys.stderr)
+            result.append(1)
+            return
+        except StorageUnavailable as e:
+            print(f"hmacfs reindex: {_object_store_trouble(config, e)}", file=sys.stderr)
             result.append(1)
             return
         print(f"hmacfs reindex: {store.name}: {counts.summary()}")
         result.append(0)
     finally:
         globalLogPublisher.removeObserver(listen)
+        stop_workers()  # idle by now: every call they ran has returned
         await store.stop()
+        await release()
+
+
+def _object_store_trouble(config: Config, error: Exception) -> str:
+    """
+    One line on an object store that cannot be read: it names the store, and the
+    credential keys when it refused them (the access key, never the secret).
+    """
+    from hmacd.s3 import S3Refused
+
+    cause = getattr(error, "error", error)  # StoreFailed: the client's own error
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if isinstance(cause, S3Refused):
+        return f"S3AccessKey/S3SecretKey: {text}"
+    return f"object store {config.s3_endpoint} (bucket {config.s3_bucket!r}): {text}"
 
 
 def _upload(args) -> int:

@@ -9,13 +9,14 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from hmacd.facts import write_facts
-from hmacd.reindex import GUESSED_PROTOCOL, reindex, stored_files
+from hmacd.reindex import GUESSED_PROTOCOL, reindex, stored_files, worker_threads
 from hmacd.store import StoreUnavailable
 from hmacd.store.redis import RedisStore
 from hmacd.store.sql import SQLStore
@@ -148,6 +149,51 @@ def run_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60
     )
+
+
+# A worker waits on the reactor (as an object store's blocking call does) when the reactor
+# stops: the process must exit all the same.
+_STOPPED_WHILE_WAITING = """
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import blockingCallFromThread
+from hmacd.reindex import worker_threads
+
+blocking, stop = worker_threads(reactor)
+
+def stop():
+    reactor.stop()
+    return Deferred()  # never fires
+
+def wait():
+    print("waiting", flush=True)
+    blockingCallFromThread(reactor, stop)
+
+reactor.callWhenRunning(blocking, wait)
+reactor.run()
+print("stopped", flush=True)
+"""
+
+
+class WorkerThreadTests(TestCase):
+    def test_exit_while_a_worker_waits_on_the_reactor(self):
+        """A signal that stops the reactor ends the command, even with a worker waiting."""
+        # In the reactor's own pool, the worker was joined at shutdown: the process hung.
+        done = subprocess.run(
+            [sys.executable, "-c", _STOPPED_WHILE_WAITING],
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual((done.returncode, done.stdout), (0, "waiting\nstopped\n"), done.stderr)
+
+    def test_runs_work(self):
+        """The pool runs what it is given, in a thread other than the reactor's."""
+        blocking, stop = worker_threads(reactor)
+        self.addCleanup(stop)
+        main = threading.current_thread()
+        return blocking(threading.current_thread).addCallback(self.assertIsNot, main)
 
 
 class CommandTests(TestCase):
