@@ -87,6 +87,8 @@ class FileServer:
     uploads: Uploads = field(init=False)
     # Builds the storage of another backend than the local directory, given the server.
     make_storage: Callable[[FileServer], IStorage] | None = None
+    # Stops the thread pool of `blocking` when it is the server's own (an object store's).
+    stop_threads: Callable[[], None] | None = None
     # ResumableTTL: how long the state of an unfinished resumable upload is kept.
     resumable_ttl: float = 86400
     # Claims across nodes (hmacd.node_claims) in the shared metadata store, taken before an

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IProducer
-from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.threads import blockingCallFromThread
 from zope.interface import implementer
 
 from hmacd.config import Config
@@ -42,6 +40,7 @@ from hmacd.mediatype import guess_type
 from hmacd.metadata import FileRecord
 from hmacd.storage import IReadable, IStorage
 from hmacd.storage.local import Blocking, LocalStorage
+from hmacd.threads import own_threads
 
 if TYPE_CHECKING:
     from hmacd.storage.s3 import S3Readable, S3Storage
@@ -130,37 +129,12 @@ def open_storage(
     return storage, close
 
 
-class _DaemonThread(threading.Thread):
-    """A thread the interpreter does not wait for at exit."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, daemon=True, **kwargs)
-
-
-class _WalkPool(ThreadPool):
-    """A thread pool of daemons (see L{worker_threads})."""
-
-    threadFactory = _DaemonThread
-
-
 def worker_threads(reactor: Any, size: int = WORKERS) -> tuple[Blocking, Callable[[], None]]:
     """
     A pool of C{size} threads of the walk's own (for L{reindex}'s C{blocking}), started,
-    and what stops it once the walk is over.
-
-    Not the reactor's pool: an object store's blocking call waits on a request whose new
-    connection has its host name resolved in the reactor's pool (getaddrinfo), so a
-    reactor pool full of waiting calls would wait on itself.  The threads are daemons: when
-    a signal stops the reactor, a call still waiting on it never returns, and the process
-    must exit all the same.
+    and what stops it once the walk is over: not the reactor's (L{hmacd.threads}).
     """
-    pool = _WalkPool(0, size, "hmacfs-reindex")
-    pool.start()
-
-    def blocking(work: Callable[[], Any]) -> Deferred[Any]:
-        return deferToThreadPool(reactor, pool, work)
-
-    return blocking, pool.stop
+    return own_threads(reactor, size, "hmacfs-reindex")
 
 
 class _Replaced(Exception):

@@ -34,6 +34,7 @@ from hmacd.metrics import Metrics, metrics_site
 from hmacd.node_claims import NodeClaims
 from hmacd.storage import IStorage
 from hmacd.store.failover import FailoverStore
+from hmacd.threads import own_threads
 from hmacd.throttle import Bandwidth, parse_networks, rate_limiter
 from hmacd.web import HmacfsSite
 
@@ -55,6 +56,9 @@ __all__ = [
 # The namespace these lines had when tap.py held these services: it is in every log line
 # ("[hmacd.tap#info]"), and admins' filters match it.
 log = Logger(namespace="hmacd.tap")
+
+# The threads an object store's blocking calls run in (each waits on the store, not a CPU).
+STORAGE_THREADS = 16
 
 # Twisted listens with a backlog of 50: 500 clients connecting at once overflowed it, and the
 # kernel reset some of them after their handshake (bench/run's slow uploads).  The kernel
@@ -116,7 +120,13 @@ def build_file_server(
     C{sharedMetrics} when given (Workers: the caller has switched prometheus_client to
     it, see L{hmacd.metrics.share_between_processes}).
     """
+    blocking, stop_threads = None, None
+    if config.storage_backend == "s3":
+        # Not the reactor's pool: the store's requests resolve host names there.
+        blocking, stop_threads = own_threads(reactor, STORAGE_THREADS, "hmacfs-storage")
     fs = FileServer(
+        blocking=blocking,  # type: ignore[arg-type]
+        stop_threads=stop_threads,
         secret=secret,
         store_dir=config.store_dir,
         reactor=reactor,
@@ -205,8 +215,9 @@ class ObjectStoreService(Service):
 
     name = "object-store"
 
-    def __init__(self, storage: Any) -> None:
+    def __init__(self, storage: Any, stop_threads: Callable[[], None] | None = None) -> None:
         self.storage = storage
+        self.stop_threads = stop_threads
 
     def startService(self) -> None:
         super().startService()
@@ -227,6 +238,8 @@ class ObjectStoreService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self.storage.stop()
+        if self.stop_threads is not None:
+            self.stop_threads()
         return self.storage.client.close()
 
 
@@ -338,7 +351,7 @@ def timers(config: Config, fs: FileServer, site: HmacfsSite, reactor: Any) -> li
     if config.monitor_interval:
         found.append(SystemMonitor(fs, site, config.monitor_interval))
     if config.storage_backend == "s3":
-        found.append(ObjectStoreService(fs.storage))
+        found.append(ObjectStoreService(fs.storage, fs.stop_threads))
     return found
 
 

@@ -88,6 +88,13 @@ class WiringTests(TestCase):
         ok = yield storage.check()
         self.assertTrue(ok)
         self.assertEqual((yield deferToThread(storage.exists, "none.txt")), False)
+        # The storage's blocking work runs in threads of its own, not the reactor's, whose
+        # threads resolve the store's host name for new connections.
+        import threading
+
+        name = yield fs.blocking(lambda: threading.current_thread().name)
+        self.assertIn("hmacfs-storage", name)
+        self.assertEqual((yield fs.blocking(lambda: storage.exists("none.txt"))), False)
         yield service.stopService()
 
     @inlineCallbacks

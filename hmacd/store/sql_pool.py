@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hmacd import internals
+from hmacd.threads import DaemonThread
 
 log = Logger()
 
@@ -48,18 +49,6 @@ class _Connection(adbapi.Connection):
             dead.close()
 
 
-class _DaemonThread(threading.Thread):
-    """
-    A pool thread.  A query stuck on a hung server (SIGSTOPped, or a dead
-    host behind a live TCP connection) never returns: such a thread must not
-    keep the process from exiting.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.daemon = True
-
-
 class _ConnectionPool(adbapi.ConnectionPool):
     """
     adbapi's pool with daemon threads, closed off the reactor thread.
@@ -73,7 +62,9 @@ class _ConnectionPool(adbapi.ConnectionPool):
         # Before adbapi's __init__: on a running reactor it calls start() at once.
         self.clock = cp_reactor
         super().__init__(*args, cp_reactor=cp_reactor, **kwargs)
-        self.threadpool.threadFactory = _DaemonThread
+        # Daemons: a query stuck on a hung server (SIGSTOPped, or a dead host behind a
+        # live TCP connection) never returns, and must not keep the process from exiting.
+        self.threadpool.threadFactory = DaemonThread
 
     def start(self) -> None:
         super().start()
