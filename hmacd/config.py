@@ -136,6 +136,19 @@ class Config:
         "ChunkSize", 1048576, cv.size(1), "write buffer of each upload, at most 64 KiB used"
     )
     upload_max_size: int = _key("UploadMaxSize", 0, cv.size(0), "413 above this")
+    user_quota: int = _key(
+        "UserQuota", 0, cv.size(0), "bytes stored per uploader (0: no limit); see Quotas"
+    )
+    user_daily_quota: int = _key(
+        "UserDailyQuota", 0, cv.size(0), "bytes uploaded per uploader in 24 h (0: no limit)"
+    )
+    global_quota: int = _key("GlobalQuota", 0, cv.size(0), "bytes stored in all (0: no limit)")
+    uploader_from_path: bool = _key(
+        "UploaderFromPath",
+        False,
+        cv.boolean,
+        "the first path segment names the uploader (ejabberd's per-user hash)",
+    )
     min_free_space: int = _key(
         "MinFreeSpace",
         67108864,

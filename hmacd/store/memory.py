@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
+from hmacd.quota import Limits, QuotaBook, Usage
 from hmacd.store import FileRecord, IMetadataStore
 
 __all__ = ["MemoryStore"]
@@ -19,6 +20,8 @@ __all__ = ["MemoryStore"]
 @implementer(IMetadataStore)
 class MemoryStore:
     name = "memory"
+    # Whether puts and deletes keep the quota figures (hmacd.quota).
+    quota_accounting = False
 
     def __init__(self, clock: Any = None) -> None:
         """C{clock}: an IReactorTime for the expiry of claims, leases and state (else wall time)."""
@@ -26,6 +29,7 @@ class MemoryStore:
         self._clock = clock
         # (kind, name) -> (owner or value, absolute expiry)
         self._shared: dict[tuple[str, str], tuple[str, float]] = {}
+        self._quota = QuotaBook()
 
     def start(self) -> Deferred[None]:
         return succeed(None)
@@ -34,14 +38,19 @@ class MemoryStore:
         return succeed(None)
 
     def put(self, record: FileRecord) -> Deferred[None]:
+        old = self._records.get(record.path)
         self._records[record.path] = record
+        if self.quota_accounting:
+            self._quota.added(old, record)
         return succeed(None)
 
     def get(self, path: str) -> Deferred[FileRecord | None]:
         return succeed(self._records.get(path))
 
     def delete(self, path: str) -> Deferred[None]:
-        self._records.pop(path, None)
+        old = self._records.pop(path, None)
+        if old is not None and self.quota_accounting:
+            self._quota.removed(old)
         return succeed(None)
 
     def expired(self, now: float, limit: int) -> Deferred[list[FileRecord]]:
@@ -111,3 +120,29 @@ class MemoryStore:
 
     def lease(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
         return succeed(self._take("lease", name, owner, ttl))
+
+    # -- quotas (hmacd.quota) ---------------------------------------------------------------------
+
+    def quota_reserve(
+        self, token: str, uploader: str | None, size: int, limits: Limits, now: float, ttl: float
+    ) -> Deferred[tuple[bool, Usage]]:
+        return succeed(self._quota.reserve(token, uploader, size, limits, now, ttl))
+
+    def quota_release(self, token: str, uploader: str | None) -> Deferred[None]:
+        self._quota.holds.pop(token, None)
+        return succeed(None)
+
+    def quota_usage(self, uploader: str | None, now: float) -> Deferred[Usage]:
+        return succeed(self._quota.usage(uploader, now))
+
+    def quota_uploaders(self, now: float) -> Deferred[list[tuple[str, int, int]]]:
+        return succeed(self._quota.uploaders(now))
+
+    def quota_reset(self, uploader: str, now: float) -> Deferred[None]:
+        stored = sum(r.size for r in self._records.values() if r.uploader == uploader)
+        self._quota.reset(uploader, stored)
+        return succeed(None)
+
+    def quota_rebuild(self, now: float) -> Deferred[None]:
+        self._quota.rebuild(self._records.values(), now)
+        return succeed(None)

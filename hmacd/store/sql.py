@@ -39,6 +39,7 @@ from hmacd.address import DEFAULT_DB_PORTS, HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
 from hmacd.store.sql_pool import MYSQL_QUERY_TIMEOUT, _ConnectionPool, _mysql_open, _sqlite_open
+from hmacd.store.sql_quota import QuotaSQL, usage_schema, usage_statements
 from hmacd.store.sql_shared import SharedSQL
 from hmacd.store.sql_statements import _COLUMNS, _DIALECTS, _IDENTIFIER
 
@@ -87,7 +88,7 @@ def _path_hash(path: str) -> str:
 
 
 @implementer(IMetadataStore)
-class SQLStore(SharedSQL):
+class SQLStore(SharedSQL, QuotaSQL):
     """
     File records in one SQL table.  Build one with L{sqlite}, L{postgres},
     L{mysql} or L{from_config}; nothing connects (and adbapi starts no
@@ -386,14 +387,16 @@ class SQLStore(SharedSQL):
 
         def run(batch: list[tuple[Any, ...]]) -> Deferred[Sequence[Failure | None]]:
             statement = self._statements[which]
-            done: Deferred[Any] = self._run(self._executeMany, statement, batch)
+            # Asked per batch: quota accounting may be switched on after construction.
+            write = self._writer(which)
+            done: Deferred[Any] = self._run(write, statement, batch)
 
             def alone(failure: Failure) -> Failure | Deferred[Sequence[Failure | None]]:
                 if len(batch) == 1 or failure.check(StoreUnavailable):
                     return failure
                 # One record the database refuses must not take the others down with it:
                 # each goes again on its own, and fails alone.
-                each = [self._call(statement, params) for params in batch]
+                each = [self._run(write, statement, [params]) for params in batch]
                 return DeferredList(each, consumeErrors=True).addCallback(
                     lambda results: [None if ok else result for ok, result in results]
                 )
@@ -415,6 +418,7 @@ class SQLStore(SharedSQL):
         }
         prepared = {key: sql.format(table=self.table) for key, sql in statements.items()}
         prepared.update(self._dialect.shared.format(self.table, p))
+        prepared.update(usage_statements(self.name, self.table, p))
         return prepared
 
     def _now(self) -> float:
@@ -444,7 +448,8 @@ class SQLStore(SharedSQL):
 
     def _createSchema(self, connection: Any) -> None:
         # Not retried: a retry would double the wait for an unreachable server.
-        for statement in (*self._dialect.schema, *self._dialect.shared.schema):
+        quota = usage_schema(self.name)
+        for statement in (*self._dialect.schema, *self._dialect.shared.schema, *quota):
             self._execute(connection, statement.format(table=self.table), (), False)
 
     @staticmethod
