@@ -16,6 +16,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest
 from zope.interface.verify import verifyObject
 
+from hmacd.quota import Limits, Usage, exceeded
 from hmacd.store import FileRecord, IMetadataStore
 
 
@@ -320,3 +321,183 @@ class SharedContract:
         yield pause(0.4)
         self.assertIsNone((yield self.store.get_state("up/ttl")))
         self.assertEqual((yield self.store.get_state("up/long")), "long")
+
+
+class QuotaContract:
+    """
+    The quota figures (L{hmacd.quota}) a store keeps: its puts and deletes count, holds are
+    taken atomically across store objects on one database (other processes, other nodes),
+    and the figures can be rebuilt from the records.
+    """
+
+    NOW = 1_800_000_000.0
+
+    def counting(self, store=None):
+        store = store or self.store
+        store.quota_accounting = True
+        return store
+
+    def mine(self, path, size, uploader="alice@example.org", created=None):
+        return record(path, size=size, uploader=uploader, created=created or self.NOW)
+
+    @inlineCallbacks
+    def test_quota_put_and_delete_count(self):
+        """A put adds to its uploader's, the day's and the total; a delete all but the day."""
+        self.counting()
+        yield self.store.put(self.mine("q/a", 2**40))
+        yield self.store.put(self.mine("q/b", 5, uploader="bob@example.org"))
+        yield self.store.put(record("q/c", size=7))
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual((usage.stored, usage.daily, usage.total), (2**40, 2**40, 2**40 + 12))
+        yield self.store.delete("q/a")
+        yield self.store.delete("q/unknown")
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual((usage.stored, usage.daily, usage.total), (0, 2**40, 12))
+
+    @inlineCallbacks
+    def test_quota_replace_counts_once(self):
+        """A record put again for the same path replaces its size; the day counts it once."""
+        self.counting()
+        yield self.store.put(self.mine("q/a", 100))
+        yield self.store.put(self.mine("q/a", 30))
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual((usage.stored, usage.daily, usage.total), (30, 100, 30))
+
+    @inlineCallbacks
+    def test_quota_batched_deletes(self):
+        """Deletes that go together (the expiry sweep's) each give their bytes back."""
+        from twisted.internet.defer import gatherResults
+
+        self.counting()
+        for n in range(20):
+            yield self.store.put(self.mine(f"q/{n}", n + 1))
+        yield gatherResults([self.store.delete(f"q/{n}") for n in range(15)])
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual((usage.stored, usage.total), (16 + 17 + 18 + 19 + 20,) * 2)
+
+    @inlineCallbacks
+    def test_quota_not_counted_when_off(self):
+        """A store that does not keep the figures leaves them alone."""
+        yield self.store.put(self.mine("q/a", 100))
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual(usage, Usage())
+
+    @inlineCallbacks
+    def test_quota_reserve_refuses_beyond(self):
+        """A hold that would pass a limit is refused with the figures; one that fits is taken."""
+        self.counting()
+        yield self.store.put(self.mine("q/a", 60))
+        limits = Limits(user=100)
+        ok, usage = yield self.store.quota_reserve(
+            "t1", "alice@example.org", 41, limits, self.NOW, 60
+        )
+        self.assertFalse(ok)
+        self.assertEqual(exceeded(limits, usage, "alice@example.org", 41), "UserQuota")
+        ok, _ = yield self.store.quota_reserve("t2", "alice@example.org", 40, limits, self.NOW, 60)
+        self.assertTrue(ok)
+        # The hold counts: nothing more fits until it goes.
+        ok, usage = yield self.store.quota_reserve(
+            "t3", "alice@example.org", 1, limits, self.NOW, 60
+        )
+        self.assertEqual((ok, usage.held), (False, 40))
+        ok, _ = yield self.store.quota_reserve("t4", "bob@example.org", 99, limits, self.NOW, 60)
+        self.assertTrue(ok)
+        yield self.store.quota_release("t2", "alice@example.org")
+        ok, _ = yield self.store.quota_reserve("t5", "alice@example.org", 1, limits, self.NOW, 60)
+        self.assertTrue(ok)
+
+    @inlineCallbacks
+    def test_quota_daily_and_global(self):
+        """The day counts the last 24 hours only; the global limit counts everyone and the holds."""
+        self.counting()
+        yield self.store.put(self.mine("q/old", 500, created=self.NOW - 25 * 3600))
+        yield self.store.put(self.mine("q/new", 50))
+        yield self.store.delete("q/new")
+        daily = Limits(daily=100)
+        ok, usage = yield self.store.quota_reserve(
+            "d1", "alice@example.org", 51, daily, self.NOW, 60
+        )
+        self.assertEqual((ok, usage.daily), (False, 50))
+        ok, _ = yield self.store.quota_reserve("d2", "alice@example.org", 50, daily, self.NOW, 60)
+        self.assertTrue(ok)
+        total = Limits(total=1000)
+        ok, usage = yield self.store.quota_reserve("g1", None, 451, total, self.NOW, 60)
+        self.assertEqual((ok, usage.total, usage.held_total), (False, 500, 50))
+        ok, _ = yield self.store.quota_reserve("g2", None, 450, total, self.NOW, 60)
+        self.assertTrue(ok)
+
+    @inlineCallbacks
+    def test_quota_hold_lapses(self):
+        """A hold nobody releases (its process died) stops counting once it expires."""
+        self.counting()
+        limits = Limits(user=100)
+        ok, _ = yield self.store.quota_reserve("h1", "alice@example.org", 100, limits, self.NOW, 60)
+        self.assertTrue(ok)
+        ok, _ = yield self.store.quota_reserve(
+            "h2", "alice@example.org", 1, limits, self.NOW + 30, 60
+        )
+        self.assertFalse(ok)
+        ok, _ = yield self.store.quota_reserve(
+            "h3", "alice@example.org", 100, limits, self.NOW + 61, 60
+        )
+        self.assertTrue(ok)
+
+    @inlineCallbacks
+    def test_quota_holds_race(self):
+        """Twenty store objects on one database race for holds: exactly the five that fit win."""
+        from twisted.internet.defer import gatherResults
+
+        stores = [self.counting()]
+        for _ in range(19):
+            other = yield self.makeStore(fresh=False)
+            self.addCleanup(other.stop)
+            stores.append(self.counting(other))
+        limits = Limits(user=50)
+        results = yield gatherResults(
+            [
+                s.quota_reserve(f"r{n}", "alice@example.org", 10, limits, self.NOW, 60)
+                for n, s in enumerate(stores)
+            ]
+        )
+        self.assertEqual(sum(ok for ok, _ in results), 5)
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual(usage.held, 50)
+
+    @inlineCallbacks
+    def test_quota_rebuild(self):
+        """Figures that drifted (puts made while nothing counted) are rebuilt from the records."""
+        yield self.store.put(self.mine("q/a", 100))
+        yield self.store.put(self.mine("q/b", 7, uploader="bob@example.org"))
+        yield self.store.put(self.mine("q/old", 1000, created=self.NOW - 30 * 3600))
+        yield self.store.put(record("q/anon", size=3))
+        self.counting()
+        yield self.store.quota_rebuild(self.NOW)
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual((usage.stored, usage.daily, usage.total), (1100, 100, 1110))
+        self.assertEqual(
+            (yield self.store.quota_uploaders(self.NOW)),
+            [("alice@example.org", 1100, 100), ("bob@example.org", 7, 7)],
+        )
+
+    @inlineCallbacks
+    def test_quota_reset(self):
+        """A reset forgets the uploader's day and counts its stored bytes again, no one else's."""
+        self.counting()
+        yield self.store.put(self.mine("q/a", 100))
+        yield self.store.put(self.mine("q/b", 7, uploader="bob@example.org"))
+        yield self.store.delete("q/a")
+        yield self.store.put(self.mine("q/c", 5))
+        yield self.store.quota_reset("alice@example.org", self.NOW)
+        alice = yield self.store.quota_usage("alice@example.org", self.NOW)
+        bob = yield self.store.quota_usage("bob@example.org", self.NOW)
+        self.assertEqual((alice.stored, alice.daily, bob.stored, bob.daily), (5, 0, 7, 7))
+
+    @inlineCallbacks
+    def test_quota_awkward_uploader(self):
+        """An uploader with quotes, spaces and non-ASCII text is a key like any other."""
+        self.counting()
+        who = 'd\'Artagnan "x" 日本@example.org/res'
+        yield self.store.put(self.mine("q/a", 9, uploader=who))
+        usage = yield self.store.quota_usage(who, self.NOW)
+        self.assertEqual((usage.stored, usage.daily), (9, 9))
+        self.assertEqual((yield self.store.quota_uploaders(self.NOW)), [(who, 9, 9)])

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from hmacd.store import StoreUnavailable
 from hmacd.store.failover import FailoverStore
 from hmacd.store.memory import MemoryStore
-from tests.store_contract import SharedContract, StoreContract, record
+from tests.store_contract import QuotaContract, SharedContract, StoreContract, record
 
 
 class FlakyStore(MemoryStore):
@@ -304,7 +304,7 @@ class HealthWatchTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
-class FailoverContractTests(StoreContract, SharedContract, TestCase):
+class FailoverContractTests(StoreContract, SharedContract, QuotaContract, TestCase):
     """The store contract through a FailoverStore (over memory stores) on the real reactor."""
 
     def makeStore(self, fresh=True):
@@ -315,6 +315,7 @@ class FailoverContractTests(StoreContract, SharedContract, TestCase):
         inner = MemoryStore()
         inner._records = self.memory._records
         inner._shared = self.memory._shared
+        inner._quota = self.memory._quota
         store = FailoverStore(inner, clock=reactor, healthInterval=0)
         return store.start().addCallback(lambda _: store)
 

@@ -8,10 +8,10 @@ from twisted.internet.defer import succeed
 from twisted.trial.unittest import TestCase
 
 from hmacd.store.memory import MemoryStore
-from tests.store_contract import SharedContract, StoreContract
+from tests.store_contract import QuotaContract, SharedContract, StoreContract
 
 
-class MemoryStoreContractTests(StoreContract, SharedContract, TestCase):
+class MemoryStoreContractTests(StoreContract, SharedContract, QuotaContract, TestCase):
     def makeStore(self, fresh=True):
         if fresh:
             self._shared = MemoryStore()
@@ -20,4 +20,5 @@ class MemoryStoreContractTests(StoreContract, SharedContract, TestCase):
         other = MemoryStore()
         other._records = self._shared._records
         other._shared = self._shared._shared
+        other._quota = self._shared._quota
         return succeed(other)

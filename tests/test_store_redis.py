@@ -18,7 +18,13 @@ from hmacd.config import Config
 from hmacd.store import StoreUnavailable
 from hmacd.store.redis import RedisStore, parse_redis_addr
 from tests.servers import RawRedis, RedisServer, delete_prefix, free_port
-from tests.store_contract import SharedContract, StoreContract, record, require_service
+from tests.store_contract import (
+    QuotaContract,
+    SharedContract,
+    StoreContract,
+    record,
+    require_service,
+)
 
 SHARED_PORT = 6379
 # Short deadlines keep the fault tests fast; SLACK is what a busy machine adds.
@@ -72,7 +78,7 @@ def eventually(call, within: float):
             yield deferLater(reactor, 0.2, lambda: None)
 
 
-class SharedRedisContractTests(StoreContract, SharedContract, TestCase):
+class SharedRedisContractTests(StoreContract, SharedContract, QuotaContract, TestCase):
     """The store contract on the shared Redis at 127.0.0.1:6379, under a prefix per test."""
 
     def makeStore(self, fresh: bool = True):
@@ -153,7 +159,7 @@ class SharedRedisContractTests(StoreContract, SharedContract, TestCase):
         self.assertEqual(raw.call("ZRANGE", self.prefix + "expiry", 0, -1), [b"kept"])
 
 
-class PrivateRedisContractTests(StoreContract, SharedContract, TestCase):
+class PrivateRedisContractTests(StoreContract, SharedContract, QuotaContract, TestCase):
     """The store contract on a private redis-server with a password, in database 3."""
 
     password = "contract-pässword"

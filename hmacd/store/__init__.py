@@ -30,6 +30,9 @@ class IMetadataStore(Interface):
     """
 
     name = Attribute("Short name for logs and metrics: sqlite, redis, postgres, mysql.")
+    quota_accounting = Attribute(
+        "Whether put and delete keep the quota figures (hmacd.quota); False unless set."
+    )
 
     def start():
         """Connect and create the schema if needed (idempotent); fires None."""
@@ -88,3 +91,28 @@ class IMetadataStore(Interface):
         Fire True if C{owner} now holds the lease C{name} for C{ttl} seconds
         (one holder at a time; its holder renews by calling again), else False.
         """
+
+    # Quotas (hmacd.quota): figures the store keeps itself, per uploader and in all.
+
+    def quota_reserve(token, uploader, size, limits, now, ttl):
+        """
+        Fire C{(True, usage)} once C{size} bytes are held for C{uploader} (None: unknown)
+        under C{token} until C{now + ttl}, or C{(False, usage)} if that would exceed one
+        of C{limits} (a L{hmacd.quota.Limits}); C{usage}, a L{hmacd.quota.Usage}, is what
+        was found before.  Atomic across every user of the store.
+        """
+
+    def quota_release(token, uploader):
+        """Drop the hold C{token}; no error if it is gone; fires None."""
+
+    def quota_usage(uploader, now):
+        """Fire the L{hmacd.quota.Usage} of C{uploader} (None: the totals only) at C{now}."""
+
+    def quota_uploaders(now):
+        """Fire (uploader, stored, daily) for each uploader with bytes stored or uploaded."""
+
+    def quota_reset(uploader, now):
+        """Forget C{uploader}'s daily usage, and count its stored bytes again; fires None."""
+
+    def quota_rebuild(now):
+        """Every figure again from the records (holds stay); fires None."""

@@ -387,6 +387,46 @@ class FailoverStore:
     def lease(self, name: str, owner: str, ttl: float) -> Deferred[bool]:
         return self._first("lease", name, owner, ttl)
 
+    # Quotas (hmacd.quota): each store keeps the figures of the records it holds.  While
+    # the primary is down the fallback's count only what was uploaded during the outage, so
+    # the quotas are looser then; the copy-back's puts and deletes move the figures along
+    # with the records (see README, "Quotas").
+
+    @property
+    def quota_accounting(self) -> bool:
+        """Whether the stores keep the quota figures on put and delete."""
+        return all(b.store.quota_accounting for b in self.backends())
+
+    @quota_accounting.setter
+    def quota_accounting(self, on: bool) -> None:
+        for backend in self.backends():
+            backend.store.quota_accounting = on
+
+    def quota_reserve(
+        self, token: str, uploader: str | None, size: int, limits: Any, now: float, ttl: float
+    ) -> Deferred[tuple[bool, Any]]:
+        return self._first("quota_reserve", token, uploader, size, limits, now, ttl)
+
+    def quota_release(self, token: str, uploader: str | None) -> Deferred[None]:
+        # Every store that is up: the hold may have been taken on either side of an outage.
+        routes = self._routes()
+        if not routes:
+            return fail(StoreUnavailable("no metadata store is available"))
+        calls = [b.call("quota_release", token, uploader) for b in routes]
+        return Deferred.fromCoroutine(_anySucceeded(calls))
+
+    def quota_usage(self, uploader: str | None, now: float) -> Deferred[Any]:
+        return self._first("quota_usage", uploader, now)
+
+    def quota_uploaders(self, now: float) -> Deferred[list[tuple[str, int, int]]]:
+        return self._first("quota_uploaders", now)
+
+    def quota_reset(self, uploader: str, now: float) -> Deferred[None]:
+        return self._first("quota_reset", uploader, now)
+
+    def quota_rebuild(self, now: float) -> Deferred[None]:
+        return self._first("quota_rebuild", now)
+
     def _copyBack(self) -> None:
         """When both stores answer, move what the fallback holds into the primary."""
         if self._copying or self.fallback is None:

@@ -57,6 +57,7 @@ from hmacd.store.redis_connection import (
     _ReportingEndpoint,
     _StoreFactory,
 )
+from hmacd.store.redis_quota import DELETE_COUNTED, PUT_COUNTED, QuotaRedis
 from hmacd.store.redis_scripts import _DELETE, _DELETE_MANY, _EXPIRED, _PUT, _RECORDS
 from hmacd.store.redis_shared import SharedRedis
 
@@ -96,7 +97,7 @@ def _records(reply: list[Any]) -> list[FileRecord]:
 
 
 @implementer(IMetadataStore)
-class RedisStore(SharedRedis):
+class RedisStore(SharedRedis, QuotaRedis):
     """
     File records in Redis (see the module docstring for the keys).
 
@@ -352,7 +353,13 @@ class RedisStore(SharedRedis):
             expires,
             *(text.encode("utf-8") for pair in fields.items() for text in pair),
         ]
-        d = self._call("put", "eval", _PUT, keys, args)
+        if self.quota_accounting:
+            # The same, and the quota figures in the same script (hmacd.store.redis_quota).
+            keys += self._quotaKeys()
+            figures = self._putArgs(record.uploader, record.size, record.created)
+            d = self._call("put", "eval", PUT_COUNTED, keys, [*args[:2], *figures, *args[2:]])
+        else:
+            d = self._call("put", "eval", _PUT, keys, args)
         return d.addCallback(lambda _: None)
 
     def get(self, path: str) -> Deferred[FileRecord | None]:
@@ -376,7 +383,11 @@ class RedisStore(SharedRedis):
 
     def _deleteMany(self, batch: list[str]) -> Deferred[Sequence[Failure | None]]:
         """The deletes a L{Batcher} gathered, in one script; they succeed or fail together."""
-        if len(batch) == 1:
+        if self.quota_accounting:
+            args = [self._filePrefix, *(path.encode("utf-8") for path in batch)]
+            keys = [self._expiryKey, self._filesKey, *self._quotaKeys()]
+            done = self._call("delete", "eval", DELETE_COUNTED, keys, args)
+        elif len(batch) == 1:
             keys = [self._fileKey(batch[0]), self._expiryKey, self._filesKey]
             done = self._call("delete", "eval", _DELETE, keys, [batch[0].encode("utf-8")])
         else:
