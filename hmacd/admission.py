@@ -8,7 +8,8 @@ the claim on the path and whether something is there already.
 
 Nodes that share an object store claim the path in the shared metadata store first
 (L{admit_across_nodes}): the answer comes later than the headers, and the request waits
-for it without reading the body (L{hmacd.upload.UploadRequest}).
+for it without reading the body (L{hmacd.upload.UploadRequest}).  So does an upload when a
+quota is set: it first takes its hold on the quotas (L{hmacd.quota}) in the store.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hmacd.claims import PathBusy
 from hmacd.landing import RETRY_AFTER
 from hmacd.logs import escape
 from hmacd.paths import PathRefused
+from hmacd.quota import QuotaRefusal, Reservation
 from hmacd.sink import (
     ChunkInProgress,
     Conflict,
@@ -47,22 +49,62 @@ if TYPE_CHECKING:
     from hmacd.core import FileServer
     from hmacd.storage.s3_pieces import UploadState
 
-__all__ = ["admit", "admit_across_nodes"]
+__all__ = ["admit", "admit_across_nodes", "asks_the_store"]
 
 log = Logger()
 
 
+def asks_the_store(fs: FileServer) -> bool:
+    """
+    Whether an upload is admitted only once the metadata store has answered
+    (L{admit_across_nodes}): claims across nodes, or quotas.  Else L{admit} answers at once.
+    """
+    return fs.node_claims is not None or fs.quotas is not None
+
+
 def admit_across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Deferred[Sink | Refusal]:
     """
-    L{admit}, once this node holds the claim on the path in the shared metadata store
-    (C{fs.node_claims}) and the store has no record of a file there: fires the sink, which
-    holds the claim until it is released, or the refusal (409 while another node's upload
-    holds the path or once a file is there, 503 when the store cannot say).  Fires at once
-    when the store answers at once.
+    L{admit}, once the upload holds its room in the quotas (C{fs.quotas}), and this node
+    holds the claim on the path in the shared metadata store (C{fs.node_claims}) and the
+    store has no record of a file there: fires the sink, which holds the claim and the
+    quota until it is released, or the refusal (413 naming a quota it would exceed, 409
+    while another node's upload holds the path or once a file is there, 503 when the store
+    cannot say).  Fires at once when the store answers at once.
 
     @raise OSError: (as a failure) the storage cannot take the file.
     """
-    return Deferred.fromCoroutine(_across_nodes(fs, plan, length))
+    return Deferred.fromCoroutine(_within_quotas(fs, plan, length))
+
+
+async def _within_quotas(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    quotas = fs.quotas
+    if quotas is None or (plan.span is not None and len(plan.span) == 1):
+        # No quota, or a question (where a resumable upload stands) that brings no bytes.
+        return await _claimed(fs, plan, length)
+    try:
+        answer = await quotas.reserve(plan.uploader, plan.size)
+    except Exception as e:
+        return _store_failed(plan, e)
+    if isinstance(answer, QuotaRefusal):
+        log.info("refused {path}: {reason}", path=escape(plan.relpath), reason=answer.reason)
+        return answer
+    hold: Reservation = answer
+    try:
+        admitted = await _claimed(fs, plan, length)
+    except BaseException:
+        hold.release()
+        raise
+    if isinstance(admitted, Refusal):
+        hold.release()
+    else:
+        admitted.holdQuota(hold)
+    return admitted
+
+
+async def _claimed(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    if fs.node_claims is None:
+        return admit(fs, plan, length)
+    return await _across_nodes(fs, plan, length)
 
 
 async def _across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:

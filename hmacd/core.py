@@ -17,6 +17,7 @@ from hmacd.guard import ClientCounts
 from hmacd.mediatype import guess_type, is_inline_type
 from hmacd.metrics import Metrics
 from hmacd.node_claims import NodeClaims
+from hmacd.quota import Quotas
 from hmacd.sink import GroupCommit, Uploads
 from hmacd.storage import IStorage
 from hmacd.storage.local import LocalStorage
@@ -94,6 +95,11 @@ class FileServer:
     # Claims across nodes (hmacd.node_claims) in the shared metadata store, taken before an
     # upload's body where nodes share the storage (an object store); None on one host.
     node_claims: NodeClaims | None = None
+    # UserQuota, UserDailyQuota, GlobalQuota (a hmacd.quota.Quotas), asked before an upload's
+    # body; None when no quota is set.  UploaderFromPath: the first path segment of a slot
+    # that names no uploader (v, v2, token) is its uploader (ejabberd's per-user hash).
+    quotas: Quotas | None = None
+    uploader_from_path: bool = False
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

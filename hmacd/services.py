@@ -32,6 +32,7 @@ from hmacd.housekeeping import (
 from hmacd.leases import node_name, sweep_lease
 from hmacd.metrics import Metrics, metrics_site
 from hmacd.node_claims import NodeClaims
+from hmacd.quota import Limits, Quotas
 from hmacd.storage import IStorage
 from hmacd.store.failover import FailoverStore
 from hmacd.threads import own_threads
@@ -105,7 +106,10 @@ def build_metadata(config: Config, reactor: Any) -> FailoverStore:
     else:
         path = os.path.join(config.store_dir, ".hmacfs", "meta.sqlite3")
         primary = SQLStore.sqlite(path, reactor=reactor)
-    return FailoverStore(primary, fallback, clock=reactor)
+    store = FailoverStore(primary, fallback, clock=reactor)
+    # The stores keep the quota figures while any quota is set (hmacd.quota).
+    store.quota_accounting = bool(Limits.from_config(config))
+    return store
 
 
 def build_file_server(
@@ -157,6 +161,12 @@ def build_file_server(
             if config.storage_backend == "s3"
             else None
         ),
+        quotas=(
+            Quotas(Limits.from_config(config), metadata, reactor)
+            if Limits.from_config(config)
+            else None
+        ),
+        uploader_from_path=config.uploader_from_path,
     )
     fs.metrics.watch_stores(metadata)
     if config.storage_backend == "s3":

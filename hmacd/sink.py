@@ -41,6 +41,7 @@ from hmacd.storage import Conflict, IWriter
 if TYPE_CHECKING:
     from hmacd.core import FileServer
     from hmacd.node_claims import NodeClaim
+    from hmacd.quota import Reservation
 
 __all__ = [
     "ChunkInProgress",
@@ -171,10 +172,16 @@ class Sink:
         self._hold: Claim | None = claim(fs.store_dir, relpath)
         # The claim across nodes (hmacd.node_claims), when the storage is shared.
         self._shared: NodeClaim | None = None
+        # The upload's hold on the quotas (hmacd.quota), when any quota is set.
+        self._quota: Reservation | None = None
 
     def hold(self, shared: NodeClaim) -> None:
         """Hold C{shared}, this node's claim on the path in the shared store, until L{release}."""
         self._shared = shared
+
+    def holdQuota(self, reservation: Reservation) -> None:
+        """Hold C{reservation}, this upload's room in the quotas, until L{release}."""
+        self._quota = reservation
 
     def write(self, data: bytes) -> bool:
         """
@@ -213,6 +220,9 @@ class Sink:
             # After the record is written (the request lets go in the reactor thread): a
             # later upload's claim then finds the record and is refused before its body.
             self._shared.release()
+        if self._quota is not None:
+            # After the record is written too: the store counts the file from then on.
+            self._quota.release()
 
     def _let_path_go(self) -> None:
         """The claim on this host only (any thread): the file is in place, or never will be."""

@@ -30,12 +30,13 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from hmacd import internals
-from hmacd.admission import admit, admit_across_nodes
+from hmacd.admission import admit, admit_across_nodes, asks_the_store
 from hmacd.core import FileServer
 from hmacd.guard import counted_client, watch_body_rate
 from hmacd.landing import STORAGE_FULL, Answer, land
 from hmacd.logs import censor, escape
 from hmacd.pacing import Pacer
+from hmacd.quota import QuotaRefusal
 from hmacd.sink import (
     Sink,
 )
@@ -353,7 +354,7 @@ class UploadRequest(server.Request):
         verdict = judge(self.path, query, length, headers, fs, fs.now())
         if isinstance(verdict, Refusal):
             return self._refuse(verdict.status, verdict.reason, length, verdict.headers)
-        if fs.node_claims is not None:
+        if asks_the_store(fs):
             return self._admitAcrossNodes(verdict, length)
         try:
             admitted: Sink | Refusal | Failure = admit(fs, verdict, length)
@@ -386,6 +387,8 @@ class UploadRequest(server.Request):
                 admitted.headers,
                 admitted.error,
                 waited=waited,
+                # A quota's 413 is no "too_large": the file would fit, its owner is full.
+                metric="quota" if isinstance(admitted, QuotaRefusal) else None,
             )
         self._accept(admitted, size)
         return None
@@ -552,6 +555,7 @@ class UploadRequest(server.Request):
         error: bool = True,
         duringBody: bool = False,
         waited: _Wait | None = None,
+        metric: str | None = None,
     ) -> None:
         """
         Answer now, before the body, and make sure the body is never stored.
@@ -562,10 +566,12 @@ class UploadRequest(server.Request):
 
         @param waited: the answer comes after a wait for the shared store (the
             connection is paused, what arrived meanwhile is in it).
+        @param metric: the C{reason} it counts as in upload_errors_total, when not the
+            one of its status.
         """
         self._refused = True
         if self.method == b"PUT" and error:
-            self._failed(_REASONS.get(code, "other"))
+            self._failed(metric or _REASONS.get(code, "other"))
         expect = _header(self, b"expect") if waited is None else waited.expect
         self.requestHeaders.removeHeader(b"expect")
         if length != 0:

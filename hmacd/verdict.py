@@ -187,6 +187,9 @@ def judge(
 
     if policy.upload_max_size and size > policy.upload_max_size:
         return Refusal(413, f"larger than {policy.upload_max_size} bytes")
+    if uploader is None and getattr(policy, "uploader_from_path", False) and "/" in relpath:
+        # UploaderFromPath: ejabberd's mod_http_upload puts a hash of the user's JID first.
+        uploader = relpath.split("/", 1)[0]
     return Plan(relpath, protocol, size, media_type, uploader, expires, span)
 
 

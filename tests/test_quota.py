@@ -1,0 +1,298 @@
+"""
+Quotas (hmacd.quota) and who uploaded a file: the rules as a table, and the PUT that waits
+for its hold on the quotas before its body (hmacd.admission, hmacd.upload), driven byte by
+byte.  What each store keeps is tested by the quota contract (tests/store_contract.py) on
+every store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from twisted.internet.defer import Deferred, fail
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from hmacd import auth
+from hmacd.quota import Limits, Quotas, Usage, describe, exceeded, hour_of
+from hmacd.store import StoreUnavailable
+from tests.support import SECRET, MemoryServer, v2_query, v_query
+
+BODY = b"x" * 1000
+ALICE = "alice@example.org"
+
+
+def jwt_head(
+    path: str, size: int = len(BODY), sub: str | None = ALICE, expect: bool = True
+) -> bytes:
+    """The head of a PUT with a Prosody (JWT) slot issued to C{sub}."""
+    url, headers = auth.slot_put(SECRET, "/upload", path, size, "text/plain", "jwt", 0, sub=sub)
+    lines = [f"PUT {url} HTTP/1.1", "Host: up.example", f"Content-Length: {size}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines += ["Content-Type: text/plain"] + (["Expect: 100-continue"] if expect else [])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+def v2_head(path: str, size: int = len(BODY)) -> bytes:
+    """The head of a v2 PUT (no uploader in the slot), with Expect."""
+    query = v2_query(path, size, "text/plain")
+    lines = [
+        f"PUT /upload/{path}?{query} HTTP/1.1",
+        "Host: up.example",
+        "Content-Type: text/plain",
+        f"Content-Length: {size}",
+        "Expect: 100-continue",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+class RulesTests(SynchronousTestCase):
+    """Which quota an upload exceeds, as a table."""
+
+    def test_exceeded(self):
+        """Each limit is checked against used + held + the upload; 0 is no limit."""
+        usage = Usage(stored=50, daily=70, total=500, held=10, held_total=20)
+        table = [
+            (Limits(), ALICE, 10**12, None),
+            (Limits(user=100), ALICE, 40, None),
+            (Limits(user=100), ALICE, 41, "UserQuota"),
+            (Limits(daily=100), ALICE, 20, None),
+            (Limits(daily=100), ALICE, 21, "UserDailyQuota"),
+            (Limits(total=600), ALICE, 80, None),
+            (Limits(total=600), ALICE, 81, "GlobalQuota"),
+            # An unknown uploader is held to the global limit only.
+            (Limits(user=1, daily=1), None, 10**6, None),
+            (Limits(user=1, total=600), None, 81, "GlobalQuota"),
+            # The first one exceeded is named.
+            (Limits(user=1, daily=1, total=1), ALICE, 1000, "UserQuota"),
+        ]
+        for limits, uploader, size, expected in table:
+            self.assertEqual(exceeded(limits, usage, uploader, size), expected, (limits, size))
+
+    def test_describe(self):
+        """The reason names the quota, its limit, what is used and the upload."""
+        usage = Usage(daily=70, held=10)
+        self.assertEqual(
+            describe("UserDailyQuota", Limits(daily=100), usage, 25),
+            "UserDailyQuota exceeded: 80 of 100 bytes used, this upload is 25 bytes",
+        )
+
+    def test_limits(self):
+        """Limits are off unless one is set; hours are whole hours since the epoch."""
+        self.assertFalse(Limits())
+        self.assertTrue(Limits(total=1))
+        self.assertEqual((hour_of(0), hour_of(3599.9), hour_of(3600)), (0, 0, 1))
+
+
+class QuotaUploadTests(SynchronousTestCase):
+    """A PUT waits for its hold on the quotas; one that would exceed a quota gets 413."""
+
+    def setUp(self) -> None:
+        self.server = MemoryServer(self.mktemp())
+        fs = self.server.fs
+        fs.metadata.quota_accounting = True
+        self.store = fs.metadata.primary.store
+        fs.quotas = Quotas(Limits(user=1500, total=10_000), fs.metadata, self.server.clock)
+
+    def stored(self, path: str) -> bool:
+        return os.path.exists(os.path.join(self.server.fs.store_dir, path))
+
+    def errors(self, reason: str) -> float:
+        registry = self.server.fs.metrics.registry
+        value = registry.get_sample_value(
+            "hmac_file_server_upload_errors_total", {"reason": reason}
+        )
+        return value or 0
+
+    def usage(self, uploader: str | None = ALICE) -> Usage:
+        return self.successResultOf(self.store.quota_usage(uploader, self.server.clock.seconds()))
+
+    def upload(self, head: bytes, body: bytes = BODY) -> bytes:
+        channel, transport = self.server.connect()
+        channel.dataReceived(head)
+        if transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n":
+            channel.dataReceived(body)
+        return transport.value()
+
+    def test_within_quota(self):
+        """An upload that fits is stored, counted for its uploader, and its hold is gone."""
+        answer = self.upload(jwt_head("s1/a.txt"))
+        self.assertIn(b"HTTP/1.1 201 ", answer)
+        usage = self.usage()
+        self.assertEqual((usage.stored, usage.daily, usage.held), (1000, 1000, 0))
+        record = self.successResultOf(self.server.fs.metadata.get("s1/a.txt"))
+        self.assertEqual(record.uploader, ALICE)
+
+    def test_user_quota(self):
+        """Past UserQuota: 413 naming it before the body, no 100 Continue, counted as quota."""
+        self.upload(jwt_head("s1/a.txt"))
+        answer = self.upload(jwt_head("s2/b.txt"))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b"UserQuota exceeded: 1000 of 1500 bytes used", answer)
+        self.assertNotIn(b"100 Continue", answer)
+        self.assertFalse(self.stored("s2/b.txt"))
+        self.assertEqual((self.errors("quota"), self.errors("too_large")), (1, 0))
+        # Another user still has room.
+        self.assertIn(b"201 ", self.upload(jwt_head("s3/c.txt", sub="bob@example.org")))
+
+    def test_deleting_gives_room(self):
+        """A file deleted (expired, taken down) gives its bytes back to its uploader."""
+        self.upload(jwt_head("s1/a.txt"))
+        self.successResultOf(self.server.fs.metadata.delete("s1/a.txt"))
+        self.assertIn(b"HTTP/1.1 201 ", self.upload(jwt_head("s2/b.txt")))
+
+    def test_global_quota_without_uploader(self):
+        """A slot that names no uploader (v2) is held to GlobalQuota."""
+        fs = self.server.fs
+        fs.quotas = Quotas(Limits(user=1, total=1500), fs.metadata, self.server.clock)
+        self.assertIn(b"HTTP/1.1 201 ", self.upload(v2_head("s1/a.txt")))
+        answer = self.upload(v2_head("s2/b.txt"))
+        self.assertIn(b"413 ", answer)
+        self.assertIn(b"GlobalQuota exceeded", answer)
+
+    def test_concurrent_uploads_hold(self):
+        """Two uploads of one user at once: the second sees the first's hold and is refused."""
+        first, firstTransport = self.server.connect()
+        first.dataReceived(jwt_head("s1/a.txt"))
+        self.assertEqual(firstTransport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertEqual(self.usage().held, 1000)
+        answer = self.upload(jwt_head("s2/b.txt"))
+        self.assertIn(b"413 ", answer)
+        first.dataReceived(BODY)
+        self.assertIn(b"HTTP/1.1 201 ", firstTransport.value())
+        self.assertEqual(self.usage().held, 0)
+
+    def test_abort_releases_the_hold(self):
+        """A client gone mid-body: its hold goes with the temp file."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        channel, _ = self.server.connect()
+        channel.dataReceived(jwt_head("s1/a.txt") + BODY[:100])
+        self.assertEqual(self.usage().held, 1000)
+        channel.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.usage(), Usage())
+
+    def test_refused_later_releases_the_hold(self):
+        """A hold taken for an upload refused afterwards (the file exists) is dropped."""
+        self.upload(v2_head("s1/a.txt"))
+        answer = self.upload(v2_head("s1/a.txt"))
+        self.assertIn(b"409 ", answer)
+        self.assertEqual(self.usage(None).held_total, 0)
+
+    def test_waits_for_the_store(self):
+        """Nothing of the body is read, and no 100 Continue sent, until the store answers."""
+        metadata = self.server.fs.metadata
+        real, pending = metadata.quota_reserve, []
+
+        def gated(*args):
+            d: Deferred = Deferred()
+            pending.append((d, args))
+            return d
+
+        metadata.quota_reserve = gated
+        channel, transport = self.server.connect()
+        channel.dataReceived(jwt_head("s1/a.txt"))
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.producerState, "paused")
+        d, args = pending.pop()
+        real(*args).chainDeferred(d)
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        channel.dataReceived(BODY)
+        self.assertIn(b"HTTP/1.1 201 ", transport.value())
+
+    def test_store_down(self):
+        """No store answers: 503 with Retry-After before the body, as for claims."""
+        self.server.fs.metadata.quota_reserve = lambda *a: fail(StoreUnavailable("down"))
+        answer = self.upload(jwt_head("s1/a.txt"))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertIn(b"Retry-After: ", answer)
+
+    def test_no_quota_no_store_call(self):
+        """With no quota set the store is not asked: the channel says 100 Continue at once."""
+        fs = self.server.fs
+        fs.quotas = None
+
+        def never(*args):
+            raise AssertionError("asked the store")
+
+        fs.metadata.quota_reserve = never
+        self.assertIn(b"HTTP/1.1 201 ", self.upload(jwt_head("s1/a.txt")))
+
+
+class UploaderTests(SynchronousTestCase):
+    """Who uploaded a file, as each protocol says it."""
+
+    def uploaded(self, head: bytes, path: str, **kwargs) -> str | None:
+        server = MemoryServer(self.mktemp(), **kwargs)
+        channel, transport = server.connect()
+        channel.dataReceived(head + BODY)
+        self.assertIn(b"HTTP/1.1 201 ", transport.value())
+        return self.successResultOf(server.fs.metadata.get(path)).uploader
+
+    def v_head(self, path: str) -> bytes:
+        return (
+            f"PUT /upload/{path}?{v_query(path, len(BODY))} HTTP/1.1\r\n"
+            f"Host: up.example\r\nContent-Length: {len(BODY)}\r\n\r\n"
+        ).encode("ascii")
+
+    def test_jwt_sub(self):
+        """Prosody's mod_http_file_share: the JWT's sub."""
+        self.assertEqual(self.uploaded(jwt_head("s1/a.txt", expect=False), "s1/a.txt"), ALICE)
+
+    def test_ejabberd_path(self):
+        """UploaderFromPath: the first segment of an ejabberd slot names its user."""
+        path = "2d7b3ff6e2e3c3ba8de9/Rr7zHL1G/photo.jpg"
+        self.assertEqual(
+            self.uploaded(self.v_head(path), path, uploader_from_path=True),
+            "2d7b3ff6e2e3c3ba8de9",
+        )
+
+    def test_no_uploader_by_default(self):
+        """Without UploaderFromPath a v slot names no uploader."""
+        self.assertIsNone(self.uploaded(self.v_head("slot/a.txt"), "slot/a.txt"))
+
+
+_RACER = """
+import sys
+from twisted.internet import defer, task
+from hmacd.quota import Limits
+from hmacd.store.sql import SQLStore
+
+async def main(reactor):
+    store = SQLStore.sqlite(sys.argv[1], reactor=reactor)
+    store.quota_accounting = True
+    await store.start()
+    won = 0
+    for n in range(30):
+        ok, _ = await store.quota_reserve(
+            f"{sys.argv[2]}-{n}", "alice@example.org", 10, Limits(user=100), 1e9, 60
+        )
+        won += ok
+    await store.stop()
+    print(won)
+
+task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+"""
+
+
+class ProcessesTests(TestCase):
+    """Quotas across processes (Workers) sharing the embedded SQLite store."""
+
+    def test_two_processes_never_exceed(self):
+        """Two processes taking holds for one user at once win exactly what fits, together."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "meta.sqlite3")
+        os.makedirs(os.path.dirname(path))
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+        racers = [
+            subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(_RACER), path, name],
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+            for name in ("a", "b")
+        ]
+        won = [int(r.communicate(timeout=120)[0]) for r in racers]
+        self.assertEqual(sum(won), 10, won)
