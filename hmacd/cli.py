@@ -5,6 +5,7 @@ The C{hmacfs} command: sign slots, upload files, check configs, rebuild records.
     hmacfs upload FILE URL [--header 'Authorization: Bearer ...'] [--chunk-size N]
     hmacfs check-config FILE
     hmacfs reindex --config FILE
+    hmacfs admin quota show|reset|rebuild --config FILE ...
 
 User mistakes are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -19,7 +20,7 @@ import sys
 import time
 from typing import cast
 
-from hmacd import auth
+from hmacd import admin_quota, auth
 from hmacd.config import SECRET_FIELDS, Config, ConfigError, load_config, parse_size
 from hmacd.secret import ENV_VAR, secret_file
 
@@ -292,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     rebuild.add_argument("--config", required=True, help="the server's TOML config")
     rebuild.set_defaults(run=_reindex)
+
+    admin = commands.add_parser("admin", help="run the server's stores: quotas")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True)
+    admin_quota.register(admin_commands)
 
     args = parser.parse_args(argv)
     try:

@@ -137,6 +137,12 @@ def quota_limit(name: str, limits: Limits) -> int:
     ]
 
 
+def describe_limit(name: str, limits: Limits) -> str:
+    """The limit of the quota called C{name}, as text: C{"1500 bytes"} or C{"no limit"}."""
+    limit = quota_limit(name, limits)
+    return f"{limit} bytes" if limit else "no limit"
+
+
 @dataclass(frozen=True)
 class QuotaRefusal(Refusal):
     """A 413 for a quota: counts as C{reason="quota"}, not C{"too_large"}."""

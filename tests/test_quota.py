@@ -7,10 +7,12 @@ every store.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -296,3 +298,125 @@ class ProcessesTests(TestCase):
         ]
         won = [int(r.communicate(timeout=120)[0]) for r in racers]
         self.assertEqual(sum(won), 10, won)
+
+
+REDIS_PORT = 6379
+# A database of the shared Redis of our own (the cluster tests use 12).
+REDIS_DB = 14
+
+
+def admin(*args: str) -> subprocess.CompletedProcess:
+    """hmacfs admin quota ..., from this checkout, as an operator runs it."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = "import sys, hmacd.cli; sys.exit(hmacd.cli.main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, "admin", "quota", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class AdminTests(TestCase):
+    """hmacfs admin quota show|reset|rebuild on the configured store."""
+
+    def config(self, text: str = "") -> str:
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        self.root = root
+        path = os.path.join(root, "config.toml")
+        with open(path, "w") as f:
+            f.write(f'StoreDir = "{root}"\nUserQuota = 5000\n{text}')
+        return path
+
+    async def drifted(self, store) -> None:
+        """Records put while nothing counted: the figures are wrong until rebuilt."""
+        from hmacd.metadata import FileRecord
+
+        await store.start()
+        try:
+            now = time.time()
+            for path, size, who in [("a/1", 100, ALICE), ("a/2", 20, ALICE), ("b/1", 7, "bob")]:
+                await store.put(FileRecord(path, size, "text/plain", "0" * 64, now, "jwt", who))
+        finally:
+            await store.stop()
+
+    def check_commands(self, config: str) -> None:
+        done = admin("rebuild", "--config", config)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(
+            done.stdout,
+            r": figures rebuilt from the records: 127 bytes stored in all,"
+            r" 2 uploaders\n$",
+        )
+        done = admin("show", "--config", config)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("127 bytes stored in all (no limit)", done.stdout)
+        self.assertIn("UserQuota 5000 bytes, UserDailyQuota no limit", done.stdout)
+        self.assertRegex(done.stdout, r"alice@example.org +120 +120\n")
+        self.assertRegex(done.stdout, r"bob +7 +7\n")
+        done = admin("reset", "--config", config, "--uploader", ALICE)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f"{ALICE}: the last 24 h forgotten; 120 bytes stored", done.stdout)
+        done = admin("show", "--config", config, "--uploader", ALICE, "--json")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        first = done.stdout.splitlines()[0]
+        self.assertEqual(
+            json.loads(first),
+            {"uploader": ALICE, "stored": 120, "daily": 0, "held": 0},
+        )
+
+    async def test_embedded_sqlite(self):
+        """rebuild, show and reset on the embedded SQLite store under StoreDir."""
+        from hmacd.store.sql import SQLStore
+
+        config = self.config()
+        await self.drifted(SQLStore.sqlite(os.path.join(self.root, ".hmacfs", "meta.sqlite3")))
+        self.check_commands(config)
+
+    async def test_redis(self):
+        """The same on Redis (a database of its own on the shared server)."""
+        from twisted.internet import reactor
+
+        from hmacd.store.redis import RedisStore
+        from tests.servers import delete_prefix
+        from tests.store_contract import require_service
+
+        store = RedisStore("127.0.0.1", REDIS_PORT, dbid=REDIS_DB, reactor=reactor)
+        try:
+            await store.start()
+        except Exception as e:
+            await store.stop()
+            require_service("Redis", f"127.0.0.1:{REDIS_PORT}: {e}")
+        await store.stop()
+        delete_prefix(REDIS_PORT, "hmacfs:", db=REDIS_DB)
+        self.addCleanup(delete_prefix, REDIS_PORT, "hmacfs:", db=REDIS_DB)
+        config = self.config(f'RedisAddr = "127.0.0.1:{REDIS_PORT}"\nRedisDB = {REDIS_DB}\n')
+        await self.drifted(RedisStore("127.0.0.1", REDIS_PORT, dbid=REDIS_DB, reactor=reactor))
+        self.check_commands(config)
+
+    def test_unreachable_store(self):
+        """A store that cannot be reached is one clear line and exit status 1."""
+        from tests.servers import free_port
+
+        port = free_port()
+        config = self.config(f'RedisAddr = "127.0.0.1:{port}"\n')
+        for command in (["show"], ["rebuild"], ["reset", "--uploader", ALICE]):
+            done = admin(*command, "--config", config)
+            self.assertEqual(done.returncode, 1)
+            self.assertEqual(done.stdout, "")
+            self.assertEqual(
+                done.stderr,
+                f"hmacfs admin quota {command[0]}: no metadata store is reachable:"
+                f" redis 127.0.0.1:{port}: connection refused\n",
+            )
+
+    def test_bad_config(self):
+        """A config error names the file and the key; nothing else happens."""
+        config = self.config('GlobalQuota = "lots"\n')
+        done = admin("show", "--config", config)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("GlobalQuota", done.stderr)
+        self.assertIn(config, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
