@@ -14,6 +14,7 @@ quota is set: it first takes its hold on the quotas (L{hmacd.quota}) in the stor
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -24,7 +25,7 @@ from hmacd.claims import PathBusy
 from hmacd.landing import RETRY_AFTER
 from hmacd.logs import escape
 from hmacd.paths import PathRefused
-from hmacd.quota import QuotaRefusal, Reservation
+from hmacd.quota import QuotaRefusal, Reservation, slot_uploader_key
 from hmacd.sink import (
     ChunkInProgress,
     Conflict,
@@ -59,7 +60,7 @@ def asks_the_store(fs: FileServer) -> bool:
     Whether an upload is admitted only once the metadata store has answered
     (L{admit_across_nodes}): claims across nodes, or quotas.  Else L{admit} answers at once.
     """
-    return fs.node_claims is not None or fs.quotas is not None
+    return fs.node_claims is not None or fs.quotas is not None or fs.slot_uploaders
 
 
 def admit_across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Deferred[Sink | Refusal]:
@@ -77,6 +78,13 @@ def admit_across_nodes(fs: FileServer, plan: Plan, length: int | None) -> Deferr
 
 
 async def _within_quotas(fs: FileServer, plan: Plan, length: int | None) -> Sink | Refusal:
+    if plan.uploader is None and fs.slot_uploaders:
+        # A slot our component issued, which names nobody: who asked for it is on record.
+        try:
+            uploader = await fs.metadata.get_state(slot_uploader_key(plan.relpath))
+        except Exception as e:
+            return _store_failed(plan, e)
+        plan = replace(plan, uploader=uploader)
     quotas = fs.quotas
     if quotas is None or (plan.span is not None and len(plan.span) == 1):
         # No quota, or a question (where a resumable upload stands) that brings no bytes.

@@ -17,11 +17,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.task import LoopingCall
@@ -36,6 +36,7 @@ from hmacd.address import HostPort
 from hmacd.mediatype import BadMediaType, parse_media_type
 from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, check_relative
+from hmacd.quota import SLOT_UPLOADER_TTL, Quotas, quota_limit, slot_uploader_key
 
 __all__ = [
     "NS_UPLOAD",
@@ -93,6 +94,11 @@ class Slot:
     get: str
     put: str
     headers: dict[str, str]
+    # The store path, the signed size, who asked (a bare JID), and how it is signed.
+    path: str = ""
+    size: int = 0
+    uploader: str | None = None
+    protocol: str = ""
 
 
 @dataclass
@@ -173,7 +179,32 @@ class SlotIssuer:
             self.jwt_lifetime,
             sub=user.userhost(),
         )
-        return Slot(get=put.partition("?")[0], put=put, headers=headers)
+        return Slot(
+            get=put.partition("?")[0],
+            put=put,
+            headers=headers,
+            path=path,
+            size=nbytes,
+            uploader=user.userhost(),
+            protocol=self.protocol,
+        )
+
+
+def quota_refused(name: str, quotas: Quotas, size: int) -> SlotRefused:
+    """
+    The refusal of a slot of C{size} bytes that would exceed the quota C{name}: the file
+    alone is larger than the quota (C{file-too-large} with the limit, as XEP-0363 says for a
+    size limit), or there is no room left now (C{resource-constraint}, to wait).
+    """
+    limit = quota_limit(name, quotas.limits)
+    if size > limit:
+        return SlotRefused(
+            "not-acceptable",
+            "modify",
+            f"File too large for {name}: the limit is {limit} bytes",
+            _file_too_large(limit),
+        )
+    return SlotRefused("resource-constraint", "wait", f"{name} reached: the limit is {limit} bytes")
 
 
 def _one_media_type(content_type: str) -> bool:
@@ -213,10 +244,19 @@ class SlotComponent:
         issuer: SlotIssuer,
         name: str = "HTTP File Upload",
         counted: Callable[[str], None] = lambda result: None,
+        quotas: Quotas | None = None,
+        store: Any = None,
     ) -> None:
+        """
+        @param quotas: a slot that would exceed one is refused (the PUT would be).
+        @param store: the shared metadata store, where the requester of a v, v2 or token
+            slot (which names nobody) is recorded for the PUT (L{slot_uploader_key}).
+        """
         self.issuer = issuer
         self.name = name
         self.counted = counted
+        self.quotas = quotas
+        self.store = store
 
     def attach(self, xs: xmlstream.XmlStream) -> None:
         xs.addObserver("/iq", lambda iq: self.onIq(xs, iq))
@@ -224,14 +264,15 @@ class SlotComponent:
     def onIq(self, xs: xmlstream.XmlStream, iq: domish.Element) -> None:
         if iq.getAttribute("type") not in ("get", "set"):
             return
-        try:
-            response = self.respond(iq)
-        except Exception:
-            self.log.failure("Answering an IQ failed")
-            response = error.StanzaError("internal-server-error", "cancel").toResponse(iq)
-        xs.send(response)
 
-    def respond(self, iq: domish.Element) -> domish.Element:
+        def failed(failure: Any) -> domish.Element:
+            self.log.failure("Answering an IQ failed", failure)
+            return error.StanzaError("internal-server-error", "cancel").toResponse(iq)
+
+        # A slot request may wait for the store (quotas); everything else answers at once.
+        maybeDeferred(self.respond, iq).addErrback(failed).addCallback(xs.send)
+
+    def respond(self, iq: domish.Element) -> domish.Element | Deferred[domish.Element]:
         payload = list(iq.elements())
         if len(payload) > 1:  # RFC 6120 8.2.3: a get or set has exactly one child
             return error.StanzaError("bad-request", "modify").toResponse(iq)
@@ -274,7 +315,9 @@ class SlotComponent:
                 field_.addElement("value", content=value)
         return response
 
-    def _slot(self, iq: domish.Element, request: domish.Element) -> domish.Element:
+    def _slot(
+        self, iq: domish.Element, request: domish.Element
+    ) -> domish.Element | Deferred[domish.Element]:
         requester = iq.getAttribute("from")
         try:
             slot = self.issuer.issue(
@@ -284,11 +327,38 @@ class SlotComponent:
                 request.getAttribute("content-type"),
             )
         except SlotRefused as refused:
-            self.log.debug(
-                "Slot refused to {requester}: {reason}", requester=requester, reason=refused.text
-            )
-            self.counted(refused.condition)
-            return refused.stanzaError().toResponse(iq)
+            return self._refused(iq, requester, refused)
+        if self.quotas is None and (self.store is None or slot.protocol == "jwt"):
+            return self._issued(iq, requester, slot)
+        return Deferred.fromCoroutine(self._askStore(iq, requester, slot))
+
+    async def _askStore(self, iq: domish.Element, requester: str, slot: Slot) -> domish.Element:
+        if self.quotas is not None:
+            try:
+                name = await self.quotas.check(slot.uploader, slot.size)
+            except Exception as e:
+                # The PUT asks again, and says 503 if the store is still not answering.
+                self.log.warn("quota of {requester} unknown: {why}", requester=requester, why=e)
+                name = None
+            if name is not None:
+                return self._refused(iq, requester, quota_refused(name, self.quotas, slot.size))
+        if self.store is not None and slot.protocol != "jwt":
+            key = slot_uploader_key(slot.path)
+            try:
+                await self.store.put_state(key, slot.uploader, SLOT_UPLOADER_TTL)
+            except Exception as e:
+                # The upload then counts for nobody in particular (GlobalQuota only).
+                self.log.warn("uploader of {url} not recorded: {why}", url=slot.get, why=e)
+        return self._issued(iq, requester, slot)
+
+    def _refused(self, iq: domish.Element, requester: str, refused: SlotRefused) -> domish.Element:
+        self.log.debug(
+            "Slot refused to {requester}: {reason}", requester=requester, reason=refused.text
+        )
+        self.counted(refused.condition)
+        return refused.stanzaError().toResponse(iq)
+
+    def _issued(self, iq: domish.Element, requester: str, slot: Slot) -> domish.Element:
         # The PUT URL carries the MAC: log the GET URL only.
         self.log.debug("Slot for {requester}: {url}", requester=requester, url=slot.get)
         self.counted("issued")

@@ -100,6 +100,9 @@ class FileServer:
     # that names no uploader (v, v2, token) is its uploader (ejabberd's per-user hash).
     quotas: Quotas | None = None
     uploader_from_path: bool = False
+    # The slot component issues v, v2 or token slots: the PUT looks up the uploader it
+    # recorded in the shared store (hmacd.quota.slot_uploader_key).
+    slot_uploaders: bool = False
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

@@ -38,14 +38,19 @@ __all__ = [
     "DAY_HOURS",
     "HOLD_LIFETIME",
     "QUOTA_NAMES",
+    "SLOT_UPLOADER_TTL",
     "Limits",
     "QuotaBook",
     "QuotaRefusal",
     "Quotas",
     "Reservation",
     "Usage",
+    "describe",
+    "describe_limit",
     "exceeded",
     "hour_of",
+    "quota_limit",
+    "slot_uploader_key",
 ]
 
 log = Logger()
@@ -55,6 +60,16 @@ QUOTA_NAMES = ("UserQuota", "UserDailyQuota", "GlobalQuota")
 
 # How many hourly buckets make "a day".
 DAY_HOURS = 24
+
+# Seconds the uploader of a slot the component issued (v, v2, token: nothing in the slot
+# names it) is kept in the shared store, under slot_uploader_key(path), for the PUT to find.
+SLOT_UPLOADER_TTL = 86400.0
+
+
+def slot_uploader_key(path: str) -> str:
+    """The shared-store key of the uploader of the slot for C{path}."""
+    return f"uploader:{path}"
+
 
 # Seconds a hold lasts: longer than most uploads take.  A longer upload still lands (and is
 # counted then); only its hold on the quota has lapsed meanwhile.

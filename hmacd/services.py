@@ -167,6 +167,7 @@ def build_file_server(
             else None
         ),
         uploader_from_path=config.uploader_from_path,
+        slot_uploaders=bool(config.component_jid) and config.component_protocol != "jwt",
     )
     fs.metrics.watch_stores(metadata)
     if config.storage_backend == "s3":
@@ -385,7 +386,13 @@ def component_service(
         domains=frozenset(config.upload_domains),
         now=reactor.seconds,
     )
-    slots = SlotComponent(issuer, counted=lambda result: fs.metrics.slots.labels(result).inc())
+    limits = Limits.from_config(config)
+    slots = SlotComponent(
+        issuer,
+        counted=lambda result: fs.metrics.slots.labels(result).inc(),
+        quotas=Quotas(limits, fs.metadata, reactor) if limits else None,
+        store=fs.metadata,
+    )
     service = ComponentService(
         config.component_jid,
         config.component_secret,

@@ -18,6 +18,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hmacd import auth
+from hmacd.component import NS_UPLOAD
+from hmacd.metadata import FileRecord
 from hmacd.quota import Limits, Quotas, Usage, describe, exceeded, hour_of
 from hmacd.store import StoreUnavailable
 from tests.support import SECRET, MemoryServer, v2_query, v_query
@@ -420,3 +422,86 @@ class AdminTests(TestCase):
         self.assertIn("GlobalQuota", done.stderr)
         self.assertIn(config, done.stderr)
         self.assertNotIn("Traceback", done.stderr)
+
+
+class SlotComponentTests(SynchronousTestCase):
+    """The slot component asks the quotas before it gives a slot, and records who asked."""
+
+    def setUp(self) -> None:
+        from tests.test_component import issuer
+
+        self.server = MemoryServer(self.mktemp())
+        fs = self.server.fs
+        fs.metadata.quota_accounting = True
+        fs.quotas = Quotas(Limits(user=1500), fs.metadata, self.server.clock)
+        fs.slot_uploaders = True
+        self.counts: list[str] = []
+        self.issuer = issuer(public_url="http://up.example/upload/", max_size=0)
+        self.component = self.makeComponent()
+
+    def makeComponent(self, protocol: str = "v2"):
+        from hmacd.component import SlotComponent
+
+        self.issuer.protocol = protocol
+        fs = self.server.fs
+        return SlotComponent(
+            self.issuer, counted=self.counts.append, quotas=fs.quotas, store=fs.metadata
+        )
+
+    def ask(self, size: int, name: str = "a.txt"):
+        from tests.test_component import slot_request
+
+        self.issuer.random_slot = lambda: f"S{len(self.counts)}"
+        answer = self.component.respond(slot_request(name, str(size), "text/plain"))
+        return self.successResultOf(answer)
+
+    def test_refused_when_full(self):
+        """No room left now: resource-constraint (wait), naming the quota and its limit."""
+        from tests.test_component import error_of
+
+        self.successResultOf(
+            self.server.fs.metadata.put(
+                FileRecord("x/old", 1000, "text/plain", "0" * 64, 0.0, "v2", "alice@example.org")
+            )
+        )
+        response = self.ask(600)
+        self.assertEqual(error_of(response), ("wait", "resource-constraint"))
+        self.assertIn("UserQuota reached: the limit is 1500 bytes", response.toXml())
+        self.assertEqual(self.counts, ["resource-constraint"])
+        self.assertEqual(response.getAttribute("type"), "error")
+
+    def test_larger_than_the_quota(self):
+        """A file larger than the quota itself: file-too-large with the limit."""
+        from tests.test_component import error_of
+
+        response = self.ask(1501)
+        self.assertEqual(error_of(response), ("modify", "not-acceptable"))
+        self.assertIn("<max-file-size>1500</max-file-size>", response.toXml())
+
+    def test_uploader_recorded_for_the_put(self):
+        """A v2 slot names nobody: the PUT finds the requester on record, and counts for it."""
+        response = self.ask(len(BODY), "b.txt")
+        self.assertEqual(response.getAttribute("type"), "result")
+        put = next(next(response.elements(NS_UPLOAD, "slot")).elements(NS_UPLOAD, "put"))["url"]
+        path = put.split("/upload/", 1)[1].split("?")[0]
+        query = put.split("?", 1)[1]
+        channel, transport = self.server.connect()
+        channel.dataReceived(
+            (
+                f"PUT /upload/{path}?{query} HTTP/1.1\r\nHost: up.example\r\n"
+                f"Content-Type: text/plain\r\nContent-Length: {len(BODY)}\r\n\r\n"
+            ).encode("ascii")
+            + BODY
+        )
+        self.assertIn(b"HTTP/1.1 201 ", transport.value())
+        record = self.successResultOf(self.server.fs.metadata.get(path))
+        self.assertEqual(record.uploader, ALICE)
+        usage = self.successResultOf(self.server.fs.metadata.quota_usage(ALICE, 0))
+        self.assertEqual(usage.stored, len(BODY))
+
+    def test_store_down_still_issues(self):
+        """A store that cannot say: the slot is given, and the PUT asks again."""
+        self.server.fs.metadata.quota_usage = lambda *a: fail(StoreUnavailable("down"))
+        response = self.ask(10)
+        self.assertEqual(response.getAttribute("type"), "result")
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
