@@ -501,3 +501,24 @@ class QuotaContract:
         usage = yield self.store.quota_usage(who, self.NOW)
         self.assertEqual((usage.stored, usage.daily), (9, 9))
         self.assertEqual((yield self.store.quota_uploaders(self.NOW)), [(who, 9, 9)])
+
+    @inlineCallbacks
+    def test_quota_holds_at_once(self):
+        """Holds asked of one store object at once (they may go together): what fits wins."""
+        from twisted.internet.defer import gatherResults
+
+        self.counting()
+        limits = Limits(user=50)
+        results = yield gatherResults(
+            [
+                self.store.quota_reserve(f"b{n}", "alice@example.org", 10, limits, self.NOW, 60)
+                for n in range(10)
+            ]
+        )
+        self.assertEqual(sum(ok for ok, _ in results), 5)
+        yield gatherResults(
+            [self.store.quota_release(f"b{n}", "alice@example.org") for n in range(10)]
+            + [self.store.quota_reserve("c", "alice@example.org", 50, limits, self.NOW, 60)]
+        )
+        usage = yield self.store.quota_usage("alice@example.org", self.NOW)
+        self.assertEqual(usage.held, 50)

@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
+from hmacd.batch import Batcher
 from hmacd.quota import DAY_HOURS, Limits, Usage, exceeded, hour_of
 
 __all__ = ["QuotaSQL", "usage_schema", "usage_statements"]
@@ -120,6 +122,10 @@ def _key(kind: str, uploader: str, slot: int = 0) -> str:
 _Figure = tuple[str, str, int]
 _TOTAL: _Figure = ("total", "", 0)
 
+# A hold taken ("reserve", (token, uploader, size, limits, now, ttl)) or dropped
+# ("release", (token,)).
+_Hold = tuple[str, tuple[Any, ...]]
+
 
 def _row(figure: _Figure, delta: int, expires: float | None = None) -> tuple[Any, ...]:
     kind, uploader, slot = figure
@@ -139,6 +145,7 @@ class QuotaSQL:
 
     quota_accounting = False
     _statements: dict[str, str]
+    _quotaHolds: Batcher[_Hold, tuple[bool, Usage] | None] | None = None
 
     def _run(self, execute: Callable[..., Any], *args: Any) -> Deferred[Any]:
         raise NotImplementedError
@@ -206,40 +213,60 @@ class QuotaSQL:
         self, token: str, uploader: str | None, size: int, limits: Limits, now: float, ttl: float
     ) -> Deferred[tuple[bool, Usage]]:
         """Hold C{size} bytes for C{uploader} unless it would exceed one of C{limits}."""
-        return self._run(self._reserve, token, uploader, size, limits, now, ttl)
-
-    def _reserve(
-        self,
-        connection: Any,
-        token: str,
-        uploader: str | None,
-        size: int,
-        limits: Limits,
-        now: float,
-        ttl: float,
-    ) -> tuple[bool, Usage]:
-        cursor = connection.cursor()
-        try:
-            # Writing the rows locks them: holds are taken one at a time from here on.
-            locks = [_row(_TOTAL, 0)]
-            if uploader is not None:
-                locks.append(_row(("stored", uploader, 0), 0))
-            for row in locks:
-                cursor.execute(self._statements["quota_add"], row)
-            cursor.execute(self._statements["quota_purge"], (now,))
-            usage = self._usage(cursor, uploader, now)
-            if exceeded(limits, usage, uploader, size) is not None:
-                return False, usage
-            hold = (_hash(f"hold\0{token}"), "hold", _hash(uploader or ""), uploader or "")
-            cursor.execute(self._statements["quota_insert"], (*hold, 0, size, now + ttl))
-            return True, usage
-        finally:
-            cursor.close()
+        hold: _Hold = ("reserve", (token, uploader, size, limits, now, ttl))
+        return self._holdBatcher().submit(hold)  # type: ignore[return-value]
 
     def quota_release(self, token: str, uploader: str | None) -> Deferred[None]:
         """Drop the hold C{token}; no error if it is gone."""
-        d = self._run(_execute, self._statements["quota_delete"], (_hash(f"hold\0{token}"),))
+        d = self._holdBatcher().submit(("release", (token,)))
         return d.addCallback(lambda _: None)
+
+    def _holdBatcher(self) -> Batcher[_Hold, tuple[bool, Usage] | None]:
+        # Holds taken and dropped while others are in flight wait, then go together in one
+        # transaction: each upload takes one and drops one, and SQLite has one writer.
+        if self._quotaHolds is None:
+            self._quotaHolds = Batcher(self._holdMany)
+        return self._quotaHolds
+
+    def _holdMany(
+        self, batch: list[_Hold]
+    ) -> Deferred[Sequence[tuple[bool, Usage] | Failure | None]]:
+        return self._run(self._holdAll, batch)
+
+    def _holdAll(self, connection: Any, batch: list[_Hold]) -> list[tuple[bool, Usage] | None]:
+        """The holds of C{batch}, taken and dropped in order, in one transaction."""
+        s = self._statements
+        cursor = connection.cursor()
+        try:
+            results: list[tuple[bool, Usage] | None] = []
+            locked: set[str | None] = set()
+            purged = False
+            for kind, args in batch:
+                if kind == "release":
+                    cursor.execute(s["quota_delete"], (_hash(f"hold\0{args[0]}"),))
+                    results.append(None)
+                    continue
+                token, uploader, size, limits, now, ttl = args
+                # Writing the rows locks them (the total first, as every writer does): holds
+                # are taken one at a time from here on, across processes and nodes.
+                for who in (None, uploader):
+                    if who not in locked:
+                        locked.add(who)
+                        figure = _TOTAL if who is None else ("stored", who, 0)
+                        cursor.execute(s["quota_add"], _row(figure, 0))
+                if not purged:
+                    purged = True
+                    cursor.execute(s["quota_purge"], (now,))
+                usage = self._usage(cursor, uploader, now)
+                if exceeded(limits, usage, uploader, size) is not None:
+                    results.append((False, usage))
+                    continue
+                hold = (_hash(f"hold\0{token}"), "hold", _hash(uploader or ""), uploader or "")
+                cursor.execute(s["quota_insert"], (*hold, 0, size, now + ttl))
+                results.append((True, usage))
+            return results
+        finally:
+            cursor.close()
 
     # -- reading, and the admin's commands -------------------------------------------------------
 
