@@ -505,3 +505,44 @@ class SlotComponentTests(SynchronousTestCase):
         response = self.ask(10)
         self.assertEqual(response.getAttribute("type"), "result")
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class WiringTests(SynchronousTestCase):
+    """What the builders make of the quota keys."""
+
+    def load(self, text: str):
+        from hmacd.config import load_config
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f'StoreDir = "{os.path.abspath(self.mktemp())}"\n{text}')
+        return load_config(path)
+
+    def test_keys(self):
+        """Sizes in any form the other size keys take; each is one limit."""
+        config = self.load('UserQuota = "10MB"\nUserDailyQuota = 2048\nGlobalQuota = "1GB"\n')
+        self.assertEqual(Limits.from_config(config), Limits(10 * 2**20, 2048, 2**30))
+
+    def test_bad_value(self):
+        """A quota that is no size is a config error naming the key."""
+        from hmacd.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            self.load("UserDailyQuota = -1\n")
+        self.assertIn("UserDailyQuota", str(caught.exception))
+
+    def test_built(self):
+        """A quota set: the server asks the quotas, and the stores keep the figures."""
+        from twisted.internet.task import Clock
+
+        from hmacd.services import build_file_server, build_metadata
+
+        clock = Clock()
+        for text, on in (("", False), ("GlobalQuota = 1\n", True)):
+            config = self.load(text + "UploaderFromPath = true\n")
+            metadata = build_metadata(config, clock)
+            self.assertEqual(metadata.quota_accounting, on)
+            fs = build_file_server(config, SECRET, clock, metadata)
+            self.assertEqual(fs.quotas is not None, on)
+            self.assertTrue(fs.uploader_from_path)
+            self.assertFalse(fs.slot_uploaders)
