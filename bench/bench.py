@@ -16,6 +16,9 @@ Every figure is taken with MaxBytesPerSecond off and on (on: a per-upload cap hi
 to bind, so the figure shows what the throttle's bookkeeping costs), with ``--workers N`` for
 the server's Workers.  The table goes to stdout, everything to a JSON file so that runs can be
 compared.
+
+``--storage s3`` measures hmacfs with ``StorageBackend = "s3"`` instead, beside the bare store
+(bench/s3_rows.py).
 """
 
 from __future__ import annotations
