@@ -128,6 +128,7 @@ def build_file_server(
         blocking=blocking,  # type: ignore[arg-type]
         stop_threads=stop_threads,
         secret=secret,
+        previous_secrets=tuple(s.encode("utf-8") for s in config.previous_secrets),
         store_dir=config.store_dir,
         reactor=reactor,
         metadata=metadata,
