@@ -265,6 +265,12 @@ class Announce(Service):
         )
         if self.secretLength < 16:
             log.warn("the secret is shorter than 16 bytes: MACs are only as strong as it")
+        if c.previous_secrets:
+            # So that the operator sees a rotation took effect; how many, never which.
+            log.info(
+                "{count} previous secret(s) verify slots too (PreviousSecrets)",
+                count=len(c.previous_secrets),
+            )
         if os.path.isdir(c.store_dir) and not facts.probe(c.store_dir):
             log.warn(
                 "{store} has no user extended attributes: each file's facts (type, hash, "

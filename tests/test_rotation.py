@@ -277,6 +277,25 @@ class ConfigTests(SynchronousTestCase):
         self.assertNotIn("from-env", str(e))
 
 
+class AnnounceTests(SynchronousTestCase):
+    """The start-up line says how many previous secrets there are, never what they are."""
+
+    def test_count_announced(self) -> None:
+        """Two previous secrets: the count is logged, neither value."""
+        from twisted.logger import formatEvent
+
+        from hmacd.services import Announce
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = Config(secret="s" * 20, previous_secrets=("old-1", "old-2"), store_dir="/nope")
+        Announce(config, "the config file", 20).startService()
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("2 previous secret(s) verify slots too (PreviousSecrets)", text)
+        self.assertNotIn("old-", text)
+
+
 class CheckConfigTests(SynchronousTestCase):
     """hmacfs check-config on previous secrets."""
 
