@@ -21,7 +21,7 @@ from typing import cast
 
 from hmacd import auth
 from hmacd.config import SECRET_FIELDS, Config, ConfigError, load_config, parse_size
-from hmacd.secret import ENV_VAR, secret_file
+from hmacd.secret import ENV_VAR, SecretError, resolve_previous_secrets, secret_file
 
 __all__ = ["main", "run", "upload_file"]
 
@@ -96,7 +96,36 @@ def _check_config(args) -> int:
             value = "***"
         print(f"{field.name} = {value!r}")
     print(f"listen endpoint = {config.listen_endpoint}")
+    for warning in _secret_warnings(config, os.environ):
+        print(f"hmacfs check-config: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _secret_warnings(config: Config, environ) -> list[str]:
+    """
+    What check-config says about the previous secrets: one equal to the current secret (it
+    verifies nothing the current one does not: the rotation was not done), or twice in the
+    list.  Positions only, never a secret.
+    """
+    try:
+        previous, origin = resolve_previous_secrets(config.previous_secrets, environ)
+    except SecretError as e:
+        raise UserError(str(e)) from None
+    where = "PreviousSecrets" if origin == "the config file" else origin
+    current = environ.get(ENV_VAR) or config.secret
+    currentName = ENV_VAR if environ.get(ENV_VAR) else "Secret"
+    warnings = []
+    seen: dict[str, int] = {}
+    for position, value in enumerate(previous, 1):
+        if current is not None and value == current:
+            warnings.append(
+                f"{where}: previous secret #{position} equals the current secret"
+                f" ({currentName}); change {currentName} to the new secret, or drop #{position}"
+            )
+        elif value in seen:
+            warnings.append(f"{where}: previous secret #{position} repeats #{seen[value]}")
+        seen.setdefault(value, position)
+    return warnings
 
 
 def _reindex(args) -> int:

@@ -99,6 +99,13 @@ class Config:
     secret: str | None = _key(
         "Secret", None, cv.secret, "shared secret (see Quick start)", secret=True
     )
+    previous_secrets: tuple[str, ...] = _key(
+        "PreviousSecrets",
+        (),
+        cv.previous_secrets,
+        "still verify slots after a change of ``Secret``",
+        secret=True,
+    )
     store_dir: str = _key("StoreDir", "./uploads", cv.store_dir, "where files are kept")
     upload_subdir: str = _key(
         "UploadSubDir", "upload", cv.upload_subdir, "URL prefix of the upload space"

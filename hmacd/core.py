@@ -12,11 +12,13 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 from hmacd.guard import ClientCounts
 from hmacd.mediatype import guess_type, is_inline_type
 from hmacd.metrics import Metrics
 from hmacd.node_claims import NodeClaims
+from hmacd.secret import PreviousSecretUses
 from hmacd.sink import GroupCommit, Uploads
 from hmacd.storage import IStorage
 from hmacd.storage.local import LocalStorage
@@ -24,6 +26,8 @@ from hmacd.store.failover import FailoverStore
 from hmacd.throttle import Bandwidth, RateLimiter, SharedRateLimiter
 
 __all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
+
+log = Logger()
 
 # Runs a blocking callable off the reactor thread; a Deferred of its result.
 Blocking = Callable[[Callable[[], Any]], Deferred[Any]]
@@ -94,6 +98,8 @@ class FileServer:
     # Claims across nodes (hmacd.node_claims) in the shared metadata store, taken before an
     # upload's body where nodes share the storage (an object store); None on one host.
     node_claims: NodeClaims | None = None
+    # PreviousSecrets: they verify slots as the secret does (never sign any), in their order.
+    previous_secrets: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
@@ -112,6 +118,9 @@ class FileServer:
         )
         if self.make_storage is not None:
             self.storage = self.make_storage(self)  # StorageBackend = "s3"
+        self.previous_secret_uses = PreviousSecretUses(
+            self.now, self.metrics.previous_secret_uses, log
+        )
         self.uploads = Uploads(
             GroupCommit(lambda work: self.blocking(work), self.storage.settle),
             lambda count: self.metrics.uploads_in_progress.set(count),

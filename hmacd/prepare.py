@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from hmacd.claims import claims_file
 from hmacd.config import Config
-from hmacd.secret import SecretError, resolve_secret, secret_file
+from hmacd.secret import SecretError, resolve_previous_secrets, resolve_secret, secret_file
 
 __all__ = ["PrepareError", "Prepared", "metrics_directory", "prepare_store"]
 
@@ -70,7 +70,9 @@ def prepare_store(
     """
     Make StoreDir (and its parents) and find the secret: C{secret} as given (from
     C{origin}), else as L{hmacd.secret.resolve_secret} finds it from C{cli_secret},
-    C{environ} and the config, generating the kept one if need be.
+    C{environ} and the config, generating the kept one if need be.  The previous secrets
+    are C{HMACFS_PREVIOUS_SECRETS} in C{environ}, else the config's, and the returned
+    config holds them.
 
     With C{shared_metrics}, the (emptied) metrics directory of Workers.  With C{run_as}
     (uid, gid: twistd's --uid/--gid), the claims file and LogFile are created too, what was
@@ -97,6 +99,12 @@ def prepare_store(
             raise PrepareError(str(e)) from None
         if not hadState and os.path.isdir(state):
             created += [state, secret_file(store)]
+    try:
+        previous, _ = resolve_previous_secrets(config.previous_secrets, environ)
+    except SecretError as e:
+        raise PrepareError(str(e)) from None
+    # In the config from here on, so that Workers get them with it, on their pipe.
+    config = dataclasses.replace(config, previous_secrets=previous)
     metricsDir = None
     if shared_metrics:
         # Made here so that it is handed to --uid with the rest: workers run as that user

@@ -128,6 +128,7 @@ def build_file_server(
         blocking=blocking,  # type: ignore[arg-type]
         stop_threads=stop_threads,
         secret=secret,
+        previous_secrets=tuple(s.encode("utf-8") for s in config.previous_secrets),
         store_dir=config.store_dir,
         reactor=reactor,
         metadata=metadata,
@@ -265,6 +266,12 @@ class Announce(Service):
         )
         if self.secretLength < 16:
             log.warn("the secret is shorter than 16 bytes: MACs are only as strong as it")
+        if c.previous_secrets:
+            # So that the operator sees a rotation took effect; how many, never which.
+            log.info(
+                "{count} previous secret(s) verify slots too (PreviousSecrets)",
+                count=len(c.previous_secrets),
+            )
         if os.path.isdir(c.store_dir) and not facts.probe(c.store_dir):
             log.warn(
                 "{store} has no user extended attributes: each file's facts (type, hash, "

@@ -353,6 +353,8 @@ class UploadRequest(server.Request):
         verdict = judge(self.path, query, length, headers, fs, fs.now())
         if isinstance(verdict, Refusal):
             return self._refuse(verdict.status, verdict.reason, length, verdict.headers)
+        if verdict.previous:
+            fs.previous_secret_uses.used(verdict.previous)
         if fs.node_claims is not None:
             return self._admitAcrossNodes(verdict, length)
         try:

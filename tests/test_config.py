@@ -173,6 +173,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "ListenPort",
                 "UnixSocket",
                 "Secret",
+                "PreviousSecrets",
                 "StoreDir",
                 "UploadSubDir",
                 "LogLevel",
@@ -265,7 +266,12 @@ class TableTests(SynchronousTestCase):
 
     def test_converters_accept_defaults(self) -> None:
         """Each key's converter gives back its default from the default's TOML spelling."""
-        defaults = {"Secret": "s", "TrustedProxies": [], "ComponentAllowedDomains": []}
+        defaults = {
+            "Secret": "s",
+            "TrustedProxies": [],
+            "ComponentAllowedDomains": [],
+            "PreviousSecrets": [],
+        }
         config = parse_config(
             {k: defaults.get(k, getattr(Config(), v)) for k, v in KEYS.items()}, "t"
         )
