@@ -21,6 +21,7 @@ from hmacd.sink import GroupCommit, Uploads
 from hmacd.storage import IStorage
 from hmacd.storage.local import LocalStorage
 from hmacd.store.failover import FailoverStore
+from hmacd.takedown import DenyList
 from hmacd.throttle import Bandwidth, RateLimiter, SharedRateLimiter
 
 __all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
@@ -94,6 +95,10 @@ class FileServer:
     # Claims across nodes (hmacd.node_claims) in the shared metadata store, taken before an
     # upload's body where nodes share the storage (an object store); None on one host.
     node_claims: NodeClaims | None = None
+    # This process's copy of the takedowns (hmacd.takedown), refreshed by a timer; and the
+    # audit log (hmacd.audit.AuditLog, AuditLog), None when off.
+    denials: DenyList = field(default_factory=DenyList)
+    audit: Any = None
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
