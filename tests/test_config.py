@@ -177,6 +177,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "UploadSubDir",
                 "LogLevel",
                 "LogFile",
+                "AuditLog",
                 "RedisAddr",
                 "RedisPassword",
                 "RedisDB",
