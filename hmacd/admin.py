@@ -249,10 +249,13 @@ async def _rm(s: Session, args: argparse.Namespace) -> int:
     failed = 0
     for path in paths:
         record, sha256 = await s.digest_of(path)
-        if record is None and not sha256 and (await s.store.takedown(path)) is None:
-            s.err.write(f"hmacfs admin rm: {escape(path)}: no such file\n")
-            failed += 1
-            continue
+        if record is None and not sha256:
+            earlier = await s.store.takedown(path)
+            if earlier is None:
+                s.err.write(f"hmacfs admin rm: {escape(path)}: no such file\n")
+                failed += 1
+                continue
+            sha256 = earlier.sha256  # taken down again (say, for legal reasons now)
         takedown = Takedown(path, status, sha256, args.reason or "", time.time(), os_user())
         # First the takedown: from now on the URL says why, and the content is denied, even
         # if what follows is broken off (run the command again to finish).
@@ -263,10 +266,11 @@ async def _rm(s: Session, args: argparse.Namespace) -> int:
             s.audit.write(
                 "takedown", path, record, status=status, reason=takedown.reason, file=removed
             )
-        what = "file and record" if removed and record else "file" if removed else "record"
-        if not removed and record is None:
-            what = "nothing left"
-        s.out.write(f"taken down ({status}): {escape(path)} [{what} removed]\n")
+        if removed:
+            what = "file and record removed" if record else "file removed"
+        else:
+            what = "record removed" if record else "already removed"
+        s.out.write(f"taken down ({status}): {escape(path)} [{what}]\n")
     return 1 if failed else 0
 
 
@@ -395,8 +399,15 @@ async def _stats(s: Session, args: argparse.Namespace) -> int:
 _STORAGE = {"rm", "purge"}
 
 
-async def run_admin(reactor: Any, args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    """Run the admin command C{args} in C{reactor} (running); the exit status."""
+async def run_admin(
+    reactor: Any, args: argparse.Namespace, out: IO[str], err: IO[str], store: Any = None
+) -> int:
+    """
+    Run the admin command C{args} in C{reactor} (running); the exit status.
+
+    @param store: a FailoverStore, not started, instead of the config's (tests: a table or
+        prefix of their own); it is started and stopped here.
+    """
     from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
     from hmacd.reindex import open_storage, worker_threads
@@ -425,7 +436,8 @@ async def run_admin(reactor: Any, args: argparse.Namespace, out: IO[str], err: I
 
     listen = cast(ILogObserver, complain)
     globalLogPublisher.addObserver(listen)
-    store = build_metadata(config, reactor)
+    if store is None:
+        store = build_metadata(config, reactor)
     session = Session(config, store, out, err, reactor)
     release: Callable[[], Deferred[None]] | None = None
     stop_workers: Callable[[], None] | None = None
