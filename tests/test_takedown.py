@@ -1,0 +1,201 @@
+"""
+Takedowns over real HTTP: a taken-down URL answers 410 (or 451), a PUT to it is refused
+before its body, and the same content under another slot is refused at commit with nothing
+left behind; the server and C{hmacfs admin} share the embedded SQLite of one StoreDir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from io import BytesIO
+
+from treq import content
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import FileBodyProducer
+
+from hmacd.admin import register, run_admin
+from hmacd.store import StoreUnavailable
+from hmacd.store.failover import FailoverStore
+from hmacd.store.memory import MemoryStore
+from hmacd.store.sql import SQLStore
+from hmacd.takedown import DenyList, DenyListRefresh, Takedown, gone_body
+from tests.support import LoopbackServer, store_files, v2_query
+
+CAT = b"\xff\xd8\xff\xe0 a cat, allegedly" * 100
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hmacfs")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["admin", *argv])
+
+
+class TakedownOverHTTPTests(TestCase):
+    """A server on 127.0.0.1 and the admin commands on the same StoreDir and SQLite."""
+
+    async def asyncSetUp(self) -> None:
+        root = self.root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        self.config = os.path.abspath(self.mktemp())
+        with open(self.config, "w") as f:
+            f.write(f'StoreDir = "{root}"\n')
+        sqlite = SQLStore.sqlite(os.path.join(root, ".hmacfs", "meta.sqlite3"), reactor)
+        self.store = FailoverStore(sqlite, clock=reactor, healthInterval=0)
+        await self.store.start()
+        self.addCleanup(self.store.stop)
+        self.server = LoopbackServer(self, root=root, metadata=self.store)
+
+    def setUp(self) -> Deferred[None]:
+        return ensureDeferred(self.asyncSetUp())
+
+    async def admin(self, *argv: str) -> int:
+        out, err = io.StringIO(), io.StringIO()
+        args = parse(argv[0], "--config", self.config, *argv[1:])
+        code = await run_admin(reactor, args, out, err)
+        self.assertEqual(err.getvalue(), "")
+        return code
+
+    async def reload(self) -> None:
+        """What the server's DenyListRefresh does every few seconds, now."""
+        self.server.fs.denials.load(await self.store.takedowns())
+
+    async def put(self, path: str, body: bytes, content_type: str = "image/jpeg"):
+        url = self.server.url(path, v2_query(path, len(body), content_type))
+        response = await self.server.http.put(
+            url, data=FileBodyProducer(BytesIO(body)), headers={"Content-Type": content_type}
+        )
+        return response.code, await content(response)
+
+    async def get(self, path: str, method: str = "GET"):
+        response = await self.server.http.request(method, self.server.url(path))
+        return response.code, await content(response), response.headers
+
+    def denied(self) -> float:
+        registry = self.server.fs.metrics.registry
+        value = registry.get_sample_value(
+            "hmac_file_server_upload_errors_total", {"reason": "denied"}
+        )
+        return value or 0
+
+    async def test_removed_answers_410(self):
+        """After rm, GET and HEAD answer 410 with a short text, not 404; others stay 404."""
+        self.assertEqual((await self.put("s1/cat.jpg", CAT))[0], 201)
+        self.assertEqual((await self.get("s1/cat.jpg"))[:2], (200, CAT))
+        self.assertEqual(await self.admin("rm", "s1/cat.jpg"), 0)
+        code, body, headers = await self.get("s1/cat.jpg")
+        self.assertEqual((code, body), (410, gone_body(410)))
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+        code, body, headers = await self.get("s1/cat.jpg", "HEAD")
+        self.assertEqual((code, body), (410, b""))
+        self.assertEqual(headers.getRawHeaders("content-length"), [str(len(gone_body(410)))])
+        self.assertEqual((await self.get("s1/never.jpg"))[0], 404)
+        self.assertEqual(store_files(self.root), [])
+
+    async def test_legal_answers_451(self):
+        """rm --legal: the URL answers 451."""
+        await self.put("s1/doc.pdf", b"%PDF-1.4 leaked", "application/pdf")
+        self.assertEqual(await self.admin("rm", "--legal", "s1/doc.pdf"), 0)
+        self.assertEqual((await self.get("s1/doc.pdf"))[:2], (451, gone_body(451)))
+
+    async def test_put_to_taken_down_path(self):
+        """A PUT to a taken-down path is refused with its status, and nothing is written."""
+        await self.put("s1/cat.jpg", CAT)
+        await self.admin("rm", "--legal", "s1/cat.jpg")
+        await self.reload()
+        code, _ = await self.put("s1/cat.jpg", b"other bytes, same slot")
+        self.assertEqual(code, 451)
+        self.assertEqual(store_files(self.root), [])
+        registry = self.server.fs.metrics.registry
+        refused = registry.get_sample_value(
+            "hmac_file_server_upload_errors_total", {"reason": "taken_down"}
+        )
+        self.assertEqual(refused, 1)
+
+    async def test_same_content_elsewhere_refused(self):
+        """The taken-down content under another slot is refused, and leaves nothing behind."""
+        await self.put("s1/cat.jpg", CAT)
+        await self.admin("rm", "s1/cat.jpg")
+        await self.reload()
+        code, _ = await self.put("s2/same-cat.jpg", CAT)
+        self.assertEqual(code, 410)
+        self.assertEqual(self.denied(), 1)
+        self.assertEqual((await self.get("s2/same-cat.jpg"))[0], 404)
+        self.assertIsNone(await self.store.get("s2/same-cat.jpg"))
+        # No temp file, no directory made for it.
+        self.assertEqual(store_files(self.root), [])
+        # Other content goes in as ever.
+        self.assertEqual((await self.put("s2/dog.jpg", b"a dog"))[0], 201)
+
+    async def test_lift(self):
+        """Lifted, the URL answers 404 and the content may be uploaded again."""
+        await self.put("s1/cat.jpg", CAT)
+        await self.admin("rm", "s1/cat.jpg")
+        await self.admin("lift", "s1/cat.jpg")
+        await self.reload()
+        self.assertEqual((await self.get("s1/cat.jpg"))[0], 404)
+        self.assertEqual((await self.put("s1/cat.jpg", CAT))[0], 201)
+        self.assertEqual(self.denied(), 0)
+
+    async def test_store_down_on_404(self):
+        """A store that cannot say answers the plain 404: no error, no hang."""
+        self.patch(self.store, "takedown", lambda path: Deferred.fromCoroutine(_down()))
+        self.assertEqual((await self.get("s1/none.jpg"))[:2], (404, b"not found\n"))
+
+
+async def _down():
+    raise StoreUnavailable("down for the test")
+
+
+class DenyListTests(SynchronousTestCase):
+    """The process's copy of the deny list, and its refresh."""
+
+    def test_lookups(self):
+        """Paths and digests answer their status; the strictest wins for one digest."""
+        deny = DenyList()
+        self.assertIsNone(deny.path("a"))
+        deny.load(
+            [Takedown("a", 410, "11" * 32), Takedown("b", 451, "11" * 32), Takedown("c", 410)]
+        )
+        self.assertEqual((deny.path("a"), deny.path("b"), deny.path("c")), (410, 451, 410))
+        self.assertEqual(deny.digest("11" * 32), 451)
+        self.assertIsNone(deny.digest(""))
+        self.assertIsNone(deny.path("d"))
+        deny.add(Takedown("d", 410, "22" * 32))
+        self.assertEqual((deny.path("d"), deny.digest("22" * 32), len(deny)), (410, 410, 4))
+
+    def test_bad_status(self):
+        """A takedown answers 410 or 451, nothing else."""
+        self.assertRaises(ValueError, Takedown, "a", 404)
+
+    def test_refresh(self):
+        """The timer reloads from the store every interval; a failure keeps the last copy."""
+        clock = Clock()
+        store = MemoryStore()
+        deny = DenyList()
+        service = DenyListRefresh(store, deny, interval=10, clock=clock)
+        store.put_takedown(Takedown("a", 410, "11" * 32))
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(deny.path("a"), 410)
+        store.put_takedown(Takedown("b", 451))
+        clock.advance(9)
+        self.assertIsNone(deny.path("b"))
+        clock.advance(1)
+        self.assertEqual(deny.path("b"), 451)
+        failing = []
+        self.patch(store, "takedowns", lambda: failing.append(1) or _failed())
+        clock.advance(10)
+        self.assertEqual(failing, [1])
+        self.assertEqual((deny.path("a"), deny.path("b")), (410, 451))
+        self.flushLoggedErrors()
+
+
+def _failed():
+    from twisted.internet.defer import fail
+
+    return fail(StoreUnavailable("down"))
