@@ -7,6 +7,7 @@ left behind; the server and C{hmacfs admin} share the embedded SQLite of one Sto
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 from io import BytesIO
@@ -24,7 +25,7 @@ from hmacd.store.failover import FailoverStore
 from hmacd.store.memory import MemoryStore
 from hmacd.store.sql import SQLStore
 from hmacd.takedown import DenyList, DenyListRefresh, Takedown, gone_body
-from tests.support import LoopbackServer, store_files, v2_query
+from tests.support import LoopbackServer, MemoryServer, store_files, v2_query
 
 CAT = b"\xff\xd8\xff\xe0 a cat, allegedly" * 100
 
@@ -199,3 +200,33 @@ def _failed():
     from twisted.internet.defer import fail
 
     return fail(StoreUnavailable("down"))
+
+
+class ResumableDeniedTests(SynchronousTestCase):
+    """A resumable upload whose whole content is denied is refused at its last piece."""
+
+    def test_last_piece_refused(self):
+        """308 for the first piece, 410 for the last; no file, no record, no partial left."""
+        from tests.test_resumable import DATA, TOTAL, piece
+        from tests.test_upload import status
+
+        root = self.mktemp()
+        server = MemoryServer(root)
+        server.fs.denials.load([Takedown("old/cat.bin", 410, hashlib.sha256(DATA).hexdigest())])
+
+        def send(data: bytes):
+            channel, transport = server.connect()
+            channel.dataReceived(data)
+            return transport
+
+        self.assertEqual(status(send(piece("f.bin", 0, 4095, TOTAL))), 308)
+        self.assertEqual(status(send(piece("f.bin", 4096, TOTAL - 1, TOTAL))), 410)
+        self.assertEqual(store_files(root), [])
+        self.assertIsNone(self.successResultOf(server.fs.metadata.get("f.bin")))
+        self.assertEqual(os.listdir(os.path.join(root, ".hmacfs", "partial")), [])
+        self.assertEqual(
+            server.fs.metrics.registry.get_sample_value(
+                "hmac_file_server_upload_errors_total", {"reason": "denied"}
+            ),
+            1,
+        )
