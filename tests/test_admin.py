@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hmacd.admin import (
@@ -28,6 +29,7 @@ from hmacd.admin import (
     type_matches,
 )
 from hmacd.config import Config
+from hmacd.s3.protocol import NoSuchKey
 from hmacd.services import build_metadata
 from hmacd.store import StoreUnavailable
 from hmacd.store.failover import FailoverStore
@@ -35,6 +37,7 @@ from hmacd.store.redis import RedisStore
 from hmacd.store.sql import SQLStore
 from tests.servers import delete_prefix, free_port
 from tests.store_contract import record, require_service
+from tests.test_reindex_s3 import BucketCase, run_command
 from tests.test_store_redis import SHARED_PORT
 from tests.test_store_redis import prefix as redis_prefix
 from tests.test_store_sql import (
@@ -409,3 +412,54 @@ class PieceTests(SynchronousTestCase):
         self.assertFalse(RecordFilter(older_than=20, now=NOW)(r))
         self.assertFalse(RecordFilter(larger_than=100, now=NOW)(r))
         self.assertFalse(RecordFilter(uploader="c@d", now=NOW)(r))
+
+
+class S3AdminTests(BucketCase):
+    """rm and purge with StorageBackend = "s3", as an operator runs them (a prefix of its own)."""
+
+    async def test_rm_and_purge(self):
+        """rm takes an object down (record gone, takedown kept); purge deletes one uploader's."""
+        bodies = {"s/cat.jpg": b"a cat", "s/dog.jpg": b"a dog", "t/keep.txt": b"kept"}
+        records = {}
+        for path, body in bodies.items():
+            uploader = "bob@example.org" if path != "s/cat.jpg" else "eve@example.org"
+            facts = record(
+                path, size=len(body), sha256=hashlib.sha256(body).hexdigest(), uploader=uploader
+            )
+            records[path] = facts
+            await self.publish(facts, body)
+        store = await self.sqlite()
+        for facts in records.values():
+            await store.put(facts)
+        await store.stop()
+        config = self.write_config()
+        keys = {
+            "HMACFS_S3_ACCESS_KEY": self.mini.access_key,
+            "HMACFS_S3_SECRET_KEY": self.mini.secret_key,
+        }
+
+        async def admin(*argv: str):
+            return await deferToThread(
+                run_command, "admin", argv[0], "--config", config, *argv[1:], env=keys
+            )
+
+        done = await admin("rm", "--legal", "s/cat.jpg")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout, "taken down (451): s/cat.jpg [file and record removed]\n")
+        await self.assertFailure(self.client.head_object("s/cat.jpg"), NoSuchKey)
+        done = await admin("purge", "--uploader", "bob@example.org")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout, "deleted 2 files, 9 bytes, of bob@example.org\n")
+        for path in ("s/dog.jpg", "t/keep.txt"):
+            await self.assertFailure(self.client.head_object(path), NoSuchKey)
+        store = await self.sqlite()
+        self.assertEqual([await store.get(path) for path in bodies], [None, None, None])
+        takedown = await store.takedown("s/cat.jpg")
+        self.assertEqual((takedown.status, takedown.sha256), (451, records["s/cat.jpg"].sha256))
+
+    async def test_no_credentials(self):
+        """Deleting from an object store without its keys is one line, before anything."""
+        config = self.write_config()
+        done = await deferToThread(run_command, "admin", "rm", "--config", config, "s/x")
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertEqual(done.stderr, "hmacfs admin rm: S3AccessKey/S3SecretKey: not set\n")
