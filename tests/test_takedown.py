@@ -230,3 +230,51 @@ class ResumableDeniedTests(SynchronousTestCase):
             ),
             1,
         )
+
+
+class S3TakedownTests(TestCase):
+    """The same answers with the bytes in SeaweedFS (a prefix of the test's own)."""
+
+    timeout = 120
+
+    async def asyncSetUp(self) -> None:
+        from tests.seaweed import shared_mini
+        from tests.test_http_s3 import s3_server
+
+        mini = shared_mini()
+        self.server = s3_server(
+            self, mini.endpoint, mini.bucket, (mini.access_key, mini.secret_key)
+        )
+
+    def setUp(self) -> Deferred[None]:
+        return ensureDeferred(self.asyncSetUp())
+
+    async def put(self, path: str, body: bytes):
+        url = self.server.url(path, v2_query(path, len(body), "image/jpeg"))
+        response = await self.server.http.put(
+            url, data=FileBodyProducer(BytesIO(body)), headers={"Content-Type": "image/jpeg"}
+        )
+        return response.code, await content(response)
+
+    async def test_taken_down_object(self):
+        """Taken down as rm does it: 410 on GET, 451 after --legal; the content is denied."""
+        from twisted.internet.threads import deferToThread
+
+        fs = self.server.fs
+        self.assertEqual((await self.put("s/cat.jpg", CAT))[0], 201)
+        stored = await fs.metadata.get("s/cat.jpg")
+        await fs.metadata.put_takedown(Takedown("s/cat.jpg", 410, stored.sha256))
+        self.assertTrue(await deferToThread(fs.storage.delete, "s/cat.jpg"))
+        await fs.metadata.delete("s/cat.jpg")
+        response = await self.server.http.get(self.server.url("s/cat.jpg"))
+        self.assertEqual((response.code, await content(response)), (410, gone_body(410)))
+        response = await self.server.http.head(self.server.url("s/cat.jpg"))
+        self.assertEqual(response.code, 410)
+        await fs.metadata.put_takedown(Takedown("s/cat.jpg", 451, stored.sha256))
+        response = await self.server.http.get(self.server.url("s/cat.jpg"))
+        self.assertEqual((response.code, await content(response)), (451, gone_body(451)))
+        fs.denials.load(await fs.metadata.takedowns())
+        self.assertEqual((await self.put("s/again.jpg", CAT))[0], 451)
+        response = await self.server.http.get(self.server.url("s/again.jpg"))
+        self.assertEqual(response.code, 404)
+        self.assertFalse(await deferToThread(fs.storage.exists, "s/again.jpg"))
