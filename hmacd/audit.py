@@ -5,7 +5,9 @@ purge and lifted takedown (C{AuditLog}; off when empty).
 Several writers share the file (every Workers process, each node on a shared disk, the
 admin commands): it is opened with C{O_APPEND} and each entry is one C{write()}, so
 lines never interleave.  SIGHUP reopens it, as it does the log file, after logrotate has
-moved it.  An entry holds no secret: time, action, path, uploader, size, SHA-256, who
+moved it; and since only the main process gets that signal, every writer also notices by
+itself (a C{stat} at most once a second) that the name now leads to another file, and
+reopens it.  An entry holds no secret: time, action, path, uploader, size, SHA-256, who
 (the OS user running a command; the node's name for the server), and what an action adds
 (a takedown's status and note).  Every string is JSON-escaped, non-ASCII included, so a
 path can neither break a line nor hide in a terminal.
@@ -82,12 +84,16 @@ class AuditLog:
     @param clock: gives the entries' times (C{seconds()}); wall time when None.
     """
 
+    # Seconds between checks that the name still leads to the open file.
+    checkInterval = 1.0
+
     def __init__(self, path: str, who: str, clock: Any = None) -> None:
         self.path = path
         self.who = who
         self._clock = clock
         self._fd: int | None = None
         self._failing = False
+        self._checked = time.monotonic()
         self._open()
 
     def _open(self) -> None:
@@ -112,7 +118,7 @@ class AuditLog:
         """Append one entry; never raises for an I/O error (it is logged, once per outage)."""
         when = self._clock.seconds() if self._clock is not None else time.time()
         line = audit_entry(action, path, when=when, who=self.who, record=record, **extra)
-        if self._fd is None:
+        if self._fd is None or self._moved():
             self.reopen()
             if self._fd is None:
                 return
@@ -129,6 +135,19 @@ class AuditLog:
         if self._failing:
             self._failing = False
             log.info("audit log {path}: writing again", path=self.path)
+
+    def _moved(self) -> bool:
+        """Now and then: whether the name leads elsewhere than the open file (logrotate)."""
+        now = time.monotonic()
+        if now - self._checked < self.checkInterval:
+            return False
+        self._checked = now
+        assert self._fd is not None
+        try:
+            named, opened = os.stat(self.path), os.fstat(self._fd)
+        except OSError:
+            return True  # moved away and not made again yet: make it
+        return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
 
     def _warn(self, error: OSError) -> None:
         if not self._failing:

@@ -96,6 +96,7 @@ class AuditLogTests(SynchronousTestCase):
         """After the file is moved away, reopen starts a new one there."""
         log = AuditLog(self.path, "n")
         self.addCleanup(log.close)
+        log.checkInterval = 3600  # the signal's reopen alone
         log.write("upload", "one", record("one"))
         os.rename(self.path, self.path + ".1")
         log.write("upload", "two", record("two"))
@@ -109,6 +110,17 @@ class AuditLogTests(SynchronousTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         return events  # type: ignore[return-value]
+
+    def test_follows_a_moved_file(self):
+        """A writer that gets no SIGHUP (a worker) reopens by itself once the file was moved."""
+        log = AuditLog(self.path, "n")
+        self.addCleanup(log.close)
+        log.checkInterval = 0
+        log.write("upload", "one", record("one"))
+        os.rename(self.path, self.path + ".1")
+        log.write("upload", "two", record("two"))
+        self.assertEqual([e["path"] for e in lines(self.path + ".1")], ["one"])
+        self.assertEqual([e["path"] for e in lines(self.path)], ["two"])
 
     def test_full_disk(self):
         """A write that fails is logged once (not per entry) and raises nothing."""
