@@ -20,12 +20,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import FileBodyProducer
 
 from hmacd.admin import register, run_admin
+from hmacd.storage.s3_pieces import state_key
 from hmacd.store import StoreUnavailable
 from hmacd.store.failover import FailoverStore
 from hmacd.store.memory import MemoryStore
 from hmacd.store.sql import SQLStore
 from hmacd.takedown import DenyList, DenyListRefresh, Takedown, gone_body
 from tests.support import LoopbackServer, MemoryServer, store_files, v2_query
+from tests.test_resumable_s3 import TwoNodes, data_of
 
 CAT = b"\xff\xd8\xff\xe0 a cat, allegedly" * 100
 
@@ -278,3 +280,27 @@ class S3TakedownTests(TestCase):
         response = await self.server.http.get(self.server.url("s/again.jpg"))
         self.assertEqual(response.code, 404)
         self.assertFalse(await deferToThread(fs.storage.exists, "s/again.jpg"))
+
+
+class S3ResumableDeniedTests(TwoNodes):
+    """A resumable upload into the object store whose content is denied: nothing stays."""
+
+    async def test_last_piece_refused(self):
+        """308, then 410 at the last piece: no object, no staging, no state, no record."""
+        from tests.test_http_s3 import header  # noqa: F401  (the harness's own helper)
+
+        total = 3 * 1024 * 1024 + 17
+        data = data_of(total, b"denied")
+        for node in self.nodes:
+            node.fs.denials.load([Takedown("old/x", 410, hashlib.sha256(data).hexdigest())])
+        name = "slot/again.bin"
+        code, received, _ = await self.piece(self.nodes[0], name, data[: 1024 * 1024], 0, total)
+        self.assertEqual((code, received), (308, f"bytes=0-{1024 * 1024 - 1}"))
+        code, _, _ = await self.piece(self.nodes[1], name, data[1024 * 1024 :], 1024 * 1024, total)
+        self.assertEqual(code, 410)
+        response = await self.nodes[0].http.get(self.nodes[0].url(name))
+        await content(response)
+        self.assertEqual(response.code, 404)
+        self.assertIsNone(await self.metadata.get(name))
+        self.assertEqual(await self.staged(), [])
+        self.assertIsNone(await self.metadata.get_state(state_key(name)))
