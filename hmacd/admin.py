@@ -40,7 +40,7 @@ from functools import partial
 from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 
 from hmacd.audit import AuditLog, os_user
 from hmacd.config import Config, ConfigError, load_config
@@ -314,8 +314,8 @@ async def _purge(s: Session, args: argparse.Namespace) -> int:
             continue
         if not args.dry_run:
             # The file first, then its record: broken off, a record is left to find again.
-            await gatherResults([Deferred.fromCoroutine(s.delete_file(r.path)) for r in doomed])
-            await gatherResults([s.store.delete(r.path) for r in doomed])
+            await _together([Deferred.fromCoroutine(s.delete_file(r.path)) for r in doomed])
+            await _together([s.store.delete(r.path) for r in doomed])
         for record in doomed:
             count += 1
             size += record.size
@@ -326,6 +326,15 @@ async def _purge(s: Session, args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     s.out.write(f"{verb} {count} files, {size} bytes, of {escape(args.uploader)}\n")
     return 0
+
+
+async def _together(calls: list[Deferred[Any]]) -> list[Any]:
+    """The results of C{calls}, or the first one's own error once all have settled."""
+    try:
+        return await gatherResults(calls, consumeErrors=True)
+    except FirstError as e:
+        e.subFailure.raiseException()
+        raise  # not reached: raiseException raises
 
 
 @dataclass

@@ -463,3 +463,34 @@ class S3AdminTests(BucketCase):
         done = await deferToThread(run_command, "admin", "rm", "--config", config, "s/x")
         self.assertEqual((done.returncode, done.stdout), (1, ""))
         self.assertEqual(done.stderr, "hmacfs admin rm: S3AccessKey/S3SecretKey: not set\n")
+
+
+class ObjectStoreDownTests(TestCase):
+    """An object store that cannot be reached, met while deleting, is one line and status 1."""
+
+    async def test_purge(self):
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        store = build_metadata(Config(store_dir=root), reactor)
+        await store.start()
+        await store.put(record("s/a.jpg", uploader="bob@example.org"))
+        await store.stop()
+        port = free_port()
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(
+                f'StoreDir = "{root}"\nStorageBackend = "s3"\n'
+                f'S3Endpoint = "http://127.0.0.1:{port}"\nS3Bucket = "b"\n'
+                'S3AccessKey = "k"\nS3SecretKey = "s"\n'
+            )
+        out, err = io.StringIO(), io.StringIO()
+        args = parse("purge", "--config", config, "--uploader", "bob@example.org")
+        code = await run_admin(reactor, args, out, err)
+        self.assertEqual((code, out.getvalue()), (1, ""))
+        self.assertTrue(
+            err.getvalue().startswith(
+                f"hmacfs admin purge: object store http://127.0.0.1:{port} (bucket 'b'): "
+            ),
+            err.getvalue(),
+        )
+        self.assertEqual(err.getvalue().count("\n"), 1)
