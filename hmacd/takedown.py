@@ -120,7 +120,6 @@ class DenyList:
     def __init__(self) -> None:
         self._paths: dict[str, int] = {}
         self._digests: dict[str, int] = {}
-        self.loaded = False
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -135,7 +134,6 @@ class DenyList:
                 # 451 wins over 410 for the same content.
                 digests[t.sha256] = max(t.status, digests.get(t.sha256, 0))
         self._paths, self._digests = paths, digests
-        self.loaded = True
 
     def add(self, takedown: Takedown) -> None:
         """One more, at once (this process made it)."""
