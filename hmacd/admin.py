@@ -30,6 +30,7 @@ call in their reactor; L{register} adds the parsers to C{hmacfs}'s.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -189,8 +190,6 @@ class Session:
 
 def _file_digest(storage: Any, path: str) -> str:
     """Blocking.  The SHA-256 of the file at C{path}: from its facts, else its bytes."""
-    import hashlib
-
     stored = storage.open(path)
     if stored is None:
         return ""

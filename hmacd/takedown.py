@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
@@ -135,15 +136,6 @@ class DenyList:
                 digests[t.sha256] = max(t.status, digests.get(t.sha256, 0))
         self._paths, self._digests = paths, digests
 
-    def add(self, takedown: Takedown) -> None:
-        """One more, at once (this process made it)."""
-        paths = dict(self._paths)
-        digests = dict(self._digests)
-        paths[takedown.path] = takedown.status
-        if takedown.sha256:
-            digests[takedown.sha256] = max(takedown.status, digests.get(takedown.sha256, 0))
-        self._paths, self._digests = paths, digests
-
     def path(self, relpath: str) -> int | None:
         """The status C{relpath} answers if it was taken down, else None."""
         return self._paths.get(relpath) if self._paths else None
@@ -156,7 +148,13 @@ class DenyList:
 class DenyListRefresh(TimerService):
     """Reload a L{DenyList} from the store every C{interval} seconds; a failure keeps the old."""
 
-    def __init__(self, store, denylist: DenyList, interval: float = REFRESH_INTERVAL, clock=None):
+    def __init__(
+        self,
+        store: Any,
+        denylist: DenyList,
+        interval: float = REFRESH_INTERVAL,
+        clock: Any = None,
+    ) -> None:
         super().__init__(interval, self.refresh)
         self.store = store
         self.denylist = denylist
