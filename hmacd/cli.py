@@ -5,6 +5,7 @@ The C{hmacfs} command: sign slots, upload files, check configs, rebuild records.
     hmacfs upload FILE URL [--header 'Authorization: Bearer ...'] [--chunk-size N]
     hmacfs check-config FILE
     hmacfs reindex --config FILE
+    hmacfs admin ls|rm|lift|takedowns|purge|stats --config FILE ...  (see hmacd.admin)
 
 User mistakes are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -321,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     rebuild.add_argument("--config", required=True, help="the server's TOML config")
     rebuild.set_defaults(run=_reindex)
+
+    from hmacd.admin import register as register_admin
+
+    register_admin(commands)
 
     args = parser.parse_args(argv)
     try:

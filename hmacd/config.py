@@ -114,6 +114,9 @@ class Config:
         "LogLevel", "info", cv.log_level, "``debug``, ``info``, ``warn``, ``error``"
     )
     log_file: str = _key("LogFile", "", cv.string, "file to log to")
+    audit_log: str = _key(
+        "AuditLog", "", cv.string, "append-only JSON-lines audit log (see Audit log); off if empty"
+    )
     redis_addr: str = _key("RedisAddr", "", cv.redis_addr, "metadata in Redis (``host:port``)")
     redis_password: str = _key("RedisPassword", "", cv.string, "Redis password", secret=True)
     redis_db: int = _key("RedisDB", 0, cv.nonnegative_int, "Redis database number")

@@ -23,6 +23,7 @@ from hmacd.sink import GroupCommit, Uploads
 from hmacd.storage import IStorage
 from hmacd.storage.local import LocalStorage
 from hmacd.store.failover import FailoverStore
+from hmacd.takedown import DenyList
 from hmacd.throttle import Bandwidth, RateLimiter, SharedRateLimiter
 
 __all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
@@ -100,6 +101,10 @@ class FileServer:
     node_claims: NodeClaims | None = None
     # PreviousSecrets: they verify slots as the secret does (never sign any), in their order.
     previous_secrets: tuple[bytes, ...] = ()
+    # This process's copy of the takedowns (hmacd.takedown), refreshed by a timer; and the
+    # audit log (hmacd.audit.AuditLog, AuditLog), None when off.
+    denials: DenyList = field(default_factory=DenyList)
+    audit: Any = None
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)

@@ -117,6 +117,10 @@ def prepare_store(
     if run_as is not None:
         if config.log_file:
             created += _makeLogFile(where, config.log_file)
+        if config.audit_log:
+            # Like LogFile: made now and handed over, so that the server, after --uid,
+            # may reopen it (SIGHUP) and the admin commands append to the same file.
+            created += _makeAuditLog(where, config.audit_log)
         created += _makeClaimsFile(where, store)
         _handOver(where, created, store, run_as)
     return Prepared(config, secret, origin, metricsDir, tuple(created))
@@ -131,6 +135,16 @@ def _makeLogFile(where: str, logFile: str) -> list[str]:
     except OSError as e:
         raise PrepareError(f"{where}: LogFile: cannot open {logFile}: {e.strerror}") from None
     return [] if existed else [logFile]
+
+
+def _makeAuditLog(where: str, auditLog: str) -> list[str]:
+    """Create AuditLog now (mode 0640), so that --uid gets it with the rest."""
+    existed = os.path.exists(auditLog)
+    try:
+        os.close(os.open(auditLog, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+    except OSError as e:
+        raise PrepareError(f"{where}: AuditLog: cannot open {auditLog}: {e.strerror}") from None
+    return [] if existed else [auditLog]
 
 
 def _makeClaimsFile(where: str, storeDir: str) -> list[str]:

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from hmacd import facts
+from hmacd.audit import AuditLog, reopen_on_sighup
 from hmacd.component import ComponentService, SlotComponent, SlotIssuer
 from hmacd.config import Config
 from hmacd.core import FileServer
@@ -34,6 +35,7 @@ from hmacd.metrics import Metrics, metrics_site
 from hmacd.node_claims import NodeClaims
 from hmacd.storage import IStorage
 from hmacd.store.failover import FailoverStore
+from hmacd.takedown import DenyListRefresh
 from hmacd.threads import own_threads
 from hmacd.throttle import Bandwidth, parse_networks, rate_limiter
 from hmacd.web import HmacfsSite
@@ -160,6 +162,8 @@ def build_file_server(
         ),
     )
     fs.metrics.watch_stores(metadata)
+    if config.audit_log:
+        fs.audit = AuditLog(config.audit_log, node_name(config), reactor)
     if config.storage_backend == "s3":
         from hmacd.sink_s3 import staging_in_use
 
@@ -243,6 +247,23 @@ class ObjectStoreService(Service):
         if self.stop_threads is not None:
             self.stop_threads()
         return self.storage.client.close()
+
+
+class AuditService(Service):
+    """The audit log's life: SIGHUP reopens it while the server runs, stop closes it."""
+
+    name = "audit"
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def startService(self) -> None:
+        super().startService()
+        reopen_on_sighup(self.audit.reopen)
+
+    def stopService(self) -> Any:
+        self.audit.close()
+        return super().stopService()
 
 
 class Announce(Service):
@@ -360,6 +381,11 @@ def timers(config: Config, fs: FileServer, site: HmacfsSite, reactor: Any) -> li
         found.append(SystemMonitor(fs, site, config.monitor_interval))
     if config.storage_backend == "s3":
         found.append(ObjectStoreService(fs.storage, fs.stop_threads))
+    # Takedowns made elsewhere (the admin commands, other nodes) reach this process's
+    # uploads within hmacd.takedown.REFRESH_INTERVAL.
+    found.append(DenyListRefresh(fs.metadata, fs.denials, clock=reactor))
+    if fs.audit is not None:
+        found.append(AuditService(fs.audit))
     return found
 
 

@@ -85,6 +85,8 @@ _REASONS = {
     403: "auth",
     404: "not_found",
     409: "conflict",
+    410: "taken_down",
+    451: "taken_down",
     411: "length_required",
     413: "too_large",
     416: "range",

@@ -178,6 +178,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "UploadSubDir",
                 "LogLevel",
                 "LogFile",
+                "AuditLog",
                 "RedisAddr",
                 "RedisPassword",
                 "RedisDB",

@@ -8,10 +8,10 @@ from twisted.internet.defer import succeed
 from twisted.trial.unittest import TestCase
 
 from hmacd.store.memory import MemoryStore
-from tests.store_contract import SharedContract, StoreContract
+from tests.store_contract import AdminContract, SharedContract, StoreContract
 
 
-class MemoryStoreContractTests(StoreContract, SharedContract, TestCase):
+class MemoryStoreContractTests(StoreContract, AdminContract, SharedContract, TestCase):
     def makeStore(self, fresh=True):
         if fresh:
             self._shared = MemoryStore()

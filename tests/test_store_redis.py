@@ -18,7 +18,13 @@ from hmacd.config import Config
 from hmacd.store import StoreUnavailable
 from hmacd.store.redis import RedisStore, parse_redis_addr
 from tests.servers import RawRedis, RedisServer, delete_prefix, free_port
-from tests.store_contract import SharedContract, StoreContract, record, require_service
+from tests.store_contract import (
+    AdminContract,
+    SharedContract,
+    StoreContract,
+    record,
+    require_service,
+)
 
 SHARED_PORT = 6379
 # Short deadlines keep the fault tests fast; SLACK is what a busy machine adds.
@@ -72,7 +78,7 @@ def eventually(call, within: float):
             yield deferLater(reactor, 0.2, lambda: None)
 
 
-class SharedRedisContractTests(StoreContract, SharedContract, TestCase):
+class SharedRedisContractTests(StoreContract, AdminContract, SharedContract, TestCase):
     """The store contract on the shared Redis at 127.0.0.1:6379, under a prefix per test."""
 
     def makeStore(self, fresh: bool = True):

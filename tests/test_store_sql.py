@@ -20,7 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from hmacd.config import Config
 from hmacd.store import StoreUnavailable
 from hmacd.store.sql import SQLStore, parse_db_host
-from tests.store_contract import SharedContract, StoreContract, record, require_service
+from tests.store_contract import (
+    AdminContract,
+    SharedContract,
+    StoreContract,
+    record,
+    require_service,
+)
 
 POSTGRES = dict(host="127.0.0.1", port=5432, user="postgres", password="", database="test")
 MYSQL = dict(host="127.0.0.1", port=3306, user="root", password="", database="test")
@@ -100,6 +106,7 @@ def drop_table(connect, table: str) -> None:
         cursor = connection.cursor()
         cursor.execute(f"DROP TABLE IF EXISTS {table}")
         cursor.execute(f"DROP TABLE IF EXISTS {table}_shared")
+        cursor.execute(f"DROP TABLE IF EXISTS {table}_takedowns")
         cursor.close()
     finally:
         connection.close()
@@ -254,7 +261,7 @@ class SQLChecks:
         self.assertEqual((yield self.store.records(0)), [])
 
 
-class SQLiteStoreTests(StoreContract, SharedContract, SQLChecks, TestCase):
+class SQLiteStoreTests(StoreContract, AdminContract, SharedContract, SQLChecks, TestCase):
     """The embedded SQLite store."""
 
     def makeStore(self, fresh=True, **options):
@@ -362,7 +369,9 @@ class ServerStoreMixin:
         self.assertIn(f"{self.constructor} at 127.0.0.1:{port}: ", str(error))
 
 
-class PostgresStoreTests(ServerStoreMixin, StoreContract, SharedContract, SQLChecks, TestCase):
+class PostgresStoreTests(
+    ServerStoreMixin, StoreContract, AdminContract, SharedContract, SQLChecks, TestCase
+):
     """PostgreSQL through psycopg2, each test on its own table."""
 
     service, params, constructor = "PostgreSQL", POSTGRES, "postgres"
@@ -421,7 +430,9 @@ class PostgresStoreTests(ServerStoreMixin, StoreContract, SharedContract, SQLChe
         self.assertNotEqual(before, after)
 
 
-class MySQLStoreTests(ServerStoreMixin, StoreContract, SharedContract, SQLChecks, TestCase):
+class MySQLStoreTests(
+    ServerStoreMixin, StoreContract, AdminContract, SharedContract, SQLChecks, TestCase
+):
     """MariaDB through pymysql, each test on its own table."""
 
     service, params, constructor = "MariaDB", MYSQL, "mysql"

@@ -51,6 +51,7 @@ from zope.interface import implementer
 from hmacd.address import HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.redis_admin import AdminRedis
 from hmacd.store.redis_connection import (
     _connect_failure,
     _one_line,
@@ -96,7 +97,7 @@ def _records(reply: list[Any]) -> list[FileRecord]:
 
 
 @implementer(IMetadataStore)
-class RedisStore(SharedRedis):
+class RedisStore(SharedRedis, AdminRedis):
     """
     File records in Redis (see the module docstring for the keys).
 

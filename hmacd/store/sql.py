@@ -38,6 +38,7 @@ from zope.interface import implementer
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.sql_admin import AdminSQL, admin_schema, admin_statements
 from hmacd.store.sql_pool import MYSQL_QUERY_TIMEOUT, _ConnectionPool, _mysql_open, _sqlite_open
 from hmacd.store.sql_shared import SharedSQL
 from hmacd.store.sql_statements import _COLUMNS, _DIALECTS, _IDENTIFIER
@@ -87,7 +88,7 @@ def _path_hash(path: str) -> str:
 
 
 @implementer(IMetadataStore)
-class SQLStore(SharedSQL):
+class SQLStore(SharedSQL, AdminSQL):
     """
     File records in one SQL table.  Build one with L{sqlite}, L{postgres},
     L{mysql} or L{from_config}; nothing connects (and adbapi starts no
@@ -415,6 +416,7 @@ class SQLStore(SharedSQL):
         }
         prepared = {key: sql.format(table=self.table) for key, sql in statements.items()}
         prepared.update(self._dialect.shared.format(self.table, p))
+        prepared.update(admin_statements(self.name, self.table, p))
         return prepared
 
     def _now(self) -> float:
@@ -444,7 +446,8 @@ class SQLStore(SharedSQL):
 
     def _createSchema(self, connection: Any) -> None:
         # Not retried: a retry would double the wait for an unreachable server.
-        for statement in (*self._dialect.schema, *self._dialect.shared.schema):
+        schema = (*self._dialect.schema, *self._dialect.shared.schema, *admin_schema(self.name))
+        for statement in schema:
             self._execute(connection, statement.format(table=self.table), (), False)
 
     @staticmethod
