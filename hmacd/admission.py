@@ -37,6 +37,7 @@ from hmacd.sink import (
 )
 from hmacd.storage import StorageUnavailable
 from hmacd.store import StoreUnavailable
+from hmacd.takedown import gone_body
 from hmacd.verdict import (
     INSUFFICIENT_STORAGE,
     RESUME_INCOMPLETE,
@@ -224,6 +225,10 @@ def admit(
         return Refusal(
             http.SERVICE_UNAVAILABLE, "metadata store unavailable", [(b"Retry-After", RETRY_AFTER)]
         )
+    taken = fs.denials.path(plan.relpath)
+    if taken is not None:
+        # Taken down (hmacd.takedown): said before the body, as the GET would say it.
+        return Refusal(taken, gone_body(taken).decode().strip())
     piece = check_piece(plan, length)
     if piece is not None:
         return piece

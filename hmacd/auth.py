@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import urllib.parse
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -43,7 +43,9 @@ __all__ = [
     "sign_v2",
     "slot_put",
     "verify_hmac",
+    "verify_hmac_any",
     "verify_jwt",
+    "verify_jwt_any",
     "verify_token",
     "verify_v",
     "verify_v2",
@@ -203,6 +205,31 @@ def verify_hmac(
     if protocol == "v":
         return verify_v(secret, path, size, mac)
     raise ValueError(f"unknown upload MAC protocol {protocol!r}")
+
+
+def verify_hmac_any(
+    protocol: str,
+    secrets: Sequence[bytes],
+    path: str,
+    size: int,
+    content_type: str | None,
+    mac: str,
+) -> int | None:
+    """
+    The position in C{secrets} of the first one under which C{mac} verifies (as
+    L{verify_hmac}), or None if none does.
+
+    Every secret is tried, and each comparison is constant-time, whichever matched: the time
+    a request takes says how many secrets there are, never which of them signed it.  This is
+    how slots signed with a previous secret keep working after the secret is changed.
+    """
+    matched: int | None = None
+    for position, secret in enumerate(secrets):
+        ok = verify_hmac(protocol, secret, path, size, content_type, mac)
+        # No early exit: the loop's work does not depend on which secret matched.
+        if ok and matched is None:
+            matched = position
+    return matched
 
 
 # --- Authorization: Bearer <JWT> (Prosody mod_http_file_share) ------------------------------
@@ -437,6 +464,44 @@ def verify_jwt(secret: bytes, token: str, *, now: float) -> BearerSlot:
         sub=_optional_str(claims, "sub"),
         expires=_optional_int(claims, "expires"),
     )
+
+
+def verify_jwt_any(secrets: Sequence[bytes], token: str, *, now: float) -> tuple[BearerSlot, int]:
+    """
+    The slot a token authorises and the position in C{secrets} of the one that signed it, or
+    an AuthError saying why it does not authorise anything.
+
+    Each secret is tried in turn, all of them whichever matches (the signature check of each
+    is PyJWT's constant-time one).  A token no secret signed raises BadSignature.  A token one
+    of them signed but which is wrong in another way (expired, a claim missing) raises what
+    L{verify_jwt} says about it under that secret: the client holds a genuine slot and should
+    hear what is wrong with it.  A token that is malformed or not HS256 is refused the same
+    under every secret.
+
+    @raise ValueError: C{secrets} is empty.
+    """
+    if not secrets:
+        raise ValueError("no secret to verify with")
+    verified: tuple[BearerSlot, int] | None = None
+    refusal: AuthError | None = None
+    for position, secret in enumerate(secrets):
+        try:
+            slot = verify_jwt(secret, token, now=now)
+        except BadSignature as e:
+            if refusal is None:
+                refusal = e
+            continue
+        except AuthError as e:
+            # A genuine token's own fault outweighs another secret's "bad signature".
+            if not isinstance(refusal, (TokenExpired, TokenInvalid)):
+                refusal = e
+            continue
+        if verified is None:
+            verified = slot, position
+    if verified is not None:
+        return verified
+    assert refusal is not None
+    raise refusal
 
 
 def check_bearer_path(slot: BearerSlot, path: str) -> None:

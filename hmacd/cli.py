@@ -6,6 +6,7 @@ The C{hmacfs} command: sign slots, upload files, check configs, rebuild records.
     hmacfs check-config FILE
     hmacfs reindex --config FILE
     hmacfs admin quota show|reset|rebuild --config FILE ...
+    hmacfs admin ls|rm|lift|takedowns|purge|stats --config FILE ...  (see hmacd.admin)
 
 User mistakes are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -22,7 +23,7 @@ from typing import cast
 
 from hmacd import admin_quota, auth
 from hmacd.config import SECRET_FIELDS, Config, ConfigError, load_config, parse_size
-from hmacd.secret import ENV_VAR, secret_file
+from hmacd.secret import ENV_VAR, SecretError, resolve_previous_secrets, secret_file
 
 __all__ = ["main", "run", "upload_file"]
 
@@ -97,7 +98,36 @@ def _check_config(args) -> int:
             value = "***"
         print(f"{field.name} = {value!r}")
     print(f"listen endpoint = {config.listen_endpoint}")
+    for warning in _secret_warnings(config, os.environ):
+        print(f"hmacfs check-config: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _secret_warnings(config: Config, environ) -> list[str]:
+    """
+    What check-config says about the previous secrets: one equal to the current secret (it
+    verifies nothing the current one does not: the rotation was not done), or twice in the
+    list.  Positions only, never a secret.
+    """
+    try:
+        previous, origin = resolve_previous_secrets(config.previous_secrets, environ)
+    except SecretError as e:
+        raise UserError(str(e)) from None
+    where = "PreviousSecrets" if origin == "the config file" else origin
+    current = environ.get(ENV_VAR) or config.secret
+    currentName = ENV_VAR if environ.get(ENV_VAR) else "Secret"
+    warnings = []
+    seen: dict[str, int] = {}
+    for position, value in enumerate(previous, 1):
+        if current is not None and value == current:
+            warnings.append(
+                f"{where}: previous secret #{position} equals the current secret"
+                f" ({currentName}); change {currentName} to the new secret, or drop #{position}"
+            )
+        elif value in seen:
+            warnings.append(f"{where}: previous secret #{position} repeats #{seen[value]}")
+        seen.setdefault(value, position)
+    return warnings
 
 
 def _reindex(args) -> int:
@@ -294,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     rebuild.add_argument("--config", required=True, help="the server's TOML config")
     rebuild.set_defaults(run=_reindex)
 
-    admin = commands.add_parser("admin", help="run the server's stores: quotas")
-    admin_commands = admin.add_subparsers(dest="admin_command", required=True)
-    admin_quota.register(admin_commands)
+    from hmacd.admin import register as register_admin
+
+    admin_quota.register(register_admin(commands))
 
     args = parser.parse_args(argv)
     try:

@@ -99,6 +99,13 @@ class Config:
     secret: str | None = _key(
         "Secret", None, cv.secret, "shared secret (see Quick start)", secret=True
     )
+    previous_secrets: tuple[str, ...] = _key(
+        "PreviousSecrets",
+        (),
+        cv.previous_secrets,
+        "still verify slots after a change of ``Secret``",
+        secret=True,
+    )
     store_dir: str = _key("StoreDir", "./uploads", cv.store_dir, "where files are kept")
     upload_subdir: str = _key(
         "UploadSubDir", "upload", cv.upload_subdir, "URL prefix of the upload space"
@@ -107,6 +114,9 @@ class Config:
         "LogLevel", "info", cv.log_level, "``debug``, ``info``, ``warn``, ``error``"
     )
     log_file: str = _key("LogFile", "", cv.string, "file to log to")
+    audit_log: str = _key(
+        "AuditLog", "", cv.string, "append-only JSON-lines audit log (see Audit log); off if empty"
+    )
     redis_addr: str = _key("RedisAddr", "", cv.redis_addr, "metadata in Redis (``host:port``)")
     redis_password: str = _key("RedisPassword", "", cv.string, "Redis password", secret=True)
     redis_db: int = _key("RedisDB", 0, cv.nonnegative_int, "Redis database number")
@@ -306,6 +316,12 @@ class Config:
     )
     s3_redirect_downloads: bool = _key(
         "S3RedirectDownloads", False, cv.boolean, "GET: 302 to a presigned URL of the store"
+    )
+    s3_stream_uploads: bool = _key(
+        "S3StreamUploads",
+        False,
+        cv.boolean,
+        "large bodies sent as they arrive (via a staging copy)",
     )
     # S3 refuses parts under 5 MiB (but the last): so do these two.
     s3_multipart_threshold: int = _key(

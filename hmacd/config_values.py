@@ -142,6 +142,16 @@ def secret(value: object) -> str:
     return text
 
 
+def previous_secrets(value: object) -> tuple[str, ...]:
+    # Never shown back: Invalid without the value (config._invalid names its type only).
+    expected = 'a list of non-empty strings, like ["old-secret"]'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise wrong_type(expected, value)
+    if not all(value):
+        raise Invalid(f"must be {expected}; an empty string verifies nothing")
+    return tuple(value)
+
+
 def store_dir(value: object) -> str:
     text = string(value)
     if not text or "\0" in text:

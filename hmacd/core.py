@@ -12,19 +12,24 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 from hmacd.guard import ClientCounts
 from hmacd.mediatype import guess_type, is_inline_type
 from hmacd.metrics import Metrics
 from hmacd.node_claims import NodeClaims
 from hmacd.quota import Quotas
+from hmacd.secret import PreviousSecretUses
 from hmacd.sink import GroupCommit, Uploads
 from hmacd.storage import IStorage
 from hmacd.storage.local import LocalStorage
 from hmacd.store.failover import FailoverStore
+from hmacd.takedown import DenyList
 from hmacd.throttle import Bandwidth, RateLimiter, SharedRateLimiter
 
 __all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
+
+log = Logger()
 
 # Runs a blocking callable off the reactor thread; a Deferred of its result.
 Blocking = Callable[[Callable[[], Any]], Deferred[Any]]
@@ -103,6 +108,12 @@ class FileServer:
     # The slot component issues v, v2 or token slots: the PUT looks up the uploader it
     # recorded in the shared store (hmacd.quota.slot_uploader_key).
     slot_uploaders: bool = False
+    # PreviousSecrets: they verify slots as the secret does (never sign any), in their order.
+    previous_secrets: tuple[bytes, ...] = ()
+    # This process's copy of the takedowns (hmacd.takedown), refreshed by a timer; and the
+    # audit log (hmacd.audit.AuditLog, AuditLog), None when off.
+    denials: DenyList = field(default_factory=DenyList)
+    audit: Any = None
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
@@ -121,6 +132,9 @@ class FileServer:
         )
         if self.make_storage is not None:
             self.storage = self.make_storage(self)  # StorageBackend = "s3"
+        self.previous_secret_uses = PreviousSecretUses(
+            self.now, self.metrics.previous_secret_uses, log
+        )
         self.uploads = Uploads(
             GroupCommit(lambda work: self.blocking(work), self.storage.settle),
             lambda count: self.metrics.uploads_in_progress.set(count),

@@ -16,6 +16,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web import http
@@ -33,6 +34,7 @@ from hmacd.numbers import NotADecimal, parse_decimal
 from hmacd.paths import PathRefused, relative_path
 from hmacd.storage.local import LocalStorage
 from hmacd.store import StoreUnavailable
+from hmacd.takedown import Takedown, gone_body
 from hmacd.web import ALLOWED_METHODS, CONTENT_SECURITY_POLICY, attachment_disposition
 
 __all__ = ["StoreResource", "Unsatisfiable", "parse_range"]
@@ -320,7 +322,7 @@ class StoreResource(Resource):
         except (PathRefused, OSError):
             return self._notFound(request)
         if st is None:
-            return self._notFound(request)
+            return self._missing(request, relpath)
         f = st.local_file()
         assert f is not None  # the local directory's; an object store's reads come next
         facts = st.facts()
@@ -383,6 +385,37 @@ class StoreResource(Resource):
         body = b"expired\n"
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
+
+    def _missing(self, request, relpath: str) -> int:
+        """
+        No file at C{relpath}: 410 or 451 if it was taken down (L{hmacd.takedown}), else
+        404.  The store is asked only here, so a GET of a file costs nothing more; a store
+        that cannot say gives the 404.
+        """
+
+        def answer(takedown: Takedown | None) -> None:
+            if internals.request_disconnected(request):
+                return
+            if takedown is None:
+                body = self._notFound(request)
+            else:
+                body = self._takenDown(request, takedown.status)
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            if request.method != b"HEAD":
+                request.write(body)
+            request.finish()
+
+        d: Deferred[Takedown | None] = self.fs.metadata.takedown(relpath)
+        d.addErrback(lambda _: None)
+        d.addCallback(answer)
+        d.addErrback(request.processingFailed)
+        return NOT_DONE_YET
+
+    def _takenDown(self, request, status: int) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return gone_body(status)
 
     def _notFound(self, request) -> bytes:
         request.setResponseCode(http.NOT_FOUND)

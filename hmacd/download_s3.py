@@ -121,7 +121,7 @@ class S3Reads:
 
     def _found(self, st: S3Readable | None, request: Any, relpath: str) -> Any:
         if st is None:
-            return self._answer(request, self.resource._notFound(request))
+            return self.resource._missing(request, relpath)
         facts = st.facts()
         if facts is not None and facts.size == st.size:
             return self._serve(request, st, relpath, facts)

@@ -317,6 +317,11 @@ class ExpirySweep(TimerService):
                     [store.put(facts) for facts in kept]
                     + [store.delete(path) for path in paths if path not in keptPaths]
                 )
+                audit = self.fs.audit
+                if audit is not None:
+                    for record in due:
+                        if record.path not in keptPaths:
+                            audit.write("expire", record.path, record)
                 removed += len(due)
                 metrics.expired_files.inc(len(due))
                 if backlog is not None:

@@ -22,6 +22,7 @@ from hmacd.logs import emits, escape
 from hmacd.sink import Conflict, Outcome, Partial, Sink
 from hmacd.storage import StorageUnavailable
 from hmacd.store import StoreUnavailable
+from hmacd.takedown import Denied, gone_body
 from hmacd.verdict import INSUFFICIENT_STORAGE, RESUME_INCOMPLETE, received_range
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ def _record(outcome: Outcome, fs: FileServer, sink: Sink, acceptedAt: float) -> 
                 type=record.content_type,
                 protocol=record.protocol,
             )
+        if fs.audit is not None:
+            fs.audit.write("upload", record.path, record, protocol=record.protocol)
         return Answer(http.CREATED, "created")
 
     def unrecorded(failure: Failure) -> None:
@@ -121,6 +124,12 @@ def _record(outcome: Outcome, fs: FileServer, sink: Sink, acceptedAt: float) -> 
 def _failed(failure: Failure, sink: Sink) -> Answer:
     if failure.check(Conflict):
         return Answer(http.CONFLICT, "file exists", failed="conflict")
+    if isinstance(failure.value, Denied):
+        # Its content was taken down: withdrawn before it was ever visible, nothing stays.
+        status = failure.value.status
+        sink.abort()
+        log.info("refused {path}: its content was taken down", path=escape(sink.relpath))
+        return Answer(status, gone_body(status).decode().strip(), failed="denied")
     if failure.check(_Withdrawn, StoreUnavailable, TimeoutError):
         # Withdrawn, or the shared store failed a commit that needs it (a resumable
         # upload's state in an object store): the client may try again soon.

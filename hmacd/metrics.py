@@ -80,6 +80,12 @@ class Metrics:
         self.upload_errors = counter(
             "upload_errors", "Uploads refused or failed, by reason.", ["reason"]
         )
+        self.previous_secret_uses = counter(
+            "previous_secret_uses",
+            "Slots that verified with a previous secret, by its position in PreviousSecrets"
+            " (1 is the first): none for a while, and that secret can go.",
+            ["position"],
+        )
         self.upload_bytes = counter("upload_bytes", "Bytes of stored uploads.")
         self.downloads = counter("downloads", "Downloads served in full (200 and 206 GETs).")
         self.download_bytes = counter("download_bytes", "Bytes sent in download bodies.")

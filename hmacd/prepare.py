@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from hmacd.claims import claims_file
 from hmacd.config import Config
-from hmacd.secret import SecretError, resolve_secret, secret_file
+from hmacd.secret import SecretError, resolve_previous_secrets, resolve_secret, secret_file
 
 __all__ = ["PrepareError", "Prepared", "metrics_directory", "prepare_store"]
 
@@ -70,7 +70,9 @@ def prepare_store(
     """
     Make StoreDir (and its parents) and find the secret: C{secret} as given (from
     C{origin}), else as L{hmacd.secret.resolve_secret} finds it from C{cli_secret},
-    C{environ} and the config, generating the kept one if need be.
+    C{environ} and the config, generating the kept one if need be.  The previous secrets
+    are C{HMACFS_PREVIOUS_SECRETS} in C{environ}, else the config's, and the returned
+    config holds them.
 
     With C{shared_metrics}, the (emptied) metrics directory of Workers.  With C{run_as}
     (uid, gid: twistd's --uid/--gid), the claims file and LogFile are created too, what was
@@ -97,6 +99,12 @@ def prepare_store(
             raise PrepareError(str(e)) from None
         if not hadState and os.path.isdir(state):
             created += [state, secret_file(store)]
+    try:
+        previous, _ = resolve_previous_secrets(config.previous_secrets, environ)
+    except SecretError as e:
+        raise PrepareError(str(e)) from None
+    # In the config from here on, so that Workers get them with it, on their pipe.
+    config = dataclasses.replace(config, previous_secrets=previous)
     metricsDir = None
     if shared_metrics:
         # Made here so that it is handed to --uid with the rest: workers run as that user
@@ -109,6 +117,10 @@ def prepare_store(
     if run_as is not None:
         if config.log_file:
             created += _makeLogFile(where, config.log_file)
+        if config.audit_log:
+            # Like LogFile: made now and handed over, so that the server, after --uid,
+            # may reopen it (SIGHUP) and the admin commands append to the same file.
+            created += _makeAuditLog(where, config.audit_log)
         created += _makeClaimsFile(where, store)
         _handOver(where, created, store, run_as)
     return Prepared(config, secret, origin, metricsDir, tuple(created))
@@ -123,6 +135,16 @@ def _makeLogFile(where: str, logFile: str) -> list[str]:
     except OSError as e:
         raise PrepareError(f"{where}: LogFile: cannot open {logFile}: {e.strerror}") from None
     return [] if existed else [logFile]
+
+
+def _makeAuditLog(where: str, auditLog: str) -> list[str]:
+    """Create AuditLog now (mode 0640), so that --uid gets it with the rest."""
+    existed = os.path.exists(auditLog)
+    try:
+        os.close(os.open(auditLog, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+    except OSError as e:
+        raise PrepareError(f"{where}: AuditLog: cannot open {auditLog}: {e.strerror}") from None
+    return [] if existed else [auditLog]
 
 
 def _makeClaimsFile(where: str, storeDir: str) -> list[str]:

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from hmacd import facts
+from hmacd.audit import AuditLog, reopen_on_sighup
 from hmacd.component import ComponentService, SlotComponent, SlotIssuer
 from hmacd.config import Config
 from hmacd.core import FileServer
@@ -35,6 +36,7 @@ from hmacd.node_claims import NodeClaims
 from hmacd.quota import Limits, Quotas
 from hmacd.storage import IStorage
 from hmacd.store.failover import FailoverStore
+from hmacd.takedown import DenyListRefresh
 from hmacd.threads import own_threads
 from hmacd.throttle import Bandwidth, parse_networks, rate_limiter
 from hmacd.web import HmacfsSite
@@ -132,6 +134,7 @@ def build_file_server(
         blocking=blocking,  # type: ignore[arg-type]
         stop_threads=stop_threads,
         secret=secret,
+        previous_secrets=tuple(s.encode("utf-8") for s in config.previous_secrets),
         store_dir=config.store_dir,
         reactor=reactor,
         metadata=metadata,
@@ -170,6 +173,8 @@ def build_file_server(
         slot_uploaders=bool(config.component_jid) and config.component_protocol != "jwt",
     )
     fs.metrics.watch_stores(metadata)
+    if config.audit_log:
+        fs.audit = AuditLog(config.audit_log, node_name(config), reactor)
     if config.storage_backend == "s3":
         from hmacd.sink_s3 import staging_in_use
 
@@ -212,6 +217,7 @@ def storage_builder(
             threshold=config.s3_multipart_threshold,
             part_size=config.s3_part_size,
             redirect_downloads=config.s3_redirect_downloads,
+            stream=config.s3_stream_uploads,
         )
 
     return build
@@ -254,6 +260,23 @@ class ObjectStoreService(Service):
         return self.storage.client.close()
 
 
+class AuditService(Service):
+    """The audit log's life: SIGHUP reopens it while the server runs, stop closes it."""
+
+    name = "audit"
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def startService(self) -> None:
+        super().startService()
+        reopen_on_sighup(self.audit.reopen)
+
+    def stopService(self) -> Any:
+        self.audit.close()
+        return super().stopService()
+
+
 class Announce(Service):
     """Says once, at start, what is served where (the secret's origin, never its value)."""
 
@@ -275,6 +298,12 @@ class Announce(Service):
         )
         if self.secretLength < 16:
             log.warn("the secret is shorter than 16 bytes: MACs are only as strong as it")
+        if c.previous_secrets:
+            # So that the operator sees a rotation took effect; how many, never which.
+            log.info(
+                "{count} previous secret(s) verify slots too (PreviousSecrets)",
+                count=len(c.previous_secrets),
+            )
         if os.path.isdir(c.store_dir) and not facts.probe(c.store_dir):
             log.warn(
                 "{store} has no user extended attributes: each file's facts (type, hash, "
@@ -363,6 +392,11 @@ def timers(config: Config, fs: FileServer, site: HmacfsSite, reactor: Any) -> li
         found.append(SystemMonitor(fs, site, config.monitor_interval))
     if config.storage_backend == "s3":
         found.append(ObjectStoreService(fs.storage, fs.stop_threads))
+    # Takedowns made elsewhere (the admin commands, other nodes) reach this process's
+    # uploads within hmacd.takedown.REFRESH_INTERVAL.
+    found.append(DenyListRefresh(fs.metadata, fs.denials, clock=reactor))
+    if fs.audit is not None:
+        found.append(AuditService(fs.audit))
     return found
 
 

@@ -37,6 +37,7 @@ from hmacd.batch import Batcher
 from hmacd.claims import Claim, claim
 from hmacd.metadata import FileRecord
 from hmacd.storage import Conflict, IWriter
+from hmacd.takedown import Denied
 
 if TYPE_CHECKING:
     from hmacd.core import FileServer
@@ -242,6 +243,18 @@ class Sink:
         )
 
 
+def refuse_denied(fs: FileServer, sha256: str) -> None:
+    """
+    Any thread.  Refuse content on the deny list (L{hmacd.takedown}), before it is
+    published: the caller withdraws the upload.
+
+    @raise Denied: C{sha256} was taken down.
+    """
+    status = fs.denials.digest(sha256)
+    if status is not None:
+        raise Denied(status)
+
+
 class WholeUpload(Sink):
     """
     A body that is the whole file, streamed into a writer of the storage (for the local
@@ -299,6 +312,7 @@ class WholeUpload(Sink):
         """Write the rest, then publish with the record as the file's facts: L{Stored}."""
         try:
             record = self._record(self.received, self._writer.seal())
+            refuse_denied(self.fs, record.sha256)
             self._writer.publish(record)
         finally:
             # The name is taken now (or never will be): a later upload of it meets the file.
@@ -448,7 +462,11 @@ class ResumablePiece(Sink):
                 digest.update(block)
         record = self._record(self.total, digest.hexdigest())
         try:
+            refuse_denied(self.fs, record.sha256)
             self.fs.storage.adopt(self.data, self.relpath, record)
+        except Denied:
+            self._forget()  # the content may never come in: nothing of it stays
+            raise
         except Conflict:
             self._forget()  # the name is taken: this upload can never complete
             raise

@@ -22,8 +22,18 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
 
 from hmacd.s3 import NoSuchUpload
-from hmacd.sink import ChunkInProgress, Conflict, OffsetMismatch, Outcome, Partial, Sink, Stored
+from hmacd.sink import (
+    ChunkInProgress,
+    Conflict,
+    OffsetMismatch,
+    Outcome,
+    Partial,
+    Sink,
+    Stored,
+    refuse_denied,
+)
 from hmacd.storage.s3_pieces import Pieces, UploadState, live_key, state_key
+from hmacd.takedown import Denied
 
 if TYPE_CHECKING:
     from hmacd.core import FileServer
@@ -194,8 +204,9 @@ class S3ResumablePiece(Sink):
             pieces.forget_tail(state.tail)  # in the staging object now
         record = self._record(self.total, pieces.digest(after))
         try:
+            refuse_denied(fs, record.sha256)
             pieces.publish(after, record)
-        except Conflict:
+        except (Conflict, Denied):
             pieces.discard(after)
             self._forget(after)
             raise

@@ -86,6 +86,8 @@ _REASONS = {
     403: "auth",
     404: "not_found",
     409: "conflict",
+    410: "taken_down",
+    451: "taken_down",
     411: "length_required",
     413: "too_large",
     416: "range",
@@ -354,6 +356,8 @@ class UploadRequest(server.Request):
         verdict = judge(self.path, query, length, headers, fs, fs.now())
         if isinstance(verdict, Refusal):
             return self._refuse(verdict.status, verdict.reason, length, verdict.headers)
+        if verdict.previous:
+            fs.previous_secret_uses.used(verdict.previous)
         if asks_the_store(fs):
             return self._admitAcrossNodes(verdict, length)
         try:

@@ -53,9 +53,14 @@ class Refusal:
 
 
 class UploadPolicy(Protocol):
-    """The configuration the verdict needs (a L{hmacd.core.FileServer} is one)."""
+    """
+    The configuration the verdict needs (a L{hmacd.core.FileServer} is one).
+
+    @ivar previous_secrets: C{PreviousSecrets}: they verify slots as C{secret} does.
+    """
 
     secret: bytes
+    previous_secrets: tuple[bytes, ...]
     prefix: str
     upload_max_size: int
 
@@ -69,6 +74,8 @@ class Plan:
     @ivar span: C{None} for a whole body; C{(first, last, total)} for a resumable piece;
         C{(total,)} for a query of where a resumable upload stands.
     @ivar needed: the bytes this request will write.
+    @ivar previous: 0 when the current secret verified the slot; N when previous secret #N
+        (C{PreviousSecrets}, counted from 1) did.
     """
 
     relpath: str
@@ -78,6 +85,7 @@ class Plan:
     uploader: str | None = None
     expires: float | None = None
     span: tuple[int, int, int] | tuple[int] | None = None
+    previous: int = 0
 
     @property
     def needed(self) -> int:
@@ -127,6 +135,9 @@ def judge(
         except BadMediaType:
             return Refusal(400, "bad Content-Type: not exactly one media type")
 
+    # The current secret first: its position is 0, a previous one's is its number.
+    secrets = (policy.secret, *policy.previous_secrets)
+    previous = 0
     args = {k: v[0] for k, v in parse_qs(query.decode("latin-1"), keep_blank_values=True).items()}
     picked = auth.pick_protocol(args)
     uploader = expires = None
@@ -151,8 +162,10 @@ def judge(
                 return Refusal(411, "Content-Length or X-Upload-Length (1 to 20 digits) required")
         else:
             size = length
-        if not auth.verify_hmac(protocol, policy.secret, relpath, size, content_type, mac):
+        matched = auth.verify_hmac_any(protocol, secrets, relpath, size, content_type, mac)
+        if matched is None:
             return Refusal(403, "invalid MAC")
+        previous = matched
         if media_type is None:
             media_type = guess_type(relpath) if protocol == "v" else auth.DEFAULT_CONTENT_TYPE
     else:
@@ -162,7 +175,7 @@ def judge(
                 401, "no MAC (v, v2, token) and no bearer token", [(b"WWW-Authenticate", b"Bearer")]
             )
         try:
-            slot = auth.verify_jwt(policy.secret, token, now=now)
+            slot, previous = auth.verify_jwt_any(secrets, token, now=now)
             auth.check_bearer_path(slot, relpath)
         except auth.AuthError as e:
             return Refusal(403, str(e))
@@ -190,7 +203,7 @@ def judge(
     if uploader is None and getattr(policy, "uploader_from_path", False) and "/" in relpath:
         # UploaderFromPath: ejabberd's mod_http_upload puts a hash of the user's JID first.
         uploader = relpath.split("/", 1)[0]
-    return Plan(relpath, protocol, size, media_type, uploader, expires, span)
+    return Plan(relpath, protocol, size, media_type, uploader, expires, span, previous)
 
 
 def check_piece(plan: Plan, length: int | None) -> Refusal | None:

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from hmacd.config import Config
 from hmacd.metrics import forget_process, share_between_processes
 from hmacd.secret import ENV_VAR as SECRET_ENV
+from hmacd.secret import PREVIOUS_ENV_VAR
 from hmacd.services import (
     HmacfsService,
     StoreService,
@@ -185,8 +186,9 @@ class WorkerPool(Service):
             worker,
             self.executable,
             [self.executable, "-m", "hmacd.workers"],
-            # The secret goes on the pipe; not in the environment either, if it came from there.
-            env={k: v for k, v in os.environ.items() if k != SECRET_ENV},
+            # The secrets go on the pipe (the previous ones in the config, as prepare_store
+            # resolved them); not in the environment either, if they came from there.
+            env={k: v for k, v in os.environ.items() if k not in (SECRET_ENV, PREVIOUS_ENV_VAR)},
             childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: port.fileno()},
         )
         data = pickle.dumps(job)

@@ -173,10 +173,12 @@ class DefaultsTests(ConfigFileTestCase):
                 "ListenPort",
                 "UnixSocket",
                 "Secret",
+                "PreviousSecrets",
                 "StoreDir",
                 "UploadSubDir",
                 "LogLevel",
                 "LogFile",
+                "AuditLog",
                 "RedisAddr",
                 "RedisPassword",
                 "RedisDB",
@@ -231,6 +233,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "S3SecretKey",
                 "S3AddressingStyle",
                 "S3RedirectDownloads",
+                "S3StreamUploads",
                 "S3MultipartThreshold",
                 "S3PartSize",
             ],
@@ -268,7 +271,12 @@ class TableTests(SynchronousTestCase):
 
     def test_converters_accept_defaults(self) -> None:
         """Each key's converter gives back its default from the default's TOML spelling."""
-        defaults = {"Secret": "s", "TrustedProxies": [], "ComponentAllowedDomains": []}
+        defaults = {
+            "Secret": "s",
+            "TrustedProxies": [],
+            "ComponentAllowedDomains": [],
+            "PreviousSecrets": [],
+        }
         config = parse_config(
             {k: defaults.get(k, getattr(Config(), v)) for k, v in KEYS.items()}, "t"
         )

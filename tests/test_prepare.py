@@ -90,6 +90,25 @@ class PrepareStoreTests(TestCase):
         self.assertIn(claims_file(self.store), prepared.created)
         self.assertIn(log, prepared.created)
 
+    def test_run_as_makes_audit_log(self) -> None:
+        """With --uid, AuditLog is made now (0640) for that user to reopen; a bad one says so."""
+        audit = os.path.join(self.tmp, "audit.log")
+        prepared = prepare_store(
+            Config(store_dir=self.store, audit_log=audit),
+            secret=b"s",
+            run_as=(os.getuid(), os.getgid()),
+        )
+        self.assertIn(audit, prepared.created)
+        self.assertEqual(_mode(audit), 0o640)
+        bad = os.path.join(self.tmp, "no", "such", "dir", "audit.log")
+        config = Config(store_dir=self.store, audit_log=bad, source="/etc/hmacfs.toml")
+        e = self.assertRaises(
+            PrepareError, prepare_store, config, secret=b"s", run_as=(os.getuid(), os.getgid())
+        )
+        self.assertEqual(
+            str(e), f"/etc/hmacfs.toml: AuditLog: cannot open {bad}: No such file or directory"
+        )
+
     def test_without_run_as_no_claims_file(self) -> None:
         """Without --uid nothing beyond StoreDir and the secret is made here."""
         prepare_store(Config(store_dir=self.store), secret=b"s")

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from hmacd.store import StoreUnavailable
 from hmacd.store.failover import FailoverStore
 from hmacd.store.memory import MemoryStore
-from tests.store_contract import QuotaContract, SharedContract, StoreContract, record
+from tests.store_contract import AdminContract, QuotaContract, SharedContract, StoreContract, record
 
 
 class FlakyStore(MemoryStore):
@@ -304,7 +304,7 @@ class HealthWatchTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
-class FailoverContractTests(StoreContract, SharedContract, QuotaContract, TestCase):
+class FailoverContractTests(StoreContract, AdminContract, SharedContract, QuotaContract, TestCase):
     """The store contract through a FailoverStore (over memory stores) on the real reactor."""
 
     def makeStore(self, fresh=True):

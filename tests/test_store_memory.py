@@ -8,10 +8,12 @@ from twisted.internet.defer import succeed
 from twisted.trial.unittest import TestCase
 
 from hmacd.store.memory import MemoryStore
-from tests.store_contract import QuotaContract, SharedContract, StoreContract
+from tests.store_contract import AdminContract, QuotaContract, SharedContract, StoreContract
 
 
-class MemoryStoreContractTests(StoreContract, SharedContract, QuotaContract, TestCase):
+class MemoryStoreContractTests(
+    StoreContract, AdminContract, SharedContract, QuotaContract, TestCase
+):
     def makeStore(self, fresh=True):
         if fresh:
             self._shared = MemoryStore()

@@ -19,6 +19,7 @@ from hmacd.store import StoreUnavailable
 from hmacd.store.redis import RedisStore, parse_redis_addr
 from tests.servers import RawRedis, RedisServer, delete_prefix, free_port
 from tests.store_contract import (
+    AdminContract,
     QuotaContract,
     SharedContract,
     StoreContract,
@@ -78,7 +79,9 @@ def eventually(call, within: float):
             yield deferLater(reactor, 0.2, lambda: None)
 
 
-class SharedRedisContractTests(StoreContract, SharedContract, QuotaContract, TestCase):
+class SharedRedisContractTests(
+    StoreContract, AdminContract, SharedContract, QuotaContract, TestCase
+):
     """The store contract on the shared Redis at 127.0.0.1:6379, under a prefix per test."""
 
     def makeStore(self, fresh: bool = True):

@@ -21,6 +21,7 @@ from hmacd.config import Config
 from hmacd.store import StoreUnavailable
 from hmacd.store.sql import SQLStore, parse_db_host
 from tests.store_contract import (
+    AdminContract,
     QuotaContract,
     SharedContract,
     StoreContract,
@@ -107,6 +108,7 @@ def drop_table(connect, table: str) -> None:
         cursor.execute(f"DROP TABLE IF EXISTS {table}")
         cursor.execute(f"DROP TABLE IF EXISTS {table}_shared")
         cursor.execute(f"DROP TABLE IF EXISTS {table}_usage")
+        cursor.execute(f"DROP TABLE IF EXISTS {table}_takedowns")
         cursor.close()
     finally:
         connection.close()
@@ -261,7 +263,9 @@ class SQLChecks:
         self.assertEqual((yield self.store.records(0)), [])
 
 
-class SQLiteStoreTests(StoreContract, SharedContract, QuotaContract, SQLChecks, TestCase):
+class SQLiteStoreTests(
+    StoreContract, AdminContract, SharedContract, QuotaContract, SQLChecks, TestCase
+):
     """The embedded SQLite store."""
 
     def makeStore(self, fresh=True, **options):
@@ -370,7 +374,13 @@ class ServerStoreMixin:
 
 
 class PostgresStoreTests(
-    ServerStoreMixin, StoreContract, SharedContract, QuotaContract, SQLChecks, TestCase
+    ServerStoreMixin,
+    StoreContract,
+    AdminContract,
+    SharedContract,
+    QuotaContract,
+    SQLChecks,
+    TestCase,
 ):
     """PostgreSQL through psycopg2, each test on its own table."""
 
@@ -431,7 +441,13 @@ class PostgresStoreTests(
 
 
 class MySQLStoreTests(
-    ServerStoreMixin, StoreContract, SharedContract, QuotaContract, SQLChecks, TestCase
+    ServerStoreMixin,
+    StoreContract,
+    AdminContract,
+    SharedContract,
+    QuotaContract,
+    SQLChecks,
+    TestCase,
 ):
     """MariaDB through pymysql, each test on its own table."""
 

@@ -44,6 +44,7 @@ from hmacd.component import ComponentService
 from hmacd.config import Config
 from hmacd.housekeeping import ExpirySweep, GarbageCollector, PartialSweep, SystemMonitor
 from hmacd.secret import ENV_VAR, SecretError, resolve_secret, secret_file
+from hmacd.takedown import DenyListRefresh
 from hmacd.web import HmacfsSite
 from hmacd.workers import WorkerPool
 from tests.support import memory_metadata
@@ -578,8 +579,10 @@ class BuildServiceTests(TestCase):
         """Announce, the metadata stores, the "http" endpoint service, then the two sweeps."""
         top = self.build()
         children = list(top)
-        self.assertEqual(len(children), 7)
-        announce, stores, listener, partials, expiry, collector, monitor = children
+        self.assertEqual(len(children), 8)
+        announce, stores, listener, partials, expiry, collector, monitor, denials = children
+        self.assertIsInstance(denials, DenyListRefresh)
+        self.assertIs(denials.denylist, listener.factory.fileServer.denials)
         self.assertIsInstance(collector, GarbageCollector)
         self.assertIsInstance(monitor, SystemMonitor)
         self.assertEqual((collector.step, monitor.step), (30, 10))

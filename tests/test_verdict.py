@@ -22,6 +22,7 @@ class Policy:
     """The configuration judge() reads."""
 
     secret: bytes = SECRET
+    previous_secrets: tuple[bytes, ...] = ()
     prefix: str = "upload"
     upload_max_size: int = 0
 

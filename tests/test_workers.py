@@ -25,6 +25,7 @@ from hmacd.auth import sign_v
 from hmacd.config import Config
 from hmacd.housekeeping import GarbageCollector, SystemMonitor
 from hmacd.services import HmacfsService, StoreService
+from hmacd.takedown import DenyListRefresh
 from hmacd.workers import WorkerError, address_family, build_worker_service
 from tests.test_tap import DEADLINE, REPO, TwistdHarness, _free_port, _read
 
@@ -279,7 +280,8 @@ class WorkerCompositionTests(TestCase):
             Config(store_dir=store, workers=2), b"s" * 32, reactor, 3, socket.AF_INET
         )
         self.assertIsInstance(top, HmacfsService)
-        stores, adopted, collector, monitor = list(top)
+        stores, adopted, collector, monitor, denials = list(top)
+        self.assertIsInstance(denials, DenyListRefresh)
         self.assertIsInstance(stores, StoreService)
         self.assertIs(stores.fs, top.fileServer)
         self.assertEqual((adopted.name, adopted.fd, adopted.family), ("http", 3, socket.AF_INET))

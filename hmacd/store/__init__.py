@@ -116,3 +116,28 @@ class IMetadataStore(Interface):
 
     def quota_rebuild(now):
         """Every figure again from the records (holds stay); fires None."""
+
+    # The admin commands' (hmacd.admin): a walk over every record, and the takedowns
+    # (hmacd.takedown.Takedown), which never expire.
+
+    def scan(cursor, limit):
+        """
+        Fire (records, next cursor): about C{limit} records after C{cursor} (C{""} to
+        begin) and the cursor to go on from, None once the walk is done.  A record present
+        for the whole walk comes at least once (twice, rarely, from Redis).
+        """
+
+    def put_takedown(takedown):
+        """Keep the L{hmacd.takedown.Takedown} for good, replacing any for its path; fires None."""
+
+    def takedown(path):
+        """Fire the takedown of C{path}, or None."""
+
+    def denied(sha256):
+        """Fire a takedown of the content whose hex SHA-256 is C{sha256}, or None."""
+
+    def takedowns():
+        """Fire every takedown (a list)."""
+
+    def lift_takedown(path):
+        """Forget the takedown of C{path}; no error if there is none; fires None."""

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.takedown import Takedown
 
 __all__ = ["Backend", "FailoverStore"]
 
@@ -426,6 +427,62 @@ class FailoverStore:
 
     def quota_rebuild(self, now: float) -> Deferred[None]:
         return self._first("quota_rebuild", now)
+
+    # The admin commands' (hmacd.admin).  A takedown goes to every store that is up, so
+    # that the fallback knows it too should the primary go down; reads take the first.
+
+    def scan(self, cursor: str, limit: int) -> Deferred[tuple[list[FileRecord], str | None]]:
+        """
+        The primary's records, then the fallback's (those written during an outage and not
+        yet copied back); the cursor names the store it belongs to.
+        """
+        backends = self.backends()
+        roles = [b.role for b in backends]
+        if cursor:
+            role, _, inner = cursor.partition(":")
+        else:
+            role, inner = roles[0], ""
+        if role not in roles:
+            return fail(ValueError(f"not a cursor of this store: {cursor!r}"))
+        at = roles.index(role)
+        backend = backends[at]
+        if not backend.up and not backend.starting:
+            return fail(StoreUnavailable(f"the {role} store is down"))
+
+        def page(result: tuple[list[FileRecord], str | None]) -> Any:
+            found, after = result
+            if after is not None:
+                return found, f"{role}:{after}"
+            if at + 1 < len(backends):
+                return found, f"{backends[at + 1].role}:"
+            return found, None
+
+        return backend.call("scan", inner, limit).addCallback(page)
+
+    def put_takedown(self, takedown: Takedown) -> Deferred[None]:
+        routes = self._routes()
+        if not routes:
+            return fail(StoreUnavailable("no metadata store is available"))
+        return Deferred.fromCoroutine(
+            _anySucceeded([b.call("put_takedown", takedown) for b in routes])
+        )
+
+    def takedown(self, path: str) -> Deferred[Takedown | None]:
+        return self._first("takedown", path)
+
+    def denied(self, sha256: str) -> Deferred[Takedown | None]:
+        return self._first("denied", sha256)
+
+    def takedowns(self) -> Deferred[list[Takedown]]:
+        return self._first("takedowns")
+
+    def lift_takedown(self, path: str) -> Deferred[None]:
+        routes = self._routes()
+        if not routes:
+            return fail(StoreUnavailable("no metadata store is available"))
+        return Deferred.fromCoroutine(
+            _anySucceeded([b.call("lift_takedown", path) for b in routes])
+        )
 
     def _copyBack(self) -> None:
         """When both stores answer, move what the fallback holds into the primary."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from hmacd.quota import Limits, QuotaBook, Usage
 from hmacd.store import FileRecord, IMetadataStore
+from hmacd.takedown import Takedown
 
 __all__ = ["MemoryStore"]
 
@@ -30,6 +31,7 @@ class MemoryStore:
         # (kind, name) -> (owner or value, absolute expiry)
         self._shared: dict[tuple[str, str], tuple[str, float]] = {}
         self._quota = QuotaBook()
+        self._takedowns: dict[str, Takedown] = {}
 
     def start(self) -> Deferred[None]:
         return succeed(None)
@@ -145,4 +147,34 @@ class MemoryStore:
 
     def quota_rebuild(self, now: float) -> Deferred[None]:
         self._quota.rebuild(self._records.values(), now)
+        return succeed(None)
+
+    # -- the admin commands' (hmacd.admin) ------------------------------------------------------
+
+    def scan(self, cursor: str, limit: int) -> Deferred[tuple[list[FileRecord], str | None]]:
+        """Up to C{limit} records after path C{cursor}, in path order; the next cursor or None."""
+        if limit < 1:
+            return fail(ValueError(f"limit must be at least 1, got {limit!r}"))
+        paths = sorted(p for p in self._records if p > cursor)[:limit]
+        after = paths[-1] if len(paths) == limit else None
+        return succeed(([self._records[p] for p in paths], after))
+
+    def put_takedown(self, takedown: Takedown) -> Deferred[None]:
+        self._takedowns[takedown.path] = takedown
+        return succeed(None)
+
+    def takedown(self, path: str) -> Deferred[Takedown | None]:
+        return succeed(self._takedowns.get(path))
+
+    def denied(self, sha256: str) -> Deferred[Takedown | None]:
+        if not sha256:
+            return succeed(None)
+        found = [t for t in self._takedowns.values() if t.sha256 == sha256]
+        return succeed(max(found, key=lambda t: t.status) if found else None)
+
+    def takedowns(self) -> Deferred[list[Takedown]]:
+        return succeed(list(self._takedowns.values()))
+
+    def lift_takedown(self, path: str) -> Deferred[None]:
+        self._takedowns.pop(path, None)
         return succeed(None)

@@ -51,6 +51,7 @@ from zope.interface import implementer
 from hmacd.address import HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.redis_admin import AdminRedis
 from hmacd.store.redis_connection import (
     _connect_failure,
     _one_line,
@@ -97,7 +98,7 @@ def _records(reply: list[Any]) -> list[FileRecord]:
 
 
 @implementer(IMetadataStore)
-class RedisStore(SharedRedis, QuotaRedis):
+class RedisStore(SharedRedis, AdminRedis, QuotaRedis):
     """
     File records in Redis (see the module docstring for the keys).
 

@@ -38,6 +38,7 @@ from zope.interface import implementer
 from hmacd.address import DEFAULT_DB_PORTS, HostPort
 from hmacd.batch import Batcher
 from hmacd.store import FileRecord, IMetadataStore, StoreUnavailable
+from hmacd.store.sql_admin import AdminSQL, admin_schema, admin_statements
 from hmacd.store.sql_pool import MYSQL_QUERY_TIMEOUT, _ConnectionPool, _mysql_open, _sqlite_open
 from hmacd.store.sql_quota import QuotaSQL, usage_schema, usage_statements
 from hmacd.store.sql_shared import SharedSQL
@@ -88,7 +89,7 @@ def _path_hash(path: str) -> str:
 
 
 @implementer(IMetadataStore)
-class SQLStore(SharedSQL, QuotaSQL):
+class SQLStore(SharedSQL, AdminSQL, QuotaSQL):
     """
     File records in one SQL table.  Build one with L{sqlite}, L{postgres},
     L{mysql} or L{from_config}; nothing connects (and adbapi starts no
@@ -419,6 +420,7 @@ class SQLStore(SharedSQL, QuotaSQL):
         prepared = {key: sql.format(table=self.table) for key, sql in statements.items()}
         prepared.update(self._dialect.shared.format(self.table, p))
         prepared.update(usage_statements(self.name, self.table, p))
+        prepared.update(admin_statements(self.name, self.table, p))
         return prepared
 
     def _now(self) -> float:
@@ -448,8 +450,13 @@ class SQLStore(SharedSQL, QuotaSQL):
 
     def _createSchema(self, connection: Any) -> None:
         # Not retried: a retry would double the wait for an unreachable server.
-        quota = usage_schema(self.name)
-        for statement in (*self._dialect.schema, *self._dialect.shared.schema, *quota):
+        schema = (
+            *self._dialect.schema,
+            *self._dialect.shared.schema,
+            *admin_schema(self.name),
+            *usage_schema(self.name),
+        )
+        for statement in schema:
             self._execute(connection, statement.format(table=self.table), (), False)
 
     @staticmethod
