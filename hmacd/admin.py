@@ -246,6 +246,7 @@ async def _rm(s: Session, args: argparse.Namespace) -> int:
     status = LEGAL if args.legal else GONE
     paths = [store_path(given, s.config.upload_subdir) for given in args.paths]
     failed = 0
+    digests: dict[str, str] = {}  # content taken down -> the path named for it
     for path in paths:
         record, sha256 = await s.digest_of(path)
         if record is None and not sha256:
@@ -255,22 +256,47 @@ async def _rm(s: Session, args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             sha256 = earlier.sha256  # taken down again (say, for legal reasons now)
-        takedown = Takedown(path, status, sha256, args.reason or "", time.time(), os_user())
-        # First the takedown: from now on the URL says why, and the content is denied, even
-        # if what follows is broken off (run the command again to finish).
-        await s.store.put_takedown(takedown)
-        removed = await s.delete_file(path)
-        await s.store.delete(path)
-        if s.audit is not None:
-            s.audit.write(
-                "takedown", path, record, status=status, reason=takedown.reason, file=removed
+        await _take_down(s, path, record, sha256, status, args.reason or "", "")
+        if sha256:
+            digests.setdefault(sha256, path)
+    if digests and not args.this_path_only:
+        # The same content under other slots (uploaded before the takedown, or sharing its
+        # bytes with Deduplication): every copy goes, each with a takedown of its own.
+        copies = []
+        async for page in s.walk():
+            copies += [r for r in page if r.sha256 in digests and r.path not in paths]
+        for record in copies:
+            named = digests[record.sha256]
+            await _take_down(
+                s, record.path, record, record.sha256, status, args.reason or "", named
             )
-        if removed:
-            what = "file and record removed" if record else "file removed"
-        else:
-            what = "record removed" if record else "already removed"
-        s.out.write(f"taken down ({status}): {escape(path)} [{what}]\n")
     return 1 if failed else 0
+
+
+async def _take_down(
+    s: Session,
+    path: str,
+    record: FileRecord | None,
+    sha256: str,
+    status: int,
+    reason: str,
+    copy_of: str,
+) -> None:
+    takedown = Takedown(path, status, sha256, reason, time.time(), os_user())
+    # First the takedown: from now on the URL says why, and the content is denied, even
+    # if what follows is broken off (run the command again to finish).
+    await s.store.put_takedown(takedown)
+    removed = await s.delete_file(path)
+    await s.store.delete(path)
+    if s.audit is not None:
+        s.audit.write("takedown", path, record, status=status, reason=reason, file=removed)
+    if removed:
+        what = "file and record removed" if record else "file removed"
+    else:
+        what = "record removed" if record else "already removed"
+    if copy_of:
+        what += f", the same content as {escape(copy_of)}"
+    s.out.write(f"taken down ({status}): {escape(path)} [{what}]\n")
 
 
 async def _lift(s: Session, args: argparse.Namespace) -> int:
@@ -545,6 +571,11 @@ def register(commands: Any) -> Any:
     rm = command("rm", "take files down: 410 (451 with --legal), their content denied")
     rm.add_argument("--legal", action="store_true", help="answer 451, not 410")
     rm.add_argument("--reason", help="a note kept with the takedown (not shown to clients)")
+    rm.add_argument(
+        "--this-path-only",
+        action="store_true",
+        help="leave other paths with the same content (they are taken down too by default)",
+    )
     rm.add_argument("paths", nargs="+", metavar="PATH", help="store path, URL path or URL")
 
     lift = command("lift", "undo a takedown: its URL answers 404, its content may come back")

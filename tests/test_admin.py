@@ -208,6 +208,50 @@ class AdminChecks:
         takedown = (await self.withStore(look))[1]
         self.assertEqual((takedown.status, takedown.sha256), (451, cat.sha256))
 
+    async def test_rm_takes_every_copy(self):
+        """
+        The same content under other paths goes too (each with a takedown of its own),
+        unless --this-path-only; other content stays.
+        """
+        seeded = await self.seed(*self.people())
+        cat = seeded[2]
+        copies = [replace(cat, path=p) for p in ("d/copy.jpg", "e/again.jpg")]
+        for copy in copies:
+            path = os.path.join(self.root, copy.path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(body_of(cat.path))
+
+        async def put(store):
+            for copy in copies:
+                await store.put(copy)
+
+        await self.withStore(put)
+        code, out, err = await self.admin("rm", "--this-path-only", "e/again.jpg")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.count("taken down"), 1)
+        self.assertTrue(os.path.exists(os.path.join(self.root, "b/cat.jpg")))
+        code, out, err = await self.admin("rm", "b/cat.jpg")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            out.splitlines(),
+            [
+                "taken down (410): b/cat.jpg [file and record removed]",
+                "taken down (410): d/copy.jpg [file and record removed,"
+                " the same content as b/cat.jpg]",
+            ],
+        )
+        for path in ("b/cat.jpg", "d/copy.jpg"):
+            self.assertFalse(os.path.exists(os.path.join(self.root, path)))
+        self.assertTrue(os.path.exists(os.path.join(self.root, "a/old.png")))
+
+        async def look(store):
+            return [await store.takedown(p) for p in ("b/cat.jpg", "d/copy.jpg", "a/old.png")]
+
+        cat_down, copy_down, other = await self.withStore(look)
+        self.assertEqual((cat_down.sha256, copy_down.sha256), (cat.sha256, cat.sha256))
+        self.assertIsNone(other)
+
     async def test_rm_unknown_and_bad_paths(self):
         """A path with neither file nor record, or that is unsafe, is an error; others go on."""
         await self.seed(*self.people())
