@@ -222,23 +222,23 @@ class LocalStorage:
             self.on_shared(size)
         return True
 
-    def enter_content(self, path: str, sha256: str) -> None:
+    def enter_content(self, path: str, sha256: str) -> bool:
         """
         Blocking.  Make the published file at C{path} (or its temp, another link to it) the
-        entry of its content, for later uploads of the same bytes to share.  Best effort: a
-        content entered meanwhile by another upload keeps its entry, and this file its
-        own bytes.
+        entry of its content, for later uploads of the same bytes to share; whether it is.
+        Best effort: a content entered meanwhile by another upload keeps its entry, and this
+        file its own bytes.
         """
         entry = self.content_path(sha256)
         for _ in range(2):
             try:
                 os.link(path, entry)
-                return
+                return True
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(entry), exist_ok=True)
             except OSError:
-                return  # entered meanwhile (EEXIST), or the area cannot take links
-        return
+                return False  # entered meanwhile (EEXIST), or the area cannot take links
+        return False
 
     def release_content(self, sha256: str, inode: tuple[int, int] | None = None) -> bool:
         """
@@ -712,8 +712,12 @@ class LocalWriter:
             self.discard()
             raise
         # After the publish: a content is entered only once a path refers to it.
-        self.storage.enter_content(self.temp, record.sha256)
+        entered = self.storage.enter_content(self.temp, record.sha256)
         os.unlink(self.temp)
+        if entered:
+            # The path may have been deleted while the temp still held the count up: then
+            # the entry is the last link, and goes now rather than at the next sweep.
+            self.storage.release_content(record.sha256)
 
     def _closeFile(self) -> None:
         with contextlib.suppress(OSError):
