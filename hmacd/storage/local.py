@@ -266,6 +266,19 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    def release_if_last(self, sha256: str) -> None:
+        """
+        Blocking.  After a new content's temp is gone: if its path was deleted meanwhile
+        (while the temp held the count up), the entry is the last link and goes now, not at
+        the next sweep.  One lstat when it is not.
+        """
+        try:
+            if os.lstat(self.content_path(sha256)).st_nlink != 1:
+                return
+        except FileNotFoundError:
+            return
+        self.release_content(sha256)
+
     def _deleteShared(self, path: str) -> bool:
         """Unlink a path that may share its bytes; release its content's entry after it."""
         try:
@@ -715,9 +728,7 @@ class LocalWriter:
         entered = self.storage.enter_content(self.temp, record.sha256)
         os.unlink(self.temp)
         if entered:
-            # The path may have been deleted while the temp still held the count up: then
-            # the entry is the last link, and goes now rather than at the next sweep.
-            self.storage.release_content(record.sha256)
+            self.storage.release_if_last(record.sha256)
 
     def _closeFile(self) -> None:
         with contextlib.suppress(OSError):
