@@ -11,7 +11,7 @@ import threading
 from email.utils import formatdate
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -25,7 +25,7 @@ from hmacd.storage import Conflict
 from hmacd.storage.local import CAS_DIR, DedupCensus, LocalStorage
 from hmacd.tap import build_metadata
 from tests.store_contract import record, require_service
-from tests.support import LoopbackServer, MemoryServer, synchronous, v2_query
+from tests.support import LoopbackServer, MemoryServer, memory_metadata, synchronous, v2_query
 from tests.test_http import raw_request
 from tests.test_stores_e2e import redisStore, sqlStore
 from tests.test_upload import put_head, request_head, status
@@ -318,6 +318,38 @@ class LocalDedupTests(SynchronousTestCase):
         later.delete("a/x")
         later.delete("b/y")
         self.assertEqual(entries(self.root), [])
+
+
+class ReindexTests(SynchronousTestCase):
+    """Records rebuilt from shared files: each path its own."""
+
+    def test_second_path_guessed_from_its_own(self) -> None:
+        """
+        The first path gets its facts back; the second a record of its own: the digest
+        from the shared facts (no hashing), the time from when it was linked in.
+        """
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        storage = LocalStorage(root, synchronous, dedup=True)
+        first = store(storage, "s1/a.png", b"bytes", content_type="image/png", created=NOW)
+        store(storage, "s2/b.png", b"bytes", content_type="text/plain", created=NOW + 10)
+        os.utime(os.path.join(root, "s2"), (NOW + 10, NOW + 10))
+        os.utime(os.path.join(root, "s1", "a.png"), (NOW, NOW))  # the inode: the first's
+        metadata = memory_metadata(Clock())
+        from hmacd import reindex as reindex_module
+
+        def no_hashing(*args):
+            raise AssertionError("a shared file was hashed")
+
+        self.patch(reindex_module, "_sha256", no_hashing)
+        counts = self.successResultOf(Deferred.fromCoroutine(reindex(metadata, root, file_ttl=100)))
+        self.assertEqual((counts.from_facts, counts.guessed), (1, 1))
+        self.assertEqual(self.successResultOf(metadata.get("s1/a.png")), first)
+        second = self.successResultOf(metadata.get("s2/b.png"))
+        self.assertEqual(
+            (second.sha256, second.created, second.expires, second.protocol),
+            (digest(b"bytes"), NOW + 10, NOW + 110, "reindex"),
+        )
 
 
 class DedupOffTests(SynchronousTestCase):

@@ -552,6 +552,13 @@ class LocalFile:
     def facts(self) -> FileRecord | None:
         return read_facts(self._file.fileno(), self._relpath)
 
+    def content_sha256(self) -> str | None:
+        """
+        The SHA-256 its inode's facts state, whichever path they name (a shared inode's
+        facts are one path's; the digest is true of them all); None without facts.
+        """
+        return content_sha256(self._file.fileno())
+
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._file.fileno(), length, offset)
 
