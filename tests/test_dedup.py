@@ -285,6 +285,46 @@ class LocalDedupTests(SynchronousTestCase):
             self.storage.delete(name)
         self.assertEqual(entries(self.root), [])
 
+    def test_processes_share_the_entry(self) -> None:
+        """
+        Two processes (as with Workers) uploading and deleting the same bytes lose no byte,
+        and once every name is gone no entry is left.
+        """
+        data = os.urandom(10_000)
+        children = []
+        for n in range(2):
+            pid = os.fork()
+            if pid == 0:  # the child: no reactor, no trial, only the storage
+                code = 1
+                try:
+                    for i in range(60):
+                        name = f"p{n}/{i}"
+                        store(self.storage, name, data)
+                        with open(self.path(name), "rb") as f:
+                            if f.read() != data:
+                                break
+                        if i % 2:
+                            self.storage.delete(name)
+                    else:
+                        code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        for pid in children:
+            _, code = os.waitpid(pid, 0)
+            self.assertEqual(os.waitstatus_to_exitcode(code), 0)
+        kept = list(self.storage.files())
+        self.assertEqual(len(kept), 60)
+        inodes = {os.stat(self.path(name)).st_ino for name in kept}
+        for name in kept:
+            with open(self.path(name), "rb") as f:
+                self.assertEqual(f.read(), data)
+        # Shared, but for the copies two uploads finishing at once may keep.
+        self.assertLess(len(inodes), len(kept))
+        for name in kept:
+            self.storage.delete(name)
+        self.assertEqual(entries(self.root), [])
+
     def test_orphan_entry_swept(self) -> None:
         """An entry left without paths (a crash after a deletion) goes at the temp sweep."""
         store(self.storage, "a/x", b"orphan")
