@@ -16,6 +16,9 @@ Every figure is taken with MaxBytesPerSecond off and on (on: a per-upload cap hi
 to bind, so the figure shows what the throttle's bookkeeping costs), with ``--workers N`` for
 the server's Workers.  The table goes to stdout, everything to a JSON file so that runs can be
 compared.
+
+``--storage s3`` measures hmacfs with ``StorageBackend = "s3"`` instead, beside the bare store
+(bench/s3_rows.py).
 """
 
 from __future__ import annotations
@@ -166,14 +169,25 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "hmacfs", "--config", self.config],
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(self.port, self.proc)
+        # This checkout's code, and its plugin: twistd finds plugins only in real
+        # twisted/plugins directories on sys.path, which an editable install does not add.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        stderr = os.path.join(self.dir, "stderr")
+        with open(stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                [TWISTD, "-n", "--pidfile=", "hmacfs", "--config", self.config],
+                cwd=self.dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        try:
+            wait_port(self.port, self.proc)
+        except RuntimeError as e:
+            with open(stderr, errors="replace") as f:
+                raise RuntimeError(f"hmacfs {e}: {f.read()[-2000:]}") from None
 
     @property
     def pids(self) -> list[int]:
@@ -330,7 +344,8 @@ def curl_ceiling(src: str) -> float:
     return elapsed
 
 
-def large_upload(server: Server, workdir: str, size: int, rounds: int) -> dict:
+def random_file(workdir: str, size: int) -> str:
+    """A file of size random bytes in workdir (made once, kept for the run)."""
     src = os.path.join(workdir, f"random-{size}.bin")
     if not os.path.exists(src) or os.path.getsize(src) != size:
         with open(src + ".tmp", "wb") as f:
@@ -340,6 +355,11 @@ def large_upload(server: Server, workdir: str, size: int, rounds: int) -> dict:
                 f.write(chunk)
                 left -= len(chunk)
         os.replace(src + ".tmp", src)
+    return src
+
+
+def large_upload(server: Server, workdir: str, size: int, rounds: int) -> dict:
+    src = random_file(workdir, size)
     limits, ours, ceilings, befores, growths = [], [], [], [], []
     for i in range(rounds):
         limits.append(socat_once(src, os.path.join(workdir, "socat.out")))
@@ -378,6 +398,11 @@ def run_wrk(
          "-s", script, url, "--", str(threads), paths_file, str(body), method],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> dict:
+    """The figures of one wrk run from its output (WRK_SCRIPT's done())."""
     line = next(x for x in out.splitlines() if x.startswith("WRK-JSON "))
     result = json.loads(line[len("WRK-JSON ") :])
     seconds_taken = result["duration_us"] / 1e6
@@ -645,9 +670,27 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dir", default=None, help="scratch directory (needs ~3x --size)")
     parser.add_argument(
-        "--json", default=os.path.join(HERE, "results", "latest.json"), help="JSON output"
+        "--json",
+        default=None,
+        help="JSON output (default bench/results/latest.json, s3-latest.json with s3)",
+    )
+    parser.add_argument(
+        "--storage",
+        choices=("local", "s3"),
+        default="local",
+        help="s3: hmacfs on a SeaweedFS of its own beside the bare store (bench/s3_rows.py)",
+    )
+    parser.add_argument(
+        "--reader-cache-mb", type=int, default=64, help="s3: the gateway's -s3.readerCacheSizeMB"
+    )
+    parser.add_argument("--redis", default="127.0.0.1:6379", help="s3: the nodes' RedisAddr")
+    parser.add_argument(
+        "--redis-db", type=int, default=11, help="s3: the nodes' RedisDB (flushed before, after)"
     )
     args = parser.parse_args(argv)
+    if args.json is None:
+        latest = "s3-latest.json" if args.storage == "s3" else "latest.json"
+        args.json = os.path.join(HERE, "results", latest)
     for tool in ("curl", "socat", "wrk"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (bench/run installs it)")
@@ -668,10 +711,16 @@ def main(argv=None) -> int:
         "variants": {},
     }
     try:
-        results["variants"]["MaxBytesPerSecond off"] = variant(args, workdir, "off", {**common})
-        results["variants"][f"MaxBytesPerSecond {args.cap}"] = variant(
-            args, workdir, "on", {**common, "MaxBytesPerSecond": args.cap}
-        )
+        if args.storage == "s3":
+            import s3_rows
+
+            results["targets"] = s3_rows.TARGETS
+            results["s3"] = s3_rows.run(args, workdir, common)
+        else:
+            results["variants"]["MaxBytesPerSecond off"] = variant(args, workdir, "off", {**common})
+            results["variants"][f"MaxBytesPerSecond {args.cap}"] = variant(
+                args, workdir, "on", {**common, "MaxBytesPerSecond": args.cap}
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -679,6 +728,11 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
+    if args.storage == "s3":
+        del results["variants"]
+        print(s3_rows.header(results, args.json))
+        print(s3_rows.table(results))
+        return 0
     m = results["machine"]
     print(
         textwrap.dedent(f"""\

@@ -300,6 +300,12 @@ class Config:
     s3_redirect_downloads: bool = _key(
         "S3RedirectDownloads", False, cv.boolean, "GET: 302 to a presigned URL of the store"
     )
+    s3_stream_uploads: bool = _key(
+        "S3StreamUploads",
+        False,
+        cv.boolean,
+        "large bodies sent as they arrive (via a staging copy)",
+    )
     # S3 refuses parts under 5 MiB (but the last): so do these two.
     s3_multipart_threshold: int = _key(
         "S3MultipartThreshold",

@@ -203,6 +203,7 @@ def storage_builder(
             threshold=config.s3_multipart_threshold,
             part_size=config.s3_part_size,
             redirect_downloads=config.s3_redirect_downloads,
+            stream=config.s3_stream_uploads,
         )
 
     return build

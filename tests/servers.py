@@ -120,7 +120,18 @@ class RedisServer:
         self.start()
 
     def start(self) -> None:
-        """Start on self.port and wait (at most 5 s) until PING answers."""
+        """
+        Start on self.port and wait (at most 5 s) until it answers.  The port was free when
+        picked, but another test run may take it first: a server that is not ours (or ours
+        exiting because the port is taken) means another port, not a test that fails later.
+        """
+        for _ in range(5):
+            if self._start():
+                return
+            self.port = free_port()
+        raise AssertionError("redis-server: no free port was ours five times")
+
+    def _start(self) -> bool:
         args = [
             "redis-server",
             "--port", str(self.port),
@@ -140,14 +151,28 @@ class RedisServer:
         while True:
             if self.process.poll() is not None:
                 with open(os.path.join(self.dir, "log"), errors="replace") as f:
-                    raise AssertionError(f"redis-server exited: {f.read()[-500:]}")
+                    log = f.read()[-500:]
+                if "Address already in use" in log:
+                    return False
+                raise AssertionError(f"redis-server exited: {log}")
             try:
-                self.raw().close()
-                return
+                raw = self.raw()
             except (OSError, ReplyError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
+                continue
+            try:
+                info = raw.call("INFO", "server")
+            except ReplyError:
+                info = b""  # another run's server, with a password
+            finally:
+                raw.close()
+            if f"process_id:{self.process.pid}\r\n".encode() in info:
+                return True
+            self.process.kill()
+            self.process.wait(timeout=5)
+            return False
 
     def raw(self, db: int = 0) -> RawRedis:
         return RawRedis(self.port, self.password, db)

@@ -228,6 +228,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "S3SecretKey",
                 "S3AddressingStyle",
                 "S3RedirectDownloads",
+                "S3StreamUploads",
                 "S3MultipartThreshold",
                 "S3PartSize",
             ],

@@ -67,6 +67,9 @@ class SeaweedStorageCase(TestCase):
         self.addCleanup(client.close)
         return client
 
+    # S3StreamUploads: large bodies go to a staging object as they arrive.
+    stream = False
+
     def makeStorage(self) -> S3Storage:
         self.client = self.makeClient()
         storage = S3Storage(
@@ -76,6 +79,7 @@ class SeaweedStorageCase(TestCase):
             synchronous,
             threshold=S3_MIN_PART,
             part_size=S3_MIN_PART,
+            stream=self.stream,
         )
         self.addCleanup(storage.stop)
         return storage
@@ -88,8 +92,17 @@ class S3StorageContractTests(StorageContractMixin, SeaweedStorageCase):
     makeStorage = SeaweedStorageCase.makeStorage
 
 
+@in_a_thread
+class S3StreamedStorageContractTests(S3StorageContractTests):
+    """The same contract with S3StreamUploads = true."""
+
+    stream = True
+
+
 class S3StorageTests(SeaweedStorageCase):
-    """What only the object store does."""
+    """What only the object store does (large bodies streamed as they arrive)."""
+
+    stream = True
 
     def setUp(self) -> None:
         self.storage = self.makeStorage()

@@ -177,6 +177,7 @@ class S3Storage:
         part_size: int = 8 * 1024 * 1024,
         probe_interval: float = PROBE_INTERVAL,
         redirect_downloads: bool = False,
+        stream: bool = False,
     ) -> None:
         self.client = client
         self.reactor = reactor
@@ -190,9 +191,9 @@ class S3Storage:
         self.probe_interval = probe_interval
         # S3RedirectDownloads: a GET is a 302 to a presigned URL (hmacd.download_s3).
         self.redirect_downloads = redirect_downloads
-        # Whether large bodies go to the store as they arrive (hmacd.storage.s3_writer), or
-        # after their last byte, from the spool (the benchmark compares the two).
-        self.stream = True
+        # S3StreamUploads: whether large bodies go to the store as they arrive (into a
+        # staging object, hmacd.storage.s3_writer), or after their last byte, from the spool.
+        self.stream = stream
         self._probe: Any = None
 
     # Health: like the metadata stores, a transition is logged once, and while the store is
