@@ -33,13 +33,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
-import bench as harness  # noqa: E402  (bench/bench.py: Server, presign, run_wrk)
-from bench import MiB, Server, presign  # noqa: E402
+from bench import MiB, Server, parse_wrk, presign, random_file  # noqa: E402
 from hmacd.storage.local import CAS_DIR, LocalStorage  # noqa: E402
 
-# bench.py's wrk script with bodies of our choosing: "PUT:<tag>:distinct" gives every request
-# a body of its own (the tag, the thread and a counter, then filler), "PUT:<tag>:same" one
-# body (the tag, then filler) for every request of the run.
+# bench.py's wrk script (its done() is what parse_wrk reads), with bodies of our choosing:
+# "PUT:<tag>:distinct" gives every request a body of its own (the tag, the thread and a
+# counter, then filler), "PUT:<tag>:same" one body (the tag, then filler) for every request.
 WRK_SCRIPT = r"""
 local threads = 0
 function setup(thread)
@@ -94,26 +93,18 @@ end
 def small_puts(server: Server, workdir: str, run: str, mode: str, seconds: float) -> dict:
     """wrk PUTs of 4 KiB bodies, C{mode} "distinct" or "same", to URLs of their own."""
     paths = presign(server, workdir, run, 250_000, 4096)
-    saved = harness.WRK_SCRIPT
-    harness.WRK_SCRIPT = WRK_SCRIPT  # run_wrk writes the module's script for wrk
+    script = os.path.join(workdir, "dedup.lua")
+    with open(script, "w") as f:
+        f.write(WRK_SCRIPT)
     try:
-        return harness.run_wrk(server.base, paths, f"PUT:{run}:{mode}", 4096, seconds, workdir)
+        out = subprocess.run(
+            ["wrk", "-t2", "-c64", f"-d{round(seconds)}s", "--timeout", "30s", "-s", script,
+             server.base, "--", "2", paths, "4096", f"PUT:{run}:{mode}"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
     finally:
-        harness.WRK_SCRIPT = saved
         os.unlink(paths)
-
-
-def make_source(workdir: str, size: int) -> str:
-    src = os.path.join(workdir, f"random-{size}.bin")
-    if not os.path.exists(src) or os.path.getsize(src) != size:
-        with open(src + ".tmp", "wb") as f:
-            left = size
-            while left:
-                chunk = os.urandom(min(left, 16 * MiB))
-                f.write(chunk)
-                left -= len(chunk)
-        os.replace(src + ".tmp", src)
-    return src
+    return parse_wrk(out)
 
 
 def timed_put(server: Server, name: str, src: str) -> float:
@@ -180,7 +171,7 @@ def main(argv=None) -> int:
     try:
         for server in servers.values():
             server.start()
-        src = make_source(workdir, args.size)
+        src = random_file(workdir, args.size)
         mb = args.size / 1e6
         for r in range(args.rounds):
             for name, server in servers.items():
