@@ -8,6 +8,9 @@ machine slows both alike), with bench.py's server, curl and wrk helpers.
 2. 4 KiB PUTs by wrk, 64 connections, each to its own pre-signed URL: every body distinct
    (no sharing: the common path), then one body for all (every upload after the first shared).
 
+3. Beside them, 4 KiB files published by hmacfs's LocalStorage in this process, one after
+   another (no HTTP, no threads): the storage's own part, away from wrk and the reactor.
+
 Each row gives every round's figure (the range is what a shared, noisy machine allows one to
 say) and the median.  After the small PUTs, the store's bytes on disk and what sharing saved
 (``LocalStorage.dedup_census``).  Everything goes to a JSON file as well::
@@ -107,6 +110,32 @@ def small_puts(server: Server, workdir: str, run: str, mode: str, seconds: float
     return parse_wrk(out)
 
 
+def published_files(directory: str, dedup: bool, same: bool, count: int = 1000) -> float:
+    """
+    4 KiB files per second that hmacfs's own LocalStorage publishes and settles, one after
+    another in this process (no HTTP, no threads): the storage's part of a small PUT, with
+    bodies all distinct or all the same.
+    """
+    from twisted.internet.defer import maybeDeferred
+
+    from hmacd.metadata import FileRecord
+
+    os.makedirs(directory, exist_ok=True)
+    storage = LocalStorage(directory, maybeDeferred, dedup=dedup)
+    run = os.path.basename(directory)
+    start = time.perf_counter()
+    for i in range(count):
+        relpath = f"{run}/{i:06d}/f.bin"
+        writer = storage.writer(relpath)
+        head = b"same" if same else f"{run}-{i}".encode()
+        writer.write(head.ljust(32) + b"x" * 4064)
+        digest = writer.seal()
+        record = FileRecord(relpath, 4096, "application/octet-stream", digest, 0.0, "v2")
+        writer.publish(record)
+        storage.settle([relpath])
+    return count / (time.perf_counter() - start)
+
+
 def timed_put(server: Server, name: str, src: str) -> float:
     start = time.perf_counter()
     server.put_file(name, src)
@@ -166,7 +195,11 @@ def main(argv=None) -> int:
     }
     started = time.time()
     raw: dict[str, dict[str, list]] = {
-        name: {"new": [], "again": [], "distinct": [], "same": []} for name in servers
+        name: {
+            kind: []
+            for kind in ("new", "again", "distinct", "same", "published_distinct", "published_same")
+        }
+        for name in servers
     }
     try:
         for server in servers.values():
@@ -179,6 +212,12 @@ def main(argv=None) -> int:
                 new, again = large_round(server, src, f"{name}{r}")
                 raw[name]["new"].append(mb / new)
                 raw[name]["again"].append(mb / again)
+        for r in range(args.rounds):
+            for name in servers:
+                for mode in ("distinct", "same"):
+                    where = os.path.join(workdir, "published", f"{name}{r}{mode[0]}")
+                    rate = published_files(where, name == "on", mode == "same")
+                    raw[name][f"published_{mode}"].append(rate)
         for r in range(args.rounds):
             for name, server in servers.items():
                 for mode in ("distinct", "same"):
@@ -215,7 +254,10 @@ def main(argv=None) -> int:
             name: {kind: figures(raw[name][kind]) for kind in ("new", "again")} for name in raw
         },
         "small_rps": {
-            name: {kind: figures(raw[name][kind], 0) for kind in ("distinct", "same")}
+            name: {
+                kind: figures(raw[name][kind], 0)
+                for kind in ("distinct", "same", "published_distinct", "published_same")
+            }
             for name in raw
         },
         "store": disk,
@@ -248,6 +290,13 @@ def table(results: dict) -> str:
             (
                 f"4 KiB PUTs, {text}, req/s",
                 *(cell(results["small_rps"][n][kind]) for n in ("off", "on")),
+            )
+        )
+    for kind, text in (("distinct", "distinct"), ("same", "the same")):
+        rows.append(
+            (
+                f"  4 KiB files published, {text}, no HTTP, /s",
+                *(cell(results["small_rps"][n][f"published_{kind}"]) for n in ("off", "on")),
             )
         )
     store = results["store"]
