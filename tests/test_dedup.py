@@ -445,6 +445,25 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn("hmac_file_server_dedup_saved_bytes 2000.0", text)
 
 
+class WiringTests(SynchronousTestCase):
+    """The config reaches the storage, and the gauge runs where there is sharing."""
+
+    def test_sweeps_count_when_shared(self) -> None:
+        """The main process's sweeps include the census exactly when sharing can exist."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from hmacd.services import build_file_server, sweeps
+
+        for dedup in (False, True):
+            root = os.path.abspath(self.mktemp())
+            os.makedirs(root)
+            clock = MemoryReactorClock()
+            config = Config(store_dir=root, deduplication=dedup)
+            fs = build_file_server(config, b"s" * 16, clock, memory_metadata(clock))
+            found = [s for s in sweeps(config, fs) if isinstance(s, DedupGauge)]
+            self.assertEqual((fs.storage.dedup, len(found)), (dedup, int(dedup)))
+
+
 class HTTPTests(SynchronousTestCase):
     """Each path of shared bytes is served with its own type, time and expiry."""
 
