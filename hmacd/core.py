@@ -93,6 +93,8 @@ class FileServer:
     uploads: Uploads = field(init=False)
     # Builds the storage of another backend than the local directory, given the server.
     make_storage: Callable[[FileServer], IStorage] | None = None
+    # Deduplication: uploads of identical bytes share them (the local directory only).
+    dedup: bool = False
     # Stops the thread pool of `blocking` when it is the server's own (an object store's).
     stop_threads: Callable[[], None] | None = None
     # ResumableTTL: how long the state of an unfinished resumable upload is kept.
@@ -128,7 +130,11 @@ class FileServer:
         # Through self: tests swap `blocking` after construction.
         # Where the bytes of finished files live.
         self.storage: IStorage = LocalStorage(
-            self.store_dir, lambda work: self.blocking(work), self.chunk_size
+            self.store_dir,
+            lambda work: self.blocking(work),
+            self.chunk_size,
+            dedup=self.dedup,
+            on_shared=self.metrics.dedup_bytes.inc,
         )
         if self.make_storage is not None:
             self.storage = self.make_storage(self)  # StorageBackend = "s3"

@@ -427,7 +427,12 @@ class StoreResource(Resource):
             f.close()  # the client left while the record was looked up
             return
         size = st.size
-        headed = describe(request, relpath, record, size, st.modified, st.modified_ns)
+        modified = st.modified
+        if record is not None and getattr(st, "shared", False):
+            # Bytes shared with other paths (Deduplication): the inode's mtime is the first
+            # upload's; this path's Last-Modified is its own upload's.
+            modified = record.created
+        headed = describe(request, relpath, record, size, modified, st.modified_ns)
         if headed is None:  # 304: the headers are the answer
             f.close()
             request.finish()

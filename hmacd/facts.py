@@ -12,10 +12,17 @@ One attribute rather than one per fact: a setxattr costs about 2 us on ext4 here
 70 us for four, and the small-PUT path is benchmarked.  Where the file system has no user
 extended attributes (ENOTSUP: some FUSE and network mounts), the facts live only in the
 store record, as before, and L{probe} tells the operator at start.
+
+With C{Deduplication}, one inode is the bytes of every path that uploaded the same content
+(hard links), and so carries one attribute for all of them: those facts then name the path
+they belong to (C{"path"}), and are nobody else's.  Facts naming another path, or none
+(C{""}: the path they named is gone), are read as no facts: that path is served and
+reindexed from its own record, never from another upload's type, uploader or expiry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,7 +33,17 @@ from twisted.logger import Logger
 
 from hmacd.metadata import FileRecord
 
-__all__ = ["ATTRIBUTE", "UnrecordedFiles", "is_expired", "probe", "read_facts", "write_facts"]
+__all__ = [
+    "ATTRIBUTE",
+    "UnrecordedFiles",
+    "content_sha256",
+    "disown_facts",
+    "is_expired",
+    "named_path",
+    "probe",
+    "read_facts",
+    "write_facts",
+]
 
 ATTRIBUTE = "user.hmacfs"
 VERSION = 1
@@ -40,34 +57,89 @@ _UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
 _TOO_LARGE = (errno.E2BIG, errno.ERANGE, errno.ENOSPC)
 
 
-def encode(record: FileRecord) -> bytes:
-    """The attribute value for C{record}: everything but the path, which is the file's name."""
-    facts = {"v": VERSION, **record.to_fields()}
+def encode(record: FileRecord, named: bool = False) -> bytes:
+    """
+    The attribute value for C{record}: everything but the path, which is the file's name;
+    with C{named} the path too (an inode that several paths may share: L{decode}).
+    """
+    facts: dict[str, object] = {"v": VERSION, **record.to_fields()}
+    if named:
+        facts["path"] = record.path
     return json.dumps(facts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def decode(relpath: str, value: bytes) -> FileRecord | None:
-    """The record C{value} describes, or None when it is not one of ours."""
+    """
+    The record C{value} describes, or None when it is not one of ours: not our format, or
+    facts that name another path than C{relpath} (a shared inode's, see the module).
+    """
     try:
         facts = json.loads(value)
         if facts.get("v") != VERSION:
+            return None
+        if facts.get("path", relpath) != relpath:
             return None
         return FileRecord.from_fields(relpath, facts)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
-def write_facts(fd: int, record: FileRecord) -> bool:
+def _raw(fd: int) -> dict | None:
+    """The attribute of C{fd} as JSON, whoever's facts it holds; None without one."""
+    try:
+        facts = json.loads(os.getxattr(fd, ATTRIBUTE))
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) and facts.get("v") == VERSION else None
+
+
+def named_path(fd: int) -> str | None:
+    """The path the facts of C{fd} name (C{""} once disowned); None when they name none."""
+    facts = _raw(fd)
+    path = None if facts is None else facts.get("path")
+    return path if isinstance(path, str) else None
+
+
+def content_sha256(fd: int) -> str | None:
+    """
+    The SHA-256 the facts of C{fd} state, whichever path they name: a fact of the bytes,
+    true for every path sharing them.  None without facts.
+    """
+    facts = _raw(fd)
+    digest = None if facts is None else facts.get("sha256")
+    return digest if isinstance(digest, str) else None
+
+
+def disown_facts(fd: int) -> None:
+    """
+    Make the facts of C{fd} nobody's (C{"path": ""}), keeping its SHA-256 readable: the
+    path they named is going, and the bytes stay for other paths (or for that same path
+    uploaded again, which must not inherit the old upload's facts).
+    """
+    facts = _raw(fd)
+    if facts is None:
+        return
+    facts["path"] = ""
+    value = json.dumps(facts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        os.setxattr(fd, ATTRIBUTE, value)
+    except OSError:
+        # Cannot rewrite them: remove them, so that they are nobody's all the same.
+        with contextlib.suppress(OSError):
+            os.removexattr(fd, ATTRIBUTE)
+
+
+def write_facts(fd: int, record: FileRecord, named: bool = False) -> bool:
     """
     Put C{record}'s facts on the open file C{fd} (before its fsync, which makes them
-    durable with it).
+    durable with it); with C{named}, naming C{record.path} (see L{encode}).
 
     @return: whether they are on the file; False where the file system cannot keep them
         (the store record is then the only copy, as it was before facts existed).
     @raise OSError: any other failure of the file system.
     """
     try:
-        os.setxattr(fd, ATTRIBUTE, encode(record))
+        os.setxattr(fd, ATTRIBUTE, encode(record, named))
     except OSError as e:
         if e.errno in _UNSUPPORTED or e.errno in _TOO_LARGE:
             return False

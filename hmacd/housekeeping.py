@@ -29,6 +29,7 @@ from hmacd.storage import IStorage
 from hmacd.store import StoreUnavailable
 
 __all__ = [
+    "DedupGauge",
     "ExpirySweep",
     "GarbageCollector",
     "PartialSweep",
@@ -175,6 +176,39 @@ class PartialSweep(TimerService):
         d.addBoth(done)
         d.addCallback(report)
         d.addErrback(lambda f: log.failure("sweeping abandoned uploads failed", f))
+
+
+class DedupGauge(TimerService):
+    """
+    Count what deduplication saves (L{hmacd.storage.local.LocalStorage.dedup_census}) at
+    start and every C{interval} seconds, into the C{dedup_saved_bytes} gauge: a walk of the
+    content entries (one lstat each) in a worker thread, in the main process only.
+    """
+
+    def __init__(self, fs: FileServer, interval: float = 300) -> None:
+        super().__init__(interval, self.count)
+        self.fs = fs
+        self._counting = False
+
+    def count(self) -> None:
+        if self._counting:
+            return  # the last walk is still going: a large store
+        census = getattr(self.fs.storage, "dedup_census", None)
+        if census is None:
+            return  # an object store: nothing is shared
+        self._counting = True
+        d = self.fs.blocking(census)
+
+        def counted(result) -> None:
+            self.fs.metrics.dedup_saved_bytes.set(result.saved_bytes)
+
+        def done(result):
+            self._counting = False
+            return result
+
+        d.addBoth(done)
+        d.addCallback(counted)
+        d.addErrback(lambda f: log.failure("counting deduplicated bytes failed", f))
 
 
 # Threads the expiry sweep removes files in at once.

@@ -124,6 +124,18 @@ class Metrics:
             "Records past their expiry not yet deleted, as the expiry sweep last counted.",
             mode="livemax",
         )
+        self.dedup_bytes = counter(
+            "dedup_bytes",
+            "Bytes of uploads stored as another path to identical bytes already stored"
+            " (Deduplication): written to a temp file, then dropped instead of kept.",
+        )
+        self.dedup_saved_bytes = gauge(
+            "dedup_saved_bytes",
+            "Bytes deduplication keeps off the disk now: for each stored content, its size"
+            " times the paths referring to it beyond the first (counted by the main process"
+            " every DedupCensus interval).",
+            mode="livemax",
+        )
         self.threads = gauge("process_threads", "Threads of the server process.")
         self.rss = gauge("process_resident_memory_bytes", "Resident memory of the server process.")
         self.vms = gauge("process_virtual_memory_bytes", "Virtual memory of the server process.")

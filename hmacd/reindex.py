@@ -39,7 +39,7 @@ from hmacd.config import Config
 from hmacd.mediatype import guess_type
 from hmacd.metadata import FileRecord
 from hmacd.storage import IReadable, IStorage
-from hmacd.storage.local import Blocking, LocalStorage
+from hmacd.storage.local import Blocking, LocalFile, LocalStorage
 from hmacd.threads import own_threads
 
 if TYPE_CHECKING:
@@ -158,11 +158,20 @@ def _record_of(storage: IStorage, relpath: str, file_ttl: float) -> tuple[FileRe
     stored = storage.open(relpath)
     if stored is None:
         return None
+    created = stored.modified
     try:
         facts = stored.facts()
         if facts is not None and facts.size == stored.size:
             return facts, True
-        digest = _sha256(storage, stored)
+        digest = None
+        if isinstance(stored, LocalFile) and stored.shared:
+            # Bytes shared with other paths (Deduplication): the facts on them are another
+            # path's, but their digest is these bytes', and the inode's mtime is the first
+            # upload's.  This path was linked in later: its directory changed then.
+            digest = stored.content_sha256()
+            created = max(created, _directory_mtime(storage, relpath))
+        if digest is None:
+            digest = _sha256(storage, stored)
     finally:
         stored.close()
     if digest is None:
@@ -173,12 +182,21 @@ def _record_of(storage: IStorage, relpath: str, file_ttl: float) -> tuple[FileRe
             size=stored.size,
             content_type=guess_type(relpath),
             sha256=digest,
-            created=stored.modified,
+            created=created,
             protocol=GUESSED_PROTOCOL,
-            expires=stored.modified + file_ttl if file_ttl else None,
+            expires=created + file_ttl if file_ttl else None,
         ),
         False,
     )
+
+
+def _directory_mtime(storage: IStorage, relpath: str) -> float:
+    """When the directory of a local file last changed (a name linked or removed); 0 if unknown."""
+    assert isinstance(storage, LocalStorage)
+    try:
+        return os.stat(os.path.dirname(os.path.join(storage.root, relpath))).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _sha256(storage: IStorage, stored: IReadable) -> str | None:

@@ -24,6 +24,7 @@ from hmacd.component import ComponentService, SlotComponent, SlotIssuer
 from hmacd.config import Config
 from hmacd.core import FileServer
 from hmacd.housekeeping import (
+    DedupGauge,
     ExpirySweep,
     GarbageCollector,
     PartialSweep,
@@ -143,6 +144,7 @@ def build_file_server(
         min_free_space=config.min_free_space,
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
+        dedup=config.deduplication,
         resumable_ttl=config.resumable_ttl,
         limiter=rate_limiter(config, reactor, metadata),
         trusted_proxies=parse_networks(config.trusted_proxies),
@@ -380,6 +382,7 @@ def sweeps(config: Config, fs: FileServer) -> list[IService]:
             # One sweeper across the nodes sharing the store (None: the store is ours alone).
             lease=sweep_lease(config, fs.metadata, config.expiry_interval),
         ),
+        *([DedupGauge(fs)] if getattr(fs.storage, "shares", False) else []),
     ]
 
 

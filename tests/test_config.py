@@ -225,6 +225,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "ComponentPingTimeout",
                 "PublicURL",
                 "StorageBackend",
+                "Deduplication",
                 "S3Endpoint",
                 "S3Region",
                 "S3Bucket",

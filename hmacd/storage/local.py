@@ -6,17 +6,32 @@ is one atomic C{link} that never overwrites, and the temp can never be served.  
 are written and hashed in a worker thread, in batches of at least the write buffer, while
 the reactor reads on; its facts are an extended attribute, durable with the bytes before
 the name appears.
+
+With C{Deduplication}, bytes are stored once per content: C{.hmacfs/cas/ab/<sha256>} is a
+hard link to the one inode, and every path uploaded with those bytes is another.  An
+upload whose content is there already links its name to it and drops its temp (no fsync,
+no facts: its record holds them, L{hmacd.facts}); a new content is published as without
+deduplication and then entered.  A path's deletion unlinks it, and the content's entry
+goes with the last path (its link count says so).  An upload linking to an entry holds a
+shared C{flock} on it, and a deletion takes it exclusively before it judges the count: an
+entry is never removed while an upload is linking to it, in any thread or process.  Hard
+links make every other outcome safe too: a name unlinked never takes bytes that another
+name still refers to, so a race can cost sharing (two copies of one content), never bytes
+of a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -24,18 +39,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hmacd.facts import read_facts, write_facts
+from hmacd.facts import content_sha256, disown_facts, named_path, read_facts, write_facts
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, store_path
 from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat
 
 __all__ = [
+    "CAS_DIR",
     "MAX_WRITE_BUFFER",
     "PART_PREFIX",
     "PART_SUFFIX",
     "SPOOL_HIGH",
     "SPOOL_LOW",
+    "DedupCensus",
     "LocalStorage",
     "fsync_directory",
 ]
@@ -57,6 +74,32 @@ MAX_WRITE_BUFFER = 64 * 1024
 
 Blocking = Callable[[Callable[[], Any]], Deferred[Any]]
 
+# Deduplication's content-addressed area: one hard link per stored content, by SHA-256.
+CAS_DIR = os.path.join(".hmacfs", "cas")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class DedupCensus:
+    """
+    What deduplication holds (L{LocalStorage.dedup_census}).
+
+    @ivar contents: distinct contents with at least one path.
+    @ivar references: paths referring to them.
+    @ivar stored_bytes: bytes those contents take once each.
+    @ivar saved_bytes: bytes not on the disk thanks to sharing: each content's size times
+        its paths beyond the first (what the paths would take as separate files, less
+        C{stored_bytes}).
+    @ivar orphans: entries no path refers to any more (a crash between a path's deletion
+        and its entry's); the sweep of abandoned temps removes them.
+    """
+
+    contents: int = 0
+    references: int = 0
+    stored_bytes: int = 0
+    saved_bytes: int = 0
+    orphans: int = 0
+
 
 def fsync_directory(directory: str) -> None:
     """fsync C{directory}: a new name in it is durable after this."""
@@ -77,17 +120,37 @@ class LocalStorage:
 
     @param blocking: runs a blocking callable in a worker thread (the writers' spooling).
     @param chunk_size: C{ChunkSize}; a writer buffers at most 64 KiB of it.
+    @param dedup: C{Deduplication}: new files share the bytes of an identical one.
+    @param on_shared: called (in a worker thread) with the size of each file stored as a
+        reference to bytes already there.
     """
 
-    def __init__(self, root: str, blocking: Blocking, chunk_size: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        root: str,
+        blocking: Blocking,
+        chunk_size: int = 1 << 20,
+        dedup: bool = False,
+        on_shared: Callable[[int], None] | None = None,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.blocking = blocking
         self.write_buffer = min(chunk_size, MAX_WRITE_BUFFER)
+        self.dedup = dedup
+        self.on_shared = on_shared
+        self.cas_root = os.path.join(self.root, CAS_DIR)
+        # Files shared while Deduplication was on stay shared after it is turned off: their
+        # deletions must still let their contents' entries go.  Without either, deletion is
+        # what it always was.
+        self.shares = dedup or os.path.isdir(self.cas_root)
 
     def writer(self, relpath: str) -> LocalWriter:
         return LocalWriter(self, relpath)
 
     def adopt(self, source: str, relpath: str, record: FileRecord) -> None:
+        if self.dedup:
+            self._adoptShared(source, relpath, record)
+            return
         with open(source, "rb") as f:
             # As for a new file: the facts are on it, durably, before it is linked.
             if write_facts(f.fileno(), record):
@@ -100,6 +163,249 @@ class LocalStorage:
         except FileExistsError:
             self.prune(relpath)
             raise Conflict() from None
+
+    def _adoptShared(self, source: str, relpath: str, record: FileRecord) -> None:
+        dest = store_path(self.root, relpath)
+        self.make_parents(os.path.dirname(dest))
+        store_path(self.root, relpath)
+        try:
+            if self.link_content(record.sha256, record.size, dest):
+                return
+            with open(source, "rb") as f:
+                if write_facts(f.fileno(), record, named=True):
+                    os.fsync(f.fileno())
+            os.link(source, dest)
+        except FileExistsError:
+            self.prune(relpath)
+            raise Conflict() from None
+        self.enter_content(source, record.sha256)
+
+    # -- Deduplication -------------------------------------------------------------------
+
+    def content_path(self, sha256: str) -> str:
+        """The entry of the content whose SHA-256 (lowercase hex) is C{sha256}."""
+        if not _SHA256_HEX.fullmatch(sha256):
+            raise ValueError(f"not a SHA-256: {sha256!r}")
+        return os.path.join(self.cas_root, sha256[:2], sha256)
+
+    def link_content(self, sha256: str, size: int, dest: str) -> bool:
+        """
+        Blocking.  Link C{dest} to the stored content C{sha256} of C{size} bytes; False
+        when there is none to link to (the caller stores its own bytes).
+
+        @raise FileExistsError: C{dest} is taken.
+        """
+        try:
+            fd = os.open(self.content_path(sha256), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False  # no such content yet (or its directory), or not ours to share
+        try:
+            # Shared: the entry cannot be judged unreferenced and removed while we link.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            st = os.fstat(fd)
+            if st.st_nlink == 0 or st.st_size != size or not stat.S_ISREG(st.st_mode):
+                return False  # removed while we waited for the lock, or not that content
+            relpath = os.path.relpath(dest, self.root).replace(os.sep, "/")
+            if named_path(fd) == relpath:
+                # An earlier upload of this very path, deleted behind our back (by hand):
+                # its facts must not become this upload's.
+                disown_facts(fd)
+            try:
+                os.link(self.content_path(sha256), dest)
+            except OSError as e:
+                if e.errno in (errno.EMLINK, errno.ENOENT, errno.EXDEV, errno.EPERM):
+                    return False  # too many links: this file gets bytes of its own
+                raise
+        finally:
+            os.close(fd)
+        if self.on_shared is not None:
+            self.on_shared(size)
+        return True
+
+    def enter_content(self, path: str, sha256: str) -> bool:
+        """
+        Blocking.  Make the published file at C{path} (or its temp, another link to it) the
+        entry of its content, for later uploads of the same bytes to share; whether it is.
+        Best effort: a content entered meanwhile by another upload keeps its entry, and this
+        file its own bytes.
+        """
+        entry = self.content_path(sha256)
+        for _ in range(2):
+            try:
+                os.link(path, entry)
+                return True
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(entry), exist_ok=True)
+            except OSError:
+                return False  # entered meanwhile (EEXIST), or the area cannot take links
+        return False
+
+    def release_content(self, sha256: str, inode: tuple[int, int] | None = None) -> bool:
+        """
+        Blocking.  Remove the entry of C{sha256} if no path refers to it any more (and, given
+        C{inode}, if it is still that (device, inode)); whether it went.
+        """
+        try:
+            entry = self.content_path(sha256)
+            fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (OSError, ValueError):
+            return False
+        try:
+            st = os.fstat(fd)
+            if inode is not None and (st.st_dev, st.st_ino) != inode:
+                return False  # another entry of the same content: not the one we shared
+            # Exclusive: an upload linking to it holds it shared until its link is made,
+            # which raises the count we judge by.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink != 1:
+                return False
+            os.unlink(entry)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
+
+    def release_if_last(self, sha256: str) -> None:
+        """
+        Blocking.  After a new content's temp is gone: if its path was deleted meanwhile
+        (while the temp held the count up), the entry is the last link and goes now, not at
+        the next sweep.  One lstat when it is not.
+        """
+        try:
+            if os.lstat(self.content_path(sha256)).st_nlink != 1:
+                return
+        except FileNotFoundError:
+            return
+        self.release_content(sha256)
+
+    def _deleteShared(self, path: str) -> bool:
+        """Unlink a path that may share its bytes; release its content's entry after it."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 1:
+            os.unlink(path)
+            return True
+        digest = None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                digest = content_sha256(fd)
+                relpath = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if named_path(fd) == relpath:
+                    # The facts are this path's: not to be served for any other, nor for
+                    # this path uploaded again with the same bytes.
+                    disown_facts(fd)
+            finally:
+                os.close(fd)
+        os.unlink(path)
+        if digest is not None:
+            self.release_content(digest, (st.st_dev, st.st_ino))
+        # Without facts the entry cannot be found by name: the sweep finds it alone.
+        return True
+
+    def references(self, sha256: str) -> Iterator[str]:
+        """
+        Blocking (a walk of every file).  The paths whose bytes have the SHA-256 C{sha256}:
+        those sharing its entry's inode, and any stored with bytes of their own whose facts
+        state that digest (uploaded without Deduplication, or past a link limit).  Files
+        with no facts at all are not hashed: their records say what they are.
+        """
+        try:
+            st = os.stat(self.content_path(sha256))
+            inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except (OSError, ValueError):
+            inode = None
+        for relpath in self.files():
+            path = os.path.join(self.root, relpath)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if inode is not None and (st.st_dev, st.st_ino) == inode:
+                yield relpath
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                if content_sha256(fd) == sha256:
+                    yield relpath
+            finally:
+                os.close(fd)
+
+    def take_down(self, sha256: str) -> list[str]:
+        """
+        Blocking.  Delete every path whose bytes have the SHA-256 C{sha256}, and the
+        content's entry; the paths deleted (their records are the caller's to delete).
+
+        An upload of the same bytes finishing during the walk may escape it: a deny list
+        checked by the upload (the admin's takedown) closes that door.
+
+        @raise ValueError: C{sha256} is not 64 lowercase hex digits.
+        """
+        self.content_path(sha256)  # judge it before the walk
+        gone = [relpath for relpath in list(self.references(sha256)) if self.delete(relpath)]
+        self.release_content(sha256)
+        return gone
+
+    def dedup_census(self) -> DedupCensus:
+        """Blocking (a walk of the entries, one lstat each).  What sharing holds now."""
+        contents = references = stored = saved = orphans = 0
+        try:
+            shards = sorted(os.listdir(self.cas_root))
+        except FileNotFoundError:
+            return DedupCensus()
+        for shard in shards:
+            try:
+                names = os.listdir(os.path.join(self.cas_root, shard))
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            for name in names:
+                try:
+                    st = os.lstat(os.path.join(self.cas_root, shard, name))
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                paths = st.st_nlink - 1  # every link but the entry's own
+                if paths < 1:
+                    orphans += 1
+                    continue
+                contents += 1
+                references += paths
+                stored += st.st_size
+                saved += st.st_size * (paths - 1)
+        return DedupCensus(contents, references, stored, saved, orphans)
+
+    def _sweepOrphans(self) -> list[str]:
+        """Entries no path refers to any more; removed, under the same lock as a deletion."""
+        removed: list[str] = []
+        try:
+            shards = os.listdir(self.cas_root)
+        except FileNotFoundError:
+            return removed
+        for shard in shards:
+            try:
+                names = os.listdir(os.path.join(self.cas_root, shard))
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            for name in names:
+                path = os.path.join(self.cas_root, shard, name)
+                try:
+                    if os.lstat(path).st_nlink != 1:
+                        continue
+                except FileNotFoundError:
+                    continue
+                if _SHA256_HEX.fullmatch(name) and self.release_content(name):
+                    removed.append(os.path.relpath(path, self.root))
+        return removed
 
     def settle(self, relpaths: list[str]) -> None:
         # Each directory once, however many files went into it.
@@ -137,7 +443,11 @@ class LocalStorage:
         except PathRefused:
             return False
         try:
-            os.unlink(path)
+            if self.shares:
+                if not self._deleteShared(path):
+                    return False
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             return False
         directory = os.path.dirname(path)
@@ -182,6 +492,8 @@ class LocalStorage:
                         removed.append(os.path.relpath(path, self.root))
                 except FileNotFoundError:
                     pass  # finished or swept meanwhile
+        if self.shares:
+            removed.extend(self._sweepOrphans())
         return removed
 
     def make_parents(self, directory: str) -> list[str]:
@@ -230,10 +542,22 @@ class LocalFile:
         self.size = st.st_size
         self.modified = st.st_mtime
         self.modified_ns = st.st_mtime_ns
-        self.version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        # Bytes shared by several paths (Deduplication): their inode's mtime is that of
+        # the content's first upload, not this path's.
+        self.shared = st.st_nlink > 1
+        # The ctime moves when a path is linked to the inode or unlinked: a path deleted
+        # and uploaded again with the same bytes (the same inode) is a new version.
+        self.version = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
 
     def facts(self) -> FileRecord | None:
         return read_facts(self._file.fileno(), self._relpath)
+
+    def content_sha256(self) -> str | None:
+        """
+        The SHA-256 its inode's facts state, whichever path they name (a shared inode's
+        facts are one path's; the digest is true of them all); None without facts.
+        """
+        return content_sha256(self._file.fileno())
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._file.fileno(), length, offset)
@@ -369,6 +693,9 @@ class LocalWriter:
 
     def publish(self, record: FileRecord) -> None:
         assert self.temp is not None
+        if self.storage.dedup:
+            self._publishShared(record)
+            return
         try:
             # Before the fsync and the link: the facts are durable with the file, and the
             # file is never visible without them.
@@ -383,6 +710,32 @@ class LocalWriter:
             self.discard()
             raise
         os.unlink(self.temp)
+
+    def _publishShared(self, record: FileRecord) -> None:
+        assert self.temp is not None
+        try:
+            if self.storage.link_content(record.sha256, record.size, self.dest):
+                # The bytes were durable already: ours go unsynced, and the facts of this
+                # path are its record's (the inode's are the first upload's).
+                self._file.close()
+                os.unlink(self.temp)
+                return
+            # Facts naming their path: later paths sharing the inode will not take them.
+            write_facts(self._file.fileno(), record, named=True)
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.link(self.temp, self.dest)
+        except FileExistsError:
+            self.discard()
+            raise Conflict() from None
+        except BaseException:
+            self.discard()
+            raise
+        # After the publish: a content is entered only once a path refers to it.
+        entered = self.storage.enter_content(self.temp, record.sha256)
+        os.unlink(self.temp)
+        if entered:
+            self.storage.release_if_last(record.sha256)
 
     def _closeFile(self) -> None:
         with contextlib.suppress(OSError):
