@@ -411,6 +411,15 @@ async def _stats(s: Session, args: argparse.Namespace) -> int:
         for record in page:
             stats.add(record)
     summary = stats.summary(args.top)
+    census = getattr(s.storage, "dedup_census", None)
+    if census is not None and s.blocking is not None and s.config.deduplication:
+        shared = await s.blocking(census)
+        summary["dedup"] = {
+            "contents": shared.contents,
+            "references": shared.references,
+            "stored_bytes": shared.stored_bytes,
+            "saved_bytes": shared.saved_bytes,
+        }
     if args.json:
         s.out.write(json.dumps(summary, ensure_ascii=True, sort_keys=True) + "\n")
         return 0
@@ -424,6 +433,12 @@ async def _stats(s: Session, args: argparse.Namespace) -> int:
     for row in summary["types"]:
         kind = escape(row["type"], quote=False)
         s.out.write(f"  {row['bytes']:>14}  {row['files']:>8} files  {kind}\n")
+    if "dedup" in summary:
+        d = summary["dedup"]
+        s.out.write(
+            f"deduplication: {d['references']} paths share {d['contents']} contents"
+            f" ({d['stored_bytes']} bytes stored), {d['saved_bytes']} bytes saved\n"
+        )
     return 0
 
 
@@ -457,6 +472,8 @@ async def run_admin(
         return 1
     config = replace(config, store_dir=os.path.abspath(config.store_dir))
     deletes = args.admin in _STORAGE and not getattr(args, "dry_run", False)
+    # stats reads what deduplication saves from the storage itself (a local StoreDir).
+    census = args.admin == "stats" and config.deduplication
     if deletes and config.storage_backend == "s3" and not all(config.s3_credentials(os.environ)):
         err.write(f"{name}: S3AccessKey/S3SecretKey: not set\n")
         return 1
@@ -476,7 +493,7 @@ async def run_admin(
     release: Callable[[], Deferred[None]] | None = None
     stop_workers: Callable[[], None] | None = None
     try:
-        if deletes:
+        if deletes or census:
             try:
                 session.storage, release = open_storage(config, reactor, os.environ)
             except ValueError as e:

@@ -351,6 +351,35 @@ class SQLiteAdminTests(AdminChecks, TestCase):
     def freshStore(self):
         return None
 
+    async def test_stats_dedup(self):
+        """With Deduplication, stats says how many paths share how many contents, and the saving."""
+        from hmacd.storage.local import LocalStorage
+        from tests.support import synchronous
+        from tests.test_dedup import store
+
+        with open(self.config, "a") as f:
+            f.write("Deduplication = true\n")
+        storage = LocalStorage(self.root, synchronous, dedup=True)
+        same = b"s" * 1000
+        made = [store(storage, p, same) for p in ("x/1.bin", "y/2.bin", "z/3.bin")]
+        made.append(store(storage, "w/other.bin", b"o" * 10))
+
+        async def put(s):
+            for r in made:
+                await s.put(r)
+
+        await self.withStore(put)
+        code, out, err = await self.admin("stats", "--json")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            json.loads(out)["dedup"],
+            {"contents": 2, "references": 4, "stored_bytes": 1010, "saved_bytes": 2000},
+        )
+        code, out, err = await self.admin("stats")
+        self.assertIn(
+            "deduplication: 4 paths share 2 contents (1010 bytes stored), 2000 bytes saved", out
+        )
+
 
 class RedisAdminTests(AdminChecks, TestCase):
     """The commands on the shared Redis, under a prefix of the test's own."""
