@@ -284,3 +284,50 @@ class S3StorageTests(SeaweedStorageCase):
         self.assertFalse(storage.available)
         # Known down: an upload's head is refused before its body.
         self.assertRaises(StorageUnavailable, storage.writer, "x.txt")
+
+
+class S3AfterLastByteTests(SeaweedStorageCase):
+    """A large body sent after its last byte (the default): its parts go several at once."""
+
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+
+    publish = S3StorageTests.publish
+
+    @inlineCallbacks
+    def test_parts_in_flight_round_trip(self):
+        """More parts than go at once: the object is whole, in order, with its facts."""
+        from hmacd.storage.s3 import PARTS_IN_FLIGHT
+
+        body = os.urandom((PARTS_IN_FLIGHT + 2) * S3_MIN_PART + 999)
+        yield deferToThread(self.publish, "many/parts.bin", body, "application/pdf")
+        head = yield self.client.head_object("many/parts.bin")
+        self.assertEqual(head.metadata[SHA256_META], hashlib.sha256(body).hexdigest())
+        stored = yield deferToThread(self.storage.open, "many/parts.bin")
+        for offset in (0, S3_MIN_PART - 5, 3 * S3_MIN_PART + 7, len(body) - 100):
+            got = yield deferToThread(stored.read, offset, 100)
+            self.assertEqual(got, body[offset : offset + 100])
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+
+    @inlineCallbacks
+    def test_failed_part_leaves_nothing(self):
+        """One part refused (twice): a StoreFailed, no object, no upload, no spool file."""
+        from twisted.internet.defer import fail
+
+        from hmacd.s3 import S3Unavailable
+
+        real = self.client.upload_part
+
+        def upload_part(key, upload_id, number, body, length=None, **kw):
+            if number == 3:
+                return fail(S3Unavailable("part 3 refused"))
+            return real(key, upload_id, number, body, length, **kw)
+
+        self.client.upload_part = upload_part
+        body = os.urandom(5 * S3_MIN_PART)
+        with self.assertRaises(StoreFailed):
+            yield deferToThread(self.publish, "failed/parts.bin", body)
+        self.client.upload_part = real
+        self.assertIsNone((yield deferToThread(self.storage.open, "failed/parts.bin")))
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+        self.assertEqual(os.listdir(self.storage.spool.root), [])

@@ -21,13 +21,13 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
-from hmacd.auth import sign_v
+from hmacd.auth import sign_jwt, sign_v
 from hmacd.config import Config
 from hmacd.housekeeping import GarbageCollector, SystemMonitor
 from hmacd.services import HmacfsService, StoreService
 from hmacd.takedown import DenyListRefresh
 from hmacd.workers import WorkerError, address_family, build_worker_service
-from tests.test_tap import DEADLINE, REPO, TwistdHarness, _free_port, _read
+from tests.test_tap import DEADLINE, REPO, TwistdHarness, _free_port, _http, _read
 
 
 def _children(pid: int) -> list[int]:
@@ -162,6 +162,57 @@ class WorkersTests(TwistdHarness):
         self.assertRegex(log, r"\[worker 1\] 127\.0\.0\.1 .*PUT /upload/tapdir/by-worker\.txt")
         self.assertIn("[worker 1] SIGTERM: stopping", log)
         self.assertNotIn("Traceback", log)
+
+    @contextmanager
+    def paused(self, pid: int):
+        """Process C{pid} stopped meanwhile (SIGSTOP), so the other one accepts."""
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while _state(pid) not in ("T", "t"):
+                self.assertLess(time.monotonic(), deadline, f"process {pid} did not stop")
+                time.sleep(0.01)
+            yield
+        finally:
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+
+    def test_quota_across_processes(self) -> None:
+        """
+        UserQuota counts the uploads of every process: what the worker stored counts when
+        the main process decides, and the other way round.
+        """
+        self.port = _free_port()
+        cfg = self.config(self.port, Workers=2, LogFile="hmacfs.log", UserQuota=10000)
+        proc = self.spawn("-n", "hmacfs", "--config", cfg)
+        self.waitListening(self.port, proc)
+        worker = self.waitWorker(proc)
+        secret = self.secret()
+
+        def put(name: str) -> int:
+            body = b"q" * 3000
+            token = sign_jwt(
+                secret,
+                slot=f"s-{name}",
+                filename=f"{name}.bin",
+                filesize=len(body),
+                filetype="application/octet-stream",
+                exp=int(time.time()) + 300,
+                sub="alice@example.org",
+            )
+            headers = {
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/octet-stream",
+            }
+            return _http(self.port, "PUT", f"/upload/s-{name}/{name}.bin", body, headers)[0]
+
+        with self.paused(proc.pid):  # the worker decides
+            self.assertEqual([put("a"), put("b")], [201, 201])
+        with self.paused(worker):  # the main process decides, knowing the worker's 6000
+            self.assertEqual([put("c"), put("d")], [201, 413])
+        with self.paused(proc.pid):  # and the worker knows the main process's 3000
+            self.assertEqual(put("e"), 413)
+        self.terminate(proc)
 
     def test_dead_worker_is_replaced(self) -> None:
         """A worker that dies is started again, and the new one serves."""

@@ -31,7 +31,13 @@ from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.internet.task import Cooperator
 from twisted.internet.threads import blockingCallFromThread
@@ -83,6 +89,8 @@ SPOOL_DIR = os.path.join(".hmacfs", "s3-spool")
 _ATTEMPTS = 2
 # A dummy root against which names are judged (no path outside the store: no "..").
 _JUDGE_ROOT = os.path.join(os.sep, "hmacfs-s3")
+# The parts of a body sent after its last byte that go to the store at once.
+PARTS_IN_FLIGHT = 4
 # While the store is down, how often it is asked whether it is back.
 PROBE_INTERVAL = 5.0
 
@@ -350,20 +358,24 @@ class S3Storage:
             key, record.content_type, _metadata(record)
         )
         try:
-            parts = []
-            for number, offset in enumerate(range(0, size, self.part_size), start=1):
-                length = min(self.part_size, size - offset)
-                for attempt in range(1, _ATTEMPTS + 1):
-                    try:
-                        etag = yield self.client.upload_part(
-                            key, upload_id, number, self._producer(fd, offset, length), length
-                        )
-                        break
-                    except S3Error:
-                        if attempt == _ATTEMPTS:
-                            raise
-                parts.append((number, etag))
-            yield self.client.complete_multipart_upload(key, upload_id, parts, if_none_match=True)
+            # The whole body is on disk: PARTS_IN_FLIGHT parts go at once, as S3 clients do,
+            # so the store's per-part latency overlaps instead of adding up.
+            # Every part has ended before this returns, failed or not: their producers read
+            # the caller's file descriptor.  After a failure the parts still waiting go not.
+            slots = DeferredSemaphore(PARTS_IN_FLIGHT)
+            failed: list[Failure] = []
+            ended = yield DeferredList(
+                [
+                    slots.run(self._send_part, fd, key, upload_id, number, offset, size, failed)
+                    for number, offset in enumerate(range(0, size, self.part_size), start=1)
+                ],
+                consumeErrors=True,
+            )
+            failed += [result for ok, result in ended if not ok]  # not an S3Error: a bug
+            if failed:
+                failed[0].raiseException()
+            sent = [result for _, result in ended]
+            yield self.client.complete_multipart_upload(key, upload_id, sent, if_none_match=True)
         except BaseException:
             # A refused or broken upload leaves no parts behind (nor a visible object).
             try:
@@ -371,6 +383,32 @@ class S3Storage:
             except S3Error:
                 pass  # the sweep aborts it after ResumableTTL
             raise
+
+    @inlineCallbacks
+    def _send_part(
+        self,
+        fd: int,
+        key: str,
+        upload_id: str,
+        number: int,
+        offset: int,
+        size: int,
+        failed: list[Failure],
+    ) -> Any:
+        length = min(self.part_size, size - offset)
+        for attempt in range(1, _ATTEMPTS + 1):
+            if failed:
+                return None  # another part failed: the upload is given up
+            try:
+                etag = yield self.client.upload_part(
+                    key, upload_id, number, self._producer(fd, offset, length), length
+                )
+                return (number, etag)
+            except S3Error:
+                if attempt == _ATTEMPTS:
+                    failed.append(Failure())
+                    return None
+        return None
 
     def settle(self, relpaths: list[str]) -> None:
         pass  # a completed PutObject is durable: the store answered after storing it
