@@ -206,10 +206,39 @@ class WorkersTests(TwistdHarness):
             }
             return _http(self.port, "PUT", f"/upload/s-{name}/{name}.bin", body, headers)[0]
 
+        def settled() -> None:
+            """
+            Until no upload holds quota and nobody writes the SQLite store: the holds go
+            after the 201 (in a batched transaction), and a process stopped in the middle of
+            one would keep the store's write lock for as long as it is stopped.
+            """
+            import sqlite3
+
+            path = os.path.join(self.cwd, "store", ".hmacfs", "meta.sqlite3")
+            deadline = time.monotonic() + DEADLINE
+            while True:
+                db = sqlite3.connect(path, timeout=0.1)
+                try:
+                    db.execute("BEGIN IMMEDIATE")  # the write lock: nobody else writes
+                    (held,) = db.execute(
+                        "SELECT COUNT(*) FROM hmacfs_files_usage WHERE kind = 'hold'"
+                    ).fetchone()
+                    db.rollback()
+                    if held == 0:
+                        return
+                except sqlite3.OperationalError:
+                    pass  # locked: a write in progress
+                finally:
+                    db.close()
+                self.assertLess(time.monotonic(), deadline, "holds never let go")
+                time.sleep(0.05)
+
         with self.paused(proc.pid):  # the worker decides
             self.assertEqual([put("a"), put("b")], [201, 201])
+            settled()
         with self.paused(worker):  # the main process decides, knowing the worker's 6000
             self.assertEqual([put("c"), put("d")], [201, 413])
+            settled()
         with self.paused(proc.pid):  # and the worker knows the main process's 3000
             self.assertEqual(put("e"), 413)
         self.terminate(proc)
