@@ -21,7 +21,8 @@ from twisted.web.client import FileBodyProducer
 from hmacd.config import S3_MIN_PART
 from hmacd.node_claims import NodeClaims
 from hmacd.sink_s3 import staging_in_use
-from hmacd.storage.s3_pieces import STAGING, UploadState, _Segments, live_key, state_key
+from hmacd.storage.s3_pieces import STAGING, UploadState, live_key, state_key
+from hmacd.storage.s3_writer import _Segments
 from tests.seaweed import shared_mini
 from tests.support import memory_metadata, v2_query
 from tests.test_http import header

@@ -37,7 +37,7 @@ from zope.interface import implementer
 from hmacd.metadata import FileRecord
 from hmacd.s3 import NoSuchKey, NoSuchUpload, PreconditionFailed, S3Error
 from hmacd.storage import Conflict
-from hmacd.storage.s3_writer import MAX_COPY, STAGING, _metadata
+from hmacd.storage.s3_writer import MAX_COPY, STAGING, _metadata, _Segments
 
 if TYPE_CHECKING:
     from hmacd.storage.s3 import S3Storage
@@ -107,48 +107,6 @@ class UploadState:
         ):
             raise ValueError("not a resumable upload's state: inconsistent")
         return state
-
-
-class _Segments:
-    """Bytes C{offset}..C{offset+length} of files laid end to end, as a file (one part)."""
-
-    def __init__(self, segments: list[tuple[int, int]], offset: int, length: int) -> None:
-        self._segments = segments  # (fd, size), in order
-        self._start = offset
-        self._length = length
-        self._at = 0
-
-    def read(self, size: int = -1) -> bytes:
-        left = self._length - self._at
-        size = left if size < 0 else min(size, left)
-        chunks = []
-        where = self._start + self._at
-        for fd, length in self._segments:
-            if size <= 0:
-                break
-            if where >= length:
-                where -= length
-                continue
-            data = os.pread(fd, min(size, length - where), where)
-            if not data:
-                break
-            chunks.append(data)
-            size -= len(data)
-            where = 0
-        data = b"".join(chunks)
-        self._at += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self._length}[whence]
-        self._at = max(0, min(self._length, base + offset))
-        return self._at
-
-    def tell(self) -> int:
-        return self._at
-
-    def close(self) -> None:
-        pass
 
 
 @implementer(IConsumer)

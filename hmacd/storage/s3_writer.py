@@ -53,11 +53,11 @@ def _metadata(record: FileRecord) -> dict[str, str]:
     return {FACTS_META: facts, SHA256_META: record.sha256}
 
 
-class _Slice:
-    """C{length} bytes of a file from C{offset}, as a file for FileBodyProducer (a part)."""
+class _Segments:
+    """Bytes C{offset}..C{offset+length} of files laid end to end, as a file (one part)."""
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self._fd = fd
+    def __init__(self, segments: list[tuple[int, int]], offset: int, length: int) -> None:
+        self._segments = segments  # (fd, size), in order
         self._start = offset
         self._length = length
         self._at = 0
@@ -65,7 +65,21 @@ class _Slice:
     def read(self, size: int = -1) -> bytes:
         left = self._length - self._at
         size = left if size < 0 else min(size, left)
-        data = os.pread(self._fd, size, self._start + self._at) if size > 0 else b""
+        chunks = []
+        where = self._start + self._at
+        for fd, length in self._segments:
+            if size <= 0:
+                break
+            if where >= length:
+                where -= length
+                continue
+            data = os.pread(fd, min(size, length - where), where)
+            if not data:
+                break
+            chunks.append(data)
+            size -= len(data)
+            where = 0
+        data = b"".join(chunks)
         self._at += len(data)
         return data
 
@@ -78,7 +92,12 @@ class _Slice:
         return self._at
 
     def close(self) -> None:
-        pass  # the fd is the caller's
+        pass
+
+
+def _Slice(fd: int, offset: int, length: int) -> _Segments:
+    """C{length} bytes of a file from C{offset}, as a file for FileBodyProducer (a part)."""
+    return _Segments([(fd, offset + length)], offset, length)
 
 
 @implementer(IWriter)
