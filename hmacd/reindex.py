@@ -105,20 +105,9 @@ def open_storage(
     if config.storage_backend != "s3":
         return LocalStorage(config.store_dir, maybeDeferred), lambda: succeed(None)
     # Here, not at the top: botocore is imported only where S3 is used.
-    from hmacd.s3 import S3Client
-    from hmacd.storage.s3 import SPOOL_DIR, S3Storage
+    from hmacd.storage.s3 import SPOOL_DIR, S3Storage, client_for
 
-    access_key, secret_key = config.s3_credentials(environ)
-    client = S3Client(
-        reactor,
-        config.s3_endpoint,
-        config.s3_bucket,
-        access_key,
-        secret_key,
-        region=config.s3_region,
-        prefix=config.s3_prefix,
-        addressing_style=config.s3_addressing_style,
-    )
+    client = client_for(config, reactor, environ)
     # Nothing is written: the spool (the server's, under StoreDir) is only made, not used.
     storage = S3Storage(client, reactor, os.path.join(config.store_dir, SPOOL_DIR), maybeDeferred)
 

@@ -196,22 +196,10 @@ def storage_builder(
 
     def build(fs: FileServer) -> IStorage:
         # Here, not at the top: botocore is imported only where S3 is used.
-        from hmacd.s3 import S3Client
-        from hmacd.storage.s3 import SPOOL_DIR, S3Storage
+        from hmacd.storage.s3 import SPOOL_DIR, S3Storage, client_for
 
-        access_key, secret_key = config.s3_credentials(environ)
-        client = S3Client(
-            reactor,
-            config.s3_endpoint,
-            config.s3_bucket,
-            access_key,
-            secret_key,
-            region=config.s3_region,
-            prefix=config.s3_prefix,
-            addressing_style=config.s3_addressing_style,
-        )
         return S3Storage(
-            client,
+            client_for(config, reactor, environ),
             reactor,
             os.path.join(fs.store_dir, SPOOL_DIR),
             lambda work: fs.blocking(work),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
@@ -80,6 +80,7 @@ __all__ = [
     "S3Storage",
     "S3Writer",
     "StoreFailed",
+    "client_for",
 ]
 
 # Where bodies wait for their hash before they go to the store (under StoreDir).
@@ -97,6 +98,26 @@ PROBE_INTERVAL = 5.0
 T = TypeVar("T")
 
 log = Logger()
+
+
+def client_for(config: Any, reactor: Any, environ: Mapping[str, str]) -> S3Client:
+    """
+    The client of the bucket C{config}'s S3* keys name (a L{hmacd.config.Config}), with
+    S3AccessKey/S3SecretKey from the file, else from C{environ}.
+
+    @raise ValueError: the endpoint, addressing style or bucket cannot be used.
+    """
+    access_key, secret_key = config.s3_credentials(environ)
+    return S3Client(
+        reactor,
+        config.s3_endpoint,
+        config.s3_bucket,
+        access_key,
+        secret_key,
+        region=config.s3_region,
+        prefix=config.s3_prefix,
+        addressing_style=config.s3_addressing_style,
+    )
 
 
 class ReactorThreadCall(RuntimeError):
