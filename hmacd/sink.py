@@ -56,6 +56,7 @@ __all__ = [
     "Stored",
     "Uploads",
     "WholeUpload",
+    "WriterSink",
     "partial_dir",
     "partial_files",
     "partial_offset",
@@ -255,7 +256,36 @@ def refuse_denied(fs: FileServer, sha256: str) -> None:
         raise Denied(status)
 
 
-class WholeUpload(Sink):
+class WriterSink(Sink):
+    """
+    A sink whose body goes into a writer (L{hmacd.storage.IWriter}, or a spool's), set as
+    C{_writer} by the subclass: the writer's back-pressure is the sink's, and L{abort}
+    discards what the writer holds.
+    """
+
+    _writer: IWriter
+
+    def _relieved(self) -> None:
+        if self.onRelief is not None:
+            self.onRelief()
+
+    def write(self, data: bytes) -> bool:
+        """Into the writer; True while it is behind (it calls L{onRelief} when it is not)."""
+        self.received += len(data)
+        return self._writer.write(data)
+
+    def drained(self) -> Deferred[None]:
+        """Once the writer has no batch in a thread."""
+        return self._writer.drained()
+
+    def abort(self) -> None:
+        """The writer's bytes go (as the subclass says), then the claims."""
+        self.onRelief = None
+        self._writer.discard()
+        self.release()  # after the cleanup: a retry finds the store as it was
+
+
+class WholeUpload(WriterSink):
     """
     A body that is the whole file, streamed into a writer of the storage (for the local
     directory: a temp dot file beside the destination, spooled to from a worker thread).
@@ -283,30 +313,11 @@ class WholeUpload(Sink):
         self.expires = expires
         try:
             # After the claim: an upload that held it has published by the time it let go.
-            self._writer: IWriter = fs.storage.writer(relpath)
+            self._writer = fs.storage.writer(relpath)
         except BaseException:
             self.release()
             raise
         self._writer.onRelief = self._relieved
-
-    def _relieved(self) -> None:
-        if self.onRelief is not None:
-            self.onRelief()
-
-    def write(self, data: bytes) -> bool:
-        """Into the writer; True while it is behind (it calls L{onRelief} when it is not)."""
-        self.received += len(data)
-        return self._writer.write(data)
-
-    def drained(self) -> Deferred[None]:
-        """Once the writer has no batch in a thread."""
-        return self._writer.drained()
-
-    def abort(self) -> None:
-        """Remove every trace of this upload: the temp and the directories made for it."""
-        self.onRelief = None
-        self._writer.discard()
-        self.release()  # after the cleanup: a retry finds the store as it was
 
     def commit(self) -> Outcome:
         """Write the rest, then publish with the record as the file's facts: L{Stored}."""

@@ -18,7 +18,6 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
 
 from hmacd.s3 import NoSuchUpload
@@ -28,8 +27,8 @@ from hmacd.sink import (
     OffsetMismatch,
     Outcome,
     Partial,
-    Sink,
     Stored,
+    WriterSink,
     refuse_denied,
 )
 from hmacd.storage.s3_pieces import Pieces, UploadState, live_key, state_key
@@ -37,6 +36,7 @@ from hmacd.takedown import Denied
 
 if TYPE_CHECKING:
     from hmacd.core import FileServer
+    from hmacd.storage.local import LocalWriter
     from hmacd.storage.s3 import S3Storage
 
 __all__ = ["S3ResumablePiece", "UploadLost", "check_state", "offset_of", "staging_in_use"]
@@ -79,13 +79,15 @@ def offset_of(state: UploadState | None) -> int:
     return 0 if state is None else state.offset
 
 
-class S3ResumablePiece(Sink):
+class S3ResumablePiece(WriterSink):
     """
     One C{Content-Range} piece of a resumable upload whose bytes go to an object store.
 
     @param state: the upload's state as the shared store had it when this node claimed the
         path; None before its first piece.
     """
+
+    _writer: LocalWriter  # the piece's spool
 
     def __init__(
         self,
@@ -122,30 +124,14 @@ class S3ResumablePiece(Sink):
             self.expires = expires
             storage: S3Storage = fs.storage  # type: ignore[assignment]
             self._pieces = Pieces(storage)
-            self._spool = storage.spool.writer("piece-" + secrets.token_hex(16))
+            # The piece's spool: aborted, it goes, and the upload stands where it was.
+            self._writer = storage.spool.writer("piece-" + secrets.token_hex(16))
         except BaseException:
             self.release()
             raise
-        self._spool.onRelief = self._relieved
+        self._writer.onRelief = self._relieved
         fs.uploads.resumable.add(relpath)
         self._registered = True
-
-    def _relieved(self) -> None:
-        if self.onRelief is not None:
-            self.onRelief()
-
-    def write(self, data: bytes) -> bool:
-        self.received += len(data)
-        return self._spool.write(data)
-
-    def drained(self) -> Deferred[None]:
-        return self._spool.drained()
-
-    def abort(self) -> None:
-        """The piece will not be completed: its spool goes; the upload stands where it was."""
-        self.onRelief = None
-        self._spool.discard()
-        self.release()
 
     def release(self) -> None:
         super().release()
@@ -164,8 +150,8 @@ class S3ResumablePiece(Sink):
 
         @raise Conflict: the name was taken meanwhile (the upload is given up).
         """
-        self._spool.seal()  # every byte on disk
-        temp = self._spool.temp
+        self._writer.seal()  # every byte on disk
+        temp = self._writer.temp
         assert temp is not None
         fs, pieces = self.fs, self._pieces
         ttl = fs.resumable_ttl
@@ -190,7 +176,7 @@ class S3ResumablePiece(Sink):
                 with open(temp, "rb") as f:
                     after = self._append(state, f.fileno())
         finally:
-            self._spool.discard()
+            self._writer.discard()
         if not after.completed:
             self._put_state(live_key(after.staging), "1", ttl)
             self._put_state(state_key(self.relpath), after.to_json(), ttl)
