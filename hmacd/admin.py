@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import IO, Any, cast
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, FirstError, gatherResults
@@ -457,10 +457,8 @@ async def run_admin(
     @param store: a FailoverStore, not started, instead of the config's (tests: a table or
         prefix of their own); it is started and stopped here.
     """
-    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-
     from hmacd.reindex import open_storage, worker_threads
-    from hmacd.services import build_metadata
+    from hmacd.services import build_metadata, start_for_command
     from hmacd.storage import StorageUnavailable
     from hmacd.store import StoreUnavailable
 
@@ -478,15 +476,6 @@ async def run_admin(
         err.write(f"{name}: S3AccessKey/S3SecretKey: not set\n")
         return 1
 
-    # What the stores say about themselves when they cannot start is the user's answer.
-    complaints: list[str] = []
-
-    def complain(event: dict) -> None:
-        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
-            complaints.append(formatEvent(event))
-
-    listen = cast(ILogObserver, complain)
-    globalLogPublisher.addObserver(listen)
     if store is None:
         store = build_metadata(config, reactor)
     session = Session(config, store, out, err, reactor)
@@ -500,9 +489,8 @@ async def run_admin(
                 err.write(f"{name}: {e}\n")
                 return 1
             session.blocking, stop_workers = worker_threads(reactor, 4)
-        await store.start()
-        if not store.writable():
-            why = complaints[0] if complaints else "no store answers"
+        why = await start_for_command(store)
+        if why is not None:
             err.write(f"{name}: no metadata store is reachable: {why}\n")
             return 1
         if config.audit_log and args.admin in ("rm", "purge", "lift"):
@@ -525,7 +513,6 @@ async def run_admin(
             err.write(f"{name}: {_object_store_trouble(config, e)}\n")
             return 1
     finally:
-        globalLogPublisher.removeObserver(listen)
         if session.audit is not None:
             session.audit.close()
         if stop_workers is not None:

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from hmacd.config import Config, ConfigError, load_config
 from hmacd.quota import Limits, Usage, describe_limit
@@ -80,25 +80,13 @@ async def _withStore(
     action: _Action,
     result: list[int],
 ) -> None:
-    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-
-    from hmacd.services import build_metadata
+    from hmacd.services import build_metadata, start_for_command
     from hmacd.store import StoreUnavailable
 
-    # What the stores say about themselves when they cannot start is the user's answer.
-    complaints: list[str] = []
-
-    def complain(event: dict) -> None:
-        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
-            complaints.append(formatEvent(event))
-
-    listen = cast(ILogObserver, complain)
-    globalLogPublisher.addObserver(listen)
     store = build_metadata(config, reactor)
     try:
-        await store.start()
-        if not store.writable():
-            why = complaints[0] if complaints else "no store answers"
+        why = await start_for_command(store)
+        if why is not None:
             print(f"{prog}: no metadata store is reachable: {why}", file=sys.stderr)
             result.append(1)
             return
@@ -112,7 +100,6 @@ async def _withStore(
             print(line)
         result.append(0)
     finally:
-        globalLogPublisher.removeObserver(listen)
         await store.stop()
 
 

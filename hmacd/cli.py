@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import time
-from typing import cast
 
 from hmacd import admin_quota, auth
 from hmacd.config import SECRET_FIELDS, Config, ConfigError, load_config, parse_size
@@ -153,19 +152,10 @@ def _reindex(args) -> int:
 
 
 async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
-    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-
     from hmacd.reindex import open_storage, reindex, worker_threads
-    from hmacd.services import build_metadata
+    from hmacd.services import build_metadata, start_for_command
     from hmacd.storage import StorageUnavailable
     from hmacd.store import StoreUnavailable
-
-    # What the stores say about themselves when they cannot start is the user's answer.
-    complaints: list[str] = []
-
-    def complain(event: dict) -> None:
-        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
-            complaints.append(formatEvent(event))
 
     if config.storage_backend == "s3" and not all(config.s3_credentials(os.environ)):
         # Nothing is sent unsigned: without both keys the store can only refuse.
@@ -184,14 +174,10 @@ async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
         return
     # The walk and the reads (an object store's blocking calls wait on this reactor).
     blocking, stop_workers = worker_threads(reactor)
-    # A plain callable is an observer to the log publisher; the cast says so to mypy.
-    listen = cast(ILogObserver, complain)
-    globalLogPublisher.addObserver(listen)
     store = build_metadata(config, reactor)
     try:
-        await store.start()
-        if not store.writable():
-            why = complaints[0] if complaints else "no store answers"
+        why = await start_for_command(store)
+        if why is not None:
             print(f"hmacfs reindex: no metadata store is reachable: {why}", file=sys.stderr)
             result.append(1)
             return
@@ -208,7 +194,6 @@ async def _reindexWith(reactor, config: Config, result: list[int]) -> None:
         print(f"hmacfs reindex: {store.name}: {counts.summary()}")
         result.append(0)
     finally:
-        globalLogPublisher.removeObserver(listen)
         stop_workers()  # idle by now: every call they ran has returned
         await store.stop()
         await release()

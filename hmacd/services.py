@@ -115,6 +115,33 @@ def build_metadata(config: Config, reactor: Any) -> FailoverStore:
     return store
 
 
+async def start_for_command(store: FailoverStore) -> str | None:
+    """
+    Start C{store} for an admin command: None once a store can write, else why not, for
+    the user (the first warning the stores logged while starting them).
+    """
+    from typing import cast
+
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+
+    complaints: list[str] = []
+
+    def complain(event: dict) -> None:
+        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
+            complaints.append(formatEvent(event))
+
+    # A plain callable is an observer to the log publisher; the cast says so to mypy.
+    listen = cast(ILogObserver, complain)
+    globalLogPublisher.addObserver(listen)
+    try:
+        await store.start()
+    finally:
+        globalLogPublisher.removeObserver(listen)
+    if store.writable():
+        return None
+    return complaints[0] if complaints else "no store answers"
+
+
 def build_file_server(
     config: Config,
     secret: bytes,
