@@ -220,6 +220,16 @@ class SeaweedMini:
         config = os.path.join(self.dir, "s3.json")
         with open(config, "w") as f:
             json.dump(s3_config(), f)
+        self.config, self.reader_cache_mb = config, reader_cache_mb
+        self._configure()
+        self._ready_once = False
+        if testCase is not None:
+            testCase.addCleanup(self.cleanup)
+        self.start()
+
+    def _configure(self) -> None:
+        """Spare ports for every listener, and the command that uses them."""
+        bucket, config, reader_cache_mb = self.bucket, self.config, self.reader_cache_mb
         ports = {
             name: free_port()
             for name in (
@@ -254,27 +264,40 @@ class SeaweedMini:
             f"-s3.readerCacheSizeMB={reader_cache_mb}",
         ]
         self.weed = _Process("mini", args, self.dir)
-        if testCase is not None:
-            testCase.addCleanup(self.cleanup)
-        self.start()
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
 
     def start(self) -> None:
-        """Start (or restart on the same ports and data) and wait until the bucket answers."""
+        """
+        Start (or restart on the same ports and data) and wait until the bucket answers.
+        The ports were free when picked, but another test run may take one first: the
+        first start then goes again on other ports, as the tests' own Redis does.
+        """
         started = time.monotonic()
-        self.weed.start()
-        try:
-            _wait_ready(
-                [self.weed],
-                lambda: _bucket_exists(self.s3_port, self.bucket),
-                "SeaweedFS mini",
-            )
-        except BaseException:
-            self.cleanup()
-            raise
+        for attempt in range(1, 6):
+            self.weed.start()
+            try:
+                _wait_ready(
+                    [self.weed],
+                    lambda: _bucket_exists(self.s3_port, self.bucket),
+                    "SeaweedFS mini",
+                )
+                break
+            except AssertionError as e:
+                taken = "address already in use" in str(e)
+                if self._ready_once or not taken or attempt == 5:
+                    self.cleanup()
+                    raise
+                self.weed.stop()
+                shutil.rmtree(self.data, ignore_errors=True)
+                os.mkdir(self.data)
+                self._configure()
+            except BaseException:
+                self.cleanup()
+                raise
+        self._ready_once = True
         self.ready_seconds = time.monotonic() - started
 
     def stop(self) -> None:
