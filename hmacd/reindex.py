@@ -21,6 +21,7 @@ reactor thread.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -161,10 +162,14 @@ def _record_of(storage: IStorage, relpath: str, file_ttl: float) -> tuple[FileRe
             created = max(created, _directory_mtime(storage, relpath))
         if digest is None:
             digest = _sha256(storage, stored)
+        draft = _draft(stored)
     finally:
         stored.close()
     if digest is None:
         return None
+    if draft is not None and draft.size == stored.size:
+        # A streamed object whose SHA-256 never joined its facts: the rest of them hold.
+        return dataclasses.replace(draft, sha256=digest), True
     return (
         FileRecord(
             path=relpath,
@@ -177,6 +182,15 @@ def _record_of(storage: IStorage, relpath: str, file_ttl: float) -> tuple[FileRe
         ),
         False,
     )
+
+
+def _draft(stored: IReadable) -> FileRecord | None:
+    """The facts without a SHA-256 that a streamed object began with; None for others."""
+    if isinstance(stored, LocalFile):
+        return None
+    from hmacd.storage.s3 import S3Readable
+
+    return stored.draft() if isinstance(stored, S3Readable) else None
 
 
 def _directory_mtime(storage: IStorage, relpath: str) -> float:

@@ -313,7 +313,7 @@ class WholeUpload(WriterSink):
         self.expires = expires
         try:
             # After the claim: an upload that held it has published by the time it let go.
-            self._writer = fs.storage.writer(relpath)
+            self._writer = fs.storage.writer(relpath, self._record(size, ""))
         except BaseException:
             self.release()
             raise

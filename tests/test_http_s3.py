@@ -14,6 +14,7 @@ from treq import content as readBody
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer
 
@@ -58,6 +59,7 @@ def s3_server(
     )
     testCase.addCleanup(client.close)
     made: list[S3Storage] = []
+    stream = kw.pop("stream", False)
 
     def build(fs):
         storage = S3Storage(
@@ -70,6 +72,7 @@ def s3_server(
             part_size=S3_MIN_PART,
             probe_interval=0.2,
             redirect_downloads=redirect,
+            stream=stream,
         )
         made.append(storage)
         testCase.addCleanup(storage.stop)
@@ -84,11 +87,17 @@ class S3HTTPTests(TestCase):
     """Uploads and downloads through hmacfs with the bytes in SeaweedFS."""
 
     timeout = 120
+    # S3StreamUploads
+    stream = False
 
     def setUp(self) -> None:
         store = shared_mini()
         self.server = s3_server(
-            self, store.endpoint, store.bucket, (store.access_key, store.secret_key)
+            self,
+            store.endpoint,
+            store.bucket,
+            (store.access_key, store.secret_key),
+            stream=self.stream,
         )
         self.local = LoopbackServer(self)
 
@@ -177,6 +186,51 @@ class S3HTTPTests(TestCase):
         self.assertEqual(os.listdir(os.path.join(self.server.root, SPOOL_DIR)), [])
 
     @inlineCallbacks
+    def test_large_object_carries_the_signed_type_and_hash(self):
+        """So does one sent as a multipart upload (streamed or after the last byte)."""
+        import hashlib
+
+        data = body_of(2 * S3_MIN_PART + 5, "L")
+        code, _, _ = yield self.put(self.server, "L.pdf", data, "application/pdf")
+        self.assertEqual(code, 201)
+        head = yield self.server.storage.client.head_object("L.pdf")
+        self.assertEqual(head.content_type, "application/pdf")
+        self.assertEqual(head.metadata["sha256"], hashlib.sha256(data).hexdigest())
+        record = yield self.server.fs.metadata.get("L.pdf")
+        stored = yield deferToThread(self.server.storage.open, "L.pdf")
+        self.assertEqual(stored.facts(), record)
+        code, body, headers, _ = yield self.answer(self.server, "GET", "L.pdf", {})
+        self.assertEqual((code, body), (200, data))
+        self.assertEqual(headers["ETag"], record.etag.decode("ascii"))
+        self.assertEqual((yield self.server.storage.client.list_multipart_uploads()), [])
+
+    @inlineCallbacks
+    def test_facts_without_hash_serve_by_the_record(self):
+        """
+        An object whose facts never got their SHA-256 (a streamed upload whose last copy
+        failed) is served by its record: the strong ETag, the signed type.
+        """
+        data = body_of(S3_MIN_PART + 3, "d")
+        code, _, _ = yield self.put(self.server, "d.png", data, "image/png")
+        self.assertEqual(code, 201)
+        record = yield self.server.fs.metadata.get("d.png")
+        client = self.server.storage.client
+        from dataclasses import replace
+
+        from hmacd.storage.s3_writer import _metadata
+
+        # The object again as the stream left it: the draft's facts, no SHA-256.
+        yield client.copy_object(
+            "d.png", "d.png", "image/png", _metadata(replace(record, sha256=""))
+        )
+        stored = yield deferToThread(self.server.storage.open, "d.png")
+        self.assertIsNone(stored.facts())
+        code, body, headers, _ = yield self.answer(self.server, "GET", "d.png", {})
+        self.assertEqual((code, body), (200, data))
+        self.assertEqual(headers["ETag"], record.etag.decode("ascii"))
+        self.assertEqual(headers["Content-Type"], "image/png")
+
+    @inlineCallbacks
     def test_never_overwrites(self):
         """A second PUT of one URL is 409 and the first file stands."""
         code, _, _ = yield self.put(self.server, "once.png", b"first")
@@ -235,6 +289,12 @@ class S3HTTPTests(TestCase):
         )
         yield readBody(response)
         self.assertEqual(response.code, 501)
+
+
+class S3StreamedHTTPTests(S3HTTPTests):
+    """The same with S3StreamUploads = true: large bodies go to their name as they arrive."""
+
+    stream = True
 
 
 class S3OutageTests(TestCase):

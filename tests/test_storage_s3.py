@@ -21,7 +21,7 @@ from hmacd.paths import PathRefused
 from hmacd.s3 import S3Client
 from hmacd.storage import Conflict, StorageUnavailable
 from hmacd.storage.s3 import FACTS_META, SHA256_META, ReactorThreadCall, S3Storage, StoreFailed
-from hmacd.storage.s3_writer import STAGING
+from hmacd.storage.s3_writer import _metadata
 from tests.seaweed import shared_mini
 from tests.storage_contract import StorageContractMixin, record_for
 from tests.support import synchronous
@@ -67,7 +67,7 @@ class SeaweedStorageCase(TestCase):
         self.addCleanup(client.close)
         return client
 
-    # S3StreamUploads: large bodies go to a staging object as they arrive.
+    # S3StreamUploads: large bodies go to their name as they arrive.
     stream = False
 
     def makeStorage(self) -> S3Storage:
@@ -154,13 +154,20 @@ class S3StorageTests(SeaweedStorageCase):
 
     @inlineCallbacks
     def test_large_body_streams_before_its_last_byte(self):
-        """Above the threshold, parts go to a staging upload as they arrive; then the copy."""
+        """
+        Above the threshold, parts go to a multipart upload of the object's own name as
+        they arrive, begun with the draft facts; at the end the SHA-256 joins them.
+        """
+        from dataclasses import replace
+
         body = os.urandom(3 * S3_MIN_PART + 100)
-        writer = self.storage.writer("stream/big.bin")
+        record = replace(record_for("stream/big.bin", body), content_type="image/png")
+        draft = replace(record, sha256="")
+        writer = self.storage.writer("stream/big.bin", draft)
         self.writeInReactor(writer, body[: 2 * S3_MIN_PART + 10])
-        # Before the body is whole, the store has a staging upload with parts in it.
-        (upload,) = yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
-        self.assertTrue(upload.key.startswith(STAGING), upload.key)
+        # Before the body is whole, the store has an upload to the name with parts in it.
+        (upload,) = yield self.waitForUploads(lambda u: len(u) == 1, "a multipart upload")
+        self.assertEqual(upload.key, "stream/big.bin")
         for _ in range(100):
             parts = yield self.client.list_parts(upload.key, upload.upload_id)
             if parts:
@@ -170,17 +177,45 @@ class S3StorageTests(SeaweedStorageCase):
         self.assertFalse((yield deferToThread(self.storage.exists, "stream/big.bin")))
         self.writeInReactor(writer, body[2 * S3_MIN_PART + 10 :])
         digest = yield deferToThread(writer.seal)
-        record = record_for("stream/big.bin", body)
         self.assertEqual(digest, record.sha256)
         yield deferToThread(writer.publish, record)
         stored = yield deferToThread(self.storage.open, "stream/big.bin")
         self.assertEqual(stored.facts(), record)
+        self.assertEqual(stored.content_type, "image/png")
+        self.assertEqual(stored.metadata[SHA256_META], record.sha256)
         self.assertEqual((yield deferToThread(stored.read, 0, len(body))), body)
-        # Nothing of the staging is left, in the store or the spool.
+        # Nothing else is left, in the store or the spool.
         self.assertEqual((yield self.client.list_multipart_uploads()), [])
         listed = yield self.client.list_objects_v2()
         self.assertEqual([o.key for o in listed.objects], ["stream/big.bin"])
         self.assertEqual(os.listdir(self.storage.spool.root), [])
+
+    @inlineCallbacks
+    def test_streamed_hash_never_joined(self):
+        """
+        A streamed object whose facts never got their SHA-256 (the copy failed, or the
+        process died after completing it) is not served by those facts, and reindex
+        records it from them with the digest of its bytes.
+        """
+        from dataclasses import replace
+
+        from hmacd.reindex import _record_of
+
+        body = os.urandom(S3_MIN_PART + 7)
+        record = replace(
+            record_for("stream/half.bin", body), uploader="a@example.org", content_type="image/png"
+        )
+        draft = replace(record, sha256="")
+        upload_id = yield self.client.create_multipart_upload(
+            "stream/half.bin", "image/png", _metadata(draft)
+        )
+        etag = yield self.client.upload_part("stream/half.bin", upload_id, 1, body)
+        yield self.client.complete_multipart_upload("stream/half.bin", upload_id, [(1, etag)])
+        stored = yield deferToThread(self.storage.open, "stream/half.bin")
+        self.assertIsNone(stored.facts())
+        self.assertEqual(stored.draft(), draft)
+        found = yield deferToThread(_record_of, self.storage, "stream/half.bin", 0)
+        self.assertEqual(found, (record, True))
 
     @inlineCallbacks
     def test_streamed_body_never_overwrites(self):
@@ -188,7 +223,7 @@ class S3StorageTests(SeaweedStorageCase):
         body = os.urandom(2 * S3_MIN_PART + 1)
         writer = self.storage.writer("stream/taken.bin")
         self.writeInReactor(writer, body)
-        yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        yield self.waitForUploads(lambda u: len(u) == 1, "a multipart upload")
         yield deferToThread(self.publish, "stream/taken.bin", b"first")
         yield deferToThread(writer.seal)
         with self.assertRaises(Conflict):
@@ -201,12 +236,12 @@ class S3StorageTests(SeaweedStorageCase):
 
     @inlineCallbacks
     def test_discarded_stream_leaves_nothing(self):
-        """An upload broken off mid-stream aborts its staging upload and its spool file."""
+        """An upload broken off mid-stream aborts its multipart upload and its spool file."""
         writer = self.storage.writer("stream/broken.bin")
         self.writeInReactor(writer, os.urandom(2 * S3_MIN_PART + 1))
-        yield self.waitForUploads(lambda u: len(u) == 1, "a staging upload")
+        yield self.waitForUploads(lambda u: len(u) == 1, "a multipart upload")
         writer.discard()
-        yield self.waitForUploads(lambda u: u == [], "the staging upload aborted")
+        yield self.waitForUploads(lambda u: u == [], "the multipart upload aborted")
         self.assertEqual(os.listdir(self.storage.spool.root), [])
         listed = yield self.client.list_objects_v2()
         self.assertEqual(listed.objects, [])

@@ -116,9 +116,11 @@ class IReadable(Interface):
 class IStorage(Interface):
     """Where finished files live."""
 
-    def writer(relpath: str) -> IWriter:
+    def writer(relpath: str, draft: FileRecord | None = None) -> IWriter:
         """
-        A writer for a new file at C{relpath}.
+        A writer for a new file at C{relpath}.  C{draft} is what is known of its facts
+        before the body (no SHA-256 yet), for a storage that must send them ahead of the
+        bytes (an object store streaming the body to its name); others ignore it.
 
         @raise Conflict: something is at that name (or a parent of it is a file).
         @raise hmacd.paths.PathRefused: the name leads out of the store.

@@ -144,7 +144,7 @@ class LocalStorage:
         # what it always was.
         self.shares = dedup or os.path.isdir(self.cas_root)
 
-    def writer(self, relpath: str) -> LocalWriter:
+    def writer(self, relpath: str, draft: FileRecord | None = None) -> LocalWriter:
         return LocalWriter(self, relpath)
 
     def adopt(self, source: str, relpath: str, record: FileRecord) -> None:

@@ -64,11 +64,12 @@ from hmacd.storage.local import Blocking, LocalStorage
 from hmacd.storage.s3_pieces import staging_of
 from hmacd.storage.s3_writer import (
     FACTS_META,
+    PARTS_IN_FLIGHT,
     SHA256_META,
     STAGING,
     S3Writer,
     _metadata,
-    _Slice,
+    part_body,
 )
 
 __all__ = [
@@ -90,8 +91,6 @@ SPOOL_DIR = os.path.join(".hmacfs", "s3-spool")
 _ATTEMPTS = 2
 # A dummy root against which names are judged (no path outside the store: no "..").
 _JUDGE_ROOT = os.path.join(os.sep, "hmacfs-s3")
-# The parts of a body sent after its last byte that go to the store at once.
-PARTS_IN_FLIGHT = 4
 # While the store is down, how often it is asked whether it is back.
 PROBE_INTERVAL = 5.0
 
@@ -220,8 +219,8 @@ class S3Storage:
         self.probe_interval = probe_interval
         # S3RedirectDownloads: a GET is a 302 to a presigned URL (hmacd.download_s3).
         self.redirect_downloads = redirect_downloads
-        # S3StreamUploads: whether large bodies go to the store as they arrive (into a
-        # staging object, hmacd.storage.s3_writer), or after their last byte, from the spool.
+        # S3StreamUploads: whether large bodies go to the store as they arrive (to their
+        # name, hmacd.storage.s3_writer), or after their last byte, from the spool.
         self.stream = stream
         self._probe: Any = None
 
@@ -320,7 +319,7 @@ class S3Storage:
         """The object key of C{relpath}; PathRefused for a name that leads out of the store."""
         return _judge(relpath)
 
-    def writer(self, relpath: str) -> S3Writer:
+    def writer(self, relpath: str, draft: FileRecord | None = None) -> S3Writer:
         key = _judge(relpath)
         if _hidden(key):
             raise PathRefused("a name with a dot segment is not served")
@@ -331,7 +330,7 @@ class S3Storage:
                 raise StorageUnavailable(errno.EIO, "object store unavailable")
         elif self._head(relpath) is not None:
             raise Conflict()
-        return S3Writer(self, key)
+        return S3Writer(self, key, draft)
 
     def adopt(self, source: str, relpath: str, record: FileRecord) -> None:
         key = _judge(relpath)
@@ -361,7 +360,7 @@ class S3Storage:
                     raise
 
     def _producer(self, fd: int, offset: int, length: int) -> FileBodyProducer:
-        return FileBodyProducer(_Slice(fd, offset, length), self._cooperator)
+        return part_body([(fd, offset + length)], offset, length, self._cooperator)
 
     def _put_object(self, fd: int, size: int, key: str, record: FileRecord) -> Deferred[str]:
         return self.client.put_object(
@@ -554,6 +553,17 @@ class S3Readable:
         self.version = (head.etag, head.last_modified, head.length)
 
     def facts(self) -> FileRecord | None:
+        # Facts without a SHA-256 are a streamed upload's draft (hmacd.storage.s3_writer):
+        # not enough to serve by; the record is.
+        facts = self._decoded()
+        return facts if facts is not None and facts.sha256 else None
+
+    def draft(self) -> FileRecord | None:
+        """The facts a streamed upload began with, when its SHA-256 never joined them."""
+        facts = self._decoded()
+        return facts if facts is not None and not facts.sha256 else None
+
+    def _decoded(self) -> FileRecord | None:
         value = self.metadata.get(FACTS_META)
         return None if value is None else decode(self._relpath, value.encode("ascii", "replace"))
 

@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IConsumer, IProducer
-from twisted.web.client import FileBodyProducer
 from zope.interface import implementer
 
 from hmacd.metadata import FileRecord
 from hmacd.s3 import NoSuchKey, NoSuchUpload, PreconditionFailed, S3Error
 from hmacd.storage import Conflict
-from hmacd.storage.s3_writer import MAX_COPY, STAGING, _metadata, _Segments
+from hmacd.storage.s3_writer import MAX_COPY, STAGING, _metadata, part_body
 
 if TYPE_CHECKING:
     from hmacd.storage.s3 import S3Storage
@@ -231,7 +230,7 @@ class Pieces:
         self, state: UploadState, number: int, segments: list[tuple[int, int]], at: int, length: int
     ) -> str:
         for attempt in range(1, _ATTEMPTS + 1):
-            body = FileBodyProducer(_Segments(segments, at, length), self.storage._cooperator)
+            body = part_body(segments, at, length, self.storage._cooperator)
             try:
                 return self.storage._call(
                     self.client.upload_part, state.staging, state.upload_id, number, body, length
@@ -243,7 +242,7 @@ class Pieces:
 
     def _put(self, key: str, segments: list[tuple[int, int]], at: int, length: int) -> None:
         for attempt in range(1, _ATTEMPTS + 1):
-            body = FileBodyProducer(_Segments(segments, at, length), self.storage._cooperator)
+            body = part_body(segments, at, length, self.storage._cooperator)
             try:
                 self.storage._call(self.client.put_object, key, body, length)
                 return

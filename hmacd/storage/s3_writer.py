@@ -4,13 +4,17 @@ The bytes of one new file on their way into the object store (L{S3Writer}).
 The body is spooled and hashed in a local temp file as it arrives (the local directory's
 writer, with its back-pressure), because an object's metadata (the facts, the SHA-256)
 must be sent before its first byte.  A small body goes up at publish as one PutObject to
-its name.  A large one goes to the store as it arrives: once more than the multipart
-threshold is on disk, each full part is sent from the spool to a multipart upload of a
-staging object (C{.hmacfs/staging/...}, never listed as a file); at publish the last part
-follows, the staging object is completed and copied server-side to its name with the
-facts and C{If-None-Match: *} (a name taken meanwhile is a L{Conflict}, never overwritten),
-then removed.  A streamed upload that failed on the way, or a body above the 5 GiB a copy
-may take, goes up from the spool at publish instead: streaming only saves time.
+its name.  A large one goes after its last byte as a multipart upload to its name (the
+default), or with C{S3StreamUploads} as it arrives: once more than the multipart threshold
+is on disk, each full part is sent from the spool to a multipart upload of the object's
+own name, begun with the facts known before the body (the draft: no SHA-256 yet); at
+publish the last part follows and the upload is completed with C{If-None-Match: *} (a
+name taken meanwhile is a L{Conflict}, never overwritten; nothing is visible before).
+The SHA-256 then joins the facts by a copy of the object onto itself that replaces its
+metadata (metadata only in SeaweedFS and MinIO; up to 5 GiB).  Until it has, or if it
+cannot, the object's facts have no SHA-256 and are not used (L{S3Readable.facts}): the
+record is what serves it.  A streamed upload that failed on the way goes up from the
+spool at publish instead: streaming only saves time.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
@@ -30,7 +36,7 @@ from zope.interface import implementer
 
 from hmacd.facts import encode
 from hmacd.metadata import FileRecord
-from hmacd.s3 import PreconditionFailed, S3Error
+from hmacd.s3 import NoSuchUpload, PreconditionFailed, S3Error
 from hmacd.storage import Conflict, IWriter
 from hmacd.storage.local import LocalWriter
 
@@ -39,18 +45,30 @@ if TYPE_CHECKING:
 
 __all__ = ["FACTS_META", "MAX_COPY", "SHA256_META", "STAGING", "S3Writer"]
 
+log = Logger()
+
 FACTS_META = "hmacfs"
 SHA256_META = "sha256"
-# Where streamed bodies wait for their facts (a dot name: never a file, never listed).
+# Where resumable uploads grow (hmacd.storage.s3_pieces): a dot name, never a file.
 STAGING = ".hmacfs/staging/"
+# The parts of a body that go to the store at once (streamed, or after the last byte).
+PARTS_IN_FLIGHT = 4
+# What a part's producer reads from the spool at each step: one step is one pread, one
+# write to the connection and one turn of the cooperator; 64 KiB steps (Twisted's default)
+# cost hmacfs about 0.4 s more CPU per GiB than 1 MiB steps.
+READ_SIZE = 1024 * 1024
 # The largest object CopyObject takes.
 MAX_COPY = 5 * 1024**3
 
 
 def _metadata(record: FileRecord) -> dict[str, str]:
-    # Header values are ASCII: the facts as JSON with escapes (a JID may be UTF-8).
+    # Header values are ASCII: the facts as JSON with escapes (a JID may be UTF-8).  A
+    # draft (facts before the body) has no SHA-256 yet.
     facts = json.dumps(json.loads(encode(record)), separators=(",", ":"), ensure_ascii=True)
-    return {FACTS_META: facts, SHA256_META: record.sha256}
+    metadata = {FACTS_META: facts}
+    if record.sha256:
+        metadata[SHA256_META] = record.sha256
+    return metadata
 
 
 class _Segments:
@@ -95,30 +113,37 @@ class _Segments:
         pass
 
 
-def _Slice(fd: int, offset: int, length: int) -> _Segments:
-    """C{length} bytes of a file from C{offset}, as a file for FileBodyProducer (a part)."""
-    return _Segments([(fd, offset + length)], offset, length)
+def part_body(
+    segments: list[tuple[int, int]], offset: int, length: int, cooperator: Cooperator
+) -> FileBodyProducer:
+    """The body of one part: bytes C{offset}..C{offset+length} of C{segments} (L{_Segments})."""
+    return FileBodyProducer(_Segments(segments, offset, length), cooperator, readSize=READ_SIZE)
 
 
 @implementer(IWriter)
 class S3Writer:
-    """A body spooled locally as it arrives; large ones streamed on to a staging object."""
+    """A body spooled locally as it arrives; large ones may be streamed on to its name."""
 
-    def __init__(self, storage: S3Storage, key: str) -> None:
+    def __init__(self, storage: S3Storage, key: str, draft: FileRecord | None = None) -> None:
         self.storage = storage
         self.key = key
+        # The facts known before the body, which a streamed multipart upload begins with.
+        self._draft = draft
         # A name of its own in the spool: two uploads of one URL never share a temp.
         self._local: LocalWriter = storage.spool.writer(secrets.token_hex(16))
         self._sealed = False
         self._closed = False
-        # The streaming of a large body: the staging object's multipart upload, its parts,
-        # the bytes sent or on their way, the part being sent, what went wrong.
-        self._staging = STAGING + secrets.token_hex(16)
+        # The streaming of a large body: the multipart upload to its name, its parts, the
+        # bytes sent or on their way, the part being sent, what went wrong.
         self._streaming = False
         self._upload_id: str | None = None
         self._parts: list[tuple[int, str]] = []
+        self._numbered = 0  # the parts begun
+        self._begun: Deferred[Any] = succeed(None)  # the CreateMultipartUpload
         self._sent = 0
-        self._inflight: Deferred[None] | None = None
+        # The parts on their way (PARTS_IN_FLIGHT at most): the store's per-part latency
+        # overlaps with the next part's bytes instead of stalling the stream.
+        self._inflight: list[Deferred[None]] = []
         self._failed: Failure | None = None
         self._fd: int | None = None
 
@@ -150,51 +175,78 @@ class S3Writer:
         return self._local.received - self._local._backlog
 
     def _pump(self) -> None:
-        size = self.storage.part_size
         if (
-            self._inflight is not None
-            or self._failed is not None
+            self._failed is not None
             or self._closed
             or self._sealed
             or not self.storage.stream
             or not threadable.isInIOThread()
         ):
             return
-        on_disk = self._on_disk()
-        if on_disk <= self.storage.threshold or on_disk - self._sent < size:
-            return
+        size = self.storage.part_size
+        while len(self._inflight) < PARTS_IN_FLIGHT:
+            on_disk = self._on_disk()
+            if on_disk <= self.storage.threshold or on_disk - self._sent < size:
+                return
+            self._send(size)
+
+    def _send(self, length: int) -> None:
+        """Reactor thread: the next C{length} bytes of the spool on their way, as a part."""
         client = self.storage.client
-        number, offset = len(self._parts) + 1, self._sent
-        self._sent += size
         if not self._streaming:
             assert self._local.temp is not None
             self._streaming = True
             self._fd = os.open(self._local.temp, os.O_RDONLY | os.O_CLOEXEC)
-            d: Deferred[Any] = client.create_multipart_upload(self._staging)
-        else:
-            d = succeed(self._upload_id)
+            # Without a draft the copy at the end brings the type and every fact.
+            draft = self._draft
+            self._begun = client.create_multipart_upload(
+                self.key,
+                None if draft is None else draft.content_type,
+                None if draft is None else _metadata(draft),
+            )
+            self._begun.addCallbacks(self._began, self._broke)
         fd = self._fd
         assert fd is not None
+        self._numbered += 1
+        number, offset = self._numbered, self._sent
+        self._sent += length
+        d: Deferred[Any] = Deferred()
+        self._begun.addCallback(lambda _: d.callback(None))
 
-        def send(upload_id: str) -> Deferred[str]:
-            self._upload_id = upload_id
-            body = FileBodyProducer(_Slice(fd, offset, size), self.storage._cooperator)
-            return client.upload_part(self._staging, upload_id, number, body, size)
+        def send(_: object) -> Deferred[str] | None:
+            if self._failed is not None or self._upload_id is None:
+                return None  # given up: the parts still waiting go not
+            body = part_body([(fd, offset + length)], offset, length, self.storage._cooperator)
+            return client.upload_part(self.key, self._upload_id, number, body, length)
 
-        def sent(etag: str) -> None:
-            self._parts.append((number, etag))
-
-        def failed(failure: Failure) -> None:
-            self._failed = failure
+        def sent(etag: str | None) -> None:
+            if etag is not None:
+                self._parts.append((number, etag))
 
         def next_part(_: object) -> None:
-            self._inflight = None
+            self._inflight.remove(d)
             self._pump()
 
         d.addCallback(send)
-        d.addCallbacks(sent, failed)
+        d.addCallbacks(sent, self._broke)
         d.addCallback(next_part)
-        self._inflight = d
+        self._inflight.append(d)
+
+    def _began(self, upload_id: str) -> None:
+        self._upload_id = upload_id
+
+    def _broke(self, failure: Failure) -> None:
+        """The first failure of the stream is kept; publish goes from the spool then."""
+        if self._failed is None:
+            self._failed = failure
+
+    def _settled(self) -> Deferred[Any]:
+        """Fires once no part is on its way any more."""
+        return DeferredList(list(self._inflight), consumeErrors=True)
+
+    def _one_settled(self) -> Deferred[Any]:
+        """Fires once one of the parts on their way has ended."""
+        return DeferredList(list(self._inflight), fireOnOneCallback=True, consumeErrors=True)
 
     # Publishing (a worker thread).
 
@@ -209,14 +261,15 @@ class S3Writer:
         try:
             # The spool's temp is open write-only: the bytes are read back from its name.
             with open(self._local.temp, "rb") as f:
-                if self._streaming and size <= MAX_COPY:
+                if self._streaming:
                     try:
                         self.storage._call(self._finish, f.fileno(), size, record)
                         return
                     except PreconditionFailed:
                         raise Conflict() from None
-                    except OSError:
+                    except (OSError, NoSuchUpload):
                         pass  # the streaming broke off: all of it from the spool instead
+                    self._abort()  # before the spool's upload: one at a time per name
                 self.storage.put_file(f.fileno(), size, self.key, record)
         finally:
             self._cleanup()
@@ -224,37 +277,43 @@ class S3Writer:
 
     @inlineCallbacks
     def _finish(self, fd: int, size: int, record: FileRecord) -> Any:
-        """Reactor thread: the last parts, complete the staging object, copy it to its name."""
-        if self._inflight is not None:
-            yield self._inflight
+        """Reactor thread: the last parts, complete the upload at its name, then the hash."""
+        while self._sent < size and self._failed is None:
+            if len(self._inflight) >= PARTS_IN_FLIGHT:
+                yield self._one_settled()
+                continue
+            self._send(min(self.storage.part_size, size - self._sent))
+        while self._inflight:
+            yield self._settled()
         if self._failed is not None:
             self._failed.raiseException()
         upload_id = self._upload_id
         assert upload_id is not None
         client = self.storage.client
-        while self._sent < size:
-            number, offset = len(self._parts) + 1, self._sent
-            length = min(self.storage.part_size, size - offset)
-            body = FileBodyProducer(_Slice(fd, offset, length), self.storage._cooperator)
-            etag = yield client.upload_part(self._staging, upload_id, number, body, length)
-            self._parts.append((number, etag))
-            self._sent += length
-        yield client.complete_multipart_upload(self._staging, upload_id, self._parts)
-        self._upload_id = None  # completed: an object now, removed by _cleanup
-        yield client.copy_object(
-            self._staging, self.key, record.content_type, _metadata(record), if_none_match=True
-        )
+        yield client.complete_multipart_upload(self.key, upload_id, self._parts, True)
+        self._upload_id = None  # the file now: nothing of it is to be cleaned up
+        if size > MAX_COPY:
+            return  # no copy takes it: the record alone has the SHA-256
+        try:
+            yield client.copy_object(self.key, self.key, record.content_type, _metadata(record))
+        except S3Error as e:
+            # The file is whole and stored: the record (written next) serves it.
+            log.warn("{key}: the SHA-256 is in the record only: {error}", key=self.key, error=e)
+
+    def _abort(self) -> None:
+        """A worker thread: the multipart upload goes, if one is left."""
+        if self._upload_id is not None:
+            with contextlib.suppress(S3Error, OSError):
+                self.storage._call(
+                    self.storage.client.abort_multipart_upload, self.key, self._upload_id
+                )
+            self._upload_id = None
 
     def _cleanup(self) -> None:
-        """A worker thread: the staging object or its multipart upload goes, whatever came."""
+        """A worker thread: an unfinished multipart upload goes, whatever came."""
         if not self._streaming:
             return
-        client = self.storage.client
-        with contextlib.suppress(S3Error, OSError):
-            if self._upload_id is not None:
-                self.storage._call(client.abort_multipart_upload, self._staging, self._upload_id)
-            else:
-                self.storage._call(client.delete_object, self._staging)
+        self._abort()
         self._close_fd()
 
     def _close_fd(self) -> None:
@@ -276,8 +335,8 @@ class S3Writer:
             self._close_fd()
             if self._upload_id is None:
                 return None
-            return client.abort_multipart_upload(self._staging, self._upload_id)
+            return client.abort_multipart_upload(self.key, self._upload_id)
 
-        d: Deferred[Any] = self._inflight if self._inflight is not None else succeed(None)
+        d: Deferred[Any] = self._settled()
         d.addBoth(abort)
         d.addErrback(lambda _: None)  # the sweep aborts what is left after ResumableTTL
