@@ -9,12 +9,14 @@ what the same client gets from the store itself:
 1. One large file (``--size``, 1 GiB by default) PUT with ``curl -T`` through hmacfs, and
    the same file PUT by the same curl to a presigned URL of the store; then GET of each by
    curl (hmacfs's URL; a presigned URL of the store).  The PUT goes through hmacfs twice:
-   as configured by default (spooled, and sent after the last byte as a multipart upload
-   to its name) and through a node with ``S3StreamUploads = true`` (parts sent as they
-   arrive, to a staging object copied to its name at the end).  MB/s, the median of
-   ``--rounds`` (the order turns each round, so that the store's warming and the page
-   cache favour none), and the ratios.  hmacfs's RSS growth during the PUT and the GET
-   (its peak, VmHWM, minus its RSS before).
+   as configured by default (parts sent to its name as they arrive) and through a node
+   with ``S3StreamUploads = false`` (spooled, and sent after the last byte).  MB/s, the
+   median of ``--rounds`` (the order turns each round, so that the store's warming and
+   the page cache favour none), and the ratios.  hmacfs's RSS growth during the PUT and
+   the GET (its peak, VmHWM, minus its RSS before).  The
+   CPU seconds per GiB each side used (hmacfs, the store's weed process, curl), for
+   hmacfs's transfers and the bare ones: on one machine all three share its CPUs, and
+   their ratio is what the CPUs allow.
 2. 4 KiB PUTs, each to its own signed URL, driven by two wrk processes of 32 connections
    each (``-t1 -c32``), their rates summed: both at one hmacfs node; one at each of two
    nodes (two processes on their own ports, sharing the Redis database and the bucket); both
@@ -24,6 +26,7 @@ what the same client gets from the store itself:
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -58,6 +61,8 @@ class Store:
         self.mini = SeaweedMini(None, reader_cache_mb=reader_cache_mb)
         self.reader_cache_mb = reader_cache_mb
         self.endpoint = self.mini.endpoint
+        assert self.mini.weed.process is not None
+        self.weed_pid = self.mini.weed.process.pid
         self._credentials = Credentials(self.mini.access_key, self.mini.secret_key)
 
     def presign(self, method: str, key: str) -> str:
@@ -113,8 +118,41 @@ def curl(*args: str) -> tuple[float, int]:
     return time.perf_counter() - started, int(out)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes pids have used so far."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def children_cpu() -> float:
+    """CPU seconds of the waited-for children (the curls)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CPU:
+    """The CPU each side of a transfer used: hmacfs, the store (weed), the client (curl)."""
+
+    def __init__(self, server: local.Server | None, store: Store) -> None:
+        self.pids = [] if server is None else server.pids
+        self.weed = [store.weed_pid]
+        self.before = (cpu_seconds(self.pids), cpu_seconds(self.weed), children_cpu())
+
+    def used(self) -> dict[str, float]:
+        hmacfs, weed, client = self.before
+        return {
+            "hmacfs": cpu_seconds(self.pids) - hmacfs,
+            "store": cpu_seconds(self.weed) - weed,
+            "client": children_cpu() - client,
+        }
+
+
 def hmacfs_round(server: local.Server, store: Store, src: str, name: str, get: bool) -> dict:
-    """One PUT (and a GET) of src through hmacfs: seconds, and RSS growth of each."""
+    """One PUT (and a GET) of src through hmacfs: seconds, RSS growth and CPU of each."""
     size = os.path.getsize(src)
     result = {}
     for op in ("put", "get") if get else ("put",):
@@ -122,6 +160,7 @@ def hmacfs_round(server: local.Server, store: Store, src: str, name: str, get: b
         before = {pid: local.proc_status(pid)["VmRSS"] for pid in pids}
         for pid in pids:
             local.reset_peak(pid)
+        cpu = CPU(server, store)
         if op == "put":
             seconds, _ = curl("-T", src, server.url(name, size))
         else:
@@ -129,6 +168,7 @@ def hmacfs_round(server: local.Server, store: Store, src: str, name: str, get: b
             if got != size:
                 raise RuntimeError(f"hmacfs GET {name}: {got} bytes of {size}")
         result[op] = seconds
+        result[f"{op}_cpu"] = cpu.used()
         result[f"{op}_rss_growth"] = max(
             local.proc_status(pid)["VmHWM"] - before[pid] for pid in pids
         )
@@ -139,22 +179,25 @@ def hmacfs_round(server: local.Server, store: Store, src: str, name: str, get: b
 def bare_round(store: Store, src: str, name: str) -> dict:
     """One PUT and one GET of src straight to the store, by the same curl."""
     size = os.path.getsize(src)
+    cpu = CPU(None, store)
     put, _ = curl("-T", src, store.presign("PUT", name))
+    put_cpu = cpu.used()
+    cpu = CPU(None, store)
     get, got = curl(store.presign("GET", name))
+    get_cpu = cpu.used()
     if got != size:
         raise RuntimeError(f"store GET {name}: {got} bytes of {size}")
     store.delete(name)
-    return {"put": put, "get": get}
+    return {"put": put, "get": get, "put_cpu": put_cpu, "get_cpu": get_cpu}
 
 
 def large(
     streamed: local.Server, whole: local.Server, store: Store, workdir: str, size: int, rounds: int
 ) -> dict:
     """
-    The large file, each round through the bare store, hmacfs as configured by default
-    (streamed: parts go to a staging object as they arrive, copied to the name at the end)
-    and hmacfs with the threshold above the size (one PutObject after the last byte), in
-    an order that turns each round.
+    The large file, each round through the bare store, hmacfs with S3StreamUploads
+    (streamed: parts go to its name as they arrive) and hmacfs sending it after its last
+    byte, in an order that turns each round.
     """
     src = local.random_file(workdir, size)
     runs: dict[str, list[dict]] = {"bare": [], "streamed": [], "whole": []}
@@ -174,6 +217,13 @@ def large(
         rates = [mb / r[op] for r in results]
         return {"MBps": [round(x, 1) for x in rates], "median_MBps": statistics.median(rates)}
 
+    def cpu_per_gib(results: list[dict], op: str) -> dict[str, float]:
+        """Median CPU seconds per GiB of each side."""
+        return {
+            side: round(statistics.median(r[f"{op}_cpu"][side] for r in results) * 2**30 / size, 2)
+            for side in ("hmacfs", "store", "client")
+        }
+
     result: dict = {"bytes": size, "rounds": rounds}
     bare_put = figures(runs["bare"], "put")
     bare_get = figures(runs["bare"], "get")
@@ -189,6 +239,8 @@ def large(
             "hmacfs_median_MBps": round(ours["median_MBps"], 1),
             "bare_median_MBps": round(bare["median_MBps"], 1),
             "ratio": round(ours["median_MBps"] / bare["median_MBps"], 3),
+            "cpu_s_per_GiB": cpu_per_gib(runs[name], op),
+            "bare_cpu_s_per_GiB": cpu_per_gib(runs["bare"], op),
             "rss_growth_MiB": round(max(r[f"{op}_rss_growth"] for r in runs[name]) / MiB, 1),
         }
     return result
@@ -265,11 +317,10 @@ def run(args, workdir: str, common: dict[str, object]) -> dict:
             "RedisAddr": args.redis,
             "RedisDB": args.redis_db,
         }
-        # node-a and node-b as configured by default (a large body goes after its last byte,
-        # from the spool, as a multipart upload to its name); node-streamed sends it as it
-        # arrives (S3StreamUploads = true: a staging object, copied to its name at the end).
-        streamed = {"S3StreamUploads": True}
-        for name, extra in (("node-a", {}), ("node-b", {}), ("node-streamed", streamed)):
+        # node-a and node-b as configured by default (a large body goes to its name as it
+        # arrives); node-after sends it after its last byte (S3StreamUploads = false).
+        after = {"S3StreamUploads": False}
+        for name, extra in (("node-a", {}), ("node-b", {}), ("node-after", after)):
             server = local.Server(workdir, name, {**settings, **extra})
             nodes.append(server)
             server.start()
@@ -279,7 +330,7 @@ def run(args, workdir: str, common: dict[str, object]) -> dict:
             "store_ready_s": round(store.mini.ready_seconds, 2),
             "redis": f"{args.redis} db {args.redis_db}",
         }
-        result["large"] = large(nodes[2], nodes[0], store, workdir, args.size, args.rounds)
+        result["large"] = large(nodes[0], nodes[2], store, workdir, args.size, args.rounds)
         result["small_puts"] = small_puts(nodes[:2], store, workdir, args.seconds)
         result["server_log"] = {
             s.dir.rsplit(os.sep, 1)[1]: local._problems(os.path.join(s.dir, "hmacfs.log"))
@@ -305,8 +356,8 @@ def table(results: dict) -> str:
         return "-".join(f"{v:.0f}" for v in (min(values), max(values)))
 
     for key, what in (
-        ("streamed_put", "  streamed (S3StreamUploads = true)"),
-        ("whole_put", "  after the last byte (the default)"),
+        ("streamed_put", "  streamed (the default)"),
+        ("whole_put", "  after the last byte (S3StreamUploads = false)"),
         ("streamed_get", f"{label} GET by curl, MB/s (median)"),
     ):
         if key == "streamed_put":
@@ -322,6 +373,19 @@ def table(results: dict) -> str:
             )
         )
         rows.append(("    range", spread(r["hmacfs_MBps"]), spread(r["bare_MBps"]), "", ""))
+        ours, theirs = r["cpu_s_per_GiB"], r["bare_cpu_s_per_GiB"]
+        # What the CPUs allow when every side shares them: the bare store's CPU seconds
+        # over ours, for the same bytes.
+        ceiling = sum(theirs.values()) / sum(ours.values())
+        rows.append(
+            (
+                "    CPU s/GiB: hmacfs, store, curl",
+                f"{ours['hmacfs']:.1f}, {ours['store']:.1f}, {ours['client']:.1f}",
+                f"-, {theirs['store']:.1f}, {theirs['client']:.1f}",
+                f"{ceiling:.2f}",
+                "(CPU ratio)",
+            )
+        )
         if key != "streamed_get":
             rows.append(
                 (
@@ -376,6 +440,7 @@ def header(results: dict, json_path: str) -> str:
         f"SeaweedFS {s3['seaweedfs']} weed mini, -s3.readerCacheSizeMB="
         f"{s3['reader_cache_mb']}; metadata in Redis {s3['redis']};\n"
         f"{results['seconds']} s; JSON: {json_path}\n"
-        "bare store: the same curl on presigned URLs; after the last byte: S3MultipartThreshold\n"
-        "above the size; 4 KiB PUTs: two wrk -t1 -c32 (one per node with two), summed\n"
+        "bare store: the same curl on presigned URLs; CPU ratio: the bare transfer's CPU seconds\n"
+        "(store + curl) over hmacfs's (hmacfs + store + curl);\n"
+        "4 KiB PUTs: two wrk -t1 -c32 (one per node with two), summed\n"
     )

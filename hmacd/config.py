@@ -325,9 +325,9 @@ class Config:
     )
     s3_stream_uploads: bool = _key(
         "S3StreamUploads",
-        False,
+        True,
         cv.boolean,
-        "large bodies sent as they arrive (via a staging copy)",
+        "large bodies sent to their name as they arrive",
     )
     # S3 refuses parts under 5 MiB (but the last): so do these two.
     s3_multipart_threshold: int = _key(
