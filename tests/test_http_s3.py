@@ -21,6 +21,7 @@ from twisted.web.client import FileBodyProducer
 from hmacd.config import S3_MIN_PART
 from hmacd.s3 import S3Client
 from hmacd.storage.s3 import SPOOL_DIR, S3Storage
+from hmacd.storage.s3_dedup import CAS, ContentLocks
 from tests.seaweed import SeaweedMini, shared_mini
 from tests.support import LoopbackServer, v2_query, v_query
 from tests.test_http import body_of, header
@@ -60,6 +61,7 @@ def s3_server(
     testCase.addCleanup(client.close)
     made: list[S3Storage] = []
     stream = kw.pop("stream", False)
+    dedup = kw.pop("dedup", False)
 
     def build(fs):
         storage = S3Storage(
@@ -73,7 +75,10 @@ def s3_server(
             probe_interval=0.2,
             redirect_downloads=redirect,
             stream=stream,
+            dedup=dedup,
         )
+        storage.content_locks = ContentLocks(fs.metadata, "test", reactor)
+        storage.on_shared = fs.metrics.dedup_bytes.inc  # as hmacd.services wires it
         made.append(storage)
         testCase.addCleanup(storage.stop)
         return storage
@@ -295,6 +300,50 @@ class S3StreamedHTTPTests(S3HTTPTests):
     """The same with S3StreamUploads = true: large bodies go to their name as they arrive."""
 
     stream = True
+
+
+class S3DedupHTTPTests(TestCase):
+    """Deduplication = true with the bytes in SeaweedFS, over HTTP."""
+
+    timeout = 120
+    put = S3HTTPTests.put
+    answer = S3HTTPTests.answer
+
+    def setUp(self) -> None:
+        store = shared_mini()
+        keys = (store.access_key, store.secret_key)
+        self.server = s3_server(self, store.endpoint, store.bucket, keys, dedup=True)
+        self.local = LoopbackServer(self)
+
+    @inlineCallbacks
+    def test_same_answers_as_the_local_directory(self):
+        """A reference answers GET/HEAD, ranges and conditionals as a file on disk does."""
+        yield S3HTTPTests.test_same_answers_as_the_local_directory(self)
+
+    @inlineCallbacks
+    def test_one_content_two_types(self):
+        """Two slots of one body: stored once, each served with its own signed type."""
+        data = body_of(2 * S3_MIN_PART + 3, "D")
+        for name, kind in (("one/a.png", "image/png"), ("two/a.pdf", "application/pdf")):
+            code, _, _ = yield self.put(self.server, name, data, kind)
+            self.assertEqual(code, 201)
+        client = self.server.storage.client
+        listed = yield client.list_objects_v2(CAS)
+        self.assertEqual([o.size for o in listed.objects], [len(data)])
+        for name, kind in (("one/a.png", "image/png"), ("two/a.pdf", "application/pdf")):
+            code, body, headers, _ = yield self.answer(self.server, "GET", name, {})
+            self.assertEqual((code, body, headers["Content-Type"]), (200, data, kind))
+            code, body, _, _ = yield self.answer(self.server, "GET", name, {"Range": "bytes=1-3"})
+            self.assertEqual((code, body), (206, data[1:4]))
+        # The second upload stored nothing: counted as shared.
+        shared = self.server.fs.metrics.dedup_bytes._value.get()
+        self.assertEqual(shared, len(data))
+        yield self.server.fs.blocking(lambda: self.server.storage.delete("one/a.png"))
+        code, body, _, _ = yield self.answer(self.server, "GET", "two/a.pdf", {})
+        self.assertEqual((code, body), (200, data))
+        yield self.server.fs.blocking(lambda: self.server.storage.delete("two/a.pdf"))
+        listed = yield client.list_objects_v2()
+        self.assertEqual(listed.objects, [])
 
 
 class S3OutageTests(TestCase):

@@ -78,6 +78,7 @@ class TwoNodes(TestCase):
     """Two hmacfs nodes that share a metadata store and a bucket, and a client of both."""
 
     timeout = 300
+    dedup = False  # Deduplication
 
     def setUp(self) -> None:
         store = shared_mini()
@@ -92,6 +93,7 @@ class TwoNodes(TestCase):
                 keys,
                 metadata=self.metadata,
                 node_claims=NodeClaims(self.metadata, name, reactor),
+                dedup=self.dedup,
             )
             node.storage.staging_in_use = staging_in_use(node.fs)
             self.nodes.append(node)
@@ -251,6 +253,43 @@ class S3ResumableTests(TwoNodes):
         self.assertTrue(left and not any(dead.staging in k for k in left), left)
         code, _, _ = yield self.piece(self.nodes[1], "live.pdf", data[20:], 20, total)
         self.assertEqual(code, 201)
+        self.assertEqual((yield self.staged()), [])
+
+
+class S3ResumableDedupTests(TwoNodes):
+    """Resumable uploads with Deduplication: the finished file is a reference."""
+
+    dedup = True
+
+    @inlineCallbacks
+    def test_finished_upload_shares_stored_content(self):
+        """A resumable upload of bytes already stored ends as a reference; nothing staged."""
+        from hmacd.storage.s3_dedup import CAS, CONTENT_META, content_key
+
+        total = S3_MIN_PART + 1000
+        data = data_of(total, b"shared")
+        sha = hashlib.sha256(data).hexdigest()
+        whole = self.nodes[0]
+        response = yield whole.http.put(
+            whole.url("first/a.bin", v2_query("first/a.bin", total, TYPE)),
+            data=FileBodyProducer(BytesIO(data)),
+            headers={"Content-Type": TYPE},
+        )
+        yield readBody(response)
+        self.assertEqual(response.code, 201)
+        name = "second/b.bin"
+        half = S3_MIN_PART
+        code, _, _ = yield self.piece(self.nodes[0], name, data[:half], 0, total)
+        self.assertEqual(code, 308)
+        code, _, _ = yield self.piece(self.nodes[1], name, data[half:], half, total)
+        self.assertEqual(code, 201)
+        head = yield self.client.head_object(name)
+        self.assertEqual((head.length, head.metadata[CONTENT_META]), (0, sha))
+        listed = yield self.client.list_objects_v2(CAS)
+        self.assertEqual([o.key for o in listed.objects], [content_key(sha)])
+        for node in self.nodes:
+            response = yield node.http.get(node.url(name))
+            self.assertEqual((yield readBody(response)), data)
         self.assertEqual((yield self.staged()), [])
 
 

@@ -24,6 +24,8 @@ C{x-amz-meta-sha256} for tools.  Keys are the relative paths; names with a dot s
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import errno
 import os
@@ -60,7 +62,16 @@ from hmacd.s3 import (
     S3Unavailable,
 )
 from hmacd.storage import Conflict, IReadable, IStorage, Stat, StorageUnavailable
-from hmacd.storage.local import Blocking, LocalStorage
+from hmacd.storage.local import Blocking, DedupCensus, LocalStorage
+from hmacd.storage.s3_dedup import (
+    CAS,
+    CONTENT_META,
+    REFS,
+    ContentLocks,
+    content_key,
+    marker_key,
+    markers_of,
+)
 from hmacd.storage.s3_pieces import staging_of
 from hmacd.storage.s3_writer import (
     FACTS_META,
@@ -158,6 +169,26 @@ def _seconds(last_modified: str | None) -> float:
         return 0.0
 
 
+def _resolved(reference: Any, content: Any) -> Any:
+    """
+    The head a reader of a reference sees: the content's bytes (key, length, ETag) with
+    the reference's own type, facts and time; None when its content is missing (logged).
+    """
+    if content is None:
+        log.error(
+            "{key}: its content {sha256} is missing",
+            key=reference.key,
+            sha256=reference.metadata.get(CONTENT_META),
+        )
+        return None
+    return dataclasses.replace(
+        content,
+        content_type=reference.content_type,
+        last_modified=reference.last_modified,
+        metadata=reference.metadata,
+    )
+
+
 @implementer(IConsumer)
 class _Collect:
     """A consumer that keeps what it is given (one ranged read, bounded by the caller)."""
@@ -189,6 +220,11 @@ class S3Storage:
     # No partial files under StoreDir: a resumable upload is a staging object whose state
     # is in the shared metadata store (hmacd.storage.s3_pieces, hmacd.sink_s3).
     resumable = False
+    # The locks of deduplicated contents (hmacd.storage.s3_dedup.ContentLocks), set where
+    # the metadata store is known; None: this process alone links and unlinks them.
+    content_locks: ContentLocks | None = None
+    # Called with the size of each upload that shared stored bytes (a metric).
+    on_shared: Callable[[int], None] | None = None
     # Blocking: whether the staging object given is still in use by a resumable upload
     # (its state is alive in the shared store); the sweep leaves those alone.  Set where
     # the metadata store is known (hmacd.services); None: none is.
@@ -206,9 +242,11 @@ class S3Storage:
         probe_interval: float = PROBE_INTERVAL,
         redirect_downloads: bool = False,
         stream: bool = False,
+        dedup: bool = False,
     ) -> None:
         self.client = client
         self.reactor = reactor
+        self._blocking = blocking
         os.makedirs(spool_root, exist_ok=True)
         self.spool = LocalStorage(spool_root, blocking, chunk_size)
         self.threshold = threshold
@@ -221,7 +259,11 @@ class S3Storage:
         self.redirect_downloads = redirect_downloads
         # S3StreamUploads: whether large bodies go to the store as they arrive (to their
         # name, hmacd.storage.s3_writer), or after their last byte, from the spool.
-        self.stream = stream
+        # Deduplication (hmacd.storage.s3_dedup): a body is stored under its SHA-256, so it
+        # goes after its last byte, never streamed.
+        self.dedup = dedup
+        self.stream = stream and not dedup
+        self.shares = dedup  # the deduplication gauge counts it (hmacd.housekeeping)
         self._probe: Any = None
 
     # Health: like the metadata stores, a transition is logged once, and while the store is
@@ -341,42 +383,51 @@ class S3Storage:
         """
         Blocking.  Send C{size} bytes of the open file C{fd} as the object C{key} with
         C{record}'s facts, never overwriting (L{Conflict}); nothing is left on failure.
+        With deduplication the bytes go to their content, C{key} is a reference to it.
         """
+        if self.dedup:
+
+            def store_content(content: str) -> None:
+                self._put_bytes(fd, size, content, None, {SHA256_META: record.sha256})
+
+            self.link(key, record, store_content)
+            return
         try:
-            if size <= self.threshold:
-                self._put_single(fd, size, key, record)
-            else:
-                self._call(self._put_multipart, fd, size, key, record)
+            self._put_bytes(fd, size, key, record.content_type, _metadata(record))
         except PreconditionFailed:
             raise Conflict() from None
 
-    def _put_single(self, fd: int, size: int, key: str, record: FileRecord) -> None:
-        for attempt in range(1, _ATTEMPTS + 1):
-            try:
-                self._call(self._put_object, fd, size, key, record)
-                return
-            except StoreFailed:
-                if attempt == _ATTEMPTS:
-                    raise
+    def _put_bytes(
+        self, fd: int, size: int, key: str, content_type: str | None, metadata: dict[str, str]
+    ) -> None:
+        """Blocking.  The bytes of C{fd} as the new object C{key} (L{PreconditionFailed})."""
+        if size <= self.threshold:
+            for attempt in range(1, _ATTEMPTS + 1):
+                try:
+                    self._call(
+                        self.client.put_object,
+                        key,
+                        self._producer(fd, 0, size),
+                        size,
+                        content_type,
+                        metadata,
+                        True,
+                    )
+                    return
+                except StoreFailed:
+                    if attempt == _ATTEMPTS:
+                        raise
+        else:
+            self._call(self._put_multipart, fd, size, key, content_type, metadata)
 
     def _producer(self, fd: int, offset: int, length: int) -> FileBodyProducer:
         return part_body([(fd, offset + length)], offset, length, self._cooperator)
 
-    def _put_object(self, fd: int, size: int, key: str, record: FileRecord) -> Deferred[str]:
-        return self.client.put_object(
-            key,
-            self._producer(fd, 0, size),
-            size,
-            content_type=record.content_type,
-            metadata=_metadata(record),
-            if_none_match=True,
-        )
-
     @inlineCallbacks
-    def _put_multipart(self, fd: int, size: int, key: str, record: FileRecord) -> Any:
-        upload_id = yield self.client.create_multipart_upload(
-            key, record.content_type, _metadata(record)
-        )
+    def _put_multipart(
+        self, fd: int, size: int, key: str, content_type: str | None, metadata: dict[str, str]
+    ) -> Any:
+        upload_id = yield self.client.create_multipart_upload(key, content_type, metadata)
         try:
             # The whole body is on disk: PARTS_IN_FLIGHT parts go at once, as S3 clients do,
             # so the store's per-part latency overlaps instead of adding up.
@@ -403,6 +454,108 @@ class S3Storage:
             except S3Error:
                 pass  # the sweep aborts it after ResumableTTL
             raise
+
+    # Deduplication (hmacd.storage.s3_dedup).
+
+    def _locked(self, sha256: str) -> contextlib.AbstractContextManager[None]:
+        locks = self.content_locks
+        return contextlib.nullcontext() if locks is None else locks.held(sha256)
+
+    def link(self, key: str, record: FileRecord, store_content: Callable[[str], None]) -> None:
+        """
+        Blocking.  Make C{key} a reference to the content C{record.sha256}, stored first by
+        C{store_content(its key)} unless it is there already; never overwriting.
+
+        @raise Conflict: the name is taken (nothing of this upload is left).
+        """
+        sha256 = record.sha256
+        content, marker = content_key(sha256), marker_key(sha256, key)
+        with self._locked(sha256):
+            self._call(self.client.put_object, marker, key.encode("utf-8"))
+            try:
+                stored = self._head_key(content)
+                shared = stored is not None and stored.length == record.size
+                if not shared:
+                    try:
+                        store_content(content)
+                    except PreconditionFailed:
+                        pass  # stored meanwhile by a process without the lock: the same bytes
+                metadata = {**_metadata(record), CONTENT_META: sha256}
+                self._call(self.client.put_object, key, b"", 0, record.content_type, metadata, True)
+            except BaseException as e:
+                # The marker goes, unless the name is already a reference to this content
+                # (the same bytes uploaded at it before: its marker is this one).
+                there = self._head_key(key) if isinstance(e, PreconditionFailed) else None
+                if there is None or there.metadata.get(CONTENT_META) != sha256:
+                    with contextlib.suppress(S3Error, OSError):
+                        self._call(self.client.delete_object, marker)
+                        self._drop_unreferenced(sha256)
+                if isinstance(e, PreconditionFailed):
+                    raise Conflict() from None
+                raise
+        if shared and self.on_shared is not None:
+            self.on_shared(record.size)
+
+    def _unlink(self, key: str, sha256: str) -> None:
+        """Blocking.  Delete the reference C{key}, its marker, and its content if unreferenced."""
+        with self._locked(sha256):
+            self._call(self.client.delete_object, key)
+            self._call(self.client.delete_object, marker_key(sha256, key))
+            self._drop_unreferenced(sha256)
+
+    def _drop_unreferenced(self, sha256: str) -> bool:
+        """Blocking, under the content's lock: remove it if no marker names it; whether it went."""
+        page = self._call(self.client.list_objects_v2, markers_of(sha256), None, 1)
+        if page.objects:
+            return False
+        self._call(self.client.delete_object, content_key(sha256))
+        return True
+
+    def _head_key(self, key: str) -> Any:
+        try:
+            return self._call(self.client.head_object, key)
+        except NoSuchKey:
+            return None
+
+    def _list(self, prefix: str) -> Iterator[Any]:
+        """Blocking.  Every object under C{prefix}, as the store lists them."""
+        token: str | None = None
+        while True:
+            page = self._call(self.client.list_objects_v2, prefix, token)
+            yield from page.objects
+            token = page.next_token
+            if token is None:
+                return
+
+    def dedup_census(self) -> DedupCensus:
+        """Blocking (two listings: the markers and the contents).  What sharing holds now."""
+        paths: dict[str, int] = {}
+        for listed in self._list(REFS):
+            sha256 = listed.key[len(REFS) :].split("/", 1)[0]
+            paths[sha256] = paths.get(sha256, 0) + 1
+        contents = references = stored = saved = orphans = 0
+        for listed in self._list(CAS):
+            count = paths.get(listed.key[len(CAS) :], 0)
+            if count < 1:
+                orphans += 1
+                continue
+            contents += 1
+            references += count
+            stored += listed.size
+            saved += listed.size * (count - 1)
+        return DedupCensus(contents, references, stored, saved, orphans)
+
+    def _sweep_contents(self, older_than: float) -> list[str]:
+        """Blocking.  Contents no reference reads any more, stored before C{older_than}."""
+        removed = []
+        for listed in list(self._list(CAS)):
+            if _seconds_iso(listed.last_modified) >= older_than:
+                continue  # being linked, perhaps: its marker comes first, but not before it
+            sha256 = listed.key[len(CAS) :]
+            with self._locked(sha256):
+                if self._drop_unreferenced(sha256):
+                    removed.append(listed.key)
+        return removed
 
     @inlineCallbacks
     def _send_part(
@@ -440,16 +593,23 @@ class S3Storage:
         return self._head(relpath) is not None
 
     def stat(self, relpath: str) -> Stat | None:
-        head = self._head(relpath)
+        head = self._read_head(relpath)
         if head is None:
             return None
         return Stat(head.length, _seconds(head.last_modified))
 
     def open(self, relpath: str) -> S3Readable | None:
-        head = self._head(relpath)
+        head = self._read_head(relpath)
         if head is None:
             return None
         return S3Readable(self, relpath, head)
+
+    def _read_head(self, relpath: str) -> Any:
+        """Blocking.  The head of what reading C{relpath} reads (a reference's content)."""
+        head = self._head(relpath)
+        if head is None or CONTENT_META not in head.metadata:
+            return head
+        return _resolved(head, self._head_key(content_key(head.metadata[CONTENT_META])))
 
     def open_async(self, relpath: str) -> Deferred[S3Readable | None]:
         """Reactor thread: L{open} for a GET; fails with L{S3Error} when the store does."""
@@ -460,8 +620,16 @@ class S3Storage:
         if _hidden(key):
             return succeed(None)
 
-        def found(head: Any) -> S3Readable:
-            return S3Readable(self, relpath, self._came_back(head))
+        def found(head: Any) -> Any:
+            self._came_back(head)
+            if CONTENT_META not in head.metadata:
+                return S3Readable(self, relpath, head)
+            # A reference: the bytes are its content's.
+            d = self.client.head_object(content_key(head.metadata[CONTENT_META]))
+            d.addErrback(lambda failure: failure.trap(NoSuchKey) and None)
+            d.addCallback(lambda content: _resolved(head, content))
+            d.addCallback(lambda both: None if both is None else S3Readable(self, relpath, both))
+            return d
 
         def missing(failure: Failure) -> None:
             failure.trap(NoSuchKey)
@@ -474,15 +642,21 @@ class S3Storage:
     def delete(self, relpath: str) -> bool:
         if threadable.isInIOThread():
             # An upload taken back in the reactor thread (its record could not be written):
-            # the delete goes without waiting for it.
-            d = self.client.delete_object(_judge(relpath))
+            # the delete goes without waiting for it (in a worker thread: it may be a
+            # reference, whose marker and content follow it).
+            d = self._blocking(lambda: self.delete(relpath))
             d.addErrback(
                 lambda f: log.error("cannot delete {key}: {error}", key=relpath, error=f.value)
             )
             return True
-        if self._head(relpath) is None:
+        head = self._head(relpath)
+        if head is None:
             return False
-        self._call(self.client.delete_object, _judge(relpath))
+        sha256 = head.metadata.get(CONTENT_META)
+        if sha256 is not None:
+            self._unlink(_judge(relpath), sha256)
+        else:
+            self._call(self.client.delete_object, _judge(relpath))
         return True
 
     def files(self) -> Iterator[str]:
@@ -524,6 +698,7 @@ class S3Storage:
             token = page.next_token
             if token is None:
                 break
+        removed += self._sweep_contents(older_than)
         for upload in self._call(self.client.list_multipart_uploads, ""):
             if upload.initiated is None or upload.initiated.timestamp() >= older_than:
                 continue

@@ -36,7 +36,7 @@ from zope.interface import implementer
 from hmacd.metadata import FileRecord
 from hmacd.s3 import NoSuchKey, NoSuchUpload, PreconditionFailed, S3Error
 from hmacd.storage import Conflict
-from hmacd.storage.s3_writer import MAX_COPY, STAGING, _metadata, part_body
+from hmacd.storage.s3_writer import MAX_COPY, SHA256_META, STAGING, _metadata, part_body
 
 if TYPE_CHECKING:
     from hmacd.storage.s3 import S3Storage
@@ -300,15 +300,29 @@ class Pieces:
         """
         key = self.storage.key_of(state.path)
         try:
-            self.storage._call(
-                self.client.copy_object,
-                state.staging,
-                key,
-                record.content_type,
-                _metadata(record),
-                True,
-            )
-        except PreconditionFailed:
+            if self.storage.dedup:
+                # The bytes become the content (unless it is there), the name a reference.
+                def store_content(content: str) -> None:
+                    self.storage._call(
+                        self.client.copy_object,
+                        state.staging,
+                        content,
+                        None,
+                        {SHA256_META: record.sha256},
+                        True,
+                    )
+
+                self.storage.link(key, record, store_content)
+            else:
+                self.storage._call(
+                    self.client.copy_object,
+                    state.staging,
+                    key,
+                    record.content_type,
+                    _metadata(record),
+                    True,
+                )
+        except (PreconditionFailed, Conflict):
             self._quietly(self.client.delete_object, state.staging)
             raise Conflict() from None
         # Kept after any other failure: the last piece sent again copies it then.

@@ -1,0 +1,114 @@
+"""
+Deduplication in an object store (C{Deduplication = true} with C{StorageBackend = "s3"}).
+
+An object store has no hard links: sharing is spelled out in the bucket, so that the
+bucket alone says what it holds (reindex, the census, the sweep need nothing else).
+
+- The bytes of a content live once, at C{.hmacfs/cas/<sha256>} (a dot name: never
+  listed or served as a file).
+- Each uploaded path is a I{reference}: an empty object at its own name, with the signed
+  Content-Type and its own facts (C{x-amz-meta-hmacfs}, uploader, expiry...) like any
+  file, and C{x-amz-meta-hmacfs-content} naming the content.  Reading the path reads the
+  content (L{hmacd.storage.s3.S3Storage.open}); a redirect presigns the content's key.
+- Each reference has a I{marker} at C{.hmacfs/refs/<sha256>/<sha256 of its key>} (its body
+  is the key): the references of a content are one listing, and the content goes when the
+  last marker has gone.
+
+Linking a path to a content (marker, then the content if it is not there yet, then the
+reference) and unlinking one (reference, then marker, then the content if no marker is
+left) hold a lock on the content (L{ContentLocks}: a claim in the shared metadata store,
+the one that decides uploads' paths): a content is never removed while a path is being
+linked to it, on any node.  A process that dies between the steps leaves a marker or a
+content too many, never a reference to nothing: a content without markers is removed by
+the partial sweep once older than its cut-off; a marker without its reference keeps its
+content until an admin removes it (C{hmacfs admin stats} counts them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from twisted.internet.threads import blockingCallFromThread
+
+from hmacd.node_claims import NodeClaim, NodeClaims
+from hmacd.storage import StorageUnavailable
+
+__all__ = [
+    "CAS",
+    "CONTENT_META",
+    "REFS",
+    "ContentLocks",
+    "content_key",
+    "marker_key",
+    "markers_of",
+]
+
+CAS = ".hmacfs/cas/"
+REFS = ".hmacfs/refs/"
+# The metadata of a reference: the SHA-256 of the content it reads.
+CONTENT_META = "hmacfs-content"
+# How long a link or unlink waits for another one of the same content.
+LOCK_WAIT = 30.0
+
+
+def content_key(sha256: str) -> str:
+    """Where the bytes of the content C{sha256} live."""
+    return CAS + sha256
+
+
+def markers_of(sha256: str) -> str:
+    """The prefix of the markers of the content C{sha256}'s references."""
+    return REFS + sha256 + "/"
+
+
+def marker_key(sha256: str, key: str) -> str:
+    """The marker of the reference at C{key} to the content C{sha256}."""
+    return markers_of(sha256) + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class ContentLocks:
+    """
+    Locks on contents, for the worker threads that link and unlink them: claims in the
+    shared metadata store (L{NodeClaims}, renewed while held), so they hold across every
+    node and process sharing it.  Built in the reactor thread.
+    """
+
+    def __init__(self, store: Any, node: str, reactor: Any, wait: float = LOCK_WAIT) -> None:
+        self.reactor = reactor
+        self.claims = NodeClaims(store, f"{node}/content", reactor)
+        self.wait = wait
+
+    @contextlib.contextmanager
+    def held(self, sha256: str) -> Iterator[None]:
+        """
+        Blocking: hold the lock of C{sha256} for the block.
+
+        @raise StorageUnavailable: another holder kept it longer than C{wait}, or the
+            metadata store cannot be asked.
+        """
+        deadline = time.monotonic() + self.wait
+        pause = 0.01
+        while True:
+            try:
+                claim: NodeClaim | None = blockingCallFromThread(
+                    self.reactor,
+                    self.claims.take,  # type: ignore[arg-type]
+                    CAS + sha256,
+                )
+            except Exception as e:
+                raise StorageUnavailable(errno.EIO, f"cannot lock a content: {e}") from e
+            if claim is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise StorageUnavailable(errno.EBUSY, f"content {sha256[:16]} stays locked")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        try:
+            yield
+        finally:
+            claim.release()

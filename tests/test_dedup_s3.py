@@ -1,0 +1,295 @@
+"""
+Deduplication in an object store (hmacd.storage.s3_dedup) against a real SeaweedFS: one
+content object per SHA-256, a reference and a marker per path, the content freed with
+its last reference, locks shared through the metadata store, the IStorage contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import replace
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from hmacd.config import S3_MIN_PART
+from hmacd.storage import Conflict, StorageUnavailable
+from hmacd.storage.s3 import S3Storage
+from hmacd.storage.s3_dedup import (
+    CAS,
+    CONTENT_META,
+    REFS,
+    ContentLocks,
+    content_key,
+    marker_key,
+)
+from tests.storage_contract import StorageContractMixin, record_for
+from tests.support import memory_metadata, synchronous
+from tests.test_storage_s3 import SeaweedStorageCase, in_a_thread
+
+
+class DedupCase(SeaweedStorageCase):
+    """An S3Storage with Deduplication, its locks in a metadata store of the test's own."""
+
+    def makeStorage(self) -> S3Storage:
+        self.client = self.makeClient()
+        storage = S3Storage(
+            self.client,
+            reactor,
+            os.path.abspath(self.mktemp()),
+            synchronous,
+            threshold=S3_MIN_PART,
+            part_size=S3_MIN_PART,
+            stream=True,  # refused: a deduplicated body goes after its last byte
+            dedup=True,
+        )
+        self.metadata = memory_metadata(reactor)
+        storage.content_locks = ContentLocks(self.metadata, "test", reactor, wait=5.0)
+        self.shared: list[int] = []
+        storage.on_shared = self.shared.append
+        self.addCleanup(storage.stop)
+        return storage
+
+
+@in_a_thread
+class S3DedupStorageContractTests(StorageContractMixin, DedupCase):
+    """The IStorage contract, every file a reference to a shared content."""
+
+    makeStorage = DedupCase.makeStorage
+
+
+class S3DedupTests(DedupCase):
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+
+    def publish(self, relpath: str, body: bytes, **facts: object) -> None:
+        """Blocking: write, seal and publish C{body} as an upload does."""
+        writer = self.storage.writer(relpath)
+        for i in range(0, len(body), 64 * 1024):
+            writer.write(body[i : i + 64 * 1024])
+        writer.seal()
+        writer.publish(replace(record_for(relpath, body), **facts))  # type: ignore[arg-type]
+
+    @inlineCallbacks
+    def keys(self):
+        listed = yield self.client.list_objects_v2()
+        return sorted(o.key for o in listed.objects)
+
+    @inlineCallbacks
+    def test_same_content_stored_once(self):
+        """Two paths of one content: one content object, two references with their own facts."""
+        body = os.urandom(3000)
+        sha = hashlib.sha256(body).hexdigest()
+        yield deferToThread(self.publish, "a/cat.jpg", body, content_type="image/jpeg")
+        yield deferToThread(
+            self.publish, "b/cat.png", body, content_type="image/png", uploader="eve@example"
+        )
+        self.assertEqual(
+            (yield self.keys()),
+            sorted(
+                [
+                    "a/cat.jpg",
+                    "b/cat.png",
+                    content_key(sha),
+                    marker_key(sha, "a/cat.jpg"),
+                    marker_key(sha, "b/cat.png"),
+                ]
+            ),
+        )
+        self.assertEqual(self.shared, [3000])  # the second upload sent no bytes
+        reference = yield self.client.head_object("b/cat.png")
+        self.assertEqual((reference.length, reference.metadata[CONTENT_META]), (0, sha))
+        for path, kind, uploader in (
+            ("a/cat.jpg", "image/jpeg", None),
+            ("b/cat.png", "image/png", "eve@example"),
+        ):
+            stored = yield deferToThread(self.storage.open, path)
+            facts = stored.facts()
+            self.assertEqual((facts.content_type, facts.uploader), (kind, uploader))
+            self.assertEqual((stored.size, stored.content_type), (3000, kind))
+            self.assertEqual((yield deferToThread(stored.read, 0, 5000)), body)
+            opened = yield self.storage.open_async(path)
+            self.assertEqual((opened.key, opened.size), (content_key(sha), 3000))
+        # Only the paths are files.
+        self.assertEqual(
+            (yield deferToThread(lambda: sorted(self.storage.files()))), ["a/cat.jpg", "b/cat.png"]
+        )
+        census = yield deferToThread(self.storage.dedup_census)
+        self.assertEqual(
+            (census.contents, census.references, census.stored_bytes, census.saved_bytes),
+            (1, 2, 3000, 3000),
+        )
+
+    @inlineCallbacks
+    def test_last_reference_frees_the_content(self):
+        """Deleting a path keeps the content while another reads it; the last takes it."""
+        body = os.urandom(S3_MIN_PART + 10)  # a multipart content
+        sha = hashlib.sha256(body).hexdigest()
+        yield deferToThread(self.publish, "one.bin", body)
+        yield deferToThread(self.publish, "two.bin", body)
+        self.assertTrue((yield deferToThread(self.storage.delete, "one.bin")))
+        self.assertEqual(
+            (yield self.keys()), sorted(["two.bin", content_key(sha), marker_key(sha, "two.bin")])
+        )
+        stored = yield deferToThread(self.storage.open, "two.bin")
+        self.assertEqual((yield deferToThread(stored.read, 0, len(body))), body)
+        self.assertTrue((yield deferToThread(self.storage.delete, "two.bin")))
+        self.assertEqual((yield self.keys()), [])
+        self.assertFalse((yield deferToThread(self.storage.delete, "two.bin")))
+
+    @inlineCallbacks
+    def test_taken_name_leaves_nothing(self):
+        """A name taken meanwhile: Conflict, and the new content goes again with its marker."""
+        yield deferToThread(self.publish, "x.txt", b"first")
+        writer = self.storage.writer("y.txt")
+        yield deferToThread(self.publish, "y.txt", b"winner")
+        writer.write(b"loser")
+        yield deferToThread(writer.seal)
+        with self.assertRaises(Conflict):
+            yield deferToThread(writer.publish, record_for("y.txt", b"loser"))
+        sha = hashlib.sha256(b"winner").hexdigest()
+        first = hashlib.sha256(b"first").hexdigest()
+        self.assertEqual(
+            (yield self.keys()),
+            sorted(
+                [
+                    "x.txt",
+                    "y.txt",
+                    content_key(first),
+                    content_key(sha),
+                    marker_key(first, "x.txt"),
+                    marker_key(sha, "y.txt"),
+                ]
+            ),
+        )
+
+    @inlineCallbacks
+    def test_taken_name_same_content_keeps_its_marker(self):
+        """The same bytes at a taken name: the marker is the one already there, and stays."""
+        yield deferToThread(self.publish, "same.txt", b"same")
+        writer = self.storage.writer("other.txt")
+        yield deferToThread(self.publish, "other.txt", b"same")
+        writer.write(b"same")
+        yield deferToThread(writer.seal)
+        with self.assertRaises(Conflict):
+            yield deferToThread(writer.publish, record_for("other.txt", b"same"))
+        yield deferToThread(self.storage.delete, "same.txt")
+        stored = yield deferToThread(self.storage.open, "other.txt")
+        self.assertEqual((yield deferToThread(stored.read, 0, 10)), b"same")
+        yield deferToThread(self.storage.delete, "other.txt")
+        self.assertEqual((yield self.keys()), [])
+
+    @inlineCallbacks
+    def test_sweep_takes_unreferenced_contents_only(self):
+        """A content no marker names (a process died) goes at the sweep once old enough."""
+        yield deferToThread(self.publish, "kept.txt", b"kept")
+        orphan = content_key("ab" * 32)
+        yield self.client.put_object(orphan, b"nobody reads me")
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() - 3600)
+        self.assertNotIn(orphan, removed)
+        census = yield deferToThread(self.storage.dedup_census)
+        self.assertEqual((census.contents, census.orphans), (1, 1))
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() + 3600)
+        self.assertEqual(removed, [orphan])
+        stored = yield deferToThread(self.storage.open, "kept.txt")
+        self.assertEqual((yield deferToThread(stored.read, 0, 10)), b"kept")
+
+    @inlineCallbacks
+    def test_link_waits_for_the_content_lock(self):
+        """Another node holding a content's lock: a link waits for it, then goes on."""
+        body = b"locked content"
+        sha = hashlib.sha256(body).hexdigest()
+        held = yield self.metadata.claim(CAS + sha, "other-node/x", 15.0)
+        self.assertTrue(held)
+        publishing = deferToThread(self.publish, "waits.txt", body)
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(publishing.called)
+        self.assertEqual((yield self.keys()), [])
+        yield self.metadata.release(CAS + sha, "other-node/x")
+        yield publishing
+        self.assertIn("waits.txt", (yield self.keys()))
+
+    @inlineCallbacks
+    def test_lock_kept_too_long(self):
+        """A lock held past the wait: the upload is refused as unavailable, nothing is left."""
+        self.storage.content_locks = ContentLocks(self.metadata, "test", reactor, wait=0.3)
+        body = b"never"
+        yield self.metadata.claim(CAS + hashlib.sha256(body).hexdigest(), "other/x", 15.0)
+        with self.assertRaises(StorageUnavailable):
+            yield deferToThread(self.publish, "never.txt", body)
+        self.assertEqual((yield self.keys()), [])
+
+    @inlineCallbacks
+    def test_reindex_reads_references(self):
+        """reindex records a reference from its own facts, with the content's size."""
+        from hmacd.reindex import _record_of
+
+        body = os.urandom(100)
+        yield deferToThread(self.publish, "r.txt", body, uploader="u@example")
+        found = yield deferToThread(_record_of, self.storage, "r.txt", 0)
+        self.assertEqual(found, (replace(record_for("r.txt", body), uploader="u@example"), True))
+
+    @inlineCallbacks
+    def test_markers_listed_under_refs(self):
+        """Every marker's body is the key of its reference (a census can name them)."""
+        yield deferToThread(self.publish, "m/ünï.txt", b"m")
+        sha = hashlib.sha256(b"m").hexdigest()
+        answer = yield self.client.get_object(marker_key(sha, "m/ünï.txt"))
+        from tests.test_s3 import Sink
+
+        sink = Sink()
+        yield answer.deliver(sink)
+        self.assertEqual(b"".join(sink.data), "m/ünï.txt".encode())
+        self.assertTrue(marker_key(sha, "m/ünï.txt").startswith(REFS))
+
+    @inlineCallbacks
+    def test_unlink_and_link_race_across_nodes(self):
+        """
+        One node deletes the last path of a content while another links a new path to it,
+        the content's removal slowed so that the link comes between the check for markers
+        and the removal: the new path always reads its bytes, and nothing is left after.
+        """
+        client = self.storage.client
+        delete_object = client.delete_object
+
+        def slow_delete(key: str):
+            if key.startswith(CAS):
+                return deferLater(reactor, 0.4, delete_object, key)
+            return delete_object(key)
+
+        client.delete_object = slow_delete  # type: ignore[method-assign]
+        other = S3Storage(
+            self.makeClient(),
+            reactor,
+            os.path.abspath(self.mktemp()),
+            synchronous,
+            threshold=S3_MIN_PART,
+            part_size=S3_MIN_PART,
+            dedup=True,
+        )
+        other.content_locks = ContentLocks(self.metadata, "other", reactor, wait=5.0)
+        self.addCleanup(other.stop)
+        body = os.urandom(2000)
+
+        def publish_there(relpath: str) -> None:
+            writer = other.writer(relpath)
+            writer.write(body)
+            writer.seal()
+            writer.publish(record_for(relpath, body))
+
+        for i in range(3):
+            yield deferToThread(self.publish, f"old/{i}.bin", body)
+            deleting = deferToThread(self.storage.delete, f"old/{i}.bin")
+            yield deferLater(reactor, 0.15, lambda: None)  # in the window
+            linking = deferToThread(publish_there, f"new/{i}.bin")
+            yield deleting
+            yield linking
+            stored = yield deferToThread(self.storage.open, f"new/{i}.bin")
+            self.assertIsNotNone(stored, i)
+            self.assertEqual((yield deferToThread(stored.read, 0, 5000)), body)
+            yield deferToThread(other.delete, f"new/{i}.bin")
+            self.assertEqual((yield self.keys()), [], i)
