@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -488,6 +489,13 @@ async def run_admin(
             except ValueError as e:
                 err.write(f"{name}: {e}\n")
                 return 1
+            if config.storage_backend == "s3":
+                from hmacd.storage.s3_dedup import ContentLocks
+
+                # A deleted reference may free its content: under the servers' own locks.
+                session.storage.content_locks = ContentLocks(
+                    store, f"admin@{socket.gethostname()}", reactor
+                )
             session.blocking, stop_workers = worker_threads(reactor, 4)
         why = await start_for_command(store)
         if why is not None:

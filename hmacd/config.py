@@ -302,7 +302,7 @@ class Config:
         "Deduplication",
         False,
         cv.boolean,
-        "identical uploads share their bytes (local StoreDir only)",
+        "identical uploads share their bytes",
     )
     s3_endpoint: str = _key("S3Endpoint", "", cv.string, "S3 URL, ``http://host:port``")
     s3_region: str = _key("S3Region", "us-east-1", cv.string, "S3 region (signing)")
@@ -545,14 +545,6 @@ def parse_config(data: Mapping[str, object], source: str) -> Config:
         )
     if config.fallback_enabled and not config.fallback_db_name:
         raise _error(source, name("FallbackDBName"), "must be set when FallbackEnabled is true")
-    if config.storage_backend == "s3" and config.deduplication:
-        # Sharing is hard links in StoreDir; an object store has none, and references kept
-        # in the metadata store are not done yet.  Refused rather than silently ignored.
-        raise _error(
-            source,
-            name("Deduplication"),
-            'works on the local StoreDir only: not with StorageBackend = "s3"',
-        )
     if config.storage_backend == "s3":
         for canonical in ("S3Endpoint", "S3Bucket"):
             if not getattr(config, KEYS[canonical]):

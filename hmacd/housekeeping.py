@@ -195,7 +195,7 @@ class DedupGauge(TimerService):
             return  # the last walk is still going: a large store
         census = getattr(self.fs.storage, "dedup_census", None)
         if census is None:
-            return  # an object store: nothing is shared
+            return  # a storage that shares nothing
         self._counting = True
         d = self.fs.blocking(census)
 

@@ -206,8 +206,14 @@ def build_file_server(
         fs.audit = AuditLog(config.audit_log, node_name(config), reactor)
     if config.storage_backend == "s3":
         from hmacd.sink_s3 import staging_in_use
+        from hmacd.storage.s3 import S3Storage
+        from hmacd.storage.s3_dedup import ContentLocks
 
-        fs.storage.staging_in_use = staging_in_use(fs)  # type: ignore[attr-defined]
+        assert isinstance(fs.storage, S3Storage)
+        fs.storage.staging_in_use = staging_in_use(fs)
+        # Always: references made with Deduplication stay after it is turned off.
+        fs.storage.content_locks = ContentLocks(metadata, node_name(config), reactor)
+        fs.storage.on_shared = fs.metrics.dedup_bytes.inc
     return fs
 
 
@@ -235,6 +241,7 @@ def storage_builder(
             part_size=config.s3_part_size,
             redirect_downloads=config.s3_redirect_downloads,
             stream=config.s3_stream_uploads,
+            dedup=config.deduplication,
         )
 
     return build

@@ -530,6 +530,51 @@ class S3AdminTests(BucketCase):
         takedown = await store.takedown("s/cat.jpg")
         self.assertEqual((takedown.status, takedown.sha256), (451, records["s/cat.jpg"].sha256))
 
+    async def test_deduplicated_stats_and_rm(self):
+        """
+        With Deduplication in the bucket: stats counts what sharing saves, and rm of one
+        path takes down every path of its content, the content with the last of them.
+        """
+        body = b"the same picture"
+        sha = hashlib.sha256(body).hexdigest()
+        self.storage.dedup = True
+        store = await self.sqlite()
+        for path in ("s/one.jpg", "t/two.jpg"):
+            facts = record(path, size=len(body), sha256=sha, uploader="bob@example.org")
+            await self.publish(facts, body)
+            await store.put(facts)
+        await store.stop()
+        config = self.write_config()
+        with open(config, "a") as f:
+            f.write("Deduplication = true\n")
+        keys = {
+            "HMACFS_S3_ACCESS_KEY": self.mini.access_key,
+            "HMACFS_S3_SECRET_KEY": self.mini.secret_key,
+        }
+
+        async def admin(*argv: str):
+            return await deferToThread(
+                run_command, "admin", argv[0], "--config", config, *argv[1:], env=keys
+            )
+
+        done = await admin("stats")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertIn(
+            f"deduplication: 2 paths share 1 contents ({len(body)} bytes stored),"
+            f" {len(body)} bytes saved\n",
+            done.stdout,
+        )
+        done = await admin("rm", "s/one.jpg")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(
+            done.stdout,
+            "taken down (410): s/one.jpg [file and record removed]\n"
+            "taken down (410): t/two.jpg [file and record removed, the same content as"
+            " s/one.jpg]\n",
+        )
+        listed = await self.client.list_objects_v2()
+        self.assertEqual(listed.objects, [])
+
     async def test_no_credentials(self):
         """Deleting from an object store without its keys is one line, before anything."""
         config = self.write_config()

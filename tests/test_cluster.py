@@ -104,6 +104,46 @@ class ClusterTests(SynchronousTestCase):
         """The same 200 MiB journey with one local StoreDir for every node (a shared FS)."""
         resumable_across_nodes(self, Cluster(self, None))
 
+    def test_deduplication_across_nodes(self) -> None:
+        """
+        Deduplication = true on two nodes: one body uploaded at four paths at once, spread
+        over both nodes (a new content raced for), is stored once, each path served by
+        both nodes with its own type; the content is one object under .hmacfs/cas/.
+        """
+        from urllib.parse import urlsplit
+
+        from tests.cluster import _raw
+
+        store = ObjectStore.of(shared_mini())
+        cluster = Cluster(self, store, count=2, extra={"Deduplication": True})
+        data = Pattern("shared body", 2 * MiB + 7)
+        kinds = ["image/png", "image/jpeg", "application/pdf", "video/mp4"]
+        paths = [f"dedup/{i}/file" for i in range(len(kinds))]
+
+        def put(i: int) -> int:
+            target, headers = cluster.slot(paths[i], data.size, kinds[i])
+            return request(cluster[i % 2], "PUT", target, data.bytes(), headers).status
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            self.assertEqual(list(pool.map(put, range(len(paths)))), [201] * 4, cluster.logs())
+        for path, kind in zip(paths, kinds, strict=True):
+            for node in cluster:
+                status, digest, length, got = download_digest(node, cluster.url(path))
+                self.assertEqual(
+                    (status, digest, length, got.get("content-type")),
+                    (200, data.sha256(), data.size, kind),
+                    (path, node.name),
+                )
+        url, headers = store.signed(
+            "GET", None, {"list-type": "2", "prefix": cluster.prefix + ".hmacfs/cas/"}
+        )
+        parts = urlsplit(url)
+        assert parts.port is not None
+        answer = _raw(parts.port, "GET", f"{parts.path}?{parts.query}", b"", headers, 30)
+        self.assertEqual(answer.status, 200, answer)
+        self.assertEqual(answer.body.count(b"<Key>"), 1, answer.body)
+        self.assertIn(f"<Size>{data.size}</Size>".encode(), answer.body)
+
     def test_object_store_stopped_and_back(self) -> None:
         """Store stopped: 503 before the body on every node; back: PUTs work without a restart."""
         weed = SeaweedMini(self)

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from hmacd.config import Config, ConfigError, parse_config
+from hmacd.config import Config, parse_config
 from hmacd.facts import decode, encode
 from hmacd.housekeeping import DedupGauge
 from hmacd.metadata import FileRecord
@@ -413,20 +413,18 @@ class ConfigTests(SynchronousTestCase):
         self.assertFalse(Config().deduplication)
         self.assertTrue(parse_config({"Deduplication": True}, "f").deduplication)
 
-    def test_refused_with_s3(self) -> None:
-        """With StorageBackend = "s3" it is a config error naming the key."""
-        with self.assertRaises(ConfigError) as caught:
-            parse_config(
-                {
-                    "Deduplication": True,
-                    "StorageBackend": "s3",
-                    "S3Endpoint": "http://127.0.0.1:1",
-                    "S3Bucket": "b",
-                },
-                "f.toml",
-            )
-        self.assertIn("Deduplication", str(caught.exception))
-        self.assertIn("s3", str(caught.exception))
+    def test_with_s3(self) -> None:
+        """With StorageBackend = "s3" it is accepted (references in the bucket)."""
+        config = parse_config(
+            {
+                "Deduplication": True,
+                "StorageBackend": "s3",
+                "S3Endpoint": "http://127.0.0.1:1",
+                "S3Bucket": "b",
+            },
+            "f.toml",
+        )
+        self.assertTrue(config.deduplication)
 
 
 class MetricsTests(SynchronousTestCase):

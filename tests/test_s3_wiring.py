@@ -15,7 +15,13 @@ from twisted.trial.unittest import TestCase
 
 from hmacd.config import parse_config
 from hmacd.leases import node_name
-from hmacd.services import ObjectStoreService, build_file_server, storage_builder, timers
+from hmacd.services import (
+    ObjectStoreService,
+    build_file_server,
+    storage_builder,
+    sweeps,
+    timers,
+)
 from hmacd.storage.local import LocalStorage
 from hmacd.storage.s3 import SPOOL_DIR, S3Storage
 from hmacd.web import HmacfsSite
@@ -56,6 +62,33 @@ class WiringTests(TestCase):
         self.assertIsNone(fs.node_claims)  # one host: the claims are StoreDir's record locks
         children = timers(config, fs, HmacfsSite(fs), reactor)
         self.assertFalse([c for c in children if isinstance(c, ObjectStoreService)])
+
+    def test_deduplication_wired(self) -> None:
+        """
+        Deduplication with S3: the storage shares contents (after the last byte), locks
+        them in the file server's metadata store, counts shared bytes and is gauged.
+        """
+        from hmacd.housekeeping import DedupGauge
+
+        os.environ["HMACFS_S3_ACCESS_KEY"] = "k"
+        os.environ["HMACFS_S3_SECRET_KEY"] = "s"
+        self.addCleanup(os.environ.pop, "HMACFS_S3_ACCESS_KEY")
+        self.addCleanup(os.environ.pop, "HMACFS_S3_SECRET_KEY")
+        config = self.config(Deduplication=True)
+        fs = build_file_server(config, b"s" * 16, reactor, memory_metadata(reactor))
+        storage = fs.storage
+        assert isinstance(storage, S3Storage)
+        self.assertEqual((storage.dedup, storage.stream), (True, False))
+        assert storage.content_locks is not None
+        self.assertIs(storage.content_locks.claims.store, fs.metadata)
+        self.assertEqual(storage.on_shared, fs.metrics.dedup_bytes.inc)
+        self.assertTrue([c for c in sweeps(config, fs) if isinstance(c, DedupGauge)])
+        # Off: no gauge, but references made earlier are still unlinked under the locks.
+        fs = build_file_server(self.config(), b"s" * 16, reactor, memory_metadata(reactor))
+        assert isinstance(fs.storage, S3Storage)
+        self.assertEqual((fs.storage.dedup, fs.storage.stream), (False, True))
+        self.assertIsNotNone(fs.storage.content_locks)
+        self.assertFalse([c for c in sweeps(self.config(), fs) if isinstance(c, DedupGauge)])
 
     @inlineCallbacks
     def test_s3_backend_built(self):
