@@ -16,15 +16,18 @@ what the same client gets from the store itself:
    the GET (its peak, VmHWM, minus its RSS before).  The
    CPU seconds per GiB each side used (hmacfs, the store's weed process, curl), for
    hmacfs's transfers and the bare ones: on one machine all three share its CPUs, and
-   their ratio is what the CPUs allow.
+   their ratio is what the CPUs allow.  A node with ``Deduplication = true`` takes the
+   file as new bytes, then the same bytes at a second name (a reference: no bytes sent).
 2. 4 KiB PUTs, each to its own signed URL, driven by two wrk processes of 32 connections
    each (``-t1 -c32``), their rates summed: both at one hmacfs node; one at each of two
    nodes (two processes on their own ports, sharing the Redis database and the bucket); both
-   at the store, with presigned PUT URLs.
+   at the store, with presigned PUT URLs; and both at the node with Deduplication (wrk
+   sends one body: every upload after the first is a reference to it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import socket
@@ -41,6 +44,7 @@ import bench as local
 
 sys.path.insert(0, local.ROOT)
 
+from hmacd.storage.s3_dedup import content_key, marker_key
 from tests.seaweed import SEAWEEDFS_VERSION, SeaweedMini, weed_binary
 
 MiB = local.MiB
@@ -151,8 +155,13 @@ class CPU:
         }
 
 
-def hmacfs_round(server: local.Server, store: Store, src: str, name: str, get: bool) -> dict:
-    """One PUT (and a GET) of src through hmacfs: seconds, RSS growth and CPU of each."""
+def hmacfs_round(
+    server: local.Server, store: Store, src: str, name: str, get: bool, keep: bool = False
+) -> dict:
+    """
+    One PUT (and a GET) of src through hmacfs: seconds, RSS growth and CPU of each; the
+    object is deleted after, unless keep.
+    """
     size = os.path.getsize(src)
     result = {}
     for op in ("put", "get") if get else ("put",):
@@ -172,8 +181,29 @@ def hmacfs_round(server: local.Server, store: Store, src: str, name: str, get: b
         result[f"{op}_rss_growth"] = max(
             local.proc_status(pid)["VmHWM"] - before[pid] for pid in pids
         )
-    store.delete(name)
+    if not keep:
+        store.delete(name)
     return result
+
+
+def dedup_round(server: local.Server, store: Store, src: str, sha256: str, i: int) -> dict:
+    """
+    Through a node with Deduplication: src as new bytes, then the same bytes at a second
+    name; then every object of theirs goes (the references, their markers, the content).
+    """
+    names = [f"dedup/{i}/new.bin", f"dedup/{i}/again.bin"]
+    new = hmacfs_round(server, store, src, names[0], False, keep=True)
+    again = hmacfs_round(server, store, src, names[1], False, keep=True)
+    for name in names:
+        store.delete(name)
+        store.delete(marker_key(sha256, name))
+    store.delete(content_key(sha256))
+    return {
+        **new,
+        "again": again["put"],
+        "again_cpu": again["put_cpu"],
+        "again_rss_growth": again["put_rss_growth"],
+    }
 
 
 def bare_round(store: Store, src: str, name: str) -> dict:
@@ -192,24 +222,29 @@ def bare_round(store: Store, src: str, name: str) -> dict:
 
 
 def large(
-    streamed: local.Server, whole: local.Server, store: Store, workdir: str, size: int, rounds: int
+    nodes: dict[str, local.Server], store: Store, workdir: str, size: int, rounds: int
 ) -> dict:
     """
     The large file, each round through the bare store, hmacfs with S3StreamUploads
-    (streamed: parts go to its name as they arrive) and hmacfs sending it after its last
-    byte, in an order that turns each round.
+    (streamed: parts go to its name as they arrive), hmacfs sending it after its last
+    byte, and hmacfs with Deduplication (new bytes, then the same again), in an order
+    that turns each round.
     """
     src = local.random_file(workdir, size)
-    runs: dict[str, list[dict]] = {"bare": [], "streamed": [], "whole": []}
+    with open(src, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    runs: dict[str, list[dict]] = {"bare": [], "streamed": [], "whole": [], "dedup": []}
     steps = {
         "bare": lambda i: bare_round(store, src, f"bare/{i}.bin"),
-        "streamed": lambda i: hmacfs_round(streamed, store, src, f"big/{i}.bin", True),
-        "whole": lambda i: hmacfs_round(whole, store, src, f"whole/{i}.bin", False),
+        "streamed": lambda i: hmacfs_round(nodes["streamed"], store, src, f"big/{i}.bin", True),
+        "whole": lambda i: hmacfs_round(nodes["whole"], store, src, f"whole/{i}.bin", False),
+        "dedup": lambda i: dedup_round(nodes["dedup"], store, src, sha256, i),
     }
     order = list(steps)
     for i in range(rounds):
         print(f"[s3] large file, round {i + 1} of {rounds} ...", file=sys.stderr, flush=True)
-        for name in order[i % 3 :] + order[: i % 3]:
+        turn = i % len(order)
+        for name in order[turn:] + order[:turn]:
             runs[name].append(steps[name](i))
     mb = size / 1e6
 
@@ -230,6 +265,8 @@ def large(
     for name, op, bare in (
         ("streamed", "put", bare_put),
         ("whole", "put", bare_put),
+        ("dedup", "put", bare_put),
+        ("dedup", "again", bare_put),
         ("streamed", "get", bare_get),
     ):
         ours = figures(runs[name], op)
@@ -240,7 +277,7 @@ def large(
             "bare_median_MBps": round(bare["median_MBps"], 1),
             "ratio": round(ours["median_MBps"] / bare["median_MBps"], 3),
             "cpu_s_per_GiB": cpu_per_gib(runs[name], op),
-            "bare_cpu_s_per_GiB": cpu_per_gib(runs["bare"], op),
+            "bare_cpu_s_per_GiB": cpu_per_gib(runs["bare"], "get" if op == "get" else "put"),
             "rss_growth_MiB": round(max(r[f"{op}_rss_growth"] for r in runs[name]) / MiB, 1),
         }
     return result
@@ -276,8 +313,13 @@ def wrk_many(jobs: list[tuple[str, str]], seconds: float, workdir: str) -> dict:
     }
 
 
-def small_puts(nodes: list[local.Server], store: Store, workdir: str, seconds: float) -> dict:
-    """4 KiB PUT rates: one node, two nodes, the bare store; two wrk processes each."""
+def small_puts(
+    nodes: list[local.Server], dedup: local.Server, store: Store, workdir: str, seconds: float
+) -> dict:
+    """
+    4 KiB PUT rates: one node, two nodes, one node with Deduplication (one body for all:
+    each upload after the first a reference), the bare store; two wrk processes each.
+    """
     a, b = nodes
     count = 250_000
 
@@ -288,6 +330,12 @@ def small_puts(nodes: list[local.Server], store: Store, workdir: str, seconds: f
     one = wrk_many([(a.base, paths(a, "one-a")), (a.base, paths(a, "one-b"))], seconds, workdir)
     print("[s3] 4 KiB PUTs: two nodes ...", file=sys.stderr, flush=True)
     two = wrk_many([(a.base, paths(a, "two-a")), (b.base, paths(b, "two-b"))], seconds, workdir)
+    print("[s3] 4 KiB PUTs: one node, Deduplication ...", file=sys.stderr, flush=True)
+    shared = wrk_many(
+        [(dedup.base, paths(dedup, "dedup-a")), (dedup.base, paths(dedup, "dedup-b"))],
+        seconds,
+        workdir,
+    )
     print("[s3] 4 KiB PUTs: bare store ...", file=sys.stderr, flush=True)
     # Signing a URL for the store takes about 150 us here (botocore): enough of them for
     # 3,000 PUTs a second per wrk, past which they are reused (the store overwrites).
@@ -300,7 +348,7 @@ def small_puts(nodes: list[local.Server], store: Store, workdir: str, seconds: f
                 f.write(url[len(store.endpoint) :] + "\n")
         jobs.append((store.endpoint, path))
     bare = wrk_many(jobs, seconds, workdir)
-    return {"one_node": one, "two_nodes": two, "bare": bare}
+    return {"one_node": one, "two_nodes": two, "dedup": shared, "bare": bare}
 
 
 def run(args, workdir: str, common: dict[str, object]) -> dict:
@@ -319,8 +367,15 @@ def run(args, workdir: str, common: dict[str, object]) -> dict:
         }
         # node-a and node-b as configured by default (a large body goes to its name as it
         # arrives); node-after sends it after its last byte (S3StreamUploads = false).
+        # node-dedup has Deduplication = true.
         after = {"S3StreamUploads": False}
-        for name, extra in (("node-a", {}), ("node-b", {}), ("node-after", after)):
+        dedup = {"Deduplication": True}
+        for name, extra in (
+            ("node-a", {}),
+            ("node-b", {}),
+            ("node-after", after),
+            ("node-dedup", dedup),
+        ):
             server = local.Server(workdir, name, {**settings, **extra})
             nodes.append(server)
             server.start()
@@ -330,8 +385,14 @@ def run(args, workdir: str, common: dict[str, object]) -> dict:
             "store_ready_s": round(store.mini.ready_seconds, 2),
             "redis": f"{args.redis} db {args.redis_db}",
         }
-        result["large"] = large(nodes[0], nodes[2], store, workdir, args.size, args.rounds)
-        result["small_puts"] = small_puts(nodes[:2], store, workdir, args.seconds)
+        result["large"] = large(
+            {"streamed": nodes[0], "whole": nodes[2], "dedup": nodes[3]},
+            store,
+            workdir,
+            args.size,
+            args.rounds,
+        )
+        result["small_puts"] = small_puts(nodes[:2], nodes[3], store, workdir, args.seconds)
         result["server_log"] = {
             s.dir.rsplit(os.sep, 1)[1]: local._problems(os.path.join(s.dir, "hmacfs.log"))
             for s in nodes
@@ -358,6 +419,8 @@ def table(results: dict) -> str:
     for key, what in (
         ("streamed_put", "  streamed (the default)"),
         ("whole_put", "  after the last byte (S3StreamUploads = false)"),
+        ("dedup_put", "  Deduplication, new bytes"),
+        ("dedup_again", "  Deduplication, the same bytes again"),
         ("streamed_get", f"{label} GET by curl, MB/s (median)"),
     ):
         if key == "streamed_put":
@@ -413,7 +476,17 @@ def table(results: dict) -> str:
     rows.append(
         ("  two nodes, req/s", f"{two['rps']:.0f}", "", f"{two['rps'] / bare['rps']:.2f}", "")
     )
-    for name, r in (("one node", one), ("two nodes", two), ("bare", bare)):
+    shared = small["dedup"]
+    rows.append(
+        (
+            "  one node, Deduplication, req/s",
+            f"{shared['rps']:.0f}",
+            "",
+            f"{shared['rps'] / bare['rps']:.2f}",
+            "",
+        )
+    )
+    for name, r in (("one node", one), ("two nodes", two), ("dedup", shared), ("bare", bare)):
         rows.append(
             (
                 f"  {name}: p50 / p99 ms, requests (errors)",
