@@ -420,6 +420,7 @@ async def _stats(s: Session, args: argparse.Namespace) -> int:
             "references": shared.references,
             "stored_bytes": shared.stored_bytes,
             "saved_bytes": shared.saved_bytes,
+            "orphans": shared.orphans,
         }
     if args.json:
         s.out.write(json.dumps(summary, ensure_ascii=True, sort_keys=True) + "\n")
@@ -440,6 +441,9 @@ async def _stats(s: Session, args: argparse.Namespace) -> int:
             f"deduplication: {d['references']} paths share {d['contents']} contents"
             f" ({d['stored_bytes']} bytes stored), {d['saved_bytes']} bytes saved\n"
         )
+        if d["orphans"]:
+            # A crash between a path's deletion and its content's: the sweep removes them.
+            s.out.write(f"  {d['orphans']} contents without a path (the sweep removes them)\n")
     return 0
 
 

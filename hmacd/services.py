@@ -231,7 +231,7 @@ def storage_builder(
         # Here, not at the top: botocore is imported only where S3 is used.
         from hmacd.storage.s3 import SPOOL_DIR, S3Storage, client_for
 
-        return S3Storage(
+        storage = S3Storage(
             client_for(config, reactor, environ),
             reactor,
             os.path.join(fs.store_dir, SPOOL_DIR),
@@ -243,6 +243,8 @@ def storage_builder(
             stream=config.s3_stream_uploads,
             dedup=config.deduplication,
         )
+        storage.multipart_ttl = config.resumable_ttl
+        return storage
 
     return build
 

@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from hmacd.config import S3_MIN_PART
+from hmacd.s3 import S3Unavailable
 from hmacd.storage import Conflict, StorageUnavailable
 from hmacd.storage.s3 import S3Storage
 from hmacd.storage.s3_dedup import (
@@ -208,7 +209,8 @@ class S3DedupTests(DedupCase):
         publishing = deferToThread(self.publish, "waits.txt", body)
         yield deferLater(reactor, 0.5, lambda: None)
         self.assertFalse(publishing.called)
-        self.assertEqual((yield self.keys()), [])
+        # The marker and the content may go ahead; the reference waits for the lock.
+        self.assertNotIn("waits.txt", (yield self.keys()))
         yield self.metadata.release(CAS + sha, "other-node/x")
         yield publishing
         self.assertIn("waits.txt", (yield self.keys()))
@@ -218,9 +220,19 @@ class S3DedupTests(DedupCase):
         """A lock held past the wait: the upload is refused as unavailable, nothing is left."""
         self.storage.content_locks = ContentLocks(self.metadata, "test", reactor, wait=0.3)
         body = b"never"
-        yield self.metadata.claim(CAS + hashlib.sha256(body).hexdigest(), "other/x", 15.0)
+        sha = hashlib.sha256(body).hexdigest()
+        yield self.metadata.claim(CAS + sha, "other/x", 15.0)
         with self.assertRaises(StorageUnavailable):
             yield deferToThread(self.publish, "never.txt", body)
+        # No reference; the marker could not be forgotten under the lock either: it and
+        # its content stay for the sweep, which removes them once the lock is free.
+        self.assertEqual(
+            (yield self.keys()), sorted([content_key(sha), marker_key(sha, "never.txt")])
+        )
+        yield self.metadata.release(CAS + sha, "other/x")
+        self.storage.multipart_ttl = -3600  # every marker is old enough to be checked
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() + 3600)
+        self.assertEqual(removed, [marker_key(sha, "never.txt"), content_key(sha)])
         self.assertEqual((yield self.keys()), [])
 
     @inlineCallbacks
@@ -293,3 +305,125 @@ class S3DedupTests(DedupCase):
             self.assertEqual((yield deferToThread(stored.read, 0, 5000)), body)
             yield deferToThread(other.delete, f"new/{i}.bin")
             self.assertEqual((yield self.keys()), [], i)
+
+    def loseAnswers(self, method: str, when) -> None:
+        """The client's C{method} does its work, then fails as if its answer were lost."""
+        client = self.client
+        real = getattr(client, method)
+
+        def lossy(*args, **kw):
+            d = real(*args, **kw)
+            if when(*args, **kw):
+
+                def lost(_):
+                    raise S3Unavailable("the connection was lost before the answer")
+
+                d.addCallback(lost)
+            return d
+
+        setattr(client, method, lossy)
+        self.addCleanup(setattr, client, method, real)
+
+    @inlineCallbacks
+    def test_reference_written_answer_lost(self):
+        """The reference's PUT lands but its answer is lost: the upload succeeded, whole."""
+        self.loseAnswers(
+            "put_object", lambda key, body, *a, **kw: len(a) > 2 and CONTENT_META in a[2]
+        )
+        body = os.urandom(3000)
+        sha = hashlib.sha256(body).hexdigest()
+        yield deferToThread(self.publish, "lost.bin", body)
+        self.assertEqual(
+            (yield self.keys()),
+            sorted(["lost.bin", content_key(sha), marker_key(sha, "lost.bin")]),
+        )
+        stored = yield deferToThread(self.storage.open, "lost.bin")
+        self.assertEqual((yield deferToThread(stored.read, 0, 5000)), body)
+
+    @inlineCallbacks
+    def test_content_written_answer_lost(self):
+        """The content's PutObject lands, its answer lost: the retry meets it, ours."""
+        self.loseAnswers("put_object", lambda key, *a, **kw: key.startswith(CAS))
+        body = os.urandom(3000)
+        yield deferToThread(self.publish, "c.bin", body)
+        stored = yield deferToThread(self.storage.open, "c.bin")
+        self.assertEqual((yield deferToThread(stored.read, 0, 5000)), body)
+
+    @inlineCallbacks
+    def test_withdrawn_while_the_metadata_store_is_down(self):
+        """
+        Deleting a reference when the locks cannot be had (the metadata store is down, as
+        when an upload is withdrawn for want of its record): the reference goes all the
+        same; its marker and content stay for the sweep.
+        """
+        body = b"withdrawn"
+        sha = hashlib.sha256(body).hexdigest()
+        yield deferToThread(self.publish, "w.bin", body)
+
+        class Down:
+            def claim(self, *args):
+                from twisted.internet.defer import fail
+
+                return fail(ConnectionRefusedError("metadata store down"))
+
+        locks = self.storage.content_locks
+        self.storage.content_locks = ContentLocks(Down(), "test", reactor, wait=0.5)
+        with self.assertRaises(StorageUnavailable):
+            yield deferToThread(self.storage.delete, "w.bin")
+        self.assertIsNone((yield deferToThread(self.storage.open, "w.bin")))
+        self.storage.content_locks = locks
+        self.storage.multipart_ttl = -3600
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() + 3600)
+        self.assertEqual(removed, [marker_key(sha, "w.bin"), content_key(sha)])
+
+    @inlineCallbacks
+    def test_withdrawn_in_the_reactor_thread(self):
+        """From the reactor thread (an upload withdrawn) the reference goes at once."""
+        yield deferToThread(self.publish, "r.bin", b"r")
+        self.assertTrue(self.storage.delete("r.bin"))
+        for _ in range(100):
+            if "r.bin" not in (yield self.keys()):
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertNotIn("r.bin", (yield self.keys()))
+
+    @inlineCallbacks
+    def test_lapsed_lock_removes_no_content(self):
+        """A lock whose claim lapsed removes nothing: another node may hold it now."""
+        body = b"lapsed"
+        sha = hashlib.sha256(body).hexdigest()
+        yield deferToThread(self.publish, "l.bin", body)
+        yield self.client.delete_object(marker_key(sha, "l.bin"))
+
+        class Lapsed:
+            kept = False
+
+        dropped = yield deferToThread(self.storage._drop_unreferenced, sha, Lapsed())
+        self.assertFalse(dropped)
+        self.assertIn(content_key(sha), (yield self.keys()))
+
+    @inlineCallbacks
+    def test_stale_marker_swept_live_one_kept(self):
+        """A marker whose reference is gone goes at the sweep; a marker in use stays."""
+        body = b"stale"
+        sha = hashlib.sha256(body).hexdigest()
+        yield deferToThread(self.publish, "gone.bin", body)
+        yield deferToThread(self.publish, "kept.bin", body)
+        yield self.client.delete_object("gone.bin")  # a crash after the reference went
+        self.storage.multipart_ttl = -3600
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() + 3600)
+        self.assertEqual(removed, [marker_key(sha, "gone.bin")])
+        self.assertEqual(
+            (yield self.keys()), sorted(["kept.bin", content_key(sha), marker_key(sha, "kept.bin")])
+        )
+
+    @inlineCallbacks
+    def test_content_name_must_be_a_sha256(self):
+        """A reference naming anything but a SHA-256 is no reference: read and deleted alone."""
+        yield deferToThread(self.publish, "victim.bin", b"victim")
+        yield self.client.put_object("odd.bin", b"", 0, "text/plain", {CONTENT_META: "../victim"})
+        stored = yield deferToThread(self.storage.open, "odd.bin")
+        self.assertEqual(stored.size, 0)
+        self.assertTrue((yield deferToThread(self.storage.delete, "odd.bin")))
+        stored = yield deferToThread(self.storage.open, "victim.bin")
+        self.assertEqual((yield deferToThread(stored.read, 0, 10)), b"victim")

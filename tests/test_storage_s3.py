@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from hmacd.config import S3_MIN_PART
 from hmacd.paths import PathRefused
-from hmacd.s3 import S3Client
+from hmacd.s3 import PreconditionFailed, S3Client, S3Unavailable
 from hmacd.storage import Conflict, StorageUnavailable
 from hmacd.storage.s3 import FACTS_META, SHA256_META, ReactorThreadCall, S3Storage, StoreFailed
 from hmacd.storage.s3_writer import _metadata
@@ -280,11 +280,75 @@ class S3StorageTests(SeaweedStorageCase):
 
         self.assertEqual((yield deferToThread(go)), record)
 
+    def loseAnswers(self, method: str) -> None:
+        """The client's C{method} does its work once, then fails as if its answer were lost."""
+        client = self.client
+        real = getattr(client, method)
+        lost_once: list[bool] = []
+
+        def lossy(*args, **kw):
+            d = real(*args, **kw)
+            if not lost_once:
+                lost_once.append(True)
+
+                def lost(_):
+                    raise S3Unavailable("the connection was lost before the answer")
+
+                d.addCallback(lost)
+            return d
+
+        setattr(client, method, lossy)
+        self.addCleanup(setattr, client, method, real)
+
+    @inlineCallbacks
+    def test_put_answer_lost(self):
+        """A PutObject whose answer is lost: the retry meets the object, which is ours."""
+        self.loseAnswers("put_object")
+        yield deferToThread(self.publish, "lost/small.txt", b"small")
+        stored = yield deferToThread(self.storage.open, "lost/small.txt")
+        self.assertEqual((yield deferToThread(stored.read, 0, 10)), b"small")
+
+    @inlineCallbacks
+    def test_streamed_complete_answer_lost(self):
+        """A streamed upload completed with its answer lost is ours: published, its hash on."""
+        from dataclasses import replace
+
+        self.loseAnswers("complete_multipart_upload")
+        body = os.urandom(2 * S3_MIN_PART + 100)
+        record = record_for("lost/big.bin", body)
+        writer = self.storage.writer("lost/big.bin", replace(record, sha256=""))
+        self.writeInReactor(writer, body)
+        yield deferToThread(writer.seal)
+        yield deferToThread(writer.publish, record)
+        stored = yield deferToThread(self.storage.open, "lost/big.bin")
+        self.assertEqual(stored.facts(), record)
+        self.assertEqual((yield self.client.list_multipart_uploads()), [])
+
+    @inlineCallbacks
+    def test_hash_copy_only_onto_the_completed_object(self):
+        """The copy that adds the SHA-256 carries If-Match: a different source is refused."""
+        etag = yield self.client.put_object("m.txt", b"one", 3, "text/plain")
+        with self.assertRaises(PreconditionFailed):
+            yield self.client.copy_object("m.txt", "m.txt", "text/plain", {}, False, '"0123"')
+        yield self.client.copy_object("m.txt", "m.txt", "image/png", {}, False, etag)
+        head = yield self.client.head_object("m.txt")
+        self.assertEqual(head.content_type, "image/png")
+
+    @inlineCallbacks
+    def test_sweep_spares_multipart_uploads_younger_than_the_ttl(self):
+        """A multipart upload goes on as long as ResumableTTL (a large body streamed slowly)."""
+        yield self.client.create_multipart_upload("slow.bin")
+        self.storage.multipart_ttl = 3600
+        removed = yield deferToThread(self.storage.sweep_temps, time.time() + 3600)
+        self.assertEqual(removed, [])
+        self.assertEqual(len((yield self.client.list_multipart_uploads())), 1)
+
     @inlineCallbacks
     def test_sweep_aborts_abandoned_multipart(self):
         """The sweep aborts multipart uploads begun before the cut-off, never an object."""
         yield deferToThread(self.publish, "kept.txt", b"kept")
         old = yield self.client.create_multipart_upload("crashed.bin")
+        self.storage.multipart_ttl = -3600  # older than ResumableTTL
         removed = yield deferToThread(self.storage.sweep_temps, time.time() - 3600)
         self.assertEqual(removed, [])
         removed = yield deferToThread(self.storage.sweep_temps, time.time() + 3600)

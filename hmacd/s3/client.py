@@ -39,14 +39,17 @@ class S3Client(S3Base):
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
         if_none_match: bool = False,
+        source_if_match: str | None = None,
     ) -> Deferred[str]:
         """
         Copy the object C{source} to C{key} inside the bucket, with new type and metadata
         (REPLACE); fires with the new ETag.  With if_none_match an existing C{key} fails it
-        with L{PreconditionFailed} (SeaweedFS honours it on a copy too).  S3 copies at most
-        5 GiB this way.
+        with L{PreconditionFailed} (SeaweedFS honours it on a copy too), as does a source
+        whose ETag is not C{source_if_match}.  S3 copies at most 5 GiB this way.
         """
         headers = self._object_headers(content_type, metadata, if_none_match)
+        if source_if_match is not None:
+            headers["x-amz-copy-source-if-match"] = source_if_match
         headers["x-amz-copy-source"] = "/" + quote(
             f"{self.bucket}/{self._full_key(source)}", safe="/-_.~"
         )

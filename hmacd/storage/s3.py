@@ -24,11 +24,14 @@ C{x-amz-meta-sha256} for tools.  Keys are the relative paths; names with a dot s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import datetime
 import errno
 import os
+import secrets
+import time
 from collections.abc import Callable, Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -69,6 +72,7 @@ from hmacd.storage.s3_dedup import (
     REFS,
     ContentLocks,
     content_key,
+    content_of,
     marker_key,
     markers_of,
 )
@@ -78,6 +82,7 @@ from hmacd.storage.s3_writer import (
     PARTS_IN_FLIGHT,
     SHA256_META,
     STAGING,
+    UPLOAD_META,
     S3Writer,
     _metadata,
     part_body,
@@ -102,6 +107,11 @@ SPOOL_DIR = os.path.join(".hmacfs", "s3-spool")
 _ATTEMPTS = 2
 # A dummy root against which names are judged (no path outside the store: no "..").
 _JUDGE_ROOT = os.path.join(os.sep, "hmacfs-s3")
+# How long a multipart upload may go on (ResumableTTL's default) before the sweep aborts it.
+MULTIPART_TTL = 86400.0
+# The markers older than that a sweep checks for their reference, at most.
+MARKERS_PER_SWEEP = 1000
+MAX_MARKER = 4096
 # While the store is down, how often it is asked whether it is back.
 PROBE_INTERVAL = 5.0
 
@@ -178,7 +188,7 @@ def _resolved(reference: Any, content: Any) -> Any:
         log.error(
             "{key}: its content {sha256} is missing",
             key=reference.key,
-            sha256=reference.metadata.get(CONTENT_META),
+            sha256=content_of(reference.metadata),
         )
         return None
     return dataclasses.replace(
@@ -264,6 +274,9 @@ class S3Storage:
         self.dedup = dedup
         self.stream = stream and not dedup
         self.shares = dedup  # the deduplication gauge counts it (hmacd.housekeeping)
+        # Multipart uploads begun longer ago are abandoned (ResumableTTL; hmacd.services).
+        self.multipart_ttl = MULTIPART_TTL
+        self._markers_seen = ""  # the last marker the sweep looked at
         self._probe: Any = None
 
     # Health: like the metadata stores, a transition is logged once, and while the store is
@@ -400,7 +413,25 @@ class S3Storage:
     def _put_bytes(
         self, fd: int, size: int, key: str, content_type: str | None, metadata: dict[str, str]
     ) -> None:
-        """Blocking.  The bytes of C{fd} as the new object C{key} (L{PreconditionFailed})."""
+        """
+        Blocking.  The bytes of C{fd} as the new object C{key} (L{PreconditionFailed}).
+        Each carries a value of its own: when the store's answer was lost (or a second
+        attempt meets the first's object), the object at the name says whether it is ours.
+        """
+        nonce = secrets.token_hex(8)
+        try:
+            self._put_once(fd, size, key, content_type, {**metadata, UPLOAD_META: nonce})
+        except (PreconditionFailed, StoreFailed):
+            try:
+                there = self._head_key(key)
+            except (S3Error, OSError):
+                there = None
+            if there is None or there.metadata.get(UPLOAD_META) != nonce:
+                raise
+
+    def _put_once(
+        self, fd: int, size: int, key: str, content_type: str | None, metadata: dict[str, str]
+    ) -> None:
         if size <= self.threshold:
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
@@ -457,7 +488,7 @@ class S3Storage:
 
     # Deduplication (hmacd.storage.s3_dedup).
 
-    def _locked(self, sha256: str) -> contextlib.AbstractContextManager[None]:
+    def _locked(self, sha256: str) -> contextlib.AbstractContextManager[Any]:
         locks = self.content_locks
         return contextlib.nullcontext() if locks is None else locks.held(sha256)
 
@@ -470,43 +501,71 @@ class S3Storage:
         """
         sha256 = record.sha256
         content, marker = content_key(sha256), marker_key(sha256, key)
-        with self._locked(sha256):
-            self._call(self.client.put_object, marker, key.encode("utf-8"))
-            try:
-                stored = self._head_key(content)
-                shared = stored is not None and stored.length == record.size
-                if not shared:
-                    try:
-                        store_content(content)
-                    except PreconditionFailed:
-                        pass  # stored meanwhile by a process without the lock: the same bytes
-                metadata = {**_metadata(record), CONTENT_META: sha256}
+        nonce = secrets.token_hex(8)
+        sent = False
+        # The marker first: from now on no unlink removes the content.
+        self._call(self.client.put_object, marker, key.encode("utf-8"))
+        try:
+            stored = self._head_key(content)
+            if stored is None or stored.length != record.size:
+                sent = self._store_content(content, store_content)
+            with self._locked(sha256):
+                # An unlink that listed no marker just before ours may have removed it.
+                if self._head_key(content) is None:
+                    sent = self._store_content(content, store_content)
+                metadata = {**_metadata(record), CONTENT_META: sha256, UPLOAD_META: nonce}
                 self._call(self.client.put_object, key, b"", 0, record.content_type, metadata, True)
-            except BaseException as e:
-                # The marker goes, unless the name is already a reference to this content
-                # (the same bytes uploaded at it before: its marker is this one).
-                there = self._head_key(key) if isinstance(e, PreconditionFailed) else None
-                if there is None or there.metadata.get(CONTENT_META) != sha256:
+        except BaseException as e:
+            try:
+                there = self._head_key(key)
+            except (S3Error, OSError):
+                raise e from None  # unknown: the marker stays (a content too many at worst)
+            if there is None or there.metadata.get(UPLOAD_META) != nonce:
+                if there is None or content_of(there.metadata) != sha256:
+                    # Not this content's reference at the name: the marker goes (and the
+                    # content, if it was only ours).  The same content's reference already
+                    # there has this very marker: it stays.
                     with contextlib.suppress(S3Error, OSError):
-                        self._call(self.client.delete_object, marker)
-                        self._drop_unreferenced(sha256)
+                        self._forget_marker(sha256, marker)
                 if isinstance(e, PreconditionFailed):
                     raise Conflict() from None
                 raise
-        if shared and self.on_shared is not None:
+            # It is ours: the store wrote it and the answer was lost.
+        if not sent and self.on_shared is not None:
             self.on_shared(record.size)
 
-    def _unlink(self, key: str, sha256: str) -> None:
-        """Blocking.  Delete the reference C{key}, its marker, and its content if unreferenced."""
-        with self._locked(sha256):
-            self._call(self.client.delete_object, key)
-            self._call(self.client.delete_object, marker_key(sha256, key))
-            self._drop_unreferenced(sha256)
+    def _store_content(self, content: str, store_content: Callable[[str], None]) -> bool:
+        """Blocking.  Store the content; whether we sent it (not: another upload did)."""
+        try:
+            store_content(content)
+            return True
+        except PreconditionFailed:
+            return False  # stored meanwhile by another upload of the same bytes
 
-    def _drop_unreferenced(self, sha256: str) -> bool:
-        """Blocking, under the content's lock: remove it if no marker names it; whether it went."""
+    def _unlink(self, key: str, sha256: str) -> None:
+        """
+        Blocking.  Delete the reference C{key}, then its marker and its content if no
+        other marker is left.  The reference goes first and without the lock (deleting it
+        endangers no content): a withdrawn upload is gone even while the metadata store,
+        which keeps the locks, is down.
+        """
+        self._call(self.client.delete_object, key)
+        self._forget_marker(sha256, marker_key(sha256, key))
+
+    def _forget_marker(self, sha256: str, marker: str) -> None:
+        """Blocking.  Delete a marker, and its content if no other marker is left."""
+        with self._locked(sha256) as lock:
+            self._call(self.client.delete_object, marker)
+            self._drop_unreferenced(sha256, lock)
+
+    def _drop_unreferenced(self, sha256: str, lock: Any) -> bool:
+        """
+        Blocking, under the content's lock: remove it if no marker names it; whether it went.
+        A lock found lapsed (its claim was not renewed in time) removes nothing: another
+        node may hold it now.
+        """
         page = self._call(self.client.list_objects_v2, markers_of(sha256), None, 1)
-        if page.objects:
+        if page.objects or (lock is not None and not lock.kept):
             return False
         self._call(self.client.delete_object, content_key(sha256))
         return True
@@ -527,15 +586,19 @@ class S3Storage:
             if token is None:
                 return
 
+    def _markers(self) -> dict[str, list[Any]]:
+        """Blocking (one listing).  The markers of every content, by its SHA-256."""
+        found: dict[str, list[Any]] = {}
+        for listed in self._list(REFS):
+            found.setdefault(listed.key[len(REFS) :].split("/", 1)[0], []).append(listed)
+        return found
+
     def dedup_census(self) -> DedupCensus:
         """Blocking (two listings: the markers and the contents).  What sharing holds now."""
-        paths: dict[str, int] = {}
-        for listed in self._list(REFS):
-            sha256 = listed.key[len(REFS) :].split("/", 1)[0]
-            paths[sha256] = paths.get(sha256, 0) + 1
+        markers = self._markers()
         contents = references = stored = saved = orphans = 0
         for listed in self._list(CAS):
-            count = paths.get(listed.key[len(CAS) :], 0)
+            count = len(markers.get(listed.key[len(CAS) :], ()))
             if count < 1:
                 orphans += 1
                 continue
@@ -545,17 +608,59 @@ class S3Storage:
             saved += listed.size * (count - 1)
         return DedupCensus(contents, references, stored, saved, orphans)
 
-    def _sweep_contents(self, older_than: float) -> list[str]:
-        """Blocking.  Contents no reference reads any more, stored before C{older_than}."""
+    def _sweep_contents(self, older_than: float, markers_before: float) -> list[str]:
+        """
+        Blocking.  Contents no marker names that were stored before C{older_than}, and
+        markers older than C{markers_before} whose reference is gone (at most
+        L{MARKERS_PER_SWEEP} of those looked at per sweep, on from where the last stopped).
+        """
         removed = []
+        markers = self._markers()
         for listed in list(self._list(CAS)):
-            if _seconds_iso(listed.last_modified) >= older_than:
-                continue  # being linked, perhaps: its marker comes first, but not before it
             sha256 = listed.key[len(CAS) :]
-            with self._locked(sha256):
-                if self._drop_unreferenced(sha256):
+            if sha256 in markers or _seconds_iso(listed.last_modified) >= older_than:
+                continue
+            with self._locked(sha256) as lock:
+                if self._drop_unreferenced(sha256, lock):
                     removed.append(listed.key)
+        old = sorted(
+            (m.key, sha256)
+            for sha256, listed in markers.items()
+            for m in listed
+            # A marker is a key's bytes: anything larger is not one of ours.
+            if _seconds_iso(m.last_modified) < markers_before and m.size <= MAX_MARKER
+        )
+        start = bisect.bisect_right(old, (self._markers_seen, ""))
+        for marker, sha256 in (old[start:] + old[:start])[:MARKERS_PER_SWEEP]:
+            self._markers_seen = marker
+            if self._reference_of(marker) == sha256:
+                continue
+            with self._locked(sha256) as lock:
+                if self._reference_of(marker) == sha256:
+                    continue  # linked again meanwhile
+                self._call(self.client.delete_object, marker)
+                removed.append(marker)
+                if self._drop_unreferenced(sha256, lock):
+                    removed.append(content_key(sha256))
         return removed
+
+    def _reference_of(self, marker: str) -> str | None:
+        """Blocking.  The content the reference a marker stands for names; None if gone."""
+        try:
+            key = self._call(self._get_all, marker).decode("utf-8")
+        except (NoSuchKey, UnicodeDecodeError):
+            return None
+        head = self._head_key(key)
+        if head is None or marker_key(content_of(head.metadata) or "0" * 64, key) != marker:
+            return None
+        return content_of(head.metadata)
+
+    @inlineCallbacks
+    def _get_all(self, key: str) -> Any:
+        answer = yield self.client.get_object(key)
+        sink = _Collect()
+        yield answer.deliver(sink)
+        return b"".join(sink.chunks)
 
     @inlineCallbacks
     def _send_part(
@@ -607,9 +712,10 @@ class S3Storage:
     def _read_head(self, relpath: str) -> Any:
         """Blocking.  The head of what reading C{relpath} reads (a reference's content)."""
         head = self._head(relpath)
-        if head is None or CONTENT_META not in head.metadata:
+        sha256 = None if head is None else content_of(head.metadata)
+        if sha256 is None:
             return head
-        return _resolved(head, self._head_key(content_key(head.metadata[CONTENT_META])))
+        return _resolved(head, self._head_key(content_key(sha256)))
 
     def open_async(self, relpath: str) -> Deferred[S3Readable | None]:
         """Reactor thread: L{open} for a GET; fails with L{S3Error} when the store does."""
@@ -622,10 +728,11 @@ class S3Storage:
 
         def found(head: Any) -> Any:
             self._came_back(head)
-            if CONTENT_META not in head.metadata:
+            sha256 = content_of(head.metadata)
+            if sha256 is None:
                 return S3Readable(self, relpath, head)
             # A reference: the bytes are its content's.
-            d = self.client.head_object(content_key(head.metadata[CONTENT_META]))
+            d = self.client.head_object(content_key(sha256))
             d.addErrback(lambda failure: failure.trap(NoSuchKey) and None)
             d.addCallback(lambda content: _resolved(head, content))
             d.addCallback(lambda both: None if both is None else S3Readable(self, relpath, both))
@@ -642,9 +749,9 @@ class S3Storage:
     def delete(self, relpath: str) -> bool:
         if threadable.isInIOThread():
             # An upload taken back in the reactor thread (its record could not be written):
-            # the delete goes without waiting for it (in a worker thread: it may be a
-            # reference, whose marker and content follow it).
-            d = self._blocking(lambda: self.delete(relpath))
+            # the delete goes at once, before its path is let go.  A reference's marker
+            # stays, and with it the content, until the sweep finds the marker alone.
+            d = self.client.delete_object(_judge(relpath))
             d.addErrback(
                 lambda f: log.error("cannot delete {key}: {error}", key=relpath, error=f.value)
             )
@@ -652,7 +759,7 @@ class S3Storage:
         head = self._head(relpath)
         if head is None:
             return False
-        sha256 = head.metadata.get(CONTENT_META)
+        sha256 = content_of(head.metadata)
         if sha256 is not None:
             self._unlink(_judge(relpath), sha256)
         else:
@@ -698,11 +805,18 @@ class S3Storage:
             token = page.next_token
             if token is None:
                 break
-        removed += self._sweep_contents(older_than)
+        # Multipart uploads and markers live as long as a resumable upload may (a large
+        # body streamed slowly is one multipart upload from its first part to its last).
+        uploads_before = min(older_than, time.time() - self.multipart_ttl)
+        removed += self._sweep_contents(older_than, uploads_before)
         for upload in self._call(self.client.list_multipart_uploads, ""):
-            if upload.initiated is None or upload.initiated.timestamp() >= older_than:
+            # A resumable upload's is alive while its state is (which lapses after
+            # ResumableTTL); a whole body's, until ResumableTTL after it began.
+            staging = upload.key.startswith(STAGING)
+            cutoff = older_than if staging else uploads_before
+            if upload.initiated is None or upload.initiated.timestamp() >= cutoff:
                 continue
-            if upload.key.startswith(STAGING) and used(upload.key):
+            if staging and used(upload.key):
                 continue
             try:
                 self._call(self.client.abort_multipart_upload, upload.key, upload.upload_id)

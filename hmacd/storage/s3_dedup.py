@@ -14,14 +14,17 @@ bucket alone says what it holds (reindex, the census, the sweep need nothing els
   is the key): the references of a content are one listing, and the content goes when the
   last marker has gone.
 
-Linking a path to a content (marker, then the content if it is not there yet, then the
-reference) and unlinking one (reference, then marker, then the content if no marker is
-left) hold a lock on the content (L{ContentLocks}: a claim in the shared metadata store,
-the one that decides uploads' paths): a content is never removed while a path is being
-linked to it, on any node.  A process that dies between the steps leaves a marker or a
-content too many, never a reference to nothing: a content without markers is removed by
-the partial sweep once older than its cut-off; a marker without its reference keeps its
-content until an admin removes it (C{hmacfs admin stats} counts them).
+Linking a path to a content writes the marker first: from then on no unlink removes the
+content, since one removes it only after listing no marker.  Then the content is stored
+if it is not there yet (outside any lock: it may take long), and under a lock on the
+content (L{ContentLocks}: a claim in the shared metadata store, the one that decides
+uploads' paths) the content is looked for again (an unlink that listed no marker just
+before ours may have removed it: it is stored again) and the reference is written.
+Unlinking deletes the reference (no content is endangered by that), then under the lock
+the marker, and the content if no marker is left.  So a reference never names a content
+that is gone, on any node.  A process that dies, or a store that fails, between the steps
+leaves a marker or a content too many: the partial sweep removes contents without a
+marker, and markers without their reference once they are older than ResumableTTL.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from twisted.internet.threads import blockingCallFromThread
@@ -44,6 +48,7 @@ __all__ = [
     "REFS",
     "ContentLocks",
     "content_key",
+    "content_of",
     "marker_key",
     "markers_of",
 ]
@@ -54,6 +59,17 @@ REFS = ".hmacfs/refs/"
 CONTENT_META = "hmacfs-content"
 # How long a link or unlink waits for another one of the same content.
 LOCK_WAIT = 30.0
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def content_of(metadata: Mapping[str, str]) -> str | None:
+    """
+    The content an object's metadata names, when it is a reference; None for a file of
+    its own.  Only a SHA-256 names one: a value that is not (written by a hand other than
+    ours) makes no key that a read or a delete would then touch.
+    """
+    value = metadata.get(CONTENT_META)
+    return value if value is not None and _SHA256_HEX.fullmatch(value) else None
 
 
 def content_key(sha256: str) -> str:
@@ -84,9 +100,10 @@ class ContentLocks:
         self.wait = wait
 
     @contextlib.contextmanager
-    def held(self, sha256: str) -> Iterator[None]:
+    def held(self, sha256: str) -> Iterator[NodeClaim]:
         """
-        Blocking: hold the lock of C{sha256} for the block.
+        Blocking: hold the lock of C{sha256} for the block, which gets the claim (whose
+        C{kept} turns False if a renewal found it lapsed: a slow store).
 
         @raise StorageUnavailable: another holder kept it longer than C{wait}, or the
             metadata store cannot be asked.
@@ -109,6 +126,6 @@ class ContentLocks:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)  # a popular content: links queue here
         try:
-            yield
+            yield claim
         finally:
             claim.release()

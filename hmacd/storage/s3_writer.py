@@ -43,12 +43,15 @@ from hmacd.storage.local import LocalWriter
 if TYPE_CHECKING:
     from hmacd.storage.s3 import S3Storage
 
-__all__ = ["FACTS_META", "MAX_COPY", "SHA256_META", "STAGING", "S3Writer"]
+__all__ = ["FACTS_META", "MAX_COPY", "SHA256_META", "STAGING", "UPLOAD_META", "S3Writer"]
 
 log = Logger()
 
 FACTS_META = "hmacfs"
 SHA256_META = "sha256"
+# A value of each write's own: whether the object at a name is ours, when the store's
+# answer to writing it was lost.
+UPLOAD_META = "hmacfs-upload"
 # Where resumable uploads grow (hmacd.storage.s3_pieces): a dot name, never a file.
 STAGING = ".hmacfs/staging/"
 # The parts of a body that go to the store at once (streamed, or after the last byte).
@@ -129,6 +132,7 @@ class S3Writer:
         self.key = key
         # The facts known before the body, which a streamed multipart upload begins with.
         self._draft = draft
+        self._nonce = secrets.token_hex(8)  # UPLOAD_META of the streamed upload
         # A name of its own in the spool: two uploads of one URL never share a temp.
         self._local: LocalWriter = storage.spool.writer(secrets.token_hex(16))
         self._sealed = False
@@ -199,10 +203,11 @@ class S3Writer:
             self._fd = os.open(self._local.temp, os.O_RDONLY | os.O_CLOEXEC)
             # Without a draft the copy at the end brings the type and every fact.
             draft = self._draft
+            metadata = {} if draft is None else _metadata(draft)
             self._begun = client.create_multipart_upload(
                 self.key,
                 None if draft is None else draft.content_type,
-                None if draft is None else _metadata(draft),
+                {**metadata, UPLOAD_META: self._nonce},
             )
             self._begun.addCallbacks(self._began, self._broke)
         fd = self._fd
@@ -290,12 +295,27 @@ class S3Writer:
         upload_id = self._upload_id
         assert upload_id is not None
         client = self.storage.client
-        yield client.complete_multipart_upload(self.key, upload_id, self._parts, True)
+        try:
+            etag = yield client.complete_multipart_upload(self.key, upload_id, self._parts, True)
+        except PreconditionFailed:
+            raise
+        except S3Error as e:
+            # Completed, with its answer lost?  Then the object at the name is ours.
+            try:
+                there = yield client.head_object(self.key)
+            except S3Error:
+                raise e from None
+            if there.metadata.get(UPLOAD_META) != self._nonce:
+                raise
+            etag = there.etag
         self._upload_id = None  # the file now: nothing of it is to be cleaned up
         if size > MAX_COPY:
             return  # no copy takes it: the record alone has the SHA-256
         try:
-            yield client.copy_object(self.key, self.key, record.content_type, _metadata(record))
+            # Only onto the object we completed (If-Match): never another's facts on it.
+            yield client.copy_object(
+                self.key, self.key, record.content_type, _metadata(record), source_if_match=etag
+            )
         except S3Error as e:
             # The file is whole and stored: the record (written next) serves it.
             log.warn("{key}: the SHA-256 is in the record only: {error}", key=self.key, error=e)
