@@ -506,15 +506,19 @@ class S3Storage:
         # The marker first: from now on no unlink removes the content.
         self._call(self.client.put_object, marker, key.encode("utf-8"))
         try:
-            stored = self._head_key(content)
-            if stored is None or stored.length != record.size:
-                sent = self._store_content(content, store_content)
+            # Under the lock only the look for the content: an unlink lists the markers and
+            # removes the content under it, so one that listed before our marker was
+            # written has removed it by the time we look (we store it again), and one
+            # after it sees our marker.  Once seen, the content stays while the marker does.
             with self._locked(sha256):
-                # An unlink that listed no marker just before ours may have removed it.
-                if self._head_key(content) is None:
-                    sent = self._store_content(content, store_content)
-                metadata = {**_metadata(record), CONTENT_META: sha256, UPLOAD_META: nonce}
-                self._call(self.client.put_object, key, b"", 0, record.content_type, metadata, True)
+                stored = self._head_key(content)
+            if stored is None or stored.length != record.size:
+                sent = self._store_content(content, store_content)  # long: not locked
+                with self._locked(sha256):
+                    if self._head_key(content) is None:
+                        sent = self._store_content(content, store_content)
+            metadata = {**_metadata(record), CONTENT_META: sha256, UPLOAD_META: nonce}
+            self._call(self.client.put_object, key, b"", 0, record.content_type, metadata, True)
         except BaseException as e:
             try:
                 there = self._head_key(key)
