@@ -426,3 +426,22 @@ class S3DedupTests(DedupCase):
         self.assertTrue((yield deferToThread(self.storage.delete, "odd.bin")))
         stored = yield deferToThread(self.storage.open, "victim.bin")
         self.assertEqual((yield deferToThread(stored.read, 0, 10)), b"victim")
+
+    @inlineCallbacks
+    def test_many_uploads_of_one_body_at_once(self):
+        """
+        Eight uploads of one body at once on one node: all stored, one content.  (Eight:
+        the reactor's pool keeps threads free for resolving the store's name, as the
+        server's storage threads, a pool of their own, always do.)
+        """
+        from twisted.internet.defer import gatherResults
+
+        body = os.urandom(1000)
+        sha = hashlib.sha256(body).hexdigest()
+        names = [f"many/{i}.bin" for i in range(8)]
+        yield gatherResults([deferToThread(self.publish, name, body) for name in names])
+        keys = yield self.keys()
+        self.assertEqual(
+            keys, sorted([*names, content_key(sha), *(marker_key(sha, n) for n in names)])
+        )
+        self.assertEqual(self.storage.content_locks._local, {})  # nothing left behind
