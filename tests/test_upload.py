@@ -522,6 +522,26 @@ class TwistedInternalsTests(SynchronousTestCase):
         )
 
 
+class SyncUploadsTests(SynchronousTestCase):
+    """SyncUploads = false: the Go server's trade-off, uploads answered without an fsync."""
+
+    def test_no_fsync(self):
+        """An upload is stored with no fsync on the way; with the default, four."""
+        synced = []
+        realFsync = os.fsync
+        self.patch(os, "fsync", lambda fd: (synced.append(fd), realFsync(fd)))
+        server = MemoryServer(self.mktemp(), sync_uploads=False)
+        channel, transport = server.connect()
+        channel.dataReceived(put_head("n/e/w.bin", 3, v_query("n/e/w.bin", 3)) + b"new")
+        self.assertEqual(status(transport), http.CREATED)
+        self.assertEqual(synced, [])
+        with_sync = MemoryServer(self.mktemp())
+        channel, transport = with_sync.connect()
+        channel.dataReceived(put_head("n/e/w.bin", 3, v_query("n/e/w.bin", 3)) + b"new")
+        self.assertEqual(status(transport), http.CREATED)
+        self.assertEqual(len(synced), 4)  # the file, n/e, n and the root
+
+
 class _HeldThreads:
     """A FileServer.blocking whose calls wait until the test runs them, in order."""
 
