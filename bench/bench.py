@@ -42,6 +42,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import tomllib
 import uuid
 
 from hmacd import auth
@@ -706,6 +707,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="the server's Workers (processes serving)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key of the servers measured, e.g. SyncUploads=false (a TOML value)",
+    )
     parser.add_argument("--dir", default=None, help="scratch directory (needs ~3x --size)")
     parser.add_argument(
         "--json",
@@ -735,6 +743,12 @@ def main(argv=None) -> int:
     workdir = args.dir or tempfile.mkdtemp(prefix="hmacfs-bench-")
     os.makedirs(workdir, exist_ok=True)
     common: dict[str, object] = {"Workers": args.workers} if args.workers > 1 else {}
+    for setting in args.set:
+        key, _, value = setting.partition("=")
+        try:
+            common[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            common[key] = value  # a bare string
     started = time.time()
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -746,6 +760,7 @@ def main(argv=None) -> int:
         },
         "targets": TARGETS,
         "workers": args.workers,
+        "settings": args.set,
         "variants": {},
     }
     try:
@@ -775,7 +790,9 @@ def main(argv=None) -> int:
     print(
         textwrap.dedent(f"""\
         hmacfs benchmark, {results["date"]}: {m["cpus"]} CPUs, {m["memory_GiB"]} GiB,
-        Python {m["python"]}, Linux {m["kernel"]}; Workers = {results["workers"]};
+        Python {m["python"]}, Linux {m["kernel"]}; Workers = {results["workers"]};{
+            "".join(f" {setting};" for setting in args.set)
+        }
         {results["seconds"]} s; JSON: {args.json}
         """)
     )
