@@ -199,6 +199,49 @@ class SmallBodyTests(SynchronousTestCase):
         self.assertEqual(store_files(self.root), ["d"])
 
 
+class LinkPlantedTests(SynchronousTestCase):
+    """
+    A symbolic link put on the way between the verdict and the commit of a small body (the
+    time its body takes) leads nothing out of the store.
+    """
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        self.outside = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        os.makedirs(self.outside)
+        self.storage = LocalStorage(self.root, synchronous)
+
+    def assertRefused(self, relpath: str) -> None:
+        writer = self.storage.writer(relpath, draft(relpath, 1))
+        self.plant()
+        writer.write(b"x")
+        self.assertRaises(PathRefused, writer.seal)
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_existing_directory_replaced(self) -> None:
+        """A directory that was there is now a link out: refused, nothing written there."""
+        os.makedirs(os.path.join(self.root, "d"))
+
+        def plant():
+            os.rmdir(os.path.join(self.root, "d"))
+            os.symlink(self.outside, os.path.join(self.root, "d"))
+
+        self.plant = plant
+        self.assertRefused("d/x.txt")
+
+    def test_missing_directory_appears_as_a_link(self) -> None:
+        """A directory that was missing is now a link out: refused too."""
+        self.plant = lambda: os.symlink(self.outside, os.path.join(self.root, "n"))
+        self.assertRefused("n/x.txt")
+
+    def test_deeper_missing_directory_appears_as_a_link(self) -> None:
+        """Below a directory that was there, one that was missing is now a link out."""
+        os.makedirs(os.path.join(self.root, "d"))
+        self.plant = lambda: os.symlink(self.outside, os.path.join(self.root, "d", "n"))
+        self.assertRefused("d/n/x.txt")
+
+
 class TmpfileTests(SynchronousTestCase):
     """Temps without a name (O_TMPFILE), and the dot files where there are none."""
 

@@ -753,6 +753,9 @@ class LocalWriter:
         self._backlog = 0
         self._waiters: list[Deferred[None]] = []
         self._small = size is not None and size <= storage.write_buffer
+        # The temp is made later than the walk above (at the seal): whatever that walk
+        # found may have been replaced since.
+        self._late = self._small
         if not self._small:
             try:
                 self._open()
@@ -770,15 +773,19 @@ class LocalWriter:
         for attempt in (1, 2):
             try:
                 found = self._found
-                if storage.make_directories(directory, found) and found != 0:
+                made = storage.make_directories(directory, found)
+                ours = found == 0 and len(made) == self.relpath.count("/")
+                if not ours and (made or self._late):
                     # Re-check now that the directories exist: a symlink placed on the way
-                    # must not lead the temp file out of the store.  (Below the root alone
-                    # there was nothing to replace: every directory is one we just made.)
+                    # since the verdict's walk must not lead the temp file out of the store.
+                    # Only when every directory below the root is one just made here was
+                    # there nothing to replace.
                     store_path(storage.root, self.relpath)
                 fd, self.temp = storage.new_temp(directory)
             except FileNotFoundError:
                 # A concurrent aborted upload pruned a directory we found.
                 self._found = None
+                self._late = True
                 if attempt == 2:
                     raise
                 continue
@@ -806,8 +813,8 @@ class LocalWriter:
                 # may have pruned it meanwhile.  Made again, as a first upload would.
                 if attempt == 2:
                     raise
-                if self.storage.make_parents(os.path.dirname(self.dest)):
-                    store_path(self.storage.root, self.relpath)
+                self.storage.make_parents(os.path.dirname(self.dest))
+                store_path(self.storage.root, self.relpath)  # made by whom, since when?
 
     def write(self, data: bytes) -> bool:
         self.received += len(data)
