@@ -261,6 +261,21 @@ class TmpfileTests(SynchronousTestCase):
         writer.publish(record_for("a/b.txt", b"bytes"))
         self.assertEqual(os.listdir(os.path.join(self.root, "a")), ["b.txt"])
 
+    def test_read_back_by_its_name(self) -> None:
+        """
+        An object store's spool reads a temp back by its name before the writer lets go of it:
+        an O_TMPFILE's is its descriptor's, and there is none once it is closed.
+        """
+        writer = self.storage.writer("spool/x")
+        writer.write(b"spooled bytes")
+        writer.seal()
+        assert writer.temp is not None
+        with open(writer.temp, "rb") as f:
+            self.assertEqual(f.read(), b"spooled bytes")
+        self.assertEqual(os.listdir(os.path.join(self.root, "spool")), [])
+        writer.discard()
+        self.assertIsNone(writer.temp)
+
     def test_refused_falls_back_to_dot_files(self) -> None:
         """
         A file system that refuses O_TMPFILE is asked once: that temp and every later one

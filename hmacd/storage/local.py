@@ -725,7 +725,7 @@ class LocalWriter:
     """
 
     onRelief: Callable[[], None] | None = None
-    temp: str | None = None  # the temp's name: None for an O_TMPFILE, or before it exists
+    _name: str | None = None  # the temp's name: None for an O_TMPFILE, or before it exists
     _file: IO[bytes] | None = None
     _touched = False  # it has been at the file system: a discarded upload prunes
     # How many directories leading to it existed before the body (hmacd.paths.locate); None
@@ -763,6 +763,19 @@ class LocalWriter:
                 self._cleanUp()  # a refused upload leaves the store as it was
                 raise
 
+    @property
+    def temp(self) -> str | None:
+        """
+        A name the temp can be opened by, in this process, while the writer holds it (to read
+        its bytes back, as an object store's spool does): its own for a dot file, its
+        descriptor's under /proc/self/fd for an O_TMPFILE; None before it exists.
+        """
+        if self._name is not None:
+            return self._name
+        if self._file is None or self._file.closed:
+            return None
+        return f"/proc/self/fd/{self._file.fileno()}"
+
     def _open(self) -> IO[bytes]:
         """Blocking.  The temp, made now if it is not there yet (with its directories)."""
         if self._file is not None:
@@ -781,7 +794,7 @@ class LocalWriter:
                     # Only when every directory below the root is one just made here was
                     # there nothing to replace.
                     store_path(storage.root, self.relpath)
-                fd, self.temp = storage.new_temp(directory)
+                fd, self._name = storage.new_temp(directory)
             except FileNotFoundError:
                 # A concurrent aborted upload pruned a directory we found.
                 self._found = None
@@ -801,8 +814,8 @@ class LocalWriter:
     def _link(self) -> None:
         """Blocking.  Give the temp its name, never overwriting (FileExistsError)."""
         assert self._file is not None
-        if self.temp is not None:
-            os.link(self.temp, self.dest)
+        if self._name is not None:
+            os.link(self._name, self.dest)
             return
         for attempt in (1, 2):
             try:
@@ -929,8 +942,8 @@ class LocalWriter:
             raise
         # After the publish: a content is entered only once a path refers to it.  The temp
         # (named, or open) still holds the inode, whoever deletes the path meanwhile.
-        if self.temp is not None:
-            entered = self.storage.enter_content(self.temp, record.sha256)
+        if self._name is not None:
+            entered = self.storage.enter_content(self._name, record.sha256)
         else:
             entered = self.storage.enter_content(None, record.sha256, f.fileno())
         self._letGo()
@@ -940,8 +953,8 @@ class LocalWriter:
     def _letGo(self) -> None:
         """After the publish: the temp's name (if it has one) and descriptor go."""
         self._closeFile()
-        if self.temp is not None:
-            os.unlink(self.temp)
+        if self._name is not None:
+            os.unlink(self._name)
 
     def _closeFile(self) -> None:
         if self._file is not None:
@@ -951,9 +964,9 @@ class LocalWriter:
     def _cleanUp(self) -> None:
         """Nothing of the file stays: its temp, and the directories made for it if empty."""
         self._closeFile()
-        if self.temp is not None:
+        if self._name is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.temp)
+                os.unlink(self._name)
         if self._touched:
             # Not only directories it made: of two uploads into a new directory that both
             # break off, the one that made it may go first (see LocalStorage.prune).
@@ -965,8 +978,8 @@ class LocalWriter:
             # The thread is writing to it (or making it): cleaned up when its batch is done.
             # A name it has already goes now.
             self._closeAfterBatch = True
-            if self.temp is not None:
+            if self._name is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.temp)
+                    os.unlink(self._name)
             return
         self._cleanUp()
