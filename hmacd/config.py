@@ -304,6 +304,12 @@ class Config:
         cv.boolean,
         "identical uploads share their bytes",
     )
+    sync_uploads: bool = _key(
+        "SyncUploads",
+        True,
+        cv.boolean,
+        "a 201 waits for the disk (fsync); ``false``: the Go server's trade-off",
+    )
     s3_endpoint: str = _key("S3Endpoint", "", cv.string, "S3 URL, ``http://host:port``")
     s3_region: str = _key("S3Region", "us-east-1", cv.string, "S3 region (signing)")
     s3_bucket: str = _key("S3Bucket", "", cv.string, "S3 bucket of the files")

@@ -95,6 +95,10 @@ class FileServer:
     make_storage: Callable[[FileServer], IStorage] | None = None
     # Deduplication: uploads of identical bytes share them (the local directory only).
     dedup: bool = False
+    # SyncUploads: a 201 waits for the fsyncs of the file, its directory and the directories
+    # made for it (the local directory; resumable pieces too).  False leaves them to the
+    # kernel, as the Go server does.
+    sync_uploads: bool = True
     # Stops the thread pool of `blocking` when it is the server's own (an object store's).
     stop_threads: Callable[[], None] | None = None
     # ResumableTTL: how long the state of an unfinished resumable upload is kept.
@@ -135,6 +139,7 @@ class FileServer:
             self.chunk_size,
             dedup=self.dedup,
             on_shared=self.metrics.dedup_bytes.inc,
+            sync=self.sync_uploads,
         )
         if self.make_storage is not None:
             self.storage = self.make_storage(self)  # StorageBackend = "s3"

@@ -8,6 +8,7 @@ name, where ours comes from the record of the upload.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -109,6 +110,12 @@ def _httpDate(header: str) -> float | None:
         return when.timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _httpDateOf(seconds: int) -> bytes:
+    """The Last-Modified of a file modified at C{seconds}: formatted once per second seen."""
+    return formatdate(seconds, usegmt=True).encode("ascii")
 
 
 def _sendfile_socket(transport) -> int | None:
@@ -288,6 +295,10 @@ class StoreResource(Resource):
         # was fetched for, the record stands (a name deleted and uploaded again is a new
         # inode, also when another process did it).
         self._records: OrderedDict[str, tuple[tuple[int, int, int], FileRecord]] = OrderedDict()
+        # path -> (version, facts): a file's own facts, read (an extended attribute, JSON)
+        # once per version of it.  Facts are rewritten only by a system call that moves the
+        # ctime (a shared inode disowned when a path goes), which the version carries.
+        self._facts: OrderedDict[str, tuple[object, FileRecord | None]] = OrderedDict()
         self._unrecorded = UnrecordedFiles(fs.metadata, fs.reactor)
         if not isinstance(fs.storage, LocalStorage):
             # An object store has a read path of its own, chosen once here: the local
@@ -325,7 +336,7 @@ class StoreResource(Resource):
             return self._missing(request, relpath)
         f = st.local_file()
         assert f is not None  # the local directory's; an object store's reads come next
-        facts = st.facts()
+        facts = self._factsOf(relpath, st)
         if facts is not None and facts.size == st.size:
             # The file's own facts: no store on the way to the bytes, up or not.
             if is_expired(facts, self.fs.now()):
@@ -376,6 +387,18 @@ class StoreResource(Resource):
         d.addCallback(found)
         d.addErrback(lambda failure: (f.close(), request.processingFailed(failure)))
         return NOT_DONE_YET
+
+    def _factsOf(self, relpath: str, st: Any) -> FileRecord | None:
+        """The facts of the open file C{st}, read from it once per version."""
+        cached = self._facts.get(relpath)
+        if cached is not None and cached[0] == st.version:
+            self._facts.move_to_end(relpath)
+            return cached[1]
+        facts = st.facts()
+        self._facts[relpath] = (st.version, facts)
+        if len(self._facts) > RECORD_CACHE_SIZE:
+            self._facts.popitem(last=False)
+        return facts
 
     def _gone(self, request) -> bytes:
         # As Prosody's mod_http_file_share: the file was here and is not any more, from
@@ -527,7 +550,7 @@ def describe(
         content_type = guess_type(relpath)
     mtime = int(modified)
     request.setHeader(b"ETag", etag)
-    request.setHeader(b"Last-Modified", formatdate(mtime, usegmt=True).encode("ascii"))
+    request.setHeader(b"Last-Modified", _httpDateOf(mtime))
     request.setHeader(b"Cache-Control", CACHE_CONTROL)
     request.setHeader(b"Accept-Ranges", b"bytes")
     request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)

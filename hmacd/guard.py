@@ -130,6 +130,18 @@ class GuardedChannel(http.HTTPChannel):
     _awaitingHead = True  # between requests: the next byte starts a head
     _headBegun = False  # bytes of the awaited head have been read
     _headTimedOut = False
+    _localAddress: Any = None
+
+    def getHost(self) -> Any:
+        """
+        The transport's own address, asked once: twisted.web asks for every request, and a
+        TCP transport asks the kernel (getsockname) each time, for an address a connection
+        never changes.
+        """
+        address = self._localAddress
+        if address is None:
+            address = self._localAddress = super().getHost()
+        return address
 
     def _timeout(self) -> float:
         fs = getattr(self.site, "fileServer", None)

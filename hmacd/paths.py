@@ -14,7 +14,14 @@ import os
 import stat
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["MAX_SEGMENT_BYTES", "PathRefused", "relative_path", "store_path"]
+__all__ = [
+    "MAX_SEGMENT_BYTES",
+    "PathRefused",
+    "locate",
+    "relative_path",
+    "resolved_root",
+    "store_path",
+]
 
 # Linux NAME_MAX; a longer segment cannot be created, so refuse it up front
 # rather than failing half-way through an upload.
@@ -99,21 +106,43 @@ def store_path(root: str, relpath: str) -> str:
     @raise PathRefused: the path resolves outside C{root}, or to a name with
         a component starting with ".".
     """
-    real_root = _resolved_root(root)
-    target = os.path.join(real_root, *relpath.split("/"))
+    return locate(root, relpath)[0]
+
+
+def locate(root: str, relpath: str) -> tuple[str, bool, int | None]:
+    """
+    L{store_path}, whether the name is taken (something is there already, or a component on
+    the way is not a directory: nothing can be made under it), and how many of its leading
+    directories exist: None when a link on the way makes that a question for the caller's
+    own walk.
+
+    The walk that looks for links answers all three: an upload asks before its body, and a
+    separate C{lexists}, or the C{isdir} of each parent before making its directories,
+    would walk the same components again.
+
+    @raise PathRefused: as L{store_path}.
+    """
+    real_root = resolved_root(root)
+    segments = relpath.split("/")
+    target = os.path.join(real_root, *segments)
     current = real_root
-    for segment in relpath.split("/"):
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
         current = os.path.join(current, segment)
         try:
             mode = os.lstat(current).st_mode
         except OSError:
-            # Missing, or under a file, or not searchable: nothing below it can be a link
-            # that we would follow.
-            return target
+            # Missing, or not searchable: nothing below it can be a link that we would
+            # follow, nor a file in the way.
+            return target, False, i
         if stat.S_ISLNK(mode):
             _judge_resolved(real_root, os.path.realpath(target))
-            return target
-    return target
+            parent = os.path.dirname(target)
+            under_a_file = os.path.lexists(parent) and not os.path.isdir(parent)
+            return target, under_a_file or os.path.lexists(target), None
+        if i < last and not stat.S_ISDIR(mode):
+            return target, True, i  # a file on the way
+    return target, True, last
 
 
 def _judge_resolved(real_root: str, resolved: str) -> None:
@@ -131,6 +160,6 @@ def _judge_resolved(real_root: str, resolved: str) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _resolved_root(root: str) -> str:
+def resolved_root(root: str) -> str:
     """C{root} with its symbolic links resolved, once: it is the operator's StoreDir."""
     return os.path.realpath(root)

@@ -172,6 +172,7 @@ def build_file_server(
         chunk_size=config.chunk_size,
         file_ttl=config.file_ttl,
         dedup=config.deduplication,
+        sync_uploads=config.sync_uploads,
         resumable_ttl=config.resumable_ttl,
         limiter=rate_limiter(config, reactor, metadata),
         trusted_proxies=parse_networks(config.trusted_proxies),

@@ -462,7 +462,8 @@ class ResumablePiece(Sink):
         @raise Conflict: the name appeared meanwhile (the partial goes).
         """
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.fs.sync_uploads:
+            os.fsync(self._file.fileno())
         self._file.close()
         offset = self.start + self.received
         if offset < self.total:

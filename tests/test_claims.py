@@ -15,12 +15,13 @@ from io import BytesIO
 from twisted.internet.defer import fail, gatherResults, inlineCallbacks
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web import http
 from twisted.web.client import FileBodyProducer, readBody
 
 from hmacd.claims import PathBusy, claim, claims_file
 from hmacd.sink import WholeUpload
+from hmacd.storage import local as local_storage
 from hmacd.upload import DRAIN_LIMIT
 from tests.support import LoopbackServer, MemoryServer, store_files, v_query
 from tests.test_resumable import piece
@@ -138,6 +139,8 @@ class OneUploadPerPathTests(SynchronousTestCase):
     """At the protocol level: the verdict on a second upload of a path in progress."""
 
     def setUp(self):
+        # Named temps, which show what reached the disk: a refused upload has none.
+        self.patch(local_storage, "_TMPFILE", False)
         self.root = self.mktemp()
         self.server = MemoryServer(self.root, chunk_size=4)
         self.head = put_head("s/f.bin", 10, v_query("s/f.bin", 10))
@@ -319,6 +322,7 @@ class AbortedUploadDirectoryTests(SynchronousTestCase):
 
     def test_two_concurrent_aborts(self):
         """Two uploads into a new directory break off, its creator first: nothing remains."""
+        self.server.fs.storage.tmpfile = False  # named temps, which keep it from being empty
         creator = self.begin("slot/t/a.bin")
         other = self.begin("slot/t/b.bin")
         self.assertEqual(len(temp_files(self.root)), 2)
@@ -326,6 +330,24 @@ class AbortedUploadDirectoryTests(SynchronousTestCase):
         self.assertEqual(len(temp_files(os.path.join(self.root, "slot", "t"))), 1)
         other.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(store_files(self.root), [])
+
+    def test_nameless_temp_outlives_its_directory(self):
+        """
+        With O_TMPFILE a directory holding only temps is empty: an upload breaking off prunes
+        it, and another still writing into it makes it again when it links its file.
+        """
+        if not self.server.fs.storage.tmpfile:
+            raise SkipTest("no O_TMPFILE here")
+        creator = self.begin("slot/t/a.bin")
+        other, transport = self.server.connect()
+        other.dataReceived(put_head("slot/t/b.bin", 10, v_query("slot/t/b.bin", 10)) + b"abc")
+        creator.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(store_files(self.root), [])
+        other.dataReceived(b"defghij")
+        self.assertEqual(status(transport), http.CREATED)
+        self.assertEqual(store_files(self.root), ["slot", "slot/t", "slot/t/b.bin"])
+        with open(os.path.join(self.root, "slot", "t", "b.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"abcdefghij")
 
     def test_abort_keeps_directories_in_use(self):
         """An aborted upload removes only directories it leaves empty, never the root."""

@@ -226,6 +226,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "PublicURL",
                 "StorageBackend",
                 "Deduplication",
+                "SyncUploads",
                 "S3Endpoint",
                 "S3Region",
                 "S3Bucket",

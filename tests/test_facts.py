@@ -22,6 +22,7 @@ from twisted.web.client import readBody
 
 from hmacd import facts as facts_module
 from hmacd.facts import UnrecordedFiles, decode, encode, read_facts, write_facts
+from hmacd.storage import local as local_storage
 from hmacd.store.failover import FailoverStore
 from hmacd.web import HmacfsSite
 from tests.store_contract import record
@@ -197,6 +198,45 @@ class UploadWritesFactsTests(SynchronousTestCase):
         channel.dataReceived(request_head("GET", "/upload/n/c.dat"))
         self.assertEqual(status(transport), http.OK)
         self.assertEqual(response_headers(transport)[b"content-type"], b"image/gif")
+
+
+class FactsReadOnceTests(SynchronousTestCase):
+    """A file's facts are read from it once per version, not once per download."""
+
+    def setUp(self):
+        self.root = self.mktemp()
+        self.server = MemoryServer(self.root)
+        self.reads = []
+        realRead = local_storage.read_facts
+        self.patch(
+            local_storage,
+            "read_facts",
+            lambda fd, relpath: (self.reads.append(relpath), realRead(fd, relpath))[1],
+        )
+
+    def upload(self, relpath: str, body: bytes, content_type: str) -> None:
+        channel, transport = self.server.connect()
+        query = v2_query(relpath, len(body), content_type)
+        headers = (f"Content-Type: {content_type}",)
+        channel.dataReceived(put_head(relpath, len(body), query, headers) + body)
+        self.assertEqual(status(transport), http.CREATED)
+
+    def download(self, relpath: str) -> dict[bytes, bytes]:
+        channel, transport = self.server.connect()
+        channel.dataReceived(request_head("GET", f"/upload/{relpath}"))
+        self.assertEqual(status(transport), http.OK)
+        return response_headers(transport)
+
+    def test_once_per_version(self):
+        """Two downloads read the facts once; the name uploaded again reads its new facts."""
+        self.upload("v/a.dat", b"first", "image/png")
+        self.assertEqual(self.download("v/a.dat")[b"content-type"], b"image/png")
+        self.assertEqual(self.download("v/a.dat")[b"content-type"], b"image/png")
+        self.assertEqual(self.reads, ["v/a.dat"])
+        self.assertTrue(self.server.fs.storage.delete("v/a.dat"))
+        self.upload("v/a.dat", b"second", "audio/ogg")
+        self.assertEqual(self.download("v/a.dat")[b"content-type"], b"audio/ogg")
+        self.assertEqual(self.reads, ["v/a.dat"] * 2)
 
 
 class HungStoreTests(SynchronousTestCase):

@@ -5,16 +5,23 @@ directory has (temp dot files beside their destination, the zero-copy file, the 
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 import time
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused
 from hmacd.storage import Conflict
+from hmacd.storage import local as local_storage
 from hmacd.storage.local import PART_PREFIX, LocalStorage
 from tests.storage_contract import StorageContractMixin, record_for
 from tests.support import store_files, synchronous
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class LocalStorageContractTests(StorageContractMixin, SynchronousTestCase):
@@ -26,6 +33,17 @@ class LocalStorageContractTests(StorageContractMixin, SynchronousTestCase):
         return LocalStorage(root, synchronous)
 
 
+class DotTempContractTests(StorageContractMixin, SynchronousTestCase):
+    """The IStorage contract where the file system has no O_TMPFILE: dot temps instead."""
+
+    def makeStorage(self) -> LocalStorage:
+        root = self.mktemp()
+        os.makedirs(root)
+        storage = LocalStorage(root, synchronous)
+        storage.tmpfile = False
+        return storage
+
+
 class LocalStorageTests(SynchronousTestCase):
     """What only the local directory does."""
 
@@ -35,7 +53,8 @@ class LocalStorageTests(SynchronousTestCase):
         self.storage = LocalStorage(self.root, synchronous)
 
     def test_temp_is_a_dot_file_beside_its_destination(self) -> None:
-        """The bytes in progress are a dot file in the destination's directory."""
+        """Without O_TMPFILE the bytes in progress are a dot file in the destination's directory."""
+        self.storage.tmpfile = False
         writer = self.storage.writer("a/b.txt")
         (name,) = os.listdir(os.path.join(self.root, "a"))
         self.assertTrue(name.startswith(PART_PREFIX))
@@ -73,6 +92,7 @@ class LocalStorageTests(SynchronousTestCase):
 
     def test_sweep_removes_old_temps(self) -> None:
         """A temp untouched since before the cut-off is removed and named."""
+        self.storage.tmpfile = False  # an O_TMPFILE has no name to sweep
         writer = self.storage.writer("old/t.txt")
         (name,) = os.listdir(os.path.join(self.root, "old"))
         self.assertEqual(self.storage.sweep_temps(time.time() + 60), [os.path.join("old", name)])
@@ -104,3 +124,279 @@ class LocalStorageTests(SynchronousTestCase):
         os.mkfifo(os.path.join(self.root, "pipe"))
         self.assertIsNone(self.storage.open("pipe"))
         self.assertIsNone(self.storage.stat("pipe"))
+
+
+def draft(relpath: str, size: int) -> FileRecord:
+    """What an upload knows of its file before the body: the size it was signed for."""
+    return FileRecord(
+        path=relpath, size=size, content_type="text/plain", sha256="", created=0, protocol="v"
+    )
+
+
+class SmallBodyTests(SynchronousTestCase):
+    """A body that fits the write buffer is made in one go, in the commit's thread."""
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.storage = LocalStorage(self.root, synchronous)
+
+    def publish(self, relpath: str, body: bytes) -> None:
+        writer = self.storage.writer(relpath, draft(relpath, len(body)))
+        writer.write(body)
+        writer.seal()
+        writer.publish(record_for(relpath, body))
+
+    def test_nothing_on_disk_before_the_seal(self) -> None:
+        """Accepting the body and receiving it make no directory and no file; sealing does."""
+        writer = self.storage.writer("s/x.txt", draft("s/x.txt", 3))
+        writer.write(b"abc")
+        self.assertEqual(store_files(self.root), [])
+        writer.seal()
+        writer.publish(record_for("s/x.txt", b"abc"))
+        self.assertEqual(store_files(self.root), ["s", "s/x.txt"])
+        stored = self.storage.open("s/x.txt")
+        assert stored is not None
+        self.addCleanup(stored.close)
+        self.assertEqual(
+            (stored.read(0, 10), stored.facts()), (b"abc", record_for("s/x.txt", b"abc"))
+        )
+
+    def test_discarded_before_the_seal_leaves_nothing(self) -> None:
+        """A small body broken off never reached the disk: nothing to remove, nothing pruned."""
+        os.makedirs(os.path.join(self.root, "kept"))
+        writer = self.storage.writer("kept/x.txt", draft("kept/x.txt", 3))
+        writer.write(b"ab")
+        writer.discard()
+        self.assertEqual(store_files(self.root), ["kept"])
+
+    def test_directory_pruned_before_the_seal(self) -> None:
+        """A directory found before the body and pruned since is made again at the seal."""
+        os.makedirs(os.path.join(self.root, "d"))
+        writer = self.storage.writer("d/x.txt", draft("d/x.txt", 1))
+        os.rmdir(os.path.join(self.root, "d"))
+        writer.write(b"x")
+        writer.seal()
+        writer.publish(record_for("d/x.txt", b"x"))
+        self.assertEqual(store_files(self.root), ["d", "d/x.txt"])
+
+    def test_directory_made_meanwhile(self) -> None:
+        """A directory missing before the body and made since by another upload is used."""
+        writer = self.storage.writer("d/x.txt", draft("d/x.txt", 1))
+        self.publish("d/y.txt", b"y")
+        writer.write(b"x")
+        writer.seal()
+        writer.publish(record_for("d/x.txt", b"x"))
+        self.assertEqual(store_files(self.root), ["d", "d/x.txt", "d/y.txt"])
+
+    def test_file_made_meanwhile_in_the_way(self) -> None:
+        """A file put where the directory should be since the verdict: Conflict, nothing made."""
+        writer = self.storage.writer("d/e/x.txt", draft("d/e/x.txt", 1))
+        with open(os.path.join(self.root, "d"), "wb"):
+            pass
+        writer.write(b"x")
+        self.assertRaises(Conflict, writer.seal)
+        self.assertEqual(store_files(self.root), ["d"])
+
+
+class LinkPlantedTests(SynchronousTestCase):
+    """
+    A symbolic link put on the way between the verdict and the commit of a small body (the
+    time its body takes) leads nothing out of the store.
+    """
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        self.outside = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        os.makedirs(self.outside)
+        self.storage = LocalStorage(self.root, synchronous)
+
+    def assertRefused(self, relpath: str) -> None:
+        writer = self.storage.writer(relpath, draft(relpath, 1))
+        self.plant()
+        writer.write(b"x")
+        self.assertRaises(PathRefused, writer.seal)
+        self.assertEqual(os.listdir(self.outside), [])
+
+    def test_existing_directory_replaced(self) -> None:
+        """A directory that was there is now a link out: refused, nothing written there."""
+        os.makedirs(os.path.join(self.root, "d"))
+
+        def plant():
+            os.rmdir(os.path.join(self.root, "d"))
+            os.symlink(self.outside, os.path.join(self.root, "d"))
+
+        self.plant = plant
+        self.assertRefused("d/x.txt")
+
+    def test_missing_directory_appears_as_a_link(self) -> None:
+        """A directory that was missing is now a link out: refused too."""
+        self.plant = lambda: os.symlink(self.outside, os.path.join(self.root, "n"))
+        self.assertRefused("n/x.txt")
+
+    def test_deeper_missing_directory_appears_as_a_link(self) -> None:
+        """Below a directory that was there, one that was missing is now a link out."""
+        os.makedirs(os.path.join(self.root, "d"))
+        self.plant = lambda: os.symlink(self.outside, os.path.join(self.root, "d", "n"))
+        self.assertRefused("d/n/x.txt")
+
+
+class TmpfileTests(SynchronousTestCase):
+    """Temps without a name (O_TMPFILE), and the dot files where there are none."""
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.storage = LocalStorage(self.root, synchronous)
+        if not self.storage.tmpfile:
+            raise SkipTest("no O_TMPFILE here")
+
+    def test_temp_has_no_name(self) -> None:
+        """While its bytes come in a file has no name in its directory, then its own."""
+        writer = self.storage.writer("a/b.txt")
+        writer.write(b"bytes")
+        writer.seal()
+        self.assertEqual(os.listdir(os.path.join(self.root, "a")), [])
+        writer.publish(record_for("a/b.txt", b"bytes"))
+        self.assertEqual(os.listdir(os.path.join(self.root, "a")), ["b.txt"])
+
+    def test_read_back_by_its_name(self) -> None:
+        """
+        An object store's spool reads a temp back by its name before the writer lets go of it:
+        an O_TMPFILE's is its descriptor's, and there is none once it is closed.
+        """
+        writer = self.storage.writer("spool/x")
+        writer.write(b"spooled bytes")
+        writer.seal()
+        assert writer.temp is not None
+        with open(writer.temp, "rb") as f:
+            self.assertEqual(f.read(), b"spooled bytes")
+        self.assertEqual(os.listdir(os.path.join(self.root, "spool")), [])
+        writer.discard()
+        self.assertIsNone(writer.temp)
+
+    def test_refused_falls_back_to_dot_files(self) -> None:
+        """
+        A file system that refuses O_TMPFILE is asked once: that temp and every later one
+        is a dot file, and the uploads are stored all the same.
+        """
+        realOpen = os.open
+        asked = []
+
+        def noTmpfile(path, flags, *args, **kwargs):
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                asked.append(path)
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            return realOpen(path, flags, *args, **kwargs)
+
+        self.patch(os, "open", noTmpfile)
+        for name in ("a/b.txt", "a/c.txt"):
+            writer = self.storage.writer(name)
+            (temp,) = [n for n in os.listdir(os.path.join(self.root, "a")) if n.startswith(".")]
+            self.assertTrue(temp.startswith(PART_PREFIX))
+            writer.write(name.encode())
+            writer.seal()
+            writer.publish(record_for(name, name.encode()))
+        self.assertEqual(len(asked), 1)
+        self.assertFalse(self.storage.tmpfile)
+        self.assertEqual(store_files(self.root), ["a", "a/b.txt", "a/c.txt"])
+
+    def test_crash_leaves_nothing_visible(self) -> None:
+        """
+        A process killed after its temp was written and synced, before the link, leaves no
+        file and no dot file: only the directory made for it.
+        """
+        code = (
+            "import os, sys\n"
+            "from twisted.internet.defer import maybeDeferred\n"
+            "from hmacd.metadata import FileRecord\n"
+            "from hmacd.storage.local import LocalStorage\n"
+            "storage = LocalStorage(sys.argv[1], maybeDeferred)\n"
+            "record = FileRecord('s/x.bin', 4, '', '', 0, 'v')\n"
+            "writer = storage.writer('s/x.bin', record)\n"
+            "writer.write(b'lost')\n"
+            "writer.seal()\n"
+            "os.fsync(writer._file.fileno())\n"
+            "os._exit(9)\n"
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        result = subprocess.run([sys.executable, "-c", code, self.root], env=env)
+        self.assertEqual(result.returncode, 9)
+        self.assertEqual(store_files(self.root), ["s"])
+        self.assertEqual(os.listdir(os.path.join(self.root, "s")), [])
+
+
+class DurabilityTests(SynchronousTestCase):
+    """What is fsynced, in which order, before an upload is answered."""
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.events: list[str] = []
+        realFsync, realLink = os.fsync, os.link
+        fsyncDirectory = local_storage.fsync_directory
+
+        inDirectory = []
+
+        def fsync(fd):
+            if not inDirectory:
+                self.events.append("fsync file")
+            realFsync(fd)
+
+        def link(*args, **kwargs):
+            self.events.append("link")
+            realLink(*args, **kwargs)
+
+        def syncDirectory(directory):
+            self.events.append("fsync " + (os.path.relpath(directory, self.root)))
+            inDirectory.append(directory)
+            try:
+                fsyncDirectory(directory)
+            finally:
+                inDirectory.pop()
+
+        self.patch(os, "fsync", fsync)
+        self.patch(os, "link", link)
+        self.patch(local_storage, "fsync_directory", syncDirectory)
+
+    def publish(self, storage: LocalStorage, relpath: str, body: bytes) -> None:
+        writer = storage.writer(relpath, draft(relpath, len(body)))
+        writer.write(body)
+        writer.seal()
+        writer.publish(record_for(relpath, body))
+
+    def test_order(self) -> None:
+        """
+        The file (with its facts) is fsynced before its name exists; then its directory,
+        then the parent of each directory made for it, innermost first, up to the root.
+        """
+        storage = LocalStorage(self.root, synchronous)
+        self.publish(storage, "n/e/w.txt", b"new")
+        storage.settle(["n/e/w.txt"])
+        self.assertEqual(self.events, ["fsync file", "link", "fsync n/e", "fsync n", "fsync ."])
+
+    def test_parents_once(self) -> None:
+        """
+        Files committed together share the fsyncs of their directories' parent; a later
+        file in a directory made before fsyncs that directory alone.
+        """
+        storage = LocalStorage(self.root, synchronous)
+        for name in ("a/1.txt", "b/2.txt"):
+            self.publish(storage, name, b"x")
+        storage.settle(["a/1.txt", "b/2.txt"])
+        synced = [e for e in self.events if e.startswith("fsync ") and e != "fsync file"]
+        self.assertEqual(sorted(synced), ["fsync .", "fsync a", "fsync b"])
+        del self.events[:]
+        self.publish(storage, "a/3.txt", b"y")
+        storage.settle(["a/3.txt"])
+        self.assertEqual(self.events, ["fsync file", "link", "fsync a"])
+
+    def test_sync_off(self) -> None:
+        """SyncUploads = false: no fsync at all, and the file is stored all the same."""
+        storage = LocalStorage(self.root, synchronous, sync=False)
+        self.publish(storage, "n/e/w.txt", b"new")
+        storage.settle(["n/e/w.txt"])
+        self.assertEqual(self.events, ["link"])
+        self.assertEqual(store_files(self.root), ["n", "n/e", "n/e/w.txt"])

@@ -1,11 +1,20 @@
 """
 L{IStorage} on a local directory (C{StoreDir}).
 
-A new file is a temp dot file in its destination's own directory, so that publishing it
-is one atomic C{link} that never overwrites, and the temp can never be served.  Its bytes
-are written and hashed in a worker thread, in batches of at least the write buffer, while
-the reactor reads on; its facts are an extended attribute, durable with the bytes before
-the name appears.
+A new file is a temp in its destination's own directory, so that publishing it is one
+atomic C{link} that never overwrites, and the temp can never be served: an C{O_TMPFILE},
+which has no name at all until that link (a crash leaves nothing of it), or where the file
+system has none a dot file.  Its bytes are written and hashed in a worker thread, in
+batches of at least the write buffer, while the reactor reads on; its facts are an
+extended attribute, durable with the bytes before the name appears.  A body that fits the
+write buffer touches the file system only then, in the worker thread (its directories,
+its temp, its bytes, its link): the reactor thread makes no directory and no file.
+
+Before anyone is told of a file (L{LocalStorage.settle}), its directory is fsynced, and so
+is the parent of every directory made for it, up to the first that was there: the name
+and the directories leading to it survive a power cut.  Uploads committed together share
+those fsyncs.  C{SyncUploads = false} skips every fsync of an upload (the Go server's
+trade-off: a power cut may lose files already answered 201).
 
 With C{Deduplication}, bytes are stored once per content: C{.hmacfs/cas/ab/<sha256>} is a
 hard link to the one inode, and every path uploaded with those bytes is another.  An
@@ -30,6 +39,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -42,7 +52,7 @@ from zope.interface import implementer
 from hmacd.facts import content_sha256, disown_facts, named_path, read_facts, write_facts
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
-from hmacd.paths import PathRefused, store_path
+from hmacd.paths import PathRefused, locate, resolved_root, store_path
 from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat
 
 __all__ = [
@@ -73,6 +83,14 @@ SPOOL_LOW = 1024 * 1024
 MAX_WRITE_BUFFER = 64 * 1024
 
 Blocking = Callable[[Callable[[], Any]], Deferred[Any]]
+
+# Temps without a name: linked into place through /proc/self/fd (the one way to link one
+# without CAP_DAC_READ_SEARCH).  The errors of a file system that has none.
+_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL)
+
+# hashlib hashes without the GIL from this many bytes on.
+_HASHLIB_GIL_MINSIZE = 2048
 
 # Deduplication's content-addressed area: one hard link per stored content, by SHA-256.
 CAS_DIR = os.path.join(".hmacfs", "cas")
@@ -113,6 +131,30 @@ def fsync_directory(directory: str) -> None:
         pass
 
 
+def link_open(fd: int, dest: str) -> None:
+    """
+    Link the open file C{fd} (an O_TMPFILE) to the name C{dest}, never overwriting.
+
+    @raise FileExistsError: C{dest} is taken.
+    """
+    # An absolute source ignores src_dir_fd; giving one makes os.link call linkat() with
+    # AT_SYMLINK_FOLLOW, which the /proc link needs (plain link() would link the magic
+    # link itself, across devices).
+    os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=fd, follow_symlinks=True)
+
+
+def _hash_holding_the_gil(sha256: Any, data: bytes) -> None:
+    """
+    C{sha256.update(data)} without letting the GIL go: hashlib lets it go from 2 KiB on
+    (and, once it has, for every later piece of that hash), and for a body of a few KiB
+    taking it back costs a worker thread more than the hashing, while the reactor thread
+    holds it.
+    """
+    view = memoryview(data)
+    for start in range(0, len(view), _HASHLIB_GIL_MINSIZE - 1):
+        sha256.update(view[start : start + _HASHLIB_GIL_MINSIZE - 1])
+
+
 @implementer(IStorage)
 class LocalStorage:
     """
@@ -123,6 +165,10 @@ class LocalStorage:
     @param dedup: C{Deduplication}: new files share the bytes of an identical one.
     @param on_shared: called (in a worker thread) with the size of each file stored as a
         reference to bytes already there.
+    @param sync: C{SyncUploads}: fsync each new file, its directory and the parents of the
+        directories made for it before it is answered.  False leaves it to the kernel.
+    @ivar tmpfile: whether temps are C{O_TMPFILE}s (linked through C{/proc/self/fd}); set
+        False for good the first time the file system refuses one.
     """
 
     def __init__(
@@ -132,20 +178,28 @@ class LocalStorage:
         chunk_size: int = 1 << 20,
         dedup: bool = False,
         on_shared: Callable[[int], None] | None = None,
+        sync: bool = True,
     ) -> None:
         self.root = os.path.abspath(root)
         self.blocking = blocking
         self.write_buffer = min(chunk_size, MAX_WRITE_BUFFER)
         self.dedup = dedup
         self.on_shared = on_shared
+        self.sync = sync
+        self.tmpfile = _TMPFILE
         self.cas_root = os.path.join(self.root, CAS_DIR)
         # Files shared while Deduplication was on stay shared after it is turned off: their
         # deletions must still let their contents' entries go.  Without either, deletion is
         # what it always was.
         self.shares = dedup or os.path.isdir(self.cas_root)
+        # Directories this process made whose entries in their parents may not be durable
+        # yet: settle() fsyncs those parents before a file in them is answered.  Pool threads
+        # add and settle; the lock keeps the set whole.
+        self._unsettled: set[str] = set()
+        self._unsettledLock = threading.Lock()
 
     def writer(self, relpath: str, draft: FileRecord | None = None) -> LocalWriter:
-        return LocalWriter(self, relpath)
+        return LocalWriter(self, relpath, None if draft is None else draft.size)
 
     def adopt(self, source: str, relpath: str, record: FileRecord) -> None:
         if self.dedup:
@@ -153,7 +207,7 @@ class LocalStorage:
             return
         with open(source, "rb") as f:
             # As for a new file: the facts are on it, durably, before it is linked.
-            if write_facts(f.fileno(), record):
+            if write_facts(f.fileno(), record) and self.sync:
                 os.fsync(f.fileno())
         dest = store_path(self.root, relpath)
         self.make_parents(os.path.dirname(dest))
@@ -172,7 +226,7 @@ class LocalStorage:
             if self.link_content(record.sha256, record.size, dest):
                 return
             with open(source, "rb") as f:
-                if write_facts(f.fileno(), record, named=True):
+                if write_facts(f.fileno(), record, named=True) and self.sync:
                     os.fsync(f.fileno())
             os.link(source, dest)
         except FileExistsError:
@@ -222,17 +276,21 @@ class LocalStorage:
             self.on_shared(size)
         return True
 
-    def enter_content(self, path: str, sha256: str) -> bool:
+    def enter_content(self, path: str | None, sha256: str, fd: int | None = None) -> bool:
         """
-        Blocking.  Make the published file at C{path} (or its temp, another link to it) the
-        entry of its content, for later uploads of the same bytes to share; whether it is.
-        Best effort: a content entered meanwhile by another upload keeps its entry, and this
-        file its own bytes.
+        Blocking.  Make the published file at C{path} (or its temp, another link to it; or
+        the open O_TMPFILE C{fd}) the entry of its content, for later uploads of the same
+        bytes to share; whether it is.  Best effort: a content entered meanwhile by another
+        upload keeps its entry, and this file its own bytes.
         """
         entry = self.content_path(sha256)
         for _ in range(2):
             try:
-                os.link(path, entry)
+                if fd is not None:
+                    link_open(fd, entry)
+                else:
+                    assert path is not None
+                    os.link(path, entry)
                 return True
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(entry), exist_ok=True)
@@ -408,9 +466,28 @@ class LocalStorage:
         return removed
 
     def settle(self, relpaths: list[str]) -> None:
-        # Each directory once, however many files went into it.
-        for directory in {os.path.dirname(os.path.join(self.root, p)) for p in relpaths}:
+        if not self.sync:
+            return
+        # Each directory once, however many files went into it.  Spelled from the resolved
+        # root, as the writers made them (store_path).
+        root = resolved_root(self.root)
+        directories = {os.path.dirname(os.path.join(root, p)) for p in relpaths}
+        for directory in directories:
             fsync_directory(directory)
+        # Then the entries of the directories made for them, each parent once: in the slot
+        # layout every upload makes one, and a batch of them shares the parent's fsync.
+        made = []
+        with self._unsettledLock:
+            for directory in directories:
+                while directory in self._unsettled:
+                    made.append(directory)
+                    directory = os.path.dirname(directory)
+        for parent in dict.fromkeys(os.path.dirname(d) for d in made):
+            fsync_directory(parent)
+        # Only once they are durable: a file another batch answers meanwhile in one of
+        # these directories finds it still unsettled, and fsyncs its parent itself.
+        with self._unsettledLock:
+            self._unsettled.difference_update(made)
 
     def exists(self, relpath: str) -> bool:
         return os.path.lexists(store_path(self.root, relpath))
@@ -457,6 +534,7 @@ class LocalStorage:
                 os.rmdir(directory)
             except OSError:
                 break  # not empty
+            self._forget(directory)
             directory = os.path.dirname(directory)
         return True
 
@@ -513,7 +591,71 @@ class LocalStorage:
                     raise Conflict() from None
             else:
                 created.append(d)
+        if created and self.sync:
+            with self._unsettledLock:
+                self._unsettled.update(created)
         return created
+
+    def make_directories(self, directory: str, found: int | None) -> list[str]:
+        """
+        Blocking.  L{make_parents}, told by L{locate} how many of the directories leading
+        to C{directory} (from the resolved root down) existed: only the missing ones are
+        made, with no question asked of those that were there.  Anything unexpected (a
+        directory pruned meanwhile, C{found} None) is left to L{make_parents}.
+        """
+        root = resolved_root(self.root)
+        if found is None or not (directory == root or directory.startswith(root + os.sep)):
+            return self.make_parents(directory)
+        parts = directory[len(root) + 1 :].split(os.sep) if directory != root else []
+        made: list[str] = []
+        current = os.path.join(root, *parts[:found])
+        for part in parts[found:]:
+            current = os.path.join(current, part)
+            try:
+                os.mkdir(current)
+            except FileExistsError:
+                if not os.path.isdir(current):
+                    raise Conflict() from None
+                continue  # made meanwhile by another upload
+            except FileNotFoundError:
+                # A directory that was there has been pruned meanwhile.
+                made.extend(self.make_parents(directory))
+                return made
+            made.append(current)
+            if self.sync:
+                with self._unsettledLock:
+                    self._unsettled.add(current)
+        return made
+
+    def _forget(self, directory: str) -> None:
+        """C{directory} is removed: nothing in it will need its entry settled."""
+        if self._unsettled:
+            with self._unsettledLock:
+                self._unsettled.discard(directory)
+
+    def new_temp(self, directory: str) -> tuple[int, str | None]:
+        """
+        Blocking.  A temp file open for writing in C{directory}: its descriptor, and its
+        name (None for an C{O_TMPFILE}, which has none).
+
+        @raise OSError: as C{open}; FileNotFoundError when C{directory} is gone.
+        """
+        if self.tmpfile:
+            # No O_NOFOLLOW: that would refuse a directory reached through a link inside
+            # the store, which store_path has judged (as for a named temp's directory).
+            flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+            try:
+                return os.open(directory, flags, 0o644), None
+            except OSError as e:
+                if e.errno not in _NO_TMPFILE:
+                    raise
+                # The file system has no O_TMPFILE (some FUSE and network mounts, old
+                # kernels): dot files from now on.
+                self.tmpfile = False
+                log.info("{root}: no O_TMPFILE here; temps are dot files", root=self.root)
+        temp = os.path.join(directory, PART_PREFIX + secrets.token_hex(8) + PART_SUFFIX)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(temp, flags, 0o644), temp
 
     def prune(self, relpath: str) -> None:
         """
@@ -529,6 +671,7 @@ class LocalStorage:
                 os.rmdir(directory)
             except OSError:
                 break  # not empty: another upload uses it now
+            self._forget(directory)
             directory = os.path.dirname(directory)
 
 
@@ -571,47 +714,91 @@ class LocalFile:
 
 @implementer(IWriter)
 class LocalWriter:
-    """A temp dot file beside the destination, spooled to from a worker thread."""
+    """
+    A temp beside the destination (L{LocalStorage.new_temp}), spooled to from a worker
+    thread.
+
+    A body of at most the write buffer (C{size}) is made in the worker thread when it is
+    sealed: its directories, its temp and its bytes all at once, in the commit's thread
+    hand-off.  A larger one, or one of unknown size, gets its temp now, so that a storage
+    that cannot take it says so before the body.
+    """
 
     onRelief: Callable[[], None] | None = None
-    temp: str | None = None
+    _name: str | None = None  # the temp's name: None for an O_TMPFILE, or before it exists
+    _file: IO[bytes] | None = None
+    _touched = False  # it has been at the file system: a discarded upload prunes
+    # How many directories leading to it existed before the body (hmacd.paths.locate); None
+    # once that may no longer hold.
+    _found: int | None = None
     _busy = False  # a batch is in the thread
     _failure: OSError | None = None
     _closeAfterBatch = False
     _draining = False
 
-    def __init__(self, storage: LocalStorage, relpath: str) -> None:
+    def __init__(self, storage: LocalStorage, relpath: str, size: int | None = None) -> None:
+        """
+        @raise Conflict: something is at C{relpath} (or a file on the way to it).
+        @raise PathRefused: C{relpath} leads out of the store.
+        """
         self.storage = storage
         self.relpath = relpath
-        self.dest = store_path(storage.root, relpath)
+        self.dest, taken, self._found = locate(storage.root, relpath)
+        if taken:
+            raise Conflict()
         self.received = 0
         self._sha256 = hashlib.sha256()
         # Bytes given to write() and not yet written, waiting (_pending) or in the thread.
         self._pending: list[bytes] = []
         self._backlog = 0
         self._waiters: list[Deferred[None]] = []
-        if os.path.lexists(self.dest):
-            raise Conflict()
-        try:
-            self.temp, self._file = self._open()
-        except BaseException:
-            storage.prune(relpath)  # a refused upload leaves the store as it was
-            raise
+        self._small = size is not None and size <= storage.write_buffer
+        # The temp is made later than the walk above (at the seal): whatever that walk
+        # found may have been replaced since.
+        self._late = self._small
+        if not self._small:
+            try:
+                self._open()
+            except BaseException:
+                self._cleanUp()  # a refused upload leaves the store as it was
+                raise
 
-    def _open(self) -> tuple[str, IO[bytes]]:
+    @property
+    def temp(self) -> str | None:
+        """
+        A name the temp can be opened by, in this process, while the writer holds it (to read
+        its bytes back, as an object store's spool does): its own for a dot file, its
+        descriptor's under /proc/self/fd for an O_TMPFILE; None before it exists.
+        """
+        if self._name is not None:
+            return self._name
+        if self._file is None or self._file.closed:
+            return None
+        return f"/proc/self/fd/{self._file.fileno()}"
+
+    def _open(self) -> IO[bytes]:
+        """Blocking.  The temp, made now if it is not there yet (with its directories)."""
+        if self._file is not None:
+            return self._file
+        storage = self.storage
+        directory = os.path.dirname(self.dest)
+        self._touched = True
         for attempt in (1, 2):
             try:
-                if self.storage.make_parents(os.path.dirname(self.dest)):
-                    # Re-check now that the directories exist: a symlink placed
-                    # on the way must not lead the temp file out of the store.
-                    store_path(self.storage.root, self.relpath)
-                temp = os.path.join(
-                    os.path.dirname(self.dest), PART_PREFIX + secrets.token_hex(8) + PART_SUFFIX
-                )
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-                fd = os.open(temp, flags, 0o644)
+                found = self._found
+                made = storage.make_directories(directory, found)
+                ours = found == 0 and len(made) == self.relpath.count("/")
+                if not ours and (made or self._late):
+                    # Re-check now that the directories exist: a symlink placed on the way
+                    # since the verdict's walk must not lead the temp file out of the store.
+                    # Only when every directory below the root is one just made here was
+                    # there nothing to replace.
+                    store_path(storage.root, self.relpath)
+                fd, self._name = storage.new_temp(directory)
             except FileNotFoundError:
                 # A concurrent aborted upload pruned a directory we found.
+                self._found = None
+                self._late = True
                 if attempt == 2:
                     raise
                 continue
@@ -620,8 +807,27 @@ class LocalWriter:
             # Unbuffered: what reaches the file comes in batches of at least the write buffer
             # (or the rest, at seal), and 500 slow uploads held 32 MiB of idle
             # BufferedWriters.
-            return temp, open(fd, "wb", buffering=0)
+            self._file = open(fd, "wb", buffering=0)
+            return self._file
         raise AssertionError("unreachable")
+
+    def _link(self) -> None:
+        """Blocking.  Give the temp its name, never overwriting (FileExistsError)."""
+        assert self._file is not None
+        if self._name is not None:
+            os.link(self._name, self.dest)
+            return
+        for attempt in (1, 2):
+            try:
+                link_open(self._file.fileno(), self.dest)
+                return
+            except FileNotFoundError:
+                # No name kept the directory from being empty: an upload that broke off
+                # may have pruned it meanwhile.  Made again, as a first upload would.
+                if attempt == 2:
+                    raise
+                self.storage.make_parents(os.path.dirname(self.dest))
+                store_path(self.storage.root, self.relpath)  # made by whom, since when?
 
     def write(self, data: bytes) -> bool:
         self.received += len(data)
@@ -641,11 +847,15 @@ class LocalWriter:
 
     def _spool(self, batch: list[bytes]) -> None:
         # In a worker thread: file writes and hashlib release the GIL.
+        f = self._open()
         for data in batch:
             view = memoryview(data)
             while view:
-                view = view[self._file.write(view) or 0 :]
-            self._sha256.update(data)
+                view = view[f.write(view) or 0 :]
+            if self._small:
+                _hash_holding_the_gil(self._sha256, data)
+            else:
+                self._sha256.update(data)  # without the GIL: the reactor reads on meanwhile
 
     def _spooled(self, result: object, count: int) -> None:
         self._busy = False
@@ -657,7 +867,7 @@ class LocalWriter:
             else:
                 self._failure = result.value
         if self._closeAfterBatch:
-            self._closeFile()
+            self._cleanUp()
             return
         if self._failure is None and self._backlog >= self.storage.write_buffer:
             self._dispatch()
@@ -684,7 +894,7 @@ class LocalWriter:
 
     def seal(self) -> str:
         try:
-            self._spool(self._pending)
+            self._spool(self._pending)  # makes the temp of a small body, even an empty one
         except BaseException:
             self.discard()
             raise
@@ -692,63 +902,84 @@ class LocalWriter:
         return self._sha256.hexdigest()
 
     def publish(self, record: FileRecord) -> None:
-        assert self.temp is not None
+        f = self._file
+        assert f is not None
         if self.storage.dedup:
-            self._publishShared(record)
+            self._publishShared(f, record)
             return
         try:
             # Before the fsync and the link: the facts are durable with the file, and the
             # file is never visible without them.
-            write_facts(self._file.fileno(), record)
-            os.fsync(self._file.fileno())
-            self._file.close()
+            write_facts(f.fileno(), record)
+            if self.storage.sync:
+                os.fsync(f.fileno())
             try:
-                os.link(self.temp, self.dest)
+                self._link()
             except FileExistsError:
                 raise Conflict() from None
         except BaseException:
             self.discard()
             raise
-        os.unlink(self.temp)
+        self._letGo()
 
-    def _publishShared(self, record: FileRecord) -> None:
-        assert self.temp is not None
+    def _publishShared(self, f: IO[bytes], record: FileRecord) -> None:
         try:
             if self.storage.link_content(record.sha256, record.size, self.dest):
                 # The bytes were durable already: ours go unsynced, and the facts of this
                 # path are its record's (the inode's are the first upload's).
-                self._file.close()
-                os.unlink(self.temp)
+                self._letGo()
                 return
             # Facts naming their path: later paths sharing the inode will not take them.
-            write_facts(self._file.fileno(), record, named=True)
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.link(self.temp, self.dest)
+            write_facts(f.fileno(), record, named=True)
+            if self.storage.sync:
+                os.fsync(f.fileno())
+            self._link()
         except FileExistsError:
             self.discard()
             raise Conflict() from None
         except BaseException:
             self.discard()
             raise
-        # After the publish: a content is entered only once a path refers to it.
-        entered = self.storage.enter_content(self.temp, record.sha256)
-        os.unlink(self.temp)
+        # After the publish: a content is entered only once a path refers to it.  The temp
+        # (named, or open) still holds the inode, whoever deletes the path meanwhile.
+        if self._name is not None:
+            entered = self.storage.enter_content(self._name, record.sha256)
+        else:
+            entered = self.storage.enter_content(None, record.sha256, f.fileno())
+        self._letGo()
         if entered:
             self.storage.release_if_last(record.sha256)
 
+    def _letGo(self) -> None:
+        """After the publish: the temp's name (if it has one) and descriptor go."""
+        self._closeFile()
+        if self._name is not None:
+            os.unlink(self._name)
+
     def _closeFile(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+
+    def _cleanUp(self) -> None:
+        """Nothing of the file stays: its temp, and the directories made for it if empty."""
+        self._closeFile()
+        if self._name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name)
+        if self._touched:
+            # Not only directories it made: of two uploads into a new directory that both
+            # break off, the one that made it may go first (see LocalStorage.prune).
+            self.storage.prune(self.relpath)
 
     def discard(self) -> None:
         self.onRelief = None
         if self._busy:
-            # The thread is writing to it: closed when its batch is done.
+            # The thread is writing to it (or making it): cleaned up when its batch is done.
+            # A name it has already goes now.
             self._closeAfterBatch = True
-        else:
-            self._closeFile()
-        if self.temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.temp)
-        self.storage.prune(self.relpath)
+            if self._name is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._name)
+            return
+        self._cleanUp()
