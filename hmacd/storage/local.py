@@ -40,7 +40,7 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -117,6 +117,20 @@ class DedupCensus:
     stored_bytes: int = 0
     saved_bytes: int = 0
     orphans: int = 0
+
+    @classmethod
+    def of(cls, entries: Iterable[tuple[int, int]]) -> DedupCensus:
+        """The census of contents given as (size, paths referring to it)."""
+        contents = references = stored = saved = orphans = 0
+        for size, paths in entries:
+            if paths < 1:
+                orphans += 1
+                continue
+            contents += 1
+            references += paths
+            stored += size
+            saved += size * (paths - 1)
+        return cls(contents, references, stored, saved, orphans)
 
 
 def fsync_directory(directory: str) -> None:
@@ -415,40 +429,19 @@ class LocalStorage:
 
     def dedup_census(self) -> DedupCensus:
         """Blocking (a walk of the entries, one lstat each).  What sharing holds now."""
-        contents = references = stored = saved = orphans = 0
+        return DedupCensus.of(
+            # Every link of an entry but its own is a path.
+            (st.st_size, st.st_nlink - 1)
+            for _, _, st in self._entries()
+            if stat.S_ISREG(st.st_mode)
+        )
+
+    def _entries(self) -> Iterator[tuple[str, str, os.stat_result]]:
+        """Blocking.  Each entry of the content area: its name, its path, its lstat."""
         try:
             shards = sorted(os.listdir(self.cas_root))
         except FileNotFoundError:
-            return DedupCensus()
-        for shard in shards:
-            try:
-                names = os.listdir(os.path.join(self.cas_root, shard))
-            except (NotADirectoryError, FileNotFoundError):
-                continue
-            for name in names:
-                try:
-                    st = os.lstat(os.path.join(self.cas_root, shard, name))
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                paths = st.st_nlink - 1  # every link but the entry's own
-                if paths < 1:
-                    orphans += 1
-                    continue
-                contents += 1
-                references += paths
-                stored += st.st_size
-                saved += st.st_size * (paths - 1)
-        return DedupCensus(contents, references, stored, saved, orphans)
-
-    def _sweepOrphans(self) -> list[str]:
-        """Entries no path refers to any more; removed, under the same lock as a deletion."""
-        removed: list[str] = []
-        try:
-            shards = os.listdir(self.cas_root)
-        except FileNotFoundError:
-            return removed
+            return
         for shard in shards:
             try:
                 names = os.listdir(os.path.join(self.cas_root, shard))
@@ -457,12 +450,19 @@ class LocalStorage:
             for name in names:
                 path = os.path.join(self.cas_root, shard, name)
                 try:
-                    if os.lstat(path).st_nlink != 1:
-                        continue
+                    st = os.lstat(path)
                 except FileNotFoundError:
                     continue
-                if _SHA256_HEX.fullmatch(name) and self.release_content(name):
-                    removed.append(os.path.relpath(path, self.root))
+                yield name, path, st
+
+    def _sweepOrphans(self) -> list[str]:
+        """Entries no path refers to any more; removed, under the same lock as a deletion."""
+        removed: list[str] = []
+        for name, path, st in self._entries():
+            if st.st_nlink != 1:
+                continue
+            if _SHA256_HEX.fullmatch(name) and self.release_content(name):
+                removed.append(os.path.relpath(path, self.root))
         return removed
 
     def settle(self, relpaths: list[str]) -> None:

@@ -199,6 +199,15 @@ def _resolved(reference: Any, content: Any) -> Any:
     )
 
 
+@inlineCallbacks
+def _read_object(client: S3Client, key: str, range: tuple[int, int] | None) -> Any:
+    """Reactor thread: the bytes of an object (a range of it), bounded by the caller."""
+    answer = yield client.get_object(key, range)
+    sink = _Collect()
+    yield answer.deliver(sink)
+    return b"".join(sink.chunks)
+
+
 @implementer(IConsumer)
 class _Collect:
     """A consumer that keeps what it is given (one ranged read, bounded by the caller)."""
@@ -363,10 +372,7 @@ class S3Storage:
             return None
         if _hidden(key):
             return None
-        try:
-            return self._call(self.client.head_object, key)
-        except NoSuchKey:
-            return None
+        return self._head_key(key)
 
     # Writing.
 
@@ -600,17 +606,10 @@ class S3Storage:
     def dedup_census(self) -> DedupCensus:
         """Blocking (two listings: the markers and the contents).  What sharing holds now."""
         markers = self._markers()
-        contents = references = stored = saved = orphans = 0
-        for listed in self._list(CAS):
-            count = len(markers.get(listed.key[len(CAS) :], ()))
-            if count < 1:
-                orphans += 1
-                continue
-            contents += 1
-            references += count
-            stored += listed.size
-            saved += listed.size * (count - 1)
-        return DedupCensus(contents, references, stored, saved, orphans)
+        return DedupCensus.of(
+            (listed.size, len(markers.get(listed.key[len(CAS) :], ())))
+            for listed in self._list(CAS)
+        )
 
     def _sweep_contents(self, older_than: float, markers_before: float) -> list[str]:
         """
@@ -651,20 +650,14 @@ class S3Storage:
     def _reference_of(self, marker: str) -> str | None:
         """Blocking.  The content the reference a marker stands for names; None if gone."""
         try:
-            key = self._call(self._get_all, marker).decode("utf-8")
+            key = self._call(_read_object, self.client, marker, None).decode("utf-8")
         except (NoSuchKey, UnicodeDecodeError):
             return None
         head = self._head_key(key)
-        if head is None or marker_key(content_of(head.metadata) or "0" * 64, key) != marker:
-            return None
-        return content_of(head.metadata)
-
-    @inlineCallbacks
-    def _get_all(self, key: str) -> Any:
-        answer = yield self.client.get_object(key)
-        sink = _Collect()
-        yield answer.deliver(sink)
-        return b"".join(sink.chunks)
+        sha256 = None if head is None else content_of(head.metadata)
+        if sha256 is None or marker_key(sha256, key) != marker:
+            return None  # gone, or no more the reference this marker stands for
+        return sha256
 
     @inlineCallbacks
     def _send_part(
@@ -772,15 +765,9 @@ class S3Storage:
 
     def files(self) -> Iterator[str]:
         """Every stored object but hidden (dot) names, in the store's (byte) order."""
-        token: str | None = None
-        while True:
-            page = self._call(self.client.list_objects_v2, "", token)
-            for listed in page.objects:
-                if not _hidden(listed.key):
-                    yield listed.key
-            token = page.next_token
-            if token is None:
-                return
+        for listed in self._list(""):
+            if not _hidden(listed.key):
+                yield listed.key
 
     def sweep_temps(self, older_than: float) -> list[str]:
         # Spooled bodies of a process that died, and multipart uploads it never finished
@@ -799,16 +786,10 @@ class S3Storage:
                 in_use[staging] = check is not None and check(staging)
             return in_use[staging]
 
-        token = None
-        while True:
-            page = self._call(self.client.list_objects_v2, STAGING, token)
-            for listed in page.objects:
-                if _seconds_iso(listed.last_modified) < older_than and not used(listed.key):
-                    self._call(self.client.delete_object, listed.key)
-                    removed.append(listed.key)
-            token = page.next_token
-            if token is None:
-                break
+        for listed in list(self._list(STAGING)):
+            if _seconds_iso(listed.last_modified) < older_than and not used(listed.key):
+                self._call(self.client.delete_object, listed.key)
+                removed.append(listed.key)
         # Multipart uploads and markers live as long as a resumable upload may (a large
         # body streamed slowly is one multipart upload from its first part to its last).
         uploads_before = min(older_than, time.time() - self.multipart_ttl)
@@ -864,14 +845,7 @@ class S3Readable:
         if length <= 0 or offset >= self.size:
             return b""
         last = min(self.size, offset + length) - 1
-        return self._storage._call(self._get, offset, last)
-
-    @inlineCallbacks
-    def _get(self, first: int, last: int) -> Any:
-        answer = yield self._storage.client.get_object(self.key, (first, last))
-        sink = _Collect()
-        yield answer.deliver(sink)
-        return b"".join(sink.chunks)
+        return self._storage._call(_read_object, self._storage.client, self.key, (offset, last))
 
     def deliver(self, consumer: IConsumer, first: int, last: int) -> Deferred[Any]:
         """
