@@ -496,6 +496,14 @@ class PieceTests(SynchronousTestCase):
 class S3AdminTests(BucketCase):
     """rm and purge with StorageBackend = "s3", as an operator runs them (a prefix of its own)."""
 
+    def admin(self, config: str, *argv: str):
+        """Run C{hmacfs admin argv[0] --config config argv[1:]} with the bucket's keys."""
+        keys = {
+            "HMACFS_S3_ACCESS_KEY": self.mini.access_key,
+            "HMACFS_S3_SECRET_KEY": self.mini.secret_key,
+        }
+        return deferToThread(run_command, "admin", argv[0], "--config", config, *argv[1:], env=keys)
+
     async def test_rm_and_purge(self):
         """rm takes an object down (record gone, takedown kept); purge deletes one uploader's."""
         bodies = {"s/cat.jpg": b"a cat", "s/dog.jpg": b"a dog", "t/keep.txt": b"kept"}
@@ -512,15 +520,9 @@ class S3AdminTests(BucketCase):
             await store.put(facts)
         await store.stop()
         config = self.write_config()
-        keys = {
-            "HMACFS_S3_ACCESS_KEY": self.mini.access_key,
-            "HMACFS_S3_SECRET_KEY": self.mini.secret_key,
-        }
 
-        async def admin(*argv: str):
-            return await deferToThread(
-                run_command, "admin", argv[0], "--config", config, *argv[1:], env=keys
-            )
+        def admin(*argv: str):
+            return self.admin(config, *argv)
 
         done = await admin("rm", "--legal", "s/cat.jpg")
         self.assertEqual((done.returncode, done.stderr), (0, ""))
@@ -553,15 +555,9 @@ class S3AdminTests(BucketCase):
         config = self.write_config()
         with open(config, "a") as f:
             f.write("Deduplication = true\n")
-        keys = {
-            "HMACFS_S3_ACCESS_KEY": self.mini.access_key,
-            "HMACFS_S3_SECRET_KEY": self.mini.secret_key,
-        }
 
-        async def admin(*argv: str):
-            return await deferToThread(
-                run_command, "admin", argv[0], "--config", config, *argv[1:], env=keys
-            )
+        def admin(*argv: str):
+            return self.admin(config, *argv)
 
         done = await admin("stats")
         self.assertEqual((done.returncode, done.stderr), (0, ""))

@@ -17,7 +17,6 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from hmacd.config import S3_MIN_PART
-from hmacd.s3 import S3Unavailable
 from hmacd.storage import Conflict, StorageUnavailable
 from hmacd.storage.s3 import S3Storage
 from hmacd.storage.s3_dedup import (
@@ -29,8 +28,8 @@ from hmacd.storage.s3_dedup import (
     marker_key,
 )
 from tests.storage_contract import StorageContractMixin, record_for
-from tests.support import memory_metadata, synchronous
-from tests.test_storage_s3 import SeaweedStorageCase, in_a_thread
+from tests.support import memory_metadata
+from tests.test_storage_s3 import SeaweedStorageCase, in_a_thread, lose_answers
 
 
 class DedupCase(SeaweedStorageCase):
@@ -38,21 +37,12 @@ class DedupCase(SeaweedStorageCase):
 
     def makeStorage(self) -> S3Storage:
         self.client = self.makeClient()
-        storage = S3Storage(
-            self.client,
-            reactor,
-            os.path.abspath(self.mktemp()),
-            synchronous,
-            threshold=S3_MIN_PART,
-            part_size=S3_MIN_PART,
-            stream=True,  # refused: a deduplicated body goes after its last byte
-            dedup=True,
-        )
+        # stream is refused: a deduplicated body goes after its last byte.
+        storage = self.storageOf(self.client, stream=True, dedup=True)
         self.metadata = memory_metadata(reactor)
         storage.content_locks = ContentLocks(self.metadata, "test", reactor, wait=5.0)
         self.shared: list[int] = []
         storage.on_shared = self.shared.append
-        self.addCleanup(storage.stop)
         return storage
 
 
@@ -143,15 +133,20 @@ class S3DedupTests(DedupCase):
         self.assertFalse((yield deferToThread(self.storage.delete, "two.bin")))
 
     @inlineCallbacks
+    def losesTheName(self, relpath: str, winner: bytes, loser: bytes):
+        """A writer for relpath, whose name C{winner} then takes: C{loser} is a Conflict."""
+        writer = self.storage.writer(relpath)
+        yield deferToThread(self.publish, relpath, winner)
+        writer.write(loser)
+        yield deferToThread(writer.seal)
+        with self.assertRaises(Conflict):
+            yield deferToThread(writer.publish, record_for(relpath, loser))
+
+    @inlineCallbacks
     def test_taken_name_leaves_nothing(self):
         """A name taken meanwhile: Conflict, and the new content goes again with its marker."""
         yield deferToThread(self.publish, "x.txt", b"first")
-        writer = self.storage.writer("y.txt")
-        yield deferToThread(self.publish, "y.txt", b"winner")
-        writer.write(b"loser")
-        yield deferToThread(writer.seal)
-        with self.assertRaises(Conflict):
-            yield deferToThread(writer.publish, record_for("y.txt", b"loser"))
+        yield self.losesTheName("y.txt", b"winner", b"loser")
         sha = hashlib.sha256(b"winner").hexdigest()
         first = hashlib.sha256(b"first").hexdigest()
         self.assertEqual(
@@ -172,12 +167,7 @@ class S3DedupTests(DedupCase):
     def test_taken_name_same_content_keeps_its_marker(self):
         """The same bytes at a taken name: the marker is the one already there, and stays."""
         yield deferToThread(self.publish, "same.txt", b"same")
-        writer = self.storage.writer("other.txt")
-        yield deferToThread(self.publish, "other.txt", b"same")
-        writer.write(b"same")
-        yield deferToThread(writer.seal)
-        with self.assertRaises(Conflict):
-            yield deferToThread(writer.publish, record_for("other.txt", b"same"))
+        yield self.losesTheName("other.txt", b"same", b"same")
         yield deferToThread(self.storage.delete, "same.txt")
         stored = yield deferToThread(self.storage.open, "other.txt")
         self.assertEqual((yield deferToThread(stored.read, 0, 10)), b"same")
@@ -273,17 +263,8 @@ class S3DedupTests(DedupCase):
             return delete_object(key)
 
         client.delete_object = slow_delete  # type: ignore[method-assign]
-        other = S3Storage(
-            self.makeClient(),
-            reactor,
-            os.path.abspath(self.mktemp()),
-            synchronous,
-            threshold=S3_MIN_PART,
-            part_size=S3_MIN_PART,
-            dedup=True,
-        )
+        other = self.storageOf(self.makeClient(), dedup=True)
         other.content_locks = ContentLocks(self.metadata, "other", reactor, wait=5.0)
-        self.addCleanup(other.stop)
         body = os.urandom(2000)
 
         def publish_there(relpath: str) -> None:
@@ -305,29 +286,14 @@ class S3DedupTests(DedupCase):
             yield deferToThread(other.delete, f"new/{i}.bin")
             self.assertEqual((yield self.keys()), [], i)
 
-    def loseAnswers(self, method: str, when) -> None:
-        """The client's C{method} does its work, then fails as if its answer were lost."""
-        client = self.client
-        real = getattr(client, method)
-
-        def lossy(*args, **kw):
-            d = real(*args, **kw)
-            if when(*args, **kw):
-
-                def lost(_):
-                    raise S3Unavailable("the connection was lost before the answer")
-
-                d.addCallback(lost)
-            return d
-
-        setattr(client, method, lossy)
-        self.addCleanup(setattr, client, method, real)
-
     @inlineCallbacks
     def test_reference_written_answer_lost(self):
         """The reference's PUT lands but its answer is lost: the upload succeeded, whole."""
-        self.loseAnswers(
-            "put_object", lambda key, body, *a, **kw: len(a) > 2 and CONTENT_META in a[2]
+        lose_answers(
+            self,
+            self.client,
+            "put_object",
+            lambda key, body, *a, **kw: len(a) > 2 and CONTENT_META in a[2],
         )
         body = os.urandom(3000)
         sha = hashlib.sha256(body).hexdigest()
@@ -342,7 +308,7 @@ class S3DedupTests(DedupCase):
     @inlineCallbacks
     def test_content_written_answer_lost(self):
         """The content's PutObject lands, its answer lost: the retry meets it, ours."""
-        self.loseAnswers("put_object", lambda key, *a, **kw: key.startswith(CAS))
+        lose_answers(self, self.client, "put_object", lambda key, *a, **kw: key.startswith(CAS))
         body = os.urandom(3000)
         yield deferToThread(self.publish, "c.bin", body)
         stored = yield deferToThread(self.storage.open, "c.bin")

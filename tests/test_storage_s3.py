@@ -47,6 +47,30 @@ def in_a_thread(cls: type) -> type:
     return cls
 
 
+def lose_answers(testCase: TestCase, client: S3Client, method: str, when=None) -> None:
+    """
+    The client's C{method} does its work, then fails as if its answer were lost: for the
+    calls C{when(*args, **kw)} says, or (without C{when}) for the first call only.
+    """
+    real = getattr(client, method)
+    calls: list[bool] = []
+
+    def lossy(*args, **kw):
+        d = real(*args, **kw)
+        first = not calls
+        calls.append(True)
+        if (when is None and first) or (when is not None and when(*args, **kw)):
+
+            def lost(_):
+                raise S3Unavailable("the connection was lost before the answer")
+
+            d.addCallback(lost)
+        return d
+
+    setattr(client, method, lossy)
+    testCase.addCleanup(setattr, client, method, real)
+
+
 class SeaweedStorageCase(TestCase):
     """An S3Storage over the process's SeaweedFS, under a prefix of the test's own."""
 
@@ -72,14 +96,18 @@ class SeaweedStorageCase(TestCase):
 
     def makeStorage(self) -> S3Storage:
         self.client = self.makeClient()
+        return self.storageOf(self.client, stream=self.stream)
+
+    def storageOf(self, client: S3Client, **options: bool) -> S3Storage:
+        """An S3Storage on client with 5 MiB parts, its spool in a temp of the test's own."""
         storage = S3Storage(
-            self.client,
+            client,
             reactor,
             os.path.abspath(self.mktemp()),
             synchronous,
             threshold=S3_MIN_PART,
             part_size=S3_MIN_PART,
-            stream=self.stream,
+            **options,
         )
         self.addCleanup(storage.stop)
         return storage
@@ -280,30 +308,10 @@ class S3StorageTests(SeaweedStorageCase):
 
         self.assertEqual((yield deferToThread(go)), record)
 
-    def loseAnswers(self, method: str) -> None:
-        """The client's C{method} does its work once, then fails as if its answer were lost."""
-        client = self.client
-        real = getattr(client, method)
-        lost_once: list[bool] = []
-
-        def lossy(*args, **kw):
-            d = real(*args, **kw)
-            if not lost_once:
-                lost_once.append(True)
-
-                def lost(_):
-                    raise S3Unavailable("the connection was lost before the answer")
-
-                d.addCallback(lost)
-            return d
-
-        setattr(client, method, lossy)
-        self.addCleanup(setattr, client, method, real)
-
     @inlineCallbacks
     def test_put_answer_lost(self):
         """A PutObject whose answer is lost: the retry meets the object, which is ours."""
-        self.loseAnswers("put_object")
+        lose_answers(self, self.client, "put_object")
         yield deferToThread(self.publish, "lost/small.txt", b"small")
         stored = yield deferToThread(self.storage.open, "lost/small.txt")
         self.assertEqual((yield deferToThread(stored.read, 0, 10)), b"small")
@@ -313,7 +321,7 @@ class S3StorageTests(SeaweedStorageCase):
         """A streamed upload completed with its answer lost is ours: published, its hash on."""
         from dataclasses import replace
 
-        self.loseAnswers("complete_multipart_upload")
+        lose_answers(self, self.client, "complete_multipart_upload")
         body = os.urandom(2 * S3_MIN_PART + 100)
         record = record_for("lost/big.bin", body)
         writer = self.storage.writer("lost/big.bin", replace(record, sha256=""))
