@@ -83,8 +83,22 @@ function init(args)
   end
   if #paths == 0 then paths = all end  -- fewer paths than threads: share them
   next_path = 1
-  body = string.rep("x", tonumber(args[3]))
-  method = args[4]
+  local size = tonumber(args[3])
+  -- METHOD is PUT or GET; bench/dedup.py's "PUT:<tag>:distinct" gives every request a
+  -- body of its own (the tag, the thread and a counter, then filler), "PUT:<tag>:same"
+  -- one body (the tag, then filler) for every request.
+  local _, _, tag, mode = string.find(args[4], "^PUT:([^:]*):(%a+)$")
+  if tag then
+    method = "PUT"
+    distinct = mode == "distinct"
+    prefix = string.format("%-16s", tag)
+    tail = string.rep("x", size - 32)
+    body = prefix .. string.rep(" ", 16) .. tail
+  else
+    method = args[4]
+    body = string.rep("x", size)
+  end
+  count = 0
 end
 
 function request()
@@ -92,7 +106,12 @@ function request()
   next_path = next_path + 1
   if next_path > #paths then next_path = 1 end
   if method == "PUT" then
-    return wrk.format("PUT", path, {["Content-Type"] = "application/octet-stream"}, body)
+    local data = body
+    if distinct then
+      count = count + 1
+      data = prefix .. string.format("%08x%08x", id, count) .. tail
+    end
+    return wrk.format("PUT", path, {["Content-Type"] = "application/octet-stream"}, data)
   end
   return wrk.format("GET", path)
 end

@@ -36,78 +36,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))
 
-from bench import MiB, Server, parse_wrk, presign, random_file  # noqa: E402
+from bench import MiB, Server, presign, random_file, run_wrk  # noqa: E402
 from hmacd.storage.local import CAS_DIR, LocalStorage  # noqa: E402
-
-# bench.py's wrk script (its done() is what parse_wrk reads), with bodies of our choosing:
-# "PUT:<tag>:distinct" gives every request a body of its own (the tag, the thread and a
-# counter, then filler), "PUT:<tag>:same" one body (the tag, then filler) for every request.
-WRK_SCRIPT = r"""
-local threads = 0
-function setup(thread)
-  thread:set("id", threads)
-  threads = threads + 1
-end
-
-function init(args)
-  paths = {}
-  local n, i = tonumber(args[1]), 0
-  local all = {}
-  for line in io.lines(args[2]) do
-    all[#all + 1] = line
-    if i % n == id then paths[#paths + 1] = line end
-    i = i + 1
-  end
-  if #paths == 0 then paths = all end
-  next_path = 1
-  local size = tonumber(args[3])
-  local _, _, tag, mode = string.find(args[4], "^PUT:([^:]*):(%a+)$")
-  distinct = mode == "distinct"
-  prefix = string.format("%-16s", tag)
-  tail = string.rep("x", size - 32)
-  same = prefix .. string.rep(" ", 16) .. tail
-  count = 0
-end
-
-function request()
-  local path = paths[next_path]
-  next_path = next_path + 1
-  if next_path > #paths then next_path = 1 end
-  local body = same
-  if distinct then
-    count = count + 1
-    body = prefix .. string.format("%08x%08x", id, count) .. tail
-  end
-  return wrk.format("PUT", path, {["Content-Type"] = "application/octet-stream"}, body)
-end
-
-function done(summary, latency, requests)
-  io.write(string.format(
-    'WRK-JSON {"requests": %d, "duration_us": %d, "bytes": %d, "p50_us": %d, "p99_us": %d,'
-    .. ' "errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}}\n',
-    summary.requests, summary.duration, summary.bytes,
-    latency:percentile(50), latency:percentile(99),
-    summary.errors.connect, summary.errors.read, summary.errors.write,
-    summary.errors.status, summary.errors.timeout))
-end
-"""
 
 
 def small_puts(server: Server, workdir: str, run: str, mode: str, seconds: float) -> dict:
     """wrk PUTs of 4 KiB bodies, C{mode} "distinct" or "same", to URLs of their own."""
     paths = presign(server, workdir, run, 250_000, 4096)
-    script = os.path.join(workdir, "dedup.lua")
-    with open(script, "w") as f:
-        f.write(WRK_SCRIPT)
     try:
-        out = subprocess.run(
-            ["wrk", "-t2", "-c64", f"-d{round(seconds)}s", "--timeout", "30s", "-s", script,
-             server.base, "--", "2", paths, "4096", f"PUT:{run}:{mode}"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+        # bench.py's script: "PUT:<tag>:<mode>" picks the bodies.
+        return run_wrk(server.base, paths, f"PUT:{run}:{mode}", 4096, seconds, workdir)
     finally:
         os.unlink(paths)
-    return parse_wrk(out)
 
 
 def published_files(directory: str, dedup: bool, same: bool, count: int = 1000) -> float:
