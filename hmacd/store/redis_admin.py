@@ -37,8 +37,9 @@ end
 return found
 """
 
-# KEYS: takedowns hash, denied hash.  ARGV: path, takedown JSON, sha256 or "".
-_PUT_TAKEDOWN = """
+# KEYS: takedowns hash, denied hash.  ARGV: path.  The path's earlier takedown, if any,
+# stops denying its content (unless another path's takedown denies it now).
+_WITHDRAW_DENIAL = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old then
   local sha = cjson.decode(old)['sha256']
@@ -46,25 +47,28 @@ if old then
     redis.call('HDEL', KEYS[2], sha)
   end
 end
+"""
+
+# KEYS: takedowns hash, denied hash.  ARGV: path, takedown JSON, sha256 or "".
+_PUT_TAKEDOWN = (
+    _WITHDRAW_DENIAL
+    + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
 end
 return 1
 """
+)
 
 # KEYS: takedowns hash, denied hash.  ARGV: path.
-_LIFT_TAKEDOWN = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-  local sha = cjson.decode(old)['sha256']
-  if sha and sha ~= '' and redis.call('HGET', KEYS[2], sha) == ARGV[1] then
-    redis.call('HDEL', KEYS[2], sha)
-  end
-  redis.call('HDEL', KEYS[1], ARGV[1])
-end
+_LIFT_TAKEDOWN = (
+    _WITHDRAW_DENIAL
+    + """
+redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
+)
 
 # KEYS: takedowns hash, denied hash.  ARGV: sha256.  Returns path, JSON or nothing.
 _DENIED = """
