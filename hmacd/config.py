@@ -310,6 +310,13 @@ class Config:
         cv.boolean,
         "a 201 waits for the disk (fsync); ``false``: the Go server's trade-off",
     )
+    io_uring: bool = _key(
+        "IoUring",
+        True,
+        cv.boolean,
+        "a batch of small uploads' fsyncs go to the kernel together (io_uring, where Linux"
+        " allows it); ``false``: one at a time",
+    )
     s3_endpoint: str = _key("S3Endpoint", "", cv.string, "S3 URL, ``http://host:port``")
     s3_region: str = _key("S3Region", "us-east-1", cv.string, "S3 region (signing)")
     s3_bucket: str = _key("S3Bucket", "", cv.string, "S3 bucket of the files")

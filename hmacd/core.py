@@ -26,6 +26,7 @@ from hmacd.storage.local import LocalStorage
 from hmacd.store.failover import FailoverStore
 from hmacd.takedown import DenyList
 from hmacd.throttle import Bandwidth, RateLimiter, SharedRateLimiter
+from hmacd.uring import Rings
 
 __all__ = ["Blocking", "FileServer", "guess_type", "is_inline_type"]
 
@@ -99,6 +100,9 @@ class FileServer:
     # made for it (the local directory; resumable pieces too).  False leaves them to the
     # kernel, as the Go server does.
     sync_uploads: bool = True
+    # IoUring: the fsyncs of a batch of commits go to the kernel together (hmacd.uring),
+    # where this process can have io_uring.
+    io_uring: bool = True
     # Stops the thread pool of `blocking` when it is the server's own (an object store's).
     stop_threads: Callable[[], None] | None = None
     # ResumableTTL: how long the state of an unfinished resumable upload is kept.
@@ -131,6 +135,11 @@ class FileServer:
             self.blocking = lambda f: deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), f
             )
+        rings = None
+        if self.io_uring and self.sync_uploads and self.make_storage is None:
+            rings, why = Rings.open()
+            if rings is None:
+                log.info("IoUring: none here ({why}); fsyncs go one at a time", why=why)
         # Through self: tests swap `blocking` after construction.
         # Where the bytes of finished files live.
         self.storage: IStorage = LocalStorage(
@@ -140,6 +149,7 @@ class FileServer:
             dedup=self.dedup,
             on_shared=self.metrics.dedup_bytes.inc,
             sync=self.sync_uploads,
+            rings=rings,
         )
         if self.make_storage is not None:
             self.storage = self.make_storage(self)  # StorageBackend = "s3"
@@ -147,7 +157,12 @@ class FileServer:
             self.now, self.metrics.previous_secret_uses, log
         )
         self.uploads = Uploads(
-            GroupCommit(lambda work: self.blocking(work), self.storage.settle),
+            GroupCommit(
+                lambda work: self.blocking(work),
+                self.storage,
+                # Batches of small bodies in one lane where their fsyncs go together.
+                small_lanes=1 if rings is not None and not self.dedup else None,
+            ),
             lambda count: self.metrics.uploads_in_progress.set(count),
         )
 

@@ -173,6 +173,7 @@ def build_file_server(
         file_ttl=config.file_ttl,
         dedup=config.deduplication,
         sync_uploads=config.sync_uploads,
+        io_uring=config.io_uring,
         resumable_ttl=config.resumable_ttl,
         limiter=rate_limiter(config, reactor, metadata),
         trusted_proxies=parse_networks(config.trusted_proxies),

@@ -28,7 +28,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from hmacd.batch import Batcher
 from hmacd.claims import Claim, claim
 from hmacd.metadata import FileRecord
-from hmacd.storage import Conflict, IWriter
+from hmacd.storage import Conflict, IStorage, IWriter
 from hmacd.takedown import Denied
 
 if TYPE_CHECKING:
@@ -207,6 +207,18 @@ class Sink:
         """
         raise NotImplementedError
 
+    def stage(self) -> tuple[IWriter, FileRecord] | None:
+        """
+        Blocking, instead of L{commit} where a sink can: everything of it up to the publish,
+        which L{GroupCommit} then makes with the others of its batch
+        (L{hmacd.storage.IStorage.publish_all}): the writer and its record.  None: this
+        kind of sink commits on its own (L{commit}).
+        """
+        return None
+
+    def staged(self) -> None:
+        """Any thread: the publish of what L{stage} gave has been made, or has failed."""
+
     def abort(self) -> None:
         """The body will not be completed: clean up, as each kind documents."""
         raise NotImplementedError
@@ -321,14 +333,26 @@ class WholeUpload(WriterSink):
 
     def commit(self) -> Outcome:
         """Write the rest, then publish with the record as the file's facts: L{Stored}."""
+        writer, record = self.stage()
+        try:
+            writer.publish(record)
+        finally:
+            self.staged()
+        return Stored(record)
+
+    def stage(self) -> tuple[IWriter, FileRecord]:
+        """Write the rest and hash it, and refuse denied content: the writer and its record."""
         try:
             record = self._record(self.received, self._writer.seal())
             refuse_denied(self.fs, record.sha256)
-            self._writer.publish(record)
-        finally:
-            # The name is taken now (or never will be): a later upload of it meets the file.
-            self._let_path_go()
-        return Stored(record)
+        except BaseException:
+            self.staged()
+            raise
+        return self._writer, record
+
+    def staged(self) -> None:
+        # The name is taken now (or never will be): a later upload of it meets the file.
+        self._let_path_go()
 
 
 class ResumablePiece(Sink):
@@ -502,20 +526,34 @@ class GroupCommit:
     lot, and one settling of the names they published (for the local directory, one fsync
     of each directory they share) instead of one each.  A lone upload is committed at once.
 
+    Where the storage makes a batch durable at once (the local directory through io_uring,
+    L{hmacd.uring}), small bodies get C{small_lanes} of their own: one lane makes the
+    batches largest and the hand-offs fewest, and a large body's fsync (seconds for a
+    gigabyte) never holds them up.
+
     @param blocking: runs a callable in a pool thread.
-    @param settle: makes the names of files just published durable (L{IStorage.settle}).
+    @param storage: publishes a batch (L{IStorage.publish_all}) and makes the names of
+        files just published durable (L{IStorage.settle}).
+    @param small_lanes: lanes for bodies of at most L{MAX_WRITE_BUFFER} bytes; None: they
+        share the C{lanes} of the others.
     """
 
     def __init__(
         self,
         blocking: Callable[[Callable[[], Any]], Deferred[Any]],
-        settle: Callable[[list[str]], None],
+        storage: IStorage,
         lanes: int = 4,
+        small_lanes: int | None = None,
     ) -> None:
-        self._settle = settle
+        self._storage = storage
         self._batcher: Batcher[Sink, Outcome] = Batcher(
             lambda sinks: blocking(lambda: self._commitAll(sinks)), lanes
         )
+        self._small = self._batcher
+        if small_lanes is not None:
+            self._small = Batcher(
+                lambda sinks: blocking(lambda: self._commitAll(sinks)), small_lanes
+            )
 
     @property
     def lanes(self) -> int:
@@ -528,25 +566,44 @@ class GroupCommit:
 
     def submit(self, sink: Sink) -> Deferred[Outcome]:
         """Commit C{sink}; fires with what its C{commit} returns, or fails with its error."""
+        if sink.size <= MAX_WRITE_BUFFER:
+            return self._small.submit(sink)
         return self._batcher.submit(sink)
 
     def _commitAll(self, sinks: list[Sink]) -> list[Outcome | Failure]:
-        """In a pool thread: commit each sink, then settle the names they published, once."""
-        results: list[Outcome | Failure] = []
-        published = []
+        """
+        In a pool thread: stage each sink (or commit it, if it commits on its own), publish
+        the staged ones together, then settle the names published, once.
+        """
+        results: list[Outcome | Failure | None] = []
+        batch: list[tuple[int, Sink, tuple[IWriter, FileRecord]]] = []
         for sink in sinks:
             try:
-                result = sink.commit()
+                staged = sink.stage()
+                result = sink.commit() if staged is None else None
             except BaseException:
                 results.append(Failure())
                 continue
+            if staged is not None:
+                batch.append((len(results), sink, staged))
             results.append(result)
-            if isinstance(result, Stored):
-                published.append(sink.relpath)
+        if batch:
+            try:
+                errors = self._storage.publish_all([staged for _, _, staged in batch])
+            finally:
+                for _, sink, _ in batch:
+                    sink.staged()
+            for (i, _, (_, record)), error in zip(batch, errors, strict=True):
+                results[i] = Stored(record) if error is None else Failure(error)
+        published = [
+            sink.relpath
+            for sink, result in zip(sinks, results, strict=True)
+            if isinstance(result, Stored)
+        ]
         # After every commit, before any answer: no 201 goes out for a name not yet durable.
         if published:
-            self._settle(published)
-        return results
+            self._storage.settle(published)
+        return cast(list[Outcome | Failure], results)
 
 
 def partial_dir(store_dir: str) -> str:

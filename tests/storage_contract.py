@@ -120,6 +120,29 @@ class StorageContractMixin:
         self.assertIsNone(self.storage.stat("x/y.txt"))
         self.assertEqual(list(self.storage.files()), [])
 
+    def test_publish_all(self) -> None:
+        """
+        A batch is published together: each writer's outcome in its place, a name taken
+        meanwhile a Conflict for that one alone (the file there stands), the others stored.
+        """
+        writers, records = [], []
+        for name, body in (("b/1.txt", b"one"), ("b/2.txt", b"two"), ("b/3.txt", b"three")):
+            writer = self.storage.writer(name)
+            writer.write(body)
+            self.successResultOf(writer.drained())
+            writer.seal()
+            writers.append(writer)
+            records.append(record_for(name, body))
+        self.store("b/2.txt", b"first")
+        outcomes = self.storage.publish_all(list(zip(writers, records, strict=True)))
+        self.assertEqual([type(o) for o in outcomes], [type(None), Conflict, type(None)])
+        self.storage.settle(["b/1.txt", "b/3.txt"])
+        self.assertEqual(list(self.storage.files()), ["b/1.txt", "b/2.txt", "b/3.txt"])
+        for name, body in (("b/1.txt", b"one"), ("b/2.txt", b"first"), ("b/3.txt", b"three")):
+            stored = self.storage.open(name)
+            self.assertEqual(stored.read(0, 100), body)
+            stored.close()
+
     def test_settle(self) -> None:
         """Settling names just published (once each, or together) leaves them readable."""
         self.store("s/a.txt", b"a")

@@ -227,6 +227,7 @@ class DefaultsTests(ConfigFileTestCase):
                 "StorageBackend",
                 "Deduplication",
                 "SyncUploads",
+                "IoUring",
                 "S3Endpoint",
                 "S3Region",
                 "S3Bucket",

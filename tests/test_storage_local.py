@@ -17,7 +17,8 @@ from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused
 from hmacd.storage import Conflict
 from hmacd.storage import local as local_storage
-from hmacd.storage.local import PART_PREFIX, LocalStorage
+from hmacd.storage.local import PART_PREFIX, LocalStorage, LocalWriter
+from hmacd.uring import Rings
 from tests.storage_contract import StorageContractMixin, record_for
 from tests.support import store_files, synchronous
 
@@ -31,6 +32,22 @@ class LocalStorageContractTests(StorageContractMixin, SynchronousTestCase):
         root = self.mktemp()
         os.makedirs(root)
         return LocalStorage(root, synchronous)
+
+
+class RingContractTests(StorageContractMixin, SynchronousTestCase):
+    """The IStorage contract on a local directory whose fsyncs go through io_uring."""
+
+    def makeStorage(self) -> LocalStorage:
+        root = self.mktemp()
+        os.makedirs(root)
+        return LocalStorage(root, synchronous, rings=_rings())
+
+
+def _rings() -> Rings:
+    rings, why = Rings.open()
+    if rings is None:
+        raise SkipTest(f"no io_uring here: {why}")
+    return rings
 
 
 class DotTempContractTests(StorageContractMixin, SynchronousTestCase):
@@ -400,3 +417,106 @@ class DurabilityTests(SynchronousTestCase):
         storage.settle(["n/e/w.txt"])
         self.assertEqual(self.events, ["link"])
         self.assertEqual(store_files(self.root), ["n", "n/e", "n/e/w.txt"])
+
+
+class _RecordingRings:
+    """Rings that say what they were given (as the events of L{RingDurabilityTests})."""
+
+    def __init__(self, events: list[str], root: str, rings: Rings) -> None:
+        self.events = events
+        self.root = root
+        self.rings = rings
+        self.fail: dict[int, int] = {}  # the nth descriptor of a call: its negated errno
+        self.broken = False
+
+    def fsync_all(self, fds: list[int]) -> list[int]:
+        names = []
+        for fd in fds:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            names.append(
+                "file" if not os.path.isdir(target) else os.path.relpath(target, self.root)
+            )
+        self.events.append("fsync together: " + " ".join(sorted(names)))
+        if self.broken:
+            raise OSError(errno.EBUSY, "ring broken")
+        results = self.rings.fsync_all(fds)
+        return [self.fail.get(i, r) for i, r in enumerate(results)]
+
+
+class RingDurabilityTests(SynchronousTestCase):
+    """With io_uring, a batch's fsyncs go together, in the order a single publish makes them."""
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.events: list[str] = []
+        self.rings = _RecordingRings(self.events, self.root, _rings())
+        self.storage = LocalStorage(self.root, synchronous, rings=self.rings)  # type: ignore[arg-type]
+        realLink, realSetxattr = os.link, os.setxattr
+
+        def link(*args, **kwargs):
+            self.events.append("link")
+            realLink(*args, **kwargs)
+
+        def setxattr(*args, **kwargs):
+            self.events.append("facts")
+            realSetxattr(*args, **kwargs)
+
+        self.patch(os, "link", link)
+        self.patch(os, "setxattr", setxattr)
+
+    def sealed(self, relpath: str, body: bytes) -> tuple[LocalWriter, FileRecord]:
+        writer = self.storage.writer(relpath, draft(relpath, len(body)))
+        writer.write(body)
+        writer.seal()
+        return writer, record_for(relpath, body)
+
+    def test_order(self) -> None:
+        """
+        The facts of every file, then the files' fsyncs together, then the names; settling
+        fsyncs their directories and the parents of those made for them together.
+        """
+        batch = [self.sealed(name, b"x") for name in ("a/1.txt", "b/2.txt", "a/3.txt")]
+        self.assertEqual(self.storage.publish_all(batch), [None, None, None])  # type: ignore[arg-type]
+        self.storage.settle(["a/1.txt", "b/2.txt", "a/3.txt"])
+        self.assertEqual(
+            self.events,
+            ["facts"] * 3
+            + ["fsync together: file file file"]
+            + ["link"] * 3
+            + ["fsync together: . a b"],
+        )
+        self.assertEqual(store_files(self.root), ["a", "a/1.txt", "a/3.txt", "b", "b/2.txt"])
+
+    def test_fsync_failure_is_its_own(self) -> None:
+        """A file whose fsync fails is not published and leaves nothing; the others are."""
+        self.rings.fail[1] = -errno.EIO
+        batch = [self.sealed(name, b"x") for name in ("a/1.txt", "b/2.txt", "c/3.txt")]
+        outcomes = self.storage.publish_all(batch)  # type: ignore[arg-type]
+        self.assertIsNone(outcomes[0])
+        self.assertIsInstance(outcomes[1], OSError)
+        self.assertEqual(outcomes[1].errno, errno.EIO)  # type: ignore[union-attr]
+        self.assertIsNone(outcomes[2])
+        self.assertEqual(store_files(self.root), ["a", "a/1.txt", "c", "c/3.txt"])
+
+    def test_broken_ring(self) -> None:
+        """A ring that fails leaves the fsyncs to be made one at a time: all are stored."""
+        self.rings.broken = True
+        synced = []
+        realFsync = os.fsync
+        self.patch(os, "fsync", lambda fd: (synced.append(fd), realFsync(fd)))
+        batch = [self.sealed(name, b"x") for name in ("a/1.txt", "b/2.txt")]
+        self.assertEqual(self.storage.publish_all(batch), [None, None])  # type: ignore[arg-type]
+        self.assertEqual(len(synced), 2)
+        self.assertEqual(store_files(self.root), ["a", "a/1.txt", "b", "b/2.txt"])
+        self.flushLoggedErrors()
+
+    def test_sync_off(self) -> None:
+        """SyncUploads = false: no fsync, through the ring or not."""
+        storage = LocalStorage(self.root, synchronous, sync=False, rings=self.rings)  # type: ignore[arg-type]
+        writer = storage.writer("n/e/w.txt", draft("n/e/w.txt", 3))
+        writer.write(b"new")
+        writer.seal()
+        self.assertEqual(storage.publish_all([(writer, record_for("n/e/w.txt", b"new"))]), [None])
+        storage.settle(["n/e/w.txt"])
+        self.assertEqual(self.events, ["facts", "link"])

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
@@ -23,6 +23,7 @@ from hmacd.storage import local as local_storage
 from hmacd.storage.local import MAX_WRITE_BUFFER, SPOOL_HIGH, LocalWriter
 from hmacd.store.failover import FailoverStore
 from hmacd.upload import DRAIN_LIMIT, INSUFFICIENT_STORAGE, READ_SIZE, UploadRequest
+from hmacd.uring import Rings
 from tests.support import SECRET, MemoryServer, store_files, v2_query, v_query
 from tests.test_store_failover import FlakyStore
 
@@ -535,11 +536,33 @@ class SyncUploadsTests(SynchronousTestCase):
         channel.dataReceived(put_head("n/e/w.bin", 3, v_query("n/e/w.bin", 3)) + b"new")
         self.assertEqual(status(transport), http.CREATED)
         self.assertEqual(synced, [])
-        with_sync = MemoryServer(self.mktemp())
+        with_sync = MemoryServer(self.mktemp(), io_uring=False)
         channel, transport = with_sync.connect()
         channel.dataReceived(put_head("n/e/w.bin", 3, v_query("n/e/w.bin", 3)) + b"new")
         self.assertEqual(status(transport), http.CREATED)
         self.assertEqual(len(synced), 4)  # the file, n/e, n and the root
+
+    def test_through_the_ring(self):
+        """
+        With io_uring the same four fsyncs are made, in two sets: the file; then its
+        directory, and the parents of the directories made for it.
+        """
+        rings, why = Rings.open()
+        if rings is None:
+            raise SkipTest(f"no io_uring here: {why}")
+        sets = []
+        realFsyncAll = Rings.fsync_all
+        self.patch(os, "fsync", lambda fd: self.fail("fsync one at a time"))
+        self.patch(
+            Rings,
+            "fsync_all",
+            lambda self, fds: (sets.append(len(fds)), realFsyncAll(self, fds))[1],
+        )
+        server = MemoryServer(self.mktemp())
+        channel, transport = server.connect()
+        channel.dataReceived(put_head("n/e/w.bin", 3, v_query("n/e/w.bin", 3)) + b"new")
+        self.assertEqual(status(transport), http.CREATED)
+        self.assertEqual(sets, [1, 3])
 
 
 class _HeldThreads:
@@ -573,7 +596,8 @@ class GroupCommitTests(SynchronousTestCase):
     def setUp(self):
         self.root = self.mktemp()
         self.threads = _HeldThreads()
-        self.server = MemoryServer(self.root)
+        # One fsync at a time: RingGroupCommitTests has the batches of io_uring.
+        self.server = MemoryServer(self.root, io_uring=False)
         self.server.fs.blocking = self.threads
         self.server.fs.uploads.committer.lanes = 1
         self.synced: list[str] = []
@@ -637,6 +661,60 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(len(self.threads.calls), 2)
         self.threads.runAll()
         self.assertEqual(store_files(self.root), ["a.txt", "b.txt", "c.txt"])
+
+
+class RingGroupCommitTests(SynchronousTestCase):
+    """
+    With io_uring, small bodies are committed in a lane of their own, one batch at a time
+    (the largest batches), and never behind a large body's commit.
+    """
+
+    def setUp(self):
+        rings, why = Rings.open()
+        if rings is None:
+            raise SkipTest(f"no io_uring here: {why}")
+        self.root = self.mktemp()
+        self.threads = _HeldThreads()
+        self.server = MemoryServer(self.root)
+        self.server.fs.blocking = self.threads
+        self.committer = self.server.fs.uploads.committer
+
+    def put(self, name: str, body: bytes):
+        channel, transport = self.server.connect()
+        channel.dataReceived(put_head(name, len(body), v_query(name, len(body))) + body)
+        return transport
+
+    def test_one_small_lane(self):
+        """However many lanes the others have, small bodies wait for the one of theirs."""
+        self.committer.lanes = 4
+        first = self.put("a/1.bin", b"1")
+        second, third = self.put("b/2.bin", b"2"), self.put("c/3.bin", b"3")
+        self.assertEqual(len(self.threads.calls), 1)
+        self.threads.runOne()
+        self.assertEqual(len(self.threads.calls), 1)  # 2 and 3 together
+        self.threads.runOne()
+        self.server.clock.advance(0)
+        self.assertEqual([status(t) for t in (first, second, third)], [http.CREATED] * 3)
+        self.assertEqual(store_files(self.root), ["a", "a/1.bin", "b", "b/2.bin", "c", "c/3.bin"])
+
+    def test_not_behind_a_large_body(self):
+        """A small body finishing while a large one's commit runs is committed meanwhile."""
+        size = MAX_WRITE_BUFFER + 1
+        big = self.put("big.bin", b"b" * size)
+        while not self.committer._batcher.busy:
+            self.threads.runOne()  # its spooling, up to its commit
+        self.assertEqual(len(self.threads.calls), 1)
+        small = self.put("small.bin", b"s")
+        self.assertEqual(len(self.threads.calls), 2)
+        f, d = self.threads.calls.pop(1)
+        d.callback(f())
+        self.server.clock.advance(0)
+        self.assertEqual(status(small), http.CREATED)
+        self.assertEqual(big.value(), b"")  # no answer yet
+        self.threads.runAll()
+        self.server.clock.advance(0)
+        self.assertEqual(status(big), http.CREATED)
+        self.assertEqual(store_files(self.root), ["big.bin", "small.bin"])
 
 
 class SpoolTests(SynchronousTestCase):

@@ -22,7 +22,15 @@ from zope.interface import Attribute, Interface
 
 from hmacd.metadata import FileRecord
 
-__all__ = ["Conflict", "IReadable", "IStorage", "IWriter", "Stat", "StorageUnavailable"]
+__all__ = [
+    "Conflict",
+    "IReadable",
+    "IStorage",
+    "IWriter",
+    "Stat",
+    "StorageUnavailable",
+    "publish_each",
+]
 
 
 class Conflict(Exception):
@@ -136,6 +144,15 @@ class IStorage(Interface):
         @raise Conflict: the name is taken.
         """
 
+    def publish_all(items: list[tuple[IWriter, FileRecord]]) -> list[Exception | None]:
+        """
+        Blocking.  L{IWriter.publish} each writer with its record, as one batch (the
+        writers this storage made, sealed): for each, None when it is published, or the
+        exception its publish raised (its writer then left nothing behind, as
+        L{IWriter.publish} says).  One item's failure leaves the others alone.  A storage
+        that can make a batch durable at once does so here (L{publish_each} otherwise).
+        """
+
     def settle(relpaths: list[str]) -> None:
         """
         Blocking.  Make the names of files just published durable (after a batch of
@@ -166,3 +183,16 @@ class IStorage(Interface):
         Blocking.  Remove the temps of writers that can no longer finish (a crash, a kill)
         untouched since C{older_than}; their names, for the log.
         """
+
+
+def publish_each(items: list[tuple[IWriter, FileRecord]]) -> list[Exception | None]:
+    """L{IStorage.publish_all} one writer at a time."""
+    outcomes: list[Exception | None] = []
+    for writer, record in items:
+        try:
+            writer.publish(record)
+        except Exception as e:
+            outcomes.append(e)
+        else:
+            outcomes.append(None)
+    return outcomes

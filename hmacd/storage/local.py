@@ -13,8 +13,10 @@ its temp, its bytes, its link): the reactor thread makes no directory and no fil
 Before anyone is told of a file (L{LocalStorage.settle}), its directory is fsynced, and so
 is the parent of every directory made for it, up to the first that was there: the name
 and the directories leading to it survive a power cut.  Uploads committed together share
-those fsyncs.  C{SyncUploads = false} skips every fsync of an upload (the Go server's
-trade-off: a power cut may lose files already answered 201).
+those fsyncs, and where io_uring can be had (L{hmacd.uring}) a batch's fsyncs (its files',
+then its directories') are handed to the kernel at once, to run side by side.
+C{SyncUploads = false} skips every fsync of an upload (the Go server's trade-off: a power
+cut may lose files already answered 201).
 
 With C{Deduplication}, bytes are stored once per content: C{.hmacfs/cas/ab/<sha256>} is a
 hard link to the one inode, and every path uploaded with those bytes is another.  An
@@ -42,7 +44,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -53,7 +55,8 @@ from hmacd.facts import content_sha256, disown_facts, named_path, read_facts, wr
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, locate, resolved_root, store_path
-from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat
+from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat, publish_each
+from hmacd.uring import Rings
 
 __all__ = [
     "CAS_DIR",
@@ -145,6 +148,19 @@ def fsync_directory(directory: str) -> None:
         pass
 
 
+def fsync_each(fds: list[int]) -> list[OSError | None]:
+    """fsync each of C{fds} in turn: for each, None or its error."""
+    errors: list[OSError | None] = []
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            errors.append(e)
+        else:
+            errors.append(None)
+    return errors
+
+
 def link_open(fd: int, dest: str) -> None:
     """
     Link the open file C{fd} (an O_TMPFILE) to the name C{dest}, never overwriting.
@@ -181,6 +197,8 @@ class LocalStorage:
         reference to bytes already there.
     @param sync: C{SyncUploads}: fsync each new file, its directory and the parents of the
         directories made for it before it is answered.  False leaves it to the kernel.
+    @param rings: where the fsyncs of a batch go to the kernel together (C{IoUring}); None:
+        one at a time.
     @ivar tmpfile: whether temps are C{O_TMPFILE}s (linked through C{/proc/self/fd}); set
         False for good the first time the file system refuses one.
     """
@@ -193,6 +211,7 @@ class LocalStorage:
         dedup: bool = False,
         on_shared: Callable[[int], None] | None = None,
         sync: bool = True,
+        rings: Rings | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.blocking = blocking
@@ -200,6 +219,7 @@ class LocalStorage:
         self.dedup = dedup
         self.on_shared = on_shared
         self.sync = sync
+        self.rings = rings
         self.tmpfile = _TMPFILE
         self.cas_root = os.path.join(self.root, CAS_DIR)
         # Files shared while Deduplication was on stay shared after it is turned off: their
@@ -465,6 +485,36 @@ class LocalStorage:
                 removed.append(os.path.relpath(path, self.root))
         return removed
 
+    def fsync_all(self, fds: list[int]) -> list[OSError | None]:
+        """
+        Blocking.  fsync every one of C{fds}: together through io_uring where there is one
+        (C{rings}), else one at a time; for each, None or its error.
+        """
+        if self.rings is None or not fds:
+            return fsync_each(fds)
+        try:
+            results = self.rings.fsync_all(fds)
+        except (OSError, RuntimeError) as e:
+            log.warn("io_uring failed ({why}); fsyncing one at a time", why=e)
+            return fsync_each(fds)
+        return [None if r >= 0 else OSError(-r, os.strerror(-r)) for r in results]
+
+    def publish_all(self, items: list[tuple[IWriter, FileRecord]]) -> list[Exception | None]:
+        if self.dedup or not self.sync:
+            return publish_each(items)
+        # Each step for the whole batch: the facts on every file, their fsyncs together,
+        # then the names (LocalWriter.publish, a step at a time).
+        writers = [cast(LocalWriter, w) for w, _ in items]
+        outcomes = [w.stamp(record) for w, (_, record) in zip(writers, items, strict=True)]
+        stamped = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        errors = self.fsync_all([writers[i].fileno() for i in stamped])
+        for i, error in zip(stamped, errors, strict=True):
+            try:
+                outcomes[i] = writers[i].fail(error) if error else writers[i].name()
+            except Exception as e:  # letting the temp go, once named: as publish would raise
+                outcomes[i] = e
+        return outcomes
+
     def settle(self, relpaths: list[str]) -> None:
         if not self.sync:
             return
@@ -472,9 +522,7 @@ class LocalStorage:
         # root, as the writers made them (store_path).
         root = resolved_root(self.root)
         directories = {os.path.dirname(os.path.join(root, p)) for p in relpaths}
-        for directory in directories:
-            fsync_directory(directory)
-        # Then the entries of the directories made for them, each parent once: in the slot
+        # And the entries of the directories made for them, each parent once: in the slot
         # layout every upload makes one, and a batch of them shares the parent's fsync.
         made = []
         with self._unsettledLock:
@@ -482,12 +530,28 @@ class LocalStorage:
                 while directory in self._unsettled:
                     made.append(directory)
                     directory = os.path.dirname(directory)
-        for parent in dict.fromkeys(os.path.dirname(d) for d in made):
-            fsync_directory(parent)
+        parents = dict.fromkeys(os.path.dirname(d) for d in made)
+        if self.rings is None:
+            for directory in [*directories, *parents]:
+                fsync_directory(directory)
+        else:
+            self._fsyncDirectories([*directories, *parents.keys() - directories])
         # Only once they are durable: a file another batch answers meanwhile in one of
         # these directories finds it still unsettled, and fsyncs its parent itself.
         with self._unsettledLock:
             self._unsettled.difference_update(made)
+
+    def _fsyncDirectories(self, directories: list[str]) -> None:
+        """L{fsync_directory} of each, the fsyncs together (L{fsync_all})."""
+        fds = []
+        try:
+            for directory in directories:
+                with contextlib.suppress(OSError):
+                    fds.append(os.open(directory, os.O_RDONLY | os.O_DIRECTORY))
+            self.fsync_all(fds)  # errors ignored, as fsync_directory's
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def exists(self, relpath: str) -> bool:
         return os.path.lexists(store_path(self.root, relpath))
@@ -907,20 +971,54 @@ class LocalWriter:
         if self.storage.dedup:
             self._publishShared(f, record)
             return
-        try:
-            # Before the fsync and the link: the facts are durable with the file, and the
-            # file is never visible without them.
-            write_facts(f.fileno(), record)
-            if self.storage.sync:
-                os.fsync(f.fileno())
+        # The steps of LocalStorage.publish_all, for one file.
+        error = self.stamp(record)
+        if error is None and self.storage.sync:
             try:
-                self._link()
-            except FileExistsError:
-                raise Conflict() from None
-        except BaseException:
-            self.discard()
-            raise
+                os.fsync(f.fileno())
+            except OSError as e:
+                error = self.fail(e)
+        if error is None:
+            error = self.name()
+        if error is not None:
+            raise error
+
+    def fileno(self) -> int:
+        """The temp's descriptor (after L{seal})."""
+        assert self._file is not None
+        return self._file.fileno()
+
+    def stamp(self, record: FileRecord) -> Exception | None:
+        """
+        Blocking, the first step of L{publish}: C{record}'s facts on the temp.  Before its
+        fsync and its link: the facts are durable with the file, and the file is never
+        visible without them.  None, or the error (the writer then discarded).
+        """
+        try:
+            write_facts(self.fileno(), record)
+        except Exception as e:
+            return self.fail(e)
+        return None
+
+    def name(self) -> Exception | None:
+        """
+        Blocking, the last step of L{publish}, after the temp's fsync: its name, never
+        overwriting.  None, or the error (L{Conflict}: the name was taken; the writer then
+        discarded).
+        """
+        try:
+            self._link()
+        except FileExistsError:
+            return self.fail(Conflict())
+        except Exception as e:
+            return self.fail(e)
         self._letGo()
+        return None
+
+    def fail(self, error: Exception) -> Exception:
+        """A step of L{publish} failed with C{error}: nothing of the file stays."""
+        self.discard()
+        return error
 
     def _publishShared(self, f: IO[bytes], record: FileRecord) -> None:
         try:

@@ -64,7 +64,15 @@ from hmacd.s3 import (
     S3Refused,
     S3Unavailable,
 )
-from hmacd.storage import Conflict, IReadable, IStorage, Stat, StorageUnavailable
+from hmacd.storage import (
+    Conflict,
+    IReadable,
+    IStorage,
+    IWriter,
+    Stat,
+    StorageUnavailable,
+    publish_each,
+)
 from hmacd.storage.local import Blocking, DedupCensus, LocalStorage
 from hmacd.storage.s3_dedup import (
     CAS,
@@ -684,6 +692,9 @@ class S3Storage:
                     failed.append(Failure())
                     return None
         return None
+
+    def publish_all(self, items: list[tuple[IWriter, FileRecord]]) -> list[Exception | None]:
+        return publish_each(items)  # each its own requests: nothing to share
 
     def settle(self, relpaths: list[str]) -> None:
         pass  # a completed PutObject is durable: the store answered after storing it
