@@ -127,6 +127,10 @@ class FileServer:
 
     def __post_init__(self) -> None:
         self.store_dir = os.path.abspath(self.store_dir)
+        # room_for's last look at the free space: when, what it saw, what it let in since.
+        self._freeSeenAt: float | None = None
+        self._roomSeen = 0
+        self._letInSince = 0
         if self.clock is None:
             self.clock = self.reactor
         if self.blocking is None:
@@ -171,16 +175,37 @@ class FileServer:
         limits = [t for t in (claimed, self.now() + self.file_ttl if self.file_ttl else None) if t]
         return min(limits) if limits else None
 
+    # room_for answers from a look at the free space this many seconds old, at most, for
+    # sizes that (with the bytes it let in since) take at most half of what it saw.
+    FREE_SPACE_FRESH = 0.1
+
     def room_for(self, size: int) -> bool | None:
         """
         Whether C{size} more bytes fit in the store with C{min_free_space} left over; None
         when the file system cannot say (the write itself will tell).
+
+        Under a stream of small uploads a statvfs each (a system call in the reactor
+        thread, which lets the GIL go) cost more than the answer is worth: while the last
+        look is recent and the uploads let in since fit twice over in what it saw, the
+        answer is yes without looking.  Near the limit every upload looks again.
         """
+        now = self.clock.seconds()
+        if (
+            self._freeSeenAt is not None
+            and now - self._freeSeenAt < self.FREE_SPACE_FRESH
+            and 2 * (self._letInSince + size) <= self._roomSeen
+        ):
+            self._letInSince += size
+            return True
         try:
             st = self.statvfs(self.store_dir)
         except OSError:
+            self._freeSeenAt = None
             return None
-        return size <= st.f_bavail * st.f_frsize - self.min_free_space
+        self._freeSeenAt, self._roomSeen = now, st.f_bavail * st.f_frsize - self.min_free_space
+        fits = size <= self._roomSeen
+        self._letInSince = size if fits else 0
+        return fits
 
     def now(self) -> float:
         """Wall-clock time for token expiry and records (a Clock in tests)."""

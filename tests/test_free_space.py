@@ -115,6 +115,33 @@ class FreeSpaceTests(SynchronousTestCase):
         self.assertEqual(status(transport), http.CREATED)
         self.assertEqual(store_files(self.root), ["small.bin"])
 
+    def test_recent_look(self):
+        """
+        Small uploads close together share one look at the free space, while they (with
+        those let in since) take at most half of what it saw; near that, or once the look
+        is FREE_SPACE_FRESH old, each looks again, and sees the disk as it is now.
+        """
+
+        def put(name: str, size: int) -> int:
+            channel, transport = self.server.connect()
+            channel.dataReceived(put_head(name, size, v_query(name, size)) + b"x" * size)
+            return status(transport)
+
+        self.assertEqual(put("a.bin", 100 * KiB), http.CREATED)
+        self.assertEqual(put("b.bin", 100 * KiB), http.CREATED)
+        self.assertEqual(len(self.disk.asked), 1)
+        self.assertEqual(put("c.bin", 300 * KiB), http.CREATED)  # 500 KiB > 964 / 2
+        self.assertEqual(len(self.disk.asked), 2)
+        self.disk.free = 50 * KiB
+        self.server.clock.advance(2 * self.server.fs.FREE_SPACE_FRESH)
+        self.assertEqual(put("d.bin", 100 * KiB), INSUFFICIENT_STORAGE)
+        self.assertEqual(len(self.disk.asked), 3)
+        self.assertEqual(put("e.bin", 20 * KiB), http.CREATED)  # 2 x 20 KiB within 48 KiB
+        self.assertEqual(len(self.disk.asked), 3)
+        self.disk.free = 5 * KiB
+        self.assertEqual(put("f.bin", 10 * KiB), INSUFFICIENT_STORAGE)  # 2 x 30 KiB: looks
+        self.assertEqual(len(self.disk.asked), 4)
+
     def test_reserve(self):
         """MinFreeSpace is kept: with 100 MiB free and 64 MiB kept, 40 MiB is 507, 30 MiB not."""
         self.server.fs.min_free_space = 64 * MiB
