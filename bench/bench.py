@@ -10,7 +10,9 @@ beside the limit or target it is judged by.  Run through ``bench/run``; see READ
    servers hand out slots (``<uuid>/<name>``: one mkdir per upload).  Beside each, how many
    4 KiB files Python threads alone make durable here the way an upload is (create, write,
    fsync, link, directory fsync; in the slot layout a mkdir first and the parent's fsync
-   after): the file system's part of the limit, and the server's rate as a share of it.
+   after): the file system's part of the limit, and the server's rate as a share of it.  In
+   the slot layout, the server's CPU per PUT too, by thread: its reactors, its pools
+   (commits, SQLite) and the kernel's io_uring workers (the fsyncs handed to them).
 3. Downloads: wrk GETs of a 4 KiB file and of a 64 MiB file, 64 connections.
 4. Concurrency: 500 uploads paced at 64 KiB/s each while (2) runs: every one must get its 201,
    none may be refused, and the server's RSS must stay below 200 MiB.
@@ -159,6 +161,35 @@ def proc_status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 values[key] = int(rest.split()[0]) * 1024
     return values
+
+
+def thread_cpu(pids: list[int]) -> dict[str, float]:
+    """
+    CPU seconds so far of the threads of C{pids}, in three heaps: each process's main thread
+    (the reactor), its io_uring workers (the kernel's, running the fsyncs handed to it), and
+    the rest (the thread pools: commits, SQLite).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    heaps = {"reactor": 0.0, "pool": 0.0, "io_uring": 0.0}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # gone meanwhile
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            heap = (
+                "reactor" if tid == str(pid) else "io_uring" if name.startswith("iou-") else "pool"
+            )
+            heaps[heap] += seconds
+    return heaps
 
 
 def reset_peak(pid: int) -> None:
@@ -609,7 +640,13 @@ def variant(args, workdir: str, name: str, extra: dict) -> dict:
         result["small_puts"] = small_puts(server, workdir, "a", args.seconds)
         result["durable_files_per_s"] = durable_files(os.path.join(workdir, f"files-{name}"))
         print(f"[{name}] small PUTs, a new directory each ...", file=sys.stderr, flush=True)
+        before = thread_cpu(server.pids)
         result["slot_puts"] = small_puts(server, workdir, "s", args.seconds, "slot")
+        after = thread_cpu(server.pids)
+        requests = max(result["slot_puts"]["requests"], 1)
+        result["slot_cpu_us"] = {
+            heap: round(1e6 * (after[heap] - before[heap]) / requests) for heap in after
+        }
         result["durable_slot_files_per_s"] = durable_files(
             os.path.join(workdir, f"slots-{name}"), layout="slot"
         )
@@ -694,6 +731,12 @@ def table(results: dict) -> str:
                 "  hmacfs / file system",
                 f">= {t['small_put_share']:.2f}" if key == "slot_puts" else "",
                 lambda v, k=key, a=alone: f"{v[k]['rps'] / v[a]:.2f}",
+            )
+        if key == "slot_puts" and "slot_cpu_us" in first:
+            row(
+                "  CPU/PUT us: reactor/pools/io_uring",
+                "",
+                lambda v: "{reactor} / {pool} / {io_uring}".format(**v["slot_cpu_us"]),
             )
     row("64 MiB GETs, MB/s", f">= {t['big_get_mbps']}", lambda v: f"{v['get_64m']['MBps']:.0f}")
     row(

@@ -488,10 +488,10 @@ class LocalStorage:
     def fsync_all(self, fds: list[int]) -> list[OSError | None]:
         """
         Blocking.  fsync every one of C{fds}: together through io_uring where there is one
-        (C{rings}), else one at a time; for each, None or its error.
+        (C{rings}) and more than one to make, else one at a time; for each, None or its error.
         """
-        if self.rings is None or not fds:
-            return fsync_each(fds)
+        if self.rings is None or len(fds) < 2:
+            return fsync_each(fds)  # a lone fsync (a large body's, say) gains nothing there
         try:
             results = self.rings.fsync_all(fds)
         except (OSError, RuntimeError) as e:
