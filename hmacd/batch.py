@@ -29,17 +29,24 @@ class Batcher(Generic[T, R]):
     C{run} returns a Deferred that fires with one result per item, in order; a result
     that is a L{Failure} fails that item alone.  If the Deferred fails, every item of
     the batch fails with that failure.  C{run} may also raise: the same.
+
+    @param most: at most this many items to a batch (the rest wait for the next); None:
+        all that wait.
     """
 
     def __init__(
         self,
         run: Callable[[list[T]], Deferred[Sequence[R | Failure]]],
         lanes: int = 1,
+        most: int | None = None,
     ) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes!r}")
+        if most is not None and most < 1:
+            raise ValueError(f"most must be >= 1, got {most!r}")
         self._run = run
         self.lanes = lanes
+        self.most = most
         self._queue: list[tuple[T, Deferred[R]]] = []
         self._busy = 0
 
@@ -57,7 +64,8 @@ class Batcher(Generic[T, R]):
 
     def _next(self) -> None:
         while self._queue and self._busy < self.lanes:
-            batch, self._queue = self._queue, []
+            batch = self._queue[: self.most]
+            del self._queue[: len(batch)]
             self._busy += 1
             try:
                 done = self._run([item for item, _ in batch])

@@ -192,7 +192,7 @@ class FileServer:
         now = self.clock.seconds()
         if (
             self._freeSeenAt is not None
-            and now - self._freeSeenAt < self.FREE_SPACE_FRESH
+            and 0 <= now - self._freeSeenAt < self.FREE_SPACE_FRESH  # not if the clock went back
             and 2 * (self._letInSince + size) <= self._roomSeen
         ):
             self._letInSince += size

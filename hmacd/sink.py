@@ -207,6 +207,9 @@ class Sink:
         """
         raise NotImplementedError
 
+    # Whether L{stage} stages (a whole upload): L{GroupCommit} gives small ones their lane.
+    stages = False
+
     def stage(self) -> tuple[IWriter, FileRecord] | None:
         """
         Blocking, instead of L{commit} where a sink can: everything of it up to the publish,
@@ -303,6 +306,8 @@ class WholeUpload(WriterSink):
     directory: a temp dot file beside the destination, spooled to from a worker thread).
     L{abort} leaves nothing: no temp, no directory made for it.
     """
+
+    stages = True
 
     def __init__(
         self,
@@ -527,16 +532,20 @@ class GroupCommit:
     of each directory they share) instead of one each.  A lone upload is committed at once.
 
     Where the storage makes a batch durable at once (the local directory through io_uring,
-    L{hmacd.uring}), small bodies get C{small_lanes} of their own: one lane makes the
-    batches largest and the hand-offs fewest, and a large body's fsync (seconds for a
-    gigabyte) never holds them up.
+    L{hmacd.uring}), small whole bodies get C{small_lanes} of their own: one lane makes
+    the batches largest and the hand-offs fewest, and a large body's fsync (seconds for a
+    gigabyte) never holds them up; nor does a resumable upload's last piece, however small,
+    which hashes and adopts the whole file.  A batch of them takes at most L{SMALL_BATCH}:
+    each holds its temp and its directory open until the batch is published.
 
     @param blocking: runs a callable in a pool thread.
     @param storage: publishes a batch (L{IStorage.publish_all}) and makes the names of
         files just published durable (L{IStorage.settle}).
-    @param small_lanes: lanes for bodies of at most L{MAX_WRITE_BUFFER} bytes; None: they
-        share the C{lanes} of the others.
+    @param small_lanes: lanes for whole bodies of at most L{MAX_WRITE_BUFFER} bytes;
+        None: they share the C{lanes} of the others.
     """
+
+    SMALL_BATCH = 64
 
     def __init__(
         self,
@@ -546,14 +555,14 @@ class GroupCommit:
         small_lanes: int | None = None,
     ) -> None:
         self._storage = storage
-        self._batcher: Batcher[Sink, Outcome] = Batcher(
-            lambda sinks: blocking(lambda: self._commitAll(sinks)), lanes
-        )
+
+        def run(sinks: list[Sink]) -> Deferred[Any]:
+            return blocking(lambda: self._commitAll(sinks))
+
+        self._batcher: Batcher[Sink, Outcome] = Batcher(run, lanes)
         self._small = self._batcher
         if small_lanes is not None:
-            self._small = Batcher(
-                lambda sinks: blocking(lambda: self._commitAll(sinks)), small_lanes
-            )
+            self._small = Batcher(run, small_lanes, most=self.SMALL_BATCH)
 
     @property
     def lanes(self) -> int:
@@ -566,7 +575,7 @@ class GroupCommit:
 
     def submit(self, sink: Sink) -> Deferred[Outcome]:
         """Commit C{sink}; fires with what its C{commit} returns, or fails with its error."""
-        if sink.size <= MAX_WRITE_BUFFER:
+        if sink.stages and sink.size <= MAX_WRITE_BUFFER:
             return self._small.submit(sink)
         return self._batcher.submit(sink)
 

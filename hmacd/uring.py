@@ -23,9 +23,28 @@ import errno
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-__all__ = ["Ring", "Rings"]
+__all__ = ["Ring", "RingFailed", "Rings"]
+
+
+class RingFailed(Exception):
+    """
+    A ring failed part way through L{Ring.fsync_all}.  A writeback error is reported once:
+    an fsync the kernel has run, whether or not its result came back, must not be made
+    again and taken for a success.
+
+    @ivar results: for each descriptor, its result if it came back (0 or C{-errno}); None
+        if it never reached the kernel (it may be fsynced again).
+    @ivar lost: the indexes of those that reached the kernel and whose result did not come
+        back: to be taken as failed.
+    """
+
+    def __init__(self, why: BaseException, results: list[int | None], lost: set[int]) -> None:
+        super().__init__(f"io_uring failed: {why}")
+        self.results = results
+        self.lost = lost
+
 
 try:
     import liburing  # type: ignore[import-untyped]
@@ -67,19 +86,32 @@ class Ring:
         Blocking: fsync every descriptor of C{fds}, side by side; for each, 0 or the
         negated errno of its failure (C{-errno.EIO}, say), in the order given.
         """
-        results = [0] * len(fds)
-        for start in range(0, len(fds), self.ENTRIES):
-            chunk = fds[start : start + self.ENTRIES]
-            for i, fd in enumerate(chunk):
-                sqe = liburing.io_uring_get_sqe(self._ring)
-                liburing.io_uring_prep_fsync(sqe, fd, 0)
-                sqe.user_data = start + i
-            self._complete(len(chunk), results)
-        return results
+        results: list[int | None] = [None] * len(fds)
+        # Handed to the kernel, result not back yet.
+        pending: set[int] = set()
+        try:
+            for start in range(0, len(fds), self.ENTRIES):
+                chunk = fds[start : start + self.ENTRIES]
+                for i, fd in enumerate(chunk):
+                    sqe = liburing.io_uring_get_sqe(self._ring)
+                    liburing.io_uring_prep_fsync(sqe, fd, 0)
+                    sqe.user_data = start + i
+                self._complete(start, len(chunk), results, pending)
+        except BaseException as e:
+            raise RingFailed(e, results, pending) from e
+        return cast(list[int], results)
 
-    def _complete(self, count: int, results: list[int]) -> None:
-        """Submit what is queued; wait until C{count} completions are in C{results}."""
-        if liburing.io_uring_submit(self._ring) != count:
+    def _complete(
+        self, start: int, count: int, results: list[int | None], pending: set[int]
+    ) -> None:
+        """
+        Submit the C{count} entries queued (C{start} on); wait until their results are in
+        C{results}.  C{pending} holds those in the kernel meanwhile.
+        """
+        submitted = liburing.io_uring_submit(self._ring)
+        # The first ones were taken (the kernel takes them in order), whatever comes next.
+        pending.update(range(start, start + max(submitted, 0)))
+        if submitted != count:
             raise OSError(errno.EAGAIN, "io_uring took fewer submissions than it was given")
         done = 0
         while done < count:
@@ -92,11 +124,13 @@ class Ring:
                 except BlockingIOError:
                     break
                 entry = self._cqe[0]
+                index = entry.user_data
                 try:
-                    results[entry.user_data] = entry.res
+                    results[index] = entry.res
                 except OSError as e:  # the binding raises a failure's errno
-                    results[entry.user_data] = -(e.errno or errno.EIO)
+                    results[index] = -(e.errno or errno.EIO)
                 liburing.io_uring_cqe_seen(self._ring, entry)
+                pending.discard(index)
                 done += 1
 
     def close(self) -> None:
@@ -142,8 +176,10 @@ class Rings:
 
     def fsync_all(self, fds: Sequence[int]) -> list[int]:
         """
-        L{Ring.fsync_all} on this thread's ring.  A ring that fails is closed (the next
-        call makes another), and the error raised: the caller fsyncs without it.
+        L{Ring.fsync_all} on this thread's ring.  A ring that fails part way is closed (the
+        next call makes another) and L{RingFailed} raised.
+
+        @raise OSError: no ring could be made in this thread (RuntimeError: no binding).
         """
         ring = self.ring()
         try:

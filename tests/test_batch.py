@@ -46,6 +46,20 @@ class BatcherTests(SynchronousTestCase):
         run.calls[1][1].callback([20, 30, 40])
         self.assertEqual([self.successResultOf(d) for d in later], [20, 30, 40])
 
+    def test_most(self):
+        """With C{most}, a batch takes that many of the items waiting; the rest go next."""
+        run = Recorder()
+        batcher: Batcher = Batcher(run, most=2)
+        results = [batcher.submit(i) for i in range(5)]
+        self.assertEqual([items for items, _ in run.calls], [[0]])
+        run.calls[0][1].callback(["r0"])
+        self.assertEqual([items for items, _ in run.calls], [[0], [1, 2]])
+        run.calls[1][1].callback(["r1", "r2"])
+        self.assertEqual([items for items, _ in run.calls], [[0], [1, 2], [3, 4]])
+        run.calls[2][1].callback(["r3", "r4"])
+        self.assertEqual([self.successResultOf(d) for d in results], [f"r{i}" for i in range(5)])
+        self.assertRaises(ValueError, Batcher, run, most=0)
+
     def test_lanes(self):
         """With two lanes, two batches run at once and a third waits for either."""
         run = Recorder()

@@ -142,6 +142,16 @@ class FreeSpaceTests(SynchronousTestCase):
         self.assertEqual(put("f.bin", 10 * KiB), INSUFFICIENT_STORAGE)  # 2 x 30 KiB: looks
         self.assertEqual(len(self.disk.asked), 4)
 
+    def test_clock_back(self):
+        """A look taken "after" now (the clock went back) is not recent: it looks again."""
+        fs = self.server.fs
+        self.assertTrue(fs.room_for(10))
+        self.assertTrue(fs.room_for(10))
+        self.assertEqual(len(self.disk.asked), 1)
+        fs._freeSeenAt += 600  # as if the wall clock had been stepped back ten minutes
+        self.assertTrue(fs.room_for(10))
+        self.assertEqual(len(self.disk.asked), 2)
+
     def test_reserve(self):
         """MinFreeSpace is kept: with 100 MiB free and 64 MiB kept, 40 MiB is 507, 30 MiB not."""
         self.server.fs.min_free_space = 64 * MiB

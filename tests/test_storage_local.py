@@ -18,7 +18,7 @@ from hmacd.paths import PathRefused
 from hmacd.storage import Conflict
 from hmacd.storage import local as local_storage
 from hmacd.storage.local import PART_PREFIX, LocalStorage, LocalWriter
-from hmacd.uring import Rings
+from hmacd.uring import RingFailed, Rings
 from tests.storage_contract import StorageContractMixin, record_for
 from tests.support import store_files, synchronous
 
@@ -428,6 +428,7 @@ class _RecordingRings:
         self.rings = rings
         self.fail: dict[int, int] = {}  # the nth descriptor of a call: its negated errno
         self.broken = False
+        self.partWay: RingFailed | None = None  # raised after the fsyncs, as a ring would
 
     def fsync_all(self, fds: list[int]) -> list[int]:
         names = []
@@ -440,6 +441,8 @@ class _RecordingRings:
         if self.broken:
             raise OSError(errno.EBUSY, "ring broken")
         results = self.rings.fsync_all(fds)
+        if self.partWay is not None:
+            raise self.partWay
         return [self.fail.get(i, r) for i, r in enumerate(results)]
 
 
@@ -499,8 +502,11 @@ class RingDurabilityTests(SynchronousTestCase):
         self.assertIsNone(outcomes[2])
         self.assertEqual(store_files(self.root), ["a", "a/1.txt", "c", "c/3.txt"])
 
-    def test_broken_ring(self) -> None:
-        """A ring that fails leaves the fsyncs to be made one at a time: all are stored."""
+    def test_no_ring(self) -> None:
+        """
+        Where no ring can be had (made in this thread), the fsyncs are made one at a time,
+        from then on: all are stored.
+        """
         self.rings.broken = True
         synced = []
         realFsync = os.fsync
@@ -509,7 +515,38 @@ class RingDurabilityTests(SynchronousTestCase):
         self.assertEqual(self.storage.publish_all(batch), [None, None])  # type: ignore[arg-type]
         self.assertEqual(len(synced), 2)
         self.assertEqual(store_files(self.root), ["a", "a/1.txt", "b", "b/2.txt"])
-        self.flushLoggedErrors()
+        self.assertIsNone(self.storage.rings)
+
+    def test_ring_failed_part_way(self) -> None:
+        """
+        A ring failing part way: a result that came back stands; an fsync that never
+        reached the kernel is made again, alone; one that did and whose result was lost
+        fails its upload (a writeback error is told once: made again, it would succeed).
+        """
+        self.rings.partWay = RingFailed(OSError(errno.EINTR, "x"), [0, None, None], {2})
+        synced = []
+        realFsync = os.fsync
+        self.patch(os, "fsync", lambda fd: (synced.append(fd), realFsync(fd)))
+        batch = [self.sealed(name, b"x") for name in ("a/1.txt", "b/2.txt", "c/3.txt")]
+        outcomes = self.storage.publish_all(batch)  # type: ignore[arg-type]
+        self.assertEqual(outcomes[:2], [None, None])
+        self.assertEqual(outcomes[2].errno, errno.EIO)  # type: ignore[union-attr]
+        self.assertEqual(len(synced), 1)
+        self.assertEqual(store_files(self.root), ["a", "a/1.txt", "b", "b/2.txt"])
+        self.assertIsNotNone(self.storage.rings)  # the next batch tries a ring again
+
+    def test_cleanup_failing_is_its_own(self) -> None:
+        """A writer whose facts and then cleanup fail is its own outcome; the rest publish."""
+        batch = [self.sealed(name, b"x") for name in ("a/1.txt", "b/2.txt")]
+
+        def broken(record):
+            raise OSError(errno.EIO, "cleanup failed")
+
+        batch[0][0].stamp = broken  # type: ignore[method-assign]
+        outcomes = self.storage.publish_all(batch)  # type: ignore[arg-type]
+        self.assertIsInstance(outcomes[0], OSError)
+        self.assertIsNone(outcomes[1])
+        self.assertIn("b/2.txt", store_files(self.root))
 
     def test_sync_off(self) -> None:
         """SyncUploads = false: no fsync, through the ring or not."""

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web import http
 
 from hmacd import auth
-from hmacd.sink import WholeUpload
+from hmacd.sink import Partial, Sink, WholeUpload
 from hmacd.storage import local as local_storage
 from hmacd.storage.local import MAX_WRITE_BUFFER, SPOOL_HIGH, LocalWriter
 from hmacd.store.failover import FailoverStore
@@ -697,6 +697,28 @@ class RingGroupCommitTests(SynchronousTestCase):
         self.server.clock.advance(0)
         self.assertEqual([status(t) for t in (first, second, third)], [http.CREATED] * 3)
         self.assertEqual(store_files(self.root), ["a", "a/1.bin", "b", "b/2.bin", "c", "c/3.bin"])
+
+    def test_pieces_not_in_the_small_lane(self):
+        """
+        A resumable upload's piece commits on its own, however small (the last one hashes
+        and adopts the whole file): it goes to the other lanes, and small bodies pass it.
+        """
+
+        class Piece(Sink):
+            def commit(self):
+                return Partial(self.size)
+
+        piece = self.committer.submit(Piece(self.server.fs, "p.bin", 10))
+        self.assertEqual((self.committer._batcher.busy, self.committer._small.busy), (1, 0))
+        small = self.put("small.bin", b"s")
+        self.assertEqual((self.committer._batcher.busy, self.committer._small.busy), (1, 1))
+        f, d = self.threads.calls.pop(1)
+        d.callback(f())
+        self.server.clock.advance(0)
+        self.assertEqual(status(small), http.CREATED)
+        self.assertNoResult(piece)
+        self.threads.runAll()
+        self.assertEqual(self.successResultOf(piece), Partial(10))
 
     def test_not_behind_a_large_body(self):
         """A small body finishing while a large one's commit runs is committed meanwhile."""

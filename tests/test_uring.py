@@ -11,7 +11,7 @@ import threading
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hmacd import uring
-from hmacd.uring import Ring, Rings
+from hmacd.uring import Ring, RingFailed, Rings
 
 
 def _rings() -> Rings:
@@ -86,6 +86,49 @@ class RingTests(SynchronousTestCase):
         self.assertTrue(broken._closed)
         self.assertIsNot(self.rings.ring(), broken)
         self.assertEqual(self.rings.fsync_all(self.files(1)), [0])
+
+    def failingSubmit(self, failing: int, taken: int | None = None) -> None:
+        """
+        The C{failing}th submission (from 1) of this ring fails: it raises, or with
+        C{taken}, the kernel takes only that many of its entries.
+        """
+        real = uring.liburing.io_uring_submit
+        calls = []
+
+        def submit(ring):
+            calls.append(ring)
+            if len(calls) != failing:
+                return real(ring)
+            if taken is None:
+                raise OSError(errno.EINTR, "interrupted")
+            return taken  # the rest stay unsubmitted: closing the ring drops them
+
+        self.patch(uring.liburing, "io_uring_submit", submit)
+
+    def test_failure_part_way(self):
+        """
+        A ring failing part way says which results came back and which fsyncs never
+        reached the kernel (None: safe to make again); it is closed and replaced.
+        """
+        self.patch(Ring, "ENTRIES", 2)
+        fds = self.files(5)
+        ring = self.rings.ring()
+        self.failingSubmit(2)
+        failed = self.assertRaises(RingFailed, self.rings.fsync_all, fds)
+        self.assertEqual(failed.results, [0, 0, None, None, None])
+        self.assertEqual(failed.lost, set())
+        self.assertTrue(ring._closed)
+        self.assertEqual(self.rings.fsync_all(fds[:2]), [0, 0])
+
+    def test_taken_in_part(self):
+        """Entries the kernel took whose results never came back are lost, not unsent."""
+        self.patch(Ring, "ENTRIES", 2)
+        fds = self.files(5)
+        self.failingSubmit(2, taken=1)
+        failed = self.assertRaises(RingFailed, self.rings.fsync_all, fds)
+        self.assertEqual(failed.results[:2], [0, 0])
+        self.assertEqual(failed.results[2:], [None, None, None])
+        self.assertEqual(failed.lost, {2})  # taken, as far as we were told: never retried
 
 
 class OpenTests(SynchronousTestCase):

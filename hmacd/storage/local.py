@@ -56,7 +56,7 @@ from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, locate, resolved_root, store_path
 from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat, publish_each
-from hmacd.uring import Rings
+from hmacd.uring import RingFailed, Rings
 
 __all__ = [
     "CAS_DIR",
@@ -493,11 +493,21 @@ class LocalStorage:
         if self.rings is None or len(fds) < 2:
             return fsync_each(fds)  # a lone fsync (a large body's, say) gains nothing there
         try:
-            results = self.rings.fsync_all(fds)
+            results: list[int | None] = list(self.rings.fsync_all(fds))
+        except RingFailed as e:
+            log.warn("{why}; this batch's other fsyncs go one at a time", why=e)
+            results = e.results
+            for i in e.lost:
+                results[i] = -errno.EIO  # run, result lost: never taken for a success
         except (OSError, RuntimeError) as e:
-            log.warn("io_uring failed ({why}); fsyncing one at a time", why=e)
+            # No ring to be had in this thread (a memlock limit, say): not asked again.
+            log.warn("io_uring unavailable ({why}); fsyncs one at a time from now on", why=e)
+            self.rings = None
             return fsync_each(fds)
-        return [None if r >= 0 else OSError(-r, os.strerror(-r)) for r in results]
+        again = [i for i, r in enumerate(results) if r is None]
+        for i, error in zip(again, fsync_each([fds[i] for i in again]), strict=True):
+            results[i] = 0 if error is None else -(error.errno or errno.EIO)
+        return [None if not r else OSError(-r, os.strerror(-r)) for r in results]
 
     def publish_all(self, items: list[tuple[IWriter, FileRecord]]) -> list[Exception | None]:
         if self.dedup or not self.sync:
@@ -505,7 +515,12 @@ class LocalStorage:
         # Each step for the whole batch: the facts on every file, their fsyncs together,
         # then the names (LocalWriter.publish, a step at a time).
         writers = [cast(LocalWriter, w) for w, _ in items]
-        outcomes = [w.stamp(record) for w, (_, record) in zip(writers, items, strict=True)]
+        outcomes: list[Exception | None] = []
+        for writer, (_, record) in zip(writers, items, strict=True):
+            try:
+                outcomes.append(writer.stamp(record))
+            except Exception as e:  # its cleanup failed too: its own outcome still
+                outcomes.append(e)
         stamped = [i for i, outcome in enumerate(outcomes) if outcome is None]
         errors = self.fsync_all([writers[i].fileno() for i in stamped])
         for i, error in zip(stamped, errors, strict=True):
