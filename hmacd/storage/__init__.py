@@ -13,14 +13,17 @@ Blocking methods are marked: they run in a worker thread, never in the reactor's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from hmacd.metadata import FileRecord
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 __all__ = [
     "Conflict",
@@ -29,6 +32,7 @@ __all__ = [
     "IWriter",
     "Stat",
     "StorageUnavailable",
+    "outcomes",
     "publish_each",
 ]
 
@@ -185,14 +189,19 @@ class IStorage(Interface):
         """
 
 
+def outcomes(call: Callable[[T], object], items: Iterable[T], caught: type[E]) -> list[E | None]:
+    """C{call} on each of C{items} in turn: for each, None, or what it raised of C{caught}."""
+    found: list[E | None] = []
+    for item in items:
+        try:
+            call(item)
+        except caught as e:
+            found.append(e)
+        else:
+            found.append(None)
+    return found
+
+
 def publish_each(items: list[tuple[IWriter, FileRecord]]) -> list[Exception | None]:
     """L{IStorage.publish_all} one writer at a time."""
-    outcomes: list[Exception | None] = []
-    for writer, record in items:
-        try:
-            writer.publish(record)
-        except Exception as e:
-            outcomes.append(e)
-        else:
-            outcomes.append(None)
-    return outcomes
+    return outcomes(lambda item: item[0].publish(item[1]), items, Exception)

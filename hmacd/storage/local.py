@@ -55,7 +55,15 @@ from hmacd.facts import content_sha256, disown_facts, named_path, read_facts, wr
 from hmacd.logs import escape
 from hmacd.metadata import FileRecord
 from hmacd.paths import PathRefused, locate, resolved_root, store_path
-from hmacd.storage import Conflict, IReadable, IStorage, IWriter, Stat, publish_each
+from hmacd.storage import (
+    Conflict,
+    IReadable,
+    IStorage,
+    IWriter,
+    Stat,
+    outcomes,
+    publish_each,
+)
 from hmacd.uring import RingFailed, Rings
 
 __all__ = [
@@ -150,15 +158,7 @@ def fsync_directory(directory: str) -> None:
 
 def fsync_each(fds: list[int]) -> list[OSError | None]:
     """fsync each of C{fds} in turn: for each, None or its error."""
-    errors: list[OSError | None] = []
-    for fd in fds:
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            errors.append(e)
-        else:
-            errors.append(None)
-    return errors
+    return outcomes(os.fsync, fds, OSError)
 
 
 def link_open(fd: int, dest: str) -> None:
@@ -515,20 +515,20 @@ class LocalStorage:
         # Each step for the whole batch: the facts on every file, their fsyncs together,
         # then the names (LocalWriter.publish, a step at a time).
         writers = [cast(LocalWriter, w) for w, _ in items]
-        outcomes: list[Exception | None] = []
+        found: list[Exception | None] = []
         for writer, (_, record) in zip(writers, items, strict=True):
             try:
-                outcomes.append(writer.stamp(record))
+                found.append(writer.stamp(record))
             except Exception as e:  # its cleanup failed too: its own outcome still
-                outcomes.append(e)
-        stamped = [i for i, outcome in enumerate(outcomes) if outcome is None]
+                found.append(e)
+        stamped = [i for i, outcome in enumerate(found) if outcome is None]
         errors = self.fsync_all([writers[i].fileno() for i in stamped])
         for i, error in zip(stamped, errors, strict=True):
             try:
-                outcomes[i] = writers[i].fail(error) if error else writers[i].name()
+                found[i] = writers[i].fail(error) if error else writers[i].name()
             except Exception as e:  # letting the temp go, once named: as publish would raise
-                outcomes[i] = e
-        return outcomes
+                found[i] = e
+        return found
 
     def settle(self, relpaths: list[str]) -> None:
         if not self.sync:
