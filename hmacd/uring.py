@@ -113,12 +113,11 @@ class Ring:
         pending.update(range(start, start + max(submitted, 0)))
         if submitted != count:
             raise OSError(errno.EAGAIN, "io_uring took fewer submissions than it was given")
-        done = 0
-        while done < count:
+        while pending:
             # The GIL goes while we wait.  A signal left from an earlier round only makes
             # us look once more.
             os.eventfd_read(self._event)
-            while done < count:
+            while pending:
                 try:
                     liburing.io_uring_peek_cqe(self._ring, self._cqe)
                 except BlockingIOError:
@@ -131,7 +130,6 @@ class Ring:
                     results[index] = -(e.errno or errno.EIO)
                 liburing.io_uring_cqe_seen(self._ring, entry)
                 pending.discard(index)
-                done += 1
 
     def close(self) -> None:
         if self._closed:

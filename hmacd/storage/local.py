@@ -510,19 +510,27 @@ class LocalStorage:
         return [None if not r else OSError(-r, os.strerror(-r)) for r in results]
 
     def publish_all(self, items: list[tuple[IWriter, FileRecord]]) -> list[Exception | None]:
-        if self.dedup or not self.sync:
-            return publish_each(items)
-        # Each step for the whole batch: the facts on every file, their fsyncs together,
-        # then the names (LocalWriter.publish, a step at a time).
-        writers = [cast(LocalWriter, w) for w, _ in items]
+        if self.dedup:
+            return publish_each(items)  # each shares a content, or enters its own
+        return self._publishTogether([(cast(LocalWriter, w), record) for w, record in items])
+
+    def _publishTogether(
+        self, items: list[tuple[LocalWriter, FileRecord]]
+    ) -> list[Exception | None]:
+        """
+        Blocking.  L{LocalWriter.publish} of each (no Deduplication), a step at a time for
+        the whole batch: the facts on every file, their fsyncs together, then the names.
+        """
+        writers = [writer for writer, _ in items]
         found: list[Exception | None] = []
-        for writer, (_, record) in zip(writers, items, strict=True):
+        for writer, record in items:
             try:
                 found.append(writer.stamp(record))
             except Exception as e:  # its cleanup failed too: its own outcome still
                 found.append(e)
         stamped = [i for i, outcome in enumerate(found) if outcome is None]
-        errors = self.fsync_all([writers[i].fileno() for i in stamped])
+        fds = [writers[i].fileno() for i in stamped]
+        errors = self.fsync_all(fds) if self.sync else [None] * len(fds)
         for i, error in zip(stamped, errors, strict=True):
             try:
                 found[i] = writers[i].fail(error) if error else writers[i].name()
@@ -986,15 +994,8 @@ class LocalWriter:
         if self.storage.dedup:
             self._publishShared(f, record)
             return
-        # The steps of LocalStorage.publish_all, for one file.
-        error = self.stamp(record)
-        if error is None and self.storage.sync:
-            try:
-                os.fsync(f.fileno())
-            except OSError as e:
-                error = self.fail(e)
-        if error is None:
-            error = self.name()
+        # A batch of one (its fsync made directly: LocalStorage.fsync_all).
+        (error,) = self.storage._publishTogether([(self, record)])
         if error is not None:
             raise error
 
